@@ -1,0 +1,268 @@
+"""Typed configuration for every stage, loaded from YAML.
+
+Every field has a type, bounds and a description; unknown keys are errors. The same `RunConfig` is the Prefect
+flow's parameter, so Prefect renders it as a form. Field names follow the Hugging Face libraries
+(`num_inference_steps`, `guidance_scale`, `rank`, `lora_alpha`, `target_modules`, `seed`, `output_dir`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration file or value the user must fix."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    source: str = Field(
+        "sklearn-digits",
+        description="`sklearn-digits` (built in, no download), an image folder `<root>/<class>/*`, a CSV/parquet "
+        "manifest with `path,label` columns, a `datasets` dataset saved to disk, or a hub dataset id.",
+    )
+    kind: Literal["auto", "sklearn-digits", "imagefolder", "manifest", "hf"] = Field(
+        "auto", description="How to read `source`; `auto` infers it from what `source` points at."
+    )
+    image_column: str = Field("image", description="Image column of a `datasets` source.")
+    label_column: str = Field("label", description="Label column of a `datasets` or manifest source.")
+    hf_split: str = Field("train", description="Split of a `datasets` source to draw from.")
+    image_size: int = Field(8, ge=4, le=512, description="Images are resized to image_size x image_size.")
+    channels: Literal[1, 3] = Field(1, description="1 = grayscale, 3 = RGB; images are converted.")
+    test_fraction: float = Field(0.3, gt=0.0, lt=0.9, description="Stratified share of images held out as test.")
+    val_fraction: float = Field(0.1, ge=0.0, lt=0.9, description="Stratified share held out as validation.")
+    shots_per_class: int | None = Field(
+        10, ge=1, description="Labeled train images per class (the small labeled set); None = all the rest."
+    )
+    use_unlabeled_pool: bool = Field(
+        True, description="Images not used as labeled train/val/test form an unlabeled pool (labels dropped) "
+        "that the built-in base model pretrains on."
+    )
+    max_pool_size: int | None = Field(None, ge=1, description="Cap on the unlabeled pool size.")
+    seed: int = Field(0, ge=0, description="Seed for the splits and few-shot sampling.")
+
+    @model_validator(mode="after")
+    def _fractions(self) -> "DataConfig":
+        if self.test_fraction + self.val_fraction >= 0.95:
+            raise ValueError("data.test_fraction + data.val_fraction must be < 0.95")
+        return self
+
+
+class BaseModelConfig(_Section):
+    pretrained: str = Field(
+        "builtin",
+        description="`builtin` pretrains a pixel-space UNet on the unlabeled pool (cached); otherwise a diffusers "
+        "UNet2DModel checkpoint (local path or hub id), e.g. google/ddpm-cifar10-32.",
+    )
+    subfolder: str | None = Field(None, description="Subfolder of the checkpoint holding the UNet (e.g. `unet`).")
+    block_out_channels: list[int] = Field([32, 64], min_length=1, max_length=4, description="Builtin UNet widths.")
+    attention_levels: list[bool] = Field(
+        [False, True], min_length=1, max_length=4, description="Which levels of the builtin UNet have attention."
+    )
+    layers_per_block: int = Field(1, ge=1, le=4, description="Resnet layers per UNet level.")
+    norm_num_groups: int = Field(8, ge=1, le=64, description="GroupNorm groups (must divide every width).")
+    prediction_type: Literal["epsilon", "v_prediction"] = Field("epsilon", description="What the UNet predicts.")
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = Field(
+        "squaredcos_cap_v2", description="Noise schedule of the builtin base (a checkpoint brings its own)."
+    )
+    num_train_timesteps: int = Field(1000, ge=10, le=4000, description="Diffusion timesteps.")
+    pretrain_steps: int = Field(3000, ge=0, le=1_000_000, description="Optimizer steps of builtin pretraining.")
+    pretrain_batch_size: int = Field(64, ge=1, le=4096, description="Batch size of builtin pretraining.")
+    learning_rate: float = Field(2e-3, gt=0, le=1.0, description="Peak learning rate of builtin pretraining.")
+    ema_decay: float | None = Field(0.999, gt=0, lt=1, description="EMA of the base weights; None = off.")
+    snr_gamma: float | None = Field(5.0, gt=0, description="Min-SNR loss weighting gamma; None = plain MSE.")
+    mixed_precision: Literal["no", "bf16"] = Field("no", description="bf16 autocast (CPU AMX or GPU).")
+    cache_dir: str = Field("outputs/.cache", description="Where pretrained builtin bases are cached.")
+    seed: int = Field(0, ge=0, description="Seed of initialization and noise draws.")
+
+    @model_validator(mode="after")
+    def _shapes(self) -> "BaseModelConfig":
+        if len(self.attention_levels) != len(self.block_out_channels):
+            raise ValueError("base.attention_levels must have one entry per base.block_out_channels entry")
+        bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
+        if bad:
+            raise ValueError(f"base.norm_num_groups={self.norm_num_groups} must divide every width; not {bad}")
+        return self
+
+
+class LoRAConfig(_Section):
+    rank: int = Field(8, ge=1, le=256, description="LoRA rank r.")
+    lora_alpha: float = Field(8.0, gt=0, description="LoRA scaling alpha (update scaled by alpha / r).")
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA branch.")
+    target_modules: list[str] = Field(
+        ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"],
+        min_length=1,
+        description="Module name suffixes that get LoRA: attention projections and resnet convolutions.",
+    )
+    train_class_embedding: bool = Field(
+        True, description="Train the class embedding in full (peft modules_to_save)."
+    )
+    max_train_steps: int = Field(800, ge=0, le=1_000_000, description="Fine-tuning optimizer steps.")
+    train_batch_size: int = Field(32, ge=1, le=4096, description="Fine-tuning batch size.")
+    learning_rate: float = Field(1e-3, gt=0, le=1.0, description="Fine-tuning learning rate.")
+    label_dropout: float = Field(0.1, ge=0, lt=1, description="Share of labels replaced by the null class.")
+    ema_decay: float | None = Field(None, gt=0, lt=1, description="EMA of the trained weights; None = off.")
+    checkpointing_steps: int = Field(200, ge=1, description="Save a resumable checkpoint every N steps.")
+    augment_flip: bool = Field(False, description="Random horizontal flips of the labeled images while training.")
+    seed: int = Field(0, ge=0, description="Seed of the LoRA init, batches and noise.")
+
+
+class GenerationConfig(_Section):
+    num_per_class: int | None = Field(
+        200, ge=1, description="Candidates generated per class (used when balance is `none`)."
+    )
+    balance: Literal["none", "max", "target"] = Field(
+        "none", description="`max`: fill every class up to the largest class; `target`: up to balance_target."
+    )
+    balance_target: int | None = Field(None, ge=1, description="Per-class target count for balance=target.")
+    scheduler: Literal["ddim", "dpmsolver++"] = Field("dpmsolver++", description="Sampler.")
+    num_inference_steps: int = Field(20, ge=1, le=1000, description="Sampling steps.")
+    guidance_scale: float = Field(2.0, ge=0.0, le=50.0, description="Classifier-free guidance scale (1 = off).")
+    strengths: list[float] = Field(
+        [1.0],
+        min_length=1,
+        description="Image-to-image strengths, drawn per sample; 1.0 = from pure noise, <1 starts from a real "
+        "training image of the class (DA-Fusion uses 0.25, 0.5, 0.75, 1.0).",
+    )
+    batch_size: int = Field(256, ge=1, le=65536, description="Samples per UNet batch.")
+    shard_size: int = Field(500, ge=1, description="Samples per shard file on disk.")
+    mixed_precision: Literal["no", "bf16"] = Field("no", description="bf16 autocast while sampling.")
+    seed: int = Field(0, ge=0, description="Base seed; every sample's own seed derives from it.")
+
+    @model_validator(mode="after")
+    def _balance(self) -> "GenerationConfig":
+        if self.balance == "target" and self.balance_target is None:
+            raise ValueError("generation.balance_target is required when generation.balance is 'target'")
+        if self.balance == "none" and self.num_per_class is None:
+            raise ValueError("generation.num_per_class is required when generation.balance is 'none'")
+        bad = [s for s in self.strengths if not 0.0 < s <= 1.0]
+        if bad:
+            raise ValueError(f"generation.strengths must lie in (0, 1]; got {bad}")
+        return self
+
+
+class ClassifierConfig(_Section):
+    """A small CNN (the quality judge and the default downstream model) or a scikit-learn estimator on pixels."""
+
+    kind: Literal["cnn", "logistic", "svm"] = Field("cnn", description="Model family.")
+    width: int = Field(32, ge=4, le=512, description="CNN base width.")
+    steps: int = Field(600, ge=1, le=1_000_000, description="CNN optimizer steps.")
+    batch_size: int = Field(64, ge=1, le=4096, description="CNN batch size.")
+    learning_rate: float = Field(2e-3, gt=0, le=1.0, description="CNN AdamW learning rate.")
+    weight_decay: float = Field(1e-4, ge=0, le=1.0, description="CNN AdamW weight decay.")
+    dropout: float = Field(0.2, ge=0, lt=1, description="Dropout before the CNN head.")
+    augment: bool = Field(True, description="Ordinary augmentation (small affine jitter) while training the CNN.")
+
+
+class FilterConfig(_Section):
+    order: list[Literal["class_consistency", "alia", "memorization", "near_duplicates", "quota"]] = Field(
+        ["class_consistency", "alia", "memorization", "near_duplicates", "quota"],
+        description="Filters to apply, in order; drop one from the list to switch it off.",
+    )
+    quality_classifier: ClassifierConfig = Field(default_factory=ClassifierConfig)
+    min_confidence: float | Literal["1/K"] = Field(
+        0.5, description="Class consistency: keep if p(intended class) > this; `1/K` = chance level."
+    )
+    alia_folds: int = Field(5, ge=2, le=20, description="Folds for the out-of-fold ALIA thresholds.")
+    alia_reject: list[Literal["too_easy", "mislabeled"]] = Field(
+        ["mislabeled"], description="Which ALIA outcomes reject a sample."
+    )
+    memorization_space: Literal["features", "pixels"] = Field("pixels", description="Space for near-copy checks.")
+    max_similarity: float = Field(0.99, gt=0, le=1.0, description="Reject candidates this similar to a train image.")
+    duplicate_similarity: float = Field(0.995, gt=0, le=1.0, description="Candidates this similar are duplicates.")
+    max_per_class: int | None = Field(None, ge=1, description="Quota: keep at most this many per class.")
+    balance_classes: bool = Field(True, description="Quota: keep the same count for every class (the minimum).")
+    seed: int = Field(0, ge=0, description="Seed of the quality classifier.")
+
+
+class EvaluationConfig(_Section):
+    arms: list[Literal["real", "real+classic", "real+synthetic", "real+synthetic_unfiltered", "synthetic",
+                       "real+synthetic+classic"]] = Field(
+        ["real", "real+classic", "real+synthetic", "real+synthetic_unfiltered", "synthetic"],
+        min_length=1, description="Downstream training sets compared on the real test split.",
+    )
+    seeds: int = Field(5, ge=1, le=100, description="Training seeds per arm (paired across arms).")
+    model: ClassifierConfig = Field(
+        default_factory=lambda: ClassifierConfig(augment=False),
+        description="Downstream classifier; `augment` is ignored (the classic arm switches augmentation on).",
+    )
+    synthetic_prob: float = Field(
+        0.5, gt=0, le=1, description="Mixing: each training example is synthetic with this probability "
+        "(DA-Fusion-style), whatever the sizes of the real and synthetic sets.",
+    )
+    seed: int = Field(0, ge=0, description="First training seed; seeds are seed, seed+1, ...")
+
+
+class PublishConfig(_Section):
+    output_dir: str = Field("outputs/digits", description="Run folder: dataset, report, intermediate files.")
+    dataset_name: str = Field("augmented-digits", description="Name in the dataset card.")
+    max_shard_rows: int = Field(5000, ge=100, description="Rows per parquet shard.")
+
+
+class RunConfig(_Section):
+    name: str = Field("digits", description="Name of the job.")
+    data: DataConfig = Field(default_factory=DataConfig)
+    base: BaseModelConfig = Field(default_factory=BaseModelConfig)
+    lora: LoRAConfig = Field(default_factory=LoRAConfig)
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    filter: FilterConfig = Field(default_factory=FilterConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    publish: PublishConfig = Field(default_factory=PublishConfig)
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Torch device; auto = cuda if available.")
+
+    def fingerprint(self, *sections: str) -> str:
+        """Short hash of the named sections (all when none), for cache keys and provenance."""
+        dump = self.model_dump(mode="json")
+        picked = {s: dump[s] for s in sections} if sections else dump
+        return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _format_errors(err: ValidationError, origin: str) -> str:
+    lines = [f"invalid configuration in {origin}:"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        value = "" if e["type"] == "extra_forbidden" else f" (got {e.get('input')!r})"
+        lines.append(f"  {key}: {msg}{value}")
+    return "\n".join(lines)
+
+
+def parse_config(data: dict, origin: str = "<dict>") -> RunConfig:
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, origin)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML config; `overrides` are `dotted.key=value` strings applied on top (values parsed as YAML)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections, got {type(data).__name__}")
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        node = data
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {p} is not a section")
+        node[leaf] = yaml.safe_load(raw)
+    return parse_config(data, str(path))
