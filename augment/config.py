@@ -199,6 +199,9 @@ class EvaluationConfig(_Section):
         0.5, gt=0, le=1, description="Mixing: each training example is synthetic with this probability "
         "(DA-Fusion-style), whatever the sizes of the real and synthetic sets.",
     )
+    filter_ablation: bool = Field(
+        True, description="Also train on the synthetic sets that no filter, and each filter alone, would keep."
+    )
     seed: int = Field(0, ge=0, description="First training seed; seeds are seed, seed+1, ...")
 
 

@@ -1,0 +1,180 @@
+"""Image classifiers: the quality judge of the filters and the downstream model of the evaluation.
+
+One recipe, `train_classifier`, for every use: a small CNN (default) or a scikit-learn estimator on pixels,
+optionally with classic augmentation (random affine jitter) and with synthetic examples mixed in: each training
+example is synthetic with probability `synthetic_prob` (DA-Fusion-style), whatever the sizes of the two sets.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from augment.config import ClassifierConfig
+from augment.diffusion import to_tensor, to_uint8
+
+
+class SmallCNN(nn.Module):
+    """conv-BN-ReLU x2 per level, max-pool between levels down to <= 4 px, global average pool, linear head."""
+
+    def __init__(self, channels: int, num_classes: int, image_size: int, width: int = 32, dropout: float = 0.2):
+        super().__init__()
+        levels = max(2, min(5, int(math.log2(max(image_size, 4) / 4)) + 1))
+        layers, c_in = [], channels
+        for i in range(levels):
+            c_out = width * 2 ** min(i, 2)
+            layers += [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True),
+                       nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+            if i < levels - 1:
+                layers.append(nn.MaxPool2d(2))
+            c_in = c_out
+        self.body = nn.Sequential(*layers)
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(c_in, num_classes)
+        self.feature_dim = c_in
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x).mean(dim=(2, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.dropout(self.features(x)))
+
+
+def classic_augment(x: torch.Tensor, gen: torch.Generator, flip: bool = False) -> torch.Tensor:
+    """Random affine jitter: rotation +-12 deg, scale 0.9-1.1, shift +-12.5%, optional horizontal flip."""
+    n = x.shape[0]
+    u = torch.rand(n, 5, generator=gen)
+    angle = (u[:, 0] - 0.5) * 2 * math.radians(12)
+    scale = 0.9 + 0.2 * u[:, 1]
+    tx, ty = (u[:, 2] - 0.5) * 0.25, (u[:, 3] - 0.5) * 0.25
+    sx = torch.where(u[:, 4] < 0.5, -1.0, 1.0) if flip else torch.ones(n)
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack([torch.stack([cos * sx, -sin, tx], 1), torch.stack([sin * sx, cos, ty], 1)], 1)
+    grid = F.affine_grid(theta.to(x), list(x.shape), align_corners=False)
+    # Background is -1 (black) in [-1, 1] space: pad with it, not with mid-grey zeros.
+    return F.grid_sample(x + 1.0, grid, padding_mode="zeros", align_corners=False) - 1.0
+
+
+@dataclass
+class TrainedClassifier:
+    kind: str
+    model: object
+    num_classes: int
+
+    def predict_proba(self, images: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+        if self.kind != "cnn":
+            return self.model.predict_proba(_flat(images))
+        self.model.eval()
+        with torch.no_grad():
+            out = [F.softmax(self.model(to_tensor(images[i:i + batch_size])), dim=1)
+                   for i in range(0, len(images), batch_size)]
+        return torch.cat(out).numpy() if out else np.zeros((0, self.num_classes), np.float32)
+
+    def features(self, images: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+        """Penultimate-layer features (CNN) or pixels (scikit-learn models)."""
+        if self.kind != "cnn":
+            return _flat(images)
+        self.model.eval()
+        with torch.no_grad():
+            out = [self.model.features(to_tensor(images[i:i + batch_size])) for i in range(0, len(images), batch_size)]
+        return torch.cat(out).numpy() if out else np.zeros((0, self.model.feature_dim), np.float32)
+
+
+def _flat(images: np.ndarray) -> np.ndarray:
+    return images.reshape(len(images), -1).astype(np.float32) / 255.0
+
+
+def train_classifier(
+    cfg: ClassifierConfig,
+    images: np.ndarray,
+    labels: np.ndarray,
+    num_classes: int,
+    seed: int,
+    *,
+    augment: bool | None = None,
+    flip: bool = False,
+    synthetic: tuple[np.ndarray, np.ndarray] | None = None,
+    synthetic_prob: float = 0.5,
+) -> TrainedClassifier:
+    """Train from scratch. `synthetic_prob` = 1 with no real images trains on synthetic data only (CAS)."""
+    augment = cfg.augment if augment is None else augment
+    if cfg.kind != "cnn":
+        return _train_sklearn(cfg, images, labels, num_classes, seed, augment, flip, synthetic, synthetic_prob)
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    pools = []
+    if len(images):
+        pools.append((to_tensor(images), torch.from_numpy(labels)))
+    if synthetic is not None and len(synthetic[0]):
+        pools.append((to_tensor(synthetic[0]), torch.from_numpy(synthetic[1])))
+    if not pools:
+        raise ValueError("train_classifier: no training images")
+    p_syn = synthetic_prob if len(pools) == 2 else (1.0 if not len(images) else 0.0)
+    model = SmallCNN(pools[0][0].shape[1], num_classes, pools[0][0].shape[2], cfg.width, cfg.dropout)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.learning_rate, total_steps=cfg.steps, pct_start=0.15)
+    model.train()
+    for _ in range(cfg.steps):
+        from_syn = rng.random(cfg.batch_size) < p_syn
+        xs, ys = [], []
+        for which, count in ((0, int((~from_syn).sum())), (1, int(from_syn.sum()))):
+            if count == 0:
+                continue
+            x_pool, y_pool = pools[-1] if (which == 1 or len(pools) == 1) else pools[0]
+            idx = torch.from_numpy(rng.integers(0, len(y_pool), count))
+            xs.append(x_pool[idx]); ys.append(y_pool[idx])
+        x, y = torch.cat(xs), torch.cat(ys)
+        if augment:
+            x = classic_augment(x, gen, flip)
+        loss = F.cross_entropy(model(x), y, label_smoothing=0.05)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step(); sched.step()
+    model.eval()
+    return TrainedClassifier("cnn", model, num_classes)
+
+
+def _train_sklearn(cfg, images, labels, num_classes, seed, augment, flip, synthetic, synthetic_prob):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    from sklearn.svm import SVC
+
+    xs, ys, ws = [images], [labels], [np.ones(len(labels))]
+    if augment and len(images):  # classic augmentation as 8 jittered copies of every real image
+        gen = torch.Generator().manual_seed(seed)
+        for _ in range(8):
+            xs.append(to_uint8(classic_augment(to_tensor(images), gen, flip)))
+            ys.append(labels); ws.append(np.ones(len(labels)))
+    n_real = sum(len(y) for y in ys)
+    if synthetic is not None and len(synthetic[0]):
+        n_syn = len(synthetic[1])
+        # Weight synthetic rows so that they carry synthetic_prob of the total weight.
+        w = synthetic_prob / (1 - synthetic_prob) * n_real / n_syn if synthetic_prob < 1 and n_real else 1.0
+        xs.append(synthetic[0]); ys.append(synthetic[1]); ws.append(np.full(n_syn, w))
+    X, y, w = _flat(np.concatenate(xs)), np.concatenate(ys), np.concatenate(ws)
+    if cfg.kind == "logistic":
+        est = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, C=0.1, random_state=seed))
+    else:
+        est = make_pipeline(StandardScaler(), SVC(probability=True, random_state=seed))
+    est.fit(X, y, **{f"{est.steps[-1][0]}__sample_weight": w})
+    return _SklearnFull(est, num_classes) if len(np.unique(y)) < num_classes else TrainedClassifier(cfg.kind, est, num_classes)
+
+
+class _SklearnFull(TrainedClassifier):
+    """Pads predict_proba to all K classes when a class was missing from the training data."""
+
+    def __init__(self, est, num_classes):
+        super().__init__("sklearn", est, num_classes)
+
+    def predict_proba(self, images, batch_size=1024):
+        p = self.model.predict_proba(_flat(images))
+        out = np.zeros((len(images), self.num_classes))
+        out[:, self.model.classes_] = p
+        return out

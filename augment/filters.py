@@ -1,0 +1,235 @@
+"""Filtering synthetic candidates: score once, then decide with a configurable chain of filters.
+
+Scoring (`score_candidates`) trains the quality classifier on the real labeled train split only and records,
+for every candidate, p(intended class), the predicted class and its confidence, the ALIA threshold of the
+predicted class (from out-of-fold predictions on real images), and the similarity to the nearest real training
+image in pixel and feature space. Deciding (`decide`) runs the filters in `cfg.order`, each a function of one
+signature over the scored table; a candidate's `reason` is the first filter that rejected it. Because deciding is
+cheap, the evaluation can ablate filter combinations without rescoring.
+
+Filters:
+- class_consistency (He et al., ICLR 2023): keep if p(intended) > tau (tau = 1/K available).
+- alia (Dunlap et al. 2023): t_k = mean out-of-fold p_k over real images of class k; a candidate whose top
+  probability exceeds t_pred is "too_easy" (pred = intended) or "mislabeled" (pred != intended).
+- memorization: cosine similarity to the nearest real training image above `max_similarity`.
+- near_duplicates: among surviving candidates of a class, greedily keep the best-scored of any group whose
+  pairwise similarity exceeds `duplicate_similarity`.
+- quota: at most `max_per_class` per class, or balanced classes; highest p(intended) first.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import StratifiedKFold
+
+from augment.classifier import TrainedClassifier, train_classifier
+from augment.config import FilterConfig
+from augment.data import ImageSet
+from augment.generate import Candidates
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    x = x.reshape(len(x), -1).astype(np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-8)
+
+
+def nearest(query: np.ndarray, ref: np.ndarray, exclude_self: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Cosine similarity of each query row to its nearest reference row, and that row's index."""
+    q, r = _unit(query), _unit(ref)
+    out_s, out_i = np.zeros(len(q), np.float32), np.zeros(len(q), np.int64)
+    for i in range(0, len(q), 2048):
+        sims = q[i:i + 2048] @ r.T
+        if exclude_self:
+            np.fill_diagonal(sims[:, i:i + 2048], -np.inf)
+        out_i[i:i + 2048] = sims.argmax(1)
+        out_s[i:i + 2048] = sims[np.arange(len(sims)), out_i[i:i + 2048]]
+    return out_s, out_i
+
+
+@dataclass
+class Scored:
+    """Everything the filters decide from."""
+
+    table: pd.DataFrame  # one row per candidate
+    features: np.ndarray  # memorization/duplicate space, one row per candidate
+    summary: dict
+
+
+def _pixel_space(images: np.ndarray, mean: np.ndarray) -> np.ndarray:
+    # Centered by the train mean image: raw non-negative pixels make every pair of digits look alike.
+    return images.reshape(len(images), -1).astype(np.float32) / 255.0 - mean
+
+
+def out_of_fold_probs(cfg: FilterConfig, train: ImageSet) -> np.ndarray:
+    """p(class | image) for every real train image from a classifier that did not see it."""
+    K = len(train.class_names)
+    folds = min(cfg.alia_folds, min(train.class_counts()))
+    probs = np.zeros((len(train), K), np.float32)
+    if folds < 2:  # one image in some class: no out-of-fold estimate possible
+        return np.full((len(train), K), np.nan, np.float32)
+    skf = StratifiedKFold(folds, shuffle=True, random_state=cfg.seed)
+    for f, (tr, te) in enumerate(skf.split(train.labels, train.labels)):
+        clf = train_classifier(cfg.quality_classifier, train.images[tr], train.labels[tr], K, cfg.seed + 1 + f)
+        probs[te] = clf.predict_proba(train.images[te])
+    return probs
+
+
+def score_candidates(cfg: FilterConfig, cands: Candidates, train: ImageSet, validation: ImageSet,
+                     log=print) -> tuple[Scored, TrainedClassifier]:
+    K = len(train.class_names)
+    # 1. The quality judge, trained on real labeled train data only; its validation accuracy is reported.
+    judge = train_classifier(cfg.quality_classifier, train.images, train.labels, K, cfg.seed)
+    val_acc = float((judge.predict_proba(validation.images).argmax(1) == validation.labels).mean()) \
+        if len(validation) else None
+    log(f"filter: quality classifier validation accuracy {val_acc}")
+    # 2. ALIA thresholds from out-of-fold predictions.
+    oof = out_of_fold_probs(cfg, train) if "alia" in cfg.order else np.full((len(train), K), np.nan)
+    thresholds = np.array([oof[train.labels == k, k].mean() for k in range(K)], np.float32)
+    # 3. Candidate scores.
+    probs = judge.predict_proba(cands.images) if len(cands) else np.zeros((0, K))
+    labels = cands.labels
+    pred = probs.argmax(1) if len(cands) else np.zeros(0, np.int64)
+    conf = probs.max(1) if len(cands) else np.zeros(0)
+    mean = train.images.reshape(len(train), -1).astype(np.float32).mean(0) / 255.0
+    train_pix, cand_pix = _pixel_space(train.images, mean), _pixel_space(cands.images, mean)
+    train_feat, cand_feat = judge.features(train.images), judge.features(cands.images)
+    sim_pix, nn_pix = nearest(cand_pix, train_pix) if len(cands) else (np.zeros(0), np.zeros(0, int))
+    sim_feat, nn_feat = nearest(cand_feat, train_feat) if len(cands) else (np.zeros(0), np.zeros(0, int))
+    space = cfg.memorization_space
+    table = cands.meta.copy()
+    table["p_intended"] = probs[np.arange(len(labels)), labels] if len(cands) else []
+    table["predicted"] = pred
+    table["confidence"] = conf
+    table["alia_threshold"] = thresholds[pred] if len(cands) else []
+    table["nn_similarity_pixels"] = sim_pix
+    table["nn_similarity_features"] = sim_feat
+    nn = nn_pix if space == "pixels" else nn_feat
+    table["nn_train_id"] = [train.ids[i] for i in nn]
+    table["nn_similarity"] = sim_pix if space == "pixels" else sim_feat
+    # 4. Reference: nearest-neighbour similarity between real training images (leave one out).
+    tt_pix, _ = nearest(train_pix, train_pix, exclude_self=True)
+    tt_feat, _ = nearest(train_feat, train_feat, exclude_self=True)
+    summary = {
+        "quality_classifier": {"kind": cfg.quality_classifier.kind, "validation_accuracy": val_acc,
+                               "validation_size": len(validation)},
+        "alia_thresholds": [None if np.isnan(t) else float(t) for t in thresholds],
+        "alia_oof_accuracy": None if np.isnan(oof).any() else float((oof.argmax(1) == train.labels).mean()),
+        "train_nn_similarity_pixels": tt_pix.tolist(),
+        "train_nn_similarity_features": tt_feat.tolist(),
+        "memorization_space": space,
+    }
+    return Scored(table, cand_pix if space == "pixels" else cand_feat, summary), judge
+
+
+# Filters: one signature. Given the scored table, the still-alive mask and the config, return a reject mask
+# (only over alive rows) and a reason per rejected row.
+FilterFn = Callable[[Scored, np.ndarray, FilterConfig], tuple[np.ndarray, np.ndarray]]
+FILTERS: dict[str, FilterFn] = {}
+
+
+def register(name: str):
+    def deco(fn: FilterFn) -> FilterFn:
+        FILTERS[name] = fn
+        return fn
+    return deco
+
+
+@register("class_consistency")
+def class_consistency(s: Scored, alive: np.ndarray, cfg: FilterConfig):
+    K = len(s.summary["alia_thresholds"])
+    tau = 1.0 / K if cfg.min_confidence == "1/K" else float(cfg.min_confidence)
+    reject = alive & (s.table["p_intended"].to_numpy() <= tau)
+    return reject, np.where(reject, "low_confidence", "")
+
+
+@register("alia")
+def alia(s: Scored, alive: np.ndarray, cfg: FilterConfig):
+    t = s.table["alia_threshold"].to_numpy(np.float64)
+    over = s.table["confidence"].to_numpy() > np.nan_to_num(t, nan=np.inf)
+    same = s.table["predicted"].to_numpy() == s.table["label"].to_numpy()
+    reason = np.where(over & same, "too_easy", np.where(over & ~same, "mislabeled", ""))
+    reject = alive & np.isin(reason, list(cfg.alia_reject))
+    return reject, np.where(reject, reason, "")
+
+
+@register("memorization")
+def memorization(s: Scored, alive: np.ndarray, cfg: FilterConfig):
+    reject = alive & (s.table["nn_similarity"].to_numpy() > cfg.max_similarity)
+    return reject, np.where(reject, "memorized", "")
+
+
+@register("near_duplicates")
+def near_duplicates(s: Scored, alive: np.ndarray, cfg: FilterConfig):
+    reject = np.zeros(len(alive), bool)
+    score = s.table["p_intended"].to_numpy()
+    labels = s.table["label"].to_numpy()
+    for k in np.unique(labels[alive]):
+        idx = np.flatnonzero(alive & (labels == k))
+        idx = idx[np.argsort(-score[idx], kind="stable")]
+        f = _unit(s.features[idx])
+        kept: list[int] = []
+        for j in range(len(idx)):
+            if kept and float((f[kept] @ f[j]).max()) > cfg.duplicate_similarity:
+                reject[idx[j]] = True
+            else:
+                kept.append(j)
+    return reject, np.where(reject, "duplicate", "")
+
+
+@register("quota")
+def quota(s: Scored, alive: np.ndarray, cfg: FilterConfig):
+    labels = s.table["label"].to_numpy()
+    score = s.table["p_intended"].to_numpy()
+    K = len(s.summary["alia_thresholds"])
+    counts = np.bincount(labels[alive], minlength=K)
+    limit = cfg.max_per_class if cfg.max_per_class is not None else int(counts.max(initial=0))
+    if cfg.balance_classes and len(counts):
+        limit = min(limit, int(counts.min()))
+    reject = np.zeros(len(alive), bool)
+    for k in range(K):
+        idx = np.flatnonzero(alive & (labels == k))
+        reject[idx[np.argsort(-score[idx], kind="stable")][limit:]] = True
+    return reject, np.where(reject, "over_quota", "")
+
+
+def decide(s: Scored, cfg: FilterConfig, order: list[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Run the filters in order; returns (kept mask, first rejection reason or '')."""
+    alive = np.ones(len(s.table), bool)
+    reason = np.full(len(s.table), "", dtype=object)
+    for name in cfg.order if order is None else order:
+        if name not in FILTERS:
+            raise ValueError(f"unknown filter {name!r}; known: {sorted(FILTERS)}")
+        rejected, why = FILTERS[name](s, alive, cfg)
+        reason[rejected] = why[rejected]
+        alive &= ~rejected
+    return alive, reason
+
+
+def save_outcome(s: Scored, kept: np.ndarray, reason: np.ndarray, cands: Candidates, out: Path) -> pd.DataFrame:
+    """Write scores.parquet, summary.json and the rejected images (PNG, by reason) for inspection."""
+    from PIL import Image
+
+    out.mkdir(parents=True, exist_ok=True)
+    table = s.table.assign(kept=kept, reason=reason.astype(str))
+    table.to_parquet(out / "scores.parquet")
+    (out / "summary.json").write_text(json.dumps(s.summary))
+    np.save(out / "features.npy", s.features)
+    for i in np.flatnonzero(~kept):
+        d = out / "rejected" / reason[i]
+        d.mkdir(parents=True, exist_ok=True)
+        img = cands.images[i]
+        Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(d / f"{table['sample_id'][i]}.png")
+    return table
+
+
+def load_scored(out: Path) -> tuple[Scored, pd.DataFrame]:
+    table = pd.read_parquet(out / "scores.parquet")
+    summary = json.loads((out / "summary.json").read_text())
+    s = Scored(table.drop(columns=["kept", "reason"]), np.load(out / "features.npy"), summary)
+    return s, table

@@ -1,0 +1,133 @@
+"""Class-conditional generation of candidate samples, planned up front and written to disk in shards.
+
+Every sample gets its own seed (derived from the generation seed, its class and its index), which fixes its
+noise, its image-to-image strength and its source image; so any shard, or any single sample, can be regenerated
+exactly, and a killed run resumes from the shards already on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from augment.config import GenerationConfig
+from augment.data import ImageSet
+from augment.diffusion import sample
+
+
+@dataclass
+class Candidates:
+    images: np.ndarray  # uint8 (N, H, W, C)
+    meta: pd.DataFrame  # one row per image: sample_id, label, seed, strength, source_id, guidance_scale, ...
+
+    def __len__(self) -> int:
+        return len(self.meta)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.meta["label"].to_numpy(np.int64)
+
+    def subset(self, mask: np.ndarray) -> "Candidates":
+        return Candidates(self.images[mask], self.meta[mask].reset_index(drop=True))
+
+
+def per_class_counts(cfg: GenerationConfig, train_counts: list[int]) -> list[int]:
+    if cfg.balance == "none":
+        return [cfg.num_per_class] * len(train_counts)
+    target = max(train_counts) if cfg.balance == "max" else cfg.balance_target
+    return [max(0, target - c) for c in train_counts]
+
+
+def sample_seed(seed: int, label: int, index: int) -> int:
+    return int(np.random.SeedSequence([seed, label, index]).generate_state(1)[0])
+
+
+def plan(cfg: GenerationConfig, train: ImageSet) -> pd.DataFrame:
+    """One row per sample to generate, fully determined by the config and the train split."""
+    rows = []
+    for k, n in enumerate(per_class_counts(cfg, train.class_counts())):
+        sources = np.flatnonzero(train.labels == k)
+        for j in range(n):
+            s = sample_seed(cfg.seed, k, j)
+            r = np.random.default_rng(s)
+            strength = float(cfg.strengths[r.integers(len(cfg.strengths))])
+            src = int(sources[r.integers(len(sources))]) if strength < 1.0 else -1
+            rows.append({"sample_id": f"syn-{k}-{j}", "label": k, "seed": s, "strength": strength,
+                         "source_index": src, "source_id": train.ids[src] if src >= 0 else "",
+                         "guidance_scale": cfg.guidance_scale, "num_inference_steps": cfg.num_inference_steps,
+                         "scheduler": cfg.scheduler})
+    df = pd.DataFrame(rows)
+    if len(df):
+        # Interleave classes so that every shard holds all classes (partial runs stay balanced).
+        df = df.assign(_j=df["sample_id"].str.split("-").str[2].astype(int)).sort_values(["_j", "label"],
+                                                                                          kind="stable")
+        df = df.drop(columns="_j").reset_index(drop=True)
+        df["shard"] = np.arange(len(df)) // cfg.shard_size
+    return df
+
+
+def generate(
+    cfg: GenerationConfig,
+    unet: torch.nn.Module,
+    scheduler,
+    train: ImageSet,
+    output_dir: str | Path,
+    device: torch.device,
+    progress: Callable[[int, int], None] | None = None,
+    log=print,
+) -> Path:
+    """Generate every planned sample into `output_dir/shard-XXXXX.npz`; returns `output_dir`."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    df = plan(cfg, train)
+    df.to_parquet(out / "plan.parquet")
+    K = len(train.class_names)
+    shape = tuple(int(v) for v in (train.images.shape[3], train.images.shape[1], train.images.shape[2]))
+    total, done, t0 = len(df), 0, time.time()
+    for shard, rows in (df.groupby("shard") if total else []):
+        path = out / f"shard-{shard:05d}.npz"
+        if path.exists():  # finished by an earlier (possibly killed) run
+            done += len(rows)
+            continue
+        images = np.zeros((len(rows), shape[1], shape[2], shape[0]), np.uint8)
+        # Same-strength samples share a trajectory length, so they batch together.
+        for strength, group in rows.groupby("strength", sort=True):
+            pos = rows.index.get_indexer(group.index)
+            for i in range(0, len(group), cfg.batch_size):
+                g, p = group.iloc[i:i + cfg.batch_size], pos[i:i + cfg.batch_size]
+                init = train.images[g["source_index"].to_numpy()] if strength < 1.0 else None
+                images[p] = sample(
+                    unet, scheduler, g["label"].to_numpy(), g["seed"].tolist(), K, shape,
+                    scheduler=cfg.scheduler, num_inference_steps=cfg.num_inference_steps,
+                    guidance_scale=cfg.guidance_scale, strength=float(strength), init_images=init,
+                    device=device, mixed_precision=cfg.mixed_precision,
+                )
+                done += len(g)
+                if progress:
+                    progress(done, total)
+        tmp = out / f"shard-{shard:05d}.tmp.npz"
+        np.savez(tmp, images=images, sample_id=rows["sample_id"].to_numpy().astype(str))
+        tmp.replace(path)
+        log(f"generate: shard {shard} written ({done}/{total}, {time.time() - t0:.0f}s)")
+    (out / "done.json").write_text(json.dumps({"samples": total, "seconds": time.time() - t0}))
+    return out
+
+
+def load_candidates(output_dir: str | Path) -> Candidates:
+    out = Path(output_dir)
+    df = pd.read_parquet(out / "plan.parquet")
+    if not len(df):
+        return Candidates(np.zeros((0, 1, 1, 1), np.uint8), df)
+    parts = []
+    for shard in sorted(df["shard"].unique()):
+        with np.load(out / f"shard-{shard:05d}.npz") as z:
+            parts.append(z["images"])
+            assert list(z["sample_id"]) == df.loc[df["shard"] == shard, "sample_id"].tolist()
+    return Candidates(np.concatenate(parts), df)

@@ -1,0 +1,146 @@
+"""Publishing the augmented dataset: a `datasets.DatasetDict` users load with `load_from_disk` or `load_dataset`.
+
+One folder holds both forms: `save_to_disk` output (dataset_dict.json + arrow files per split) and parquet
+shards under data/ with a dataset card README.md whose YAML header maps the shards to splits. It is written to a
+temporary folder and renamed into place, so readers never see a half-written dataset.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from augment.data import ImageSet, Splits
+
+PROVENANCE = {
+    "sample_id": "string", "source_id": "string", "seed": "int64", "strength": "float32",
+    "guidance_scale": "float32", "num_inference_steps": "int32", "scheduler": "string",
+    "quality_score": "float32", "nn_similarity": "float32", "base_model": "string", "adapter_hash": "string",
+    "config_hash": "string",
+}
+
+
+def _png(img: np.ndarray) -> dict:
+    buf = io.BytesIO()
+    Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(buf, format="PNG")
+    return {"bytes": buf.getvalue(), "path": None}
+
+
+def features(class_names: list[str]):
+    import datasets
+
+    return datasets.Features({
+        "image": datasets.Image(), "label": datasets.ClassLabel(names=class_names),
+        "is_synthetic": datasets.Value("bool"), **{k: datasets.Value(v) for k, v in PROVENANCE.items()},
+    })
+
+
+def _real_rows(s: ImageSet) -> dict:
+    n = len(s)
+    return {"image": [_png(i) for i in s.images], "label": s.labels.tolist(), "is_synthetic": [False] * n,
+            "sample_id": [f"real:{i}" for i in s.ids], "source_id": list(s.ids),
+            **{k: [None] * n for k in PROVENANCE if k not in ("sample_id", "source_id")}}
+
+
+def _synthetic_rows(images: np.ndarray, table: pd.DataFrame, base_model: str, adapter_hash: str,
+                    config_hash: str) -> dict:
+    n = len(table)
+    return {
+        "image": [_png(i) for i in images], "label": table["label"].astype(int).tolist(),
+        "is_synthetic": [True] * n, "sample_id": table["sample_id"].tolist(),
+        "source_id": [s or None for s in table["source_id"]], "seed": table["seed"].astype("int64").tolist(),
+        "strength": table["strength"].tolist(), "guidance_scale": table["guidance_scale"].tolist(),
+        "num_inference_steps": table["num_inference_steps"].astype(int).tolist(),
+        "scheduler": table["scheduler"].tolist(), "quality_score": table["p_intended"].tolist(),
+        "nn_similarity": table["nn_similarity"].tolist(), "base_model": [base_model] * n,
+        "adapter_hash": [adapter_hash] * n, "config_hash": [config_hash] * n,
+    }
+
+
+def _card(name: str, splits_info: dict, class_names: list[str], provenance: dict, shards: dict) -> str:
+    import yaml
+
+    header = {
+        "pretty_name": name,
+        "task_categories": ["image-classification"],
+        "configs": [{"config_name": "default",
+                     "data_files": [{"split": s, "path": f"data/{s}-*.parquet"} for s in shards]}],
+    }
+    rows = "\n".join(f"| {s} | {v['rows']} | {v['synthetic']} | {v['rows'] - v['synthetic']} |"
+                     for s, v in splits_info.items())
+    prov = "\n".join(f"- {k}: `{v}`" for k, v in provenance.items())
+    return f"""---
+{yaml.safe_dump(header, sort_keys=False)}---
+# {name}
+
+Augmented image-classification dataset produced by **augment**: the real labeled training images plus
+synthetic images from a class-conditional diffusion model fine-tuned with LoRA on them, kept only if they passed
+the quality filters. `validation` and `test` are real images only; `test` was never seen by fine-tuning,
+filtering or model selection.
+
+| split | rows | synthetic | real |
+|---|---|---|---|
+{rows}
+
+Classes ({len(class_names)}): {", ".join(class_names)}
+
+Every row has `is_synthetic`; synthetic rows carry their provenance: `seed` (regenerates the sample exactly),
+`strength` (image-to-image strength; 1.0 = from noise), `source_id` (the real image it started from, if any),
+`guidance_scale`, `quality_score` (the quality classifier's p(intended class)), `nn_similarity` (to the nearest
+real training image), `base_model`, `adapter_hash`, `config_hash`.
+
+## Provenance
+{prov}
+
+## Loading
+```python
+import datasets
+ds = datasets.load_from_disk("<this folder>")   # or: datasets.load_dataset("<this folder>")
+```
+"""
+
+
+def publish(splits: Splits, kept_images: np.ndarray, kept_table: pd.DataFrame, output_dir: str | Path,
+            name: str, provenance: dict, max_shard_rows: int = 5000) -> dict:
+    """Write the DatasetDict; returns row counts per split."""
+    import datasets
+
+    out = Path(output_dir)
+    feats = features(splits.class_names)
+    train_rows = _real_rows(splits.train)
+    syn = _synthetic_rows(kept_images, kept_table, provenance["base_model"], provenance["adapter_hash"],
+                          provenance["config_hash"])
+    for k in train_rows:
+        train_rows[k] = train_rows[k] + syn[k]
+    dd = datasets.DatasetDict({
+        "train": datasets.Dataset.from_dict(train_rows, features=feats),
+        "validation": datasets.Dataset.from_dict(_real_rows(splits.validation), features=feats),
+        "test": datasets.Dataset.from_dict(_real_rows(splits.test), features=feats),
+    })
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    dd.save_to_disk(str(tmp))
+    shards: dict[str, int] = {}
+    for split, ds in dd.items():
+        n = max(1, -(-len(ds) // max_shard_rows))
+        shards[split] = n
+        for i in range(n):
+            ds.shard(n, i, contiguous=True).to_parquet(str(tmp / "data" / f"{split}-{i:05d}-of-{n:05d}.parquet"))
+    info = {s: {"rows": len(ds), "synthetic": int(sum(ds["is_synthetic"]))} for s, ds in dd.items()}
+    (tmp / "README.md").write_text(_card(name, info, splits.class_names, provenance, shards))
+    (tmp / "augment_publish.json").write_text(json.dumps({"splits": info, "provenance": provenance}, indent=2))
+    if out.exists():
+        old = out.with_name(out.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out)
+    return info
