@@ -1,0 +1,94 @@
+"""The `augment` command: a thin shell over the Prefect flow and the report builder."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from augment.config import ConfigError, load_config
+from augment.data import DataError
+from augment.models import ModelError
+
+USER_ERRORS = (ConfigError, DataError, ModelError, FileNotFoundError)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="augment", description="Synthetic data augmentation with LoRA-tuned diffusion.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser(
+        "run", help="run the whole job (fine-tune, generate, filter, publish, evaluate, report) as a Prefect flow",
+        description="Run the augment flow on a YAML config. Without PREFECT_API_URL set, Prefect starts a temporary "
+        "local server; with it set, the run is recorded on that server. Stages whose inputs did not change since "
+        "the last run in the same output_dir are reused.",
+    )
+    run.add_argument("config", help="YAML config, e.g. configs/digits.yaml")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config value, e.g. --set generation.guidance_scale=3 (repeatable)")
+    run.add_argument("--output-dir", help="shortcut for --set publish.output_dir=DIR")
+
+    rep = sub.add_parser("report", help="rebuild report.html / report.md / metrics.json of a finished run")
+    rep.add_argument("run_dir", help="the run folder (publish.output_dir of the run)")
+
+    val = sub.add_parser("validate", help="check a config and print it with every default filled in")
+    val.add_argument("config")
+    val.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+    srv = sub.add_parser("serve", help="serve the flow as a Prefect deployment (cron schedule and/or run_deployment)")
+    srv.add_argument("config", help="YAML config used as the deployment's default parameters")
+    srv.add_argument("--name", default=None, help="deployment name (default: the config's name)")
+    srv.add_argument("--cron", default=None, help="cron schedule, e.g. '0 2 * * *' (none: trigger only)")
+    srv.add_argument("--trigger-event", default=None,
+                     help="also run when this Prefect event is emitted, e.g. 'dataset.labeled.updated'")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    # This machine may have no internet: no telemetry calls from the temporary Prefect server.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    try:
+        if args.command == "validate":
+            import yaml
+
+            cfg = load_config(args.config, args.overrides)
+            print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
+            return 0
+        if args.command == "report":
+            from augment.report import build_report, headline
+
+            m = build_report(args.run_dir)
+            print(headline(m).replace("**", ""))
+            print(f"report: {Path(args.run_dir) / 'report.html'}")
+            return 0
+        if args.command == "run":
+            overrides = args.overrides + ([f"publish.output_dir={args.output_dir}"] if args.output_dir else [])
+            cfg = load_config(args.config, overrides)
+            from flows.augment_flow import augment_flow
+            from augment.report import headline
+
+            t0 = time.time()
+            metrics = augment_flow(config=cfg)
+            out = Path(cfg.publish.output_dir)
+            print()
+            print(headline(metrics).replace("**", ""))
+            print(f"dataset: {out / 'dataset'}  (datasets.load_from_disk or datasets.load_dataset)")
+            print(f"report:  {out / 'report.html'}")
+            print(f"wall time: {time.time() - t0:.1f} s")
+            return 0
+        if args.command == "serve":
+            from flows.deployments import serve
+
+            serve(load_config(args.config), name=args.name, cron=args.cron, trigger_event=args.trigger_event)
+            return 0
+    except USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

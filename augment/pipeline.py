@@ -1,0 +1,259 @@
+"""The stages of one run as plain functions over a run folder: call them from Prefect tasks, a notebook or tests.
+
+Each stage reads what earlier stages wrote under `publish.output_dir`, writes its own sub-folder, and returns a
+small JSON-able summary. A stage whose inputs (the config sections it depends on, and the data) have not changed
+since it last finished is reused, not recomputed: re-running a job costs only what changed.
+
+Run folder:
+    data/splits.npz, data/summary.json      the split (test included; only evaluation reads test)
+    finetune/adapter/                       the LoRA adapter (safetensors + configs)
+    candidates/shard-*.npz, plan.parquet    every generated candidate
+    filter/scores.parquet, rejected/<why>/  scores and decisions, rejected images for inspection
+    dataset/                                the published DatasetDict (load_from_disk / load_dataset)
+    evaluation/results.json                 every downstream run
+    report.html, report.md, metrics.json    the report
+    run.json                                stage timings, keys and versions
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from augment.config import RunConfig
+from augment.data import Splits, data_fingerprint, load_images, split
+from augment.models import BaseModelInfo, prepare_base, resolve_device
+
+# Which config sections each stage depends on (besides the data it reads).
+STAGE_SECTIONS = {
+    "finetune": ("data", "base", "lora"),
+    "generate": ("data", "base", "lora", "generation"),
+    "filter": ("data", "base", "lora", "generation", "filter"),
+    "evaluate": ("data", "base", "lora", "generation", "filter", "evaluation"),
+}
+
+
+def run_dir(cfg: RunConfig) -> Path:
+    return Path(cfg.publish.output_dir)
+
+
+class _Stage:
+    """Times a stage and records it in run.json; with a folder, marks it finished under its config key so that
+    an unchanged re-run reuses it."""
+
+    def __init__(self, cfg: RunConfig, name: str, folder: str | None = None):
+        self.cfg, self.name = cfg, name
+        self.folder = run_dir(cfg) / folder if folder else None
+        self.key = cfg.fingerprint(*STAGE_SECTIONS.get(name, ("data",)))
+        summary = run_dir(cfg) / "data" / "summary.json"
+        if name != "data" and summary.exists():  # new images under the same config must not reuse old results
+            self.key += "-" + json.loads(summary.read_text())["fingerprint"]
+
+    def reusable(self) -> bool:
+        marker = self.folder / "stage.json"
+        return marker.exists() and json.loads(marker.read_text()).get("key") == self.key
+
+    def __enter__(self):
+        self.t0 = time.time()
+        return self
+
+    def __exit__(self, exc_type, *_):
+        if exc_type is None:
+            if self.folder is not None:
+                (self.folder / "stage.json").write_text(json.dumps({"key": self.key}))
+            record(self.cfg, self.name, seconds=round(time.time() - self.t0, 2))
+        return False
+
+
+def record(cfg: RunConfig, stage: str | None, **facts) -> None:
+    """Add facts to run.json: under stages.<stage>, or at the top level when stage is None."""
+    path = run_dir(cfg) / "run.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    run = json.loads(path.read_text()) if path.exists() else {"stages": {}}
+    (run if stage is None else run["stages"].setdefault(stage, {})).update(facts)
+    path.write_text(json.dumps(run, indent=2))
+
+
+def _invalidate(folder: Path, key: str) -> None:
+    """Remove a stage folder made with another config; keep one made with this config (it may hold resumable
+    checkpoints or finished shards of an interrupted run)."""
+    owner = folder / "owner.json"
+    if folder.exists() and (not owner.exists() or json.loads(owner.read_text()).get("key") != key):
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    owner.write_text(json.dumps({"key": key}))
+
+
+# 1. Data ------------------------------------------------------------------------------------------------------
+
+
+def prepare_data(cfg: RunConfig) -> dict:
+    folder = run_dir(cfg) / "data"
+    with _Stage(cfg, "data"):
+        splits = split(load_images(cfg.data), cfg.data)
+        splits.save(folder / "splits.npz")
+        summary = {**splits.summary(), "fingerprint": data_fingerprint(splits), "source": cfg.data.source}
+        (folder / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def load_splits(cfg: RunConfig) -> Splits:
+    return Splits.load(run_dir(cfg) / "data" / "splits.npz")
+
+
+# 2. Base model ------------------------------------------------------------------------------------------------
+
+
+def base_model(cfg: RunConfig, log=print) -> dict:
+    with _Stage(cfg, "base"):
+        splits = load_splits(cfg)
+        info = prepare_base(cfg.base, splits.train, splits.pool, resolve_device(cfg.device), log=log)
+    return asdict(info)
+
+
+# 3. Fine-tune -------------------------------------------------------------------------------------------------
+
+
+def finetune_stage(cfg: RunConfig, base: dict, log=print) -> dict:
+    from augment.finetune import finetune
+
+    st = _Stage(cfg, "finetune", folder="finetune")
+    _invalidate(st.folder, st.key)
+    with st:
+        splits = load_splits(cfg)
+        info = finetune(cfg.lora, BaseModelInfo(**base), splits.train, st.folder, resolve_device(cfg.device),
+                        run_config=cfg.model_dump(mode="json"), log=log)
+    return asdict(info)
+
+
+# 4. Generate --------------------------------------------------------------------------------------------------
+
+
+def generate_stage(cfg: RunConfig, base: dict, adapter: dict, progress: Callable[[int, int], None] | None = None,
+                   log=print) -> dict:
+    from augment.finetune import load_finetuned
+    from augment.generate import generate
+
+    st = _Stage(cfg, "generate", folder="candidates")
+    if st.reusable():
+        log("generate: reusing candidates")
+        return json.loads((st.folder / "done.json").read_text())
+    _invalidate(st.folder, st.key)
+    with st:
+        splits = load_splits(cfg)
+        device = resolve_device(cfg.device)
+        _, h, _, c = splits.train.images.shape
+        unet, scheduler = load_finetuned(BaseModelInfo(**base), adapter["path"], len(splits.class_names), h, c,
+                                         device)
+        generate(cfg.generation, unet, scheduler, splits.train, st.folder, device, progress=progress, log=log)
+    return json.loads((st.folder / "done.json").read_text())
+
+
+# 5. Filter ----------------------------------------------------------------------------------------------------
+
+
+def filter_stage(cfg: RunConfig, log=print) -> dict:
+    from augment.filters import decide, save_outcome, score_candidates
+    from augment.generate import load_candidates
+
+    st = _Stage(cfg, "filter", folder="filter")
+    if st.reusable():
+        log("filter: reusing decisions")
+        return json.loads((st.folder / "decisions.json").read_text())
+    _invalidate(st.folder, st.key)
+    with st:
+        splits = load_splits(cfg)
+        cands = load_candidates(run_dir(cfg) / "candidates")
+        scored, _ = score_candidates(cfg.filter, cands, splits.train, splits.validation, log=log)
+        kept, reason = decide(scored, cfg.filter)
+        table = save_outcome(scored, kept, reason, cands, st.folder)
+        K = len(splits.class_names)
+        per_class = []
+        for k in range(K):
+            rows = table[table["label"] == k]
+            per_class.append({"class": splits.class_names[k], "generated": int(len(rows)),
+                              "kept": int(rows["kept"].sum()),
+                              "rejected": {r: int(n) for r, n in rows.loc[~rows["kept"], "reason"].value_counts().items()}})
+        summary = {"generated": int(len(table)), "kept": int(kept.sum()), "order": list(cfg.filter.order),
+                   "per_class": per_class}
+        (st.folder / "decisions.json").write_text(json.dumps(summary, indent=2))
+        log(f"filter: kept {summary['kept']} of {summary['generated']}")
+    return summary
+
+
+def kept_and_unfiltered(cfg: RunConfig):
+    """(kept images, kept table) and all candidates, as the publish and evaluate stages read them."""
+    import pandas as pd
+
+    from augment.generate import load_candidates
+
+    cands = load_candidates(run_dir(cfg) / "candidates")
+    table = pd.read_parquet(run_dir(cfg) / "filter" / "scores.parquet")
+    kept = table["kept"].to_numpy()
+    return cands, table, kept
+
+
+# 6. Publish ---------------------------------------------------------------------------------------------------
+
+
+def publish_stage(cfg: RunConfig, base: dict, adapter: dict) -> dict:
+    from augment.publish import publish
+
+    with _Stage(cfg, "publish"):
+        splits = load_splits(cfg)
+        cands, table, kept = kept_and_unfiltered(cfg)
+        provenance = {"base_model": base["description"] if cfg.base.pretrained == "builtin" else base["path"],
+                      "base_fingerprint": base["fingerprint"], "adapter_hash": adapter["adapter_hash"],
+                      "config_hash": cfg.fingerprint(), "data_fingerprint": _data_summary(cfg)["fingerprint"]}
+        info = publish(splits, cands.images[kept], table[kept].reset_index(drop=True),
+                       run_dir(cfg) / "dataset", cfg.publish.dataset_name, provenance, cfg.publish.max_shard_rows)
+    return info
+
+
+def _data_summary(cfg: RunConfig) -> dict:
+    return json.loads((run_dir(cfg) / "data" / "summary.json").read_text())
+
+
+# 7. Evaluate --------------------------------------------------------------------------------------------------
+
+
+def evaluate_stage(cfg: RunConfig, progress: Callable[[int, int], None] | None = None, log=print) -> dict:
+    from augment.evaluate import evaluate, summarize_results
+    from augment.filters import decide, load_scored
+
+    st = _Stage(cfg, "evaluate", folder="evaluation")
+    if not st.reusable():
+        _invalidate(st.folder, st.key)
+        with st:
+            splits = load_splits(cfg)
+            cands, table, kept = kept_and_unfiltered(cfg)
+            ablation = None
+            if cfg.evaluation.filter_ablation:
+                scored, _ = load_scored(run_dir(cfg) / "filter")
+                ablation = {}
+                for name in cfg.filter.order:
+                    mask, _ = decide(scored, cfg.filter, order=[name])
+                    ablation[name] = (cands.images[mask], cands.labels[mask])
+            evaluate(cfg.evaluation, splits, (cands.images[kept], cands.labels[kept]),
+                     (cands.images, cands.labels), ablation, st.folder, progress=progress, log=log)
+    else:
+        log("evaluate: reusing results")
+    summary = summarize_results(json.loads((st.folder / "results.json").read_text()))
+    (st.folder / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def versions() -> dict:
+    import datasets
+    import diffusers
+    import peft
+    import torch
+
+    return {"torch": torch.__version__, "diffusers": diffusers.__version__, "peft": peft.__version__,
+            "datasets": datasets.__version__, "numpy": np.__version__}

@@ -1,0 +1,114 @@
+"""Matplotlib figures for the report, returned as PNG bytes (embedded in HTML, written next to report.md)."""
+
+from __future__ import annotations
+
+import io
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+COLORS = {"real": "#7f7f7f", "real+classic": "#1f77b4", "real+synthetic": "#2ca02c",
+          "real+synthetic_unfiltered": "#ff7f0e", "synthetic": "#9467bd", "real+synthetic+classic": "#17becf"}
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def arms_plot(arms: dict, metric: str = "accuracy") -> bytes:
+    """Mean with 95% CI per arm, and every seed as a dot."""
+    names = [a for a, v in arms.items() if metric in v]
+    fig, ax = plt.subplots(figsize=(7, 0.55 * len(names) + 1.2))
+    for i, a in enumerate(names):
+        s = arms[a][metric]
+        c = COLORS.get(a, "#444444")
+        lo = s["ci_low"] if np.isfinite(s["ci_low"]) else s["mean"]
+        hi = s["ci_high"] if np.isfinite(s["ci_high"]) else s["mean"]
+        ax.barh(i, s["mean"], color=c, alpha=0.35)
+        ax.errorbar(s["mean"], i, xerr=[[s["mean"] - lo], [hi - s["mean"]]], fmt="o", color=c, capsize=4)
+        ax.scatter(arms[a][f"per_seed_{metric}"], [i] * s["n"], color=c, s=12, zorder=3, marker="|")
+    ax.set_yticks(range(len(names)), names)
+    ax.invert_yaxis()
+    vals = [v for a in names for v in arms[a][f"per_seed_{metric}"]]
+    ax.set_xlim(max(0.0, min(vals) - 0.05), min(1.0, max(vals) + 0.03))
+    ax.set_xlabel(f"test {metric.replace('_', '-')} (bar: mean, whisker: 95% CI, ticks: seeds)")
+    ax.grid(axis="x", alpha=0.3)
+    return _png(fig)
+
+
+def per_class_plot(arms: dict, class_names: list[str], which: list[str]) -> bytes:
+    which = [a for a in which if "per_class_accuracy" in arms.get(a, {})]
+    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(class_names) + 2), 3.2))
+    w = 0.8 / max(1, len(which))
+    x = np.arange(len(class_names))
+    for i, a in enumerate(which):
+        ax.bar(x + (i - (len(which) - 1) / 2) * w, arms[a]["per_class_accuracy"], w, label=a,
+               color=COLORS.get(a, "#444444"))
+    ax.set_xticks(x, class_names, rotation=45 if max(len(c) for c in class_names) > 3 else 0)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("test accuracy (mean over seeds)")
+    ax.legend(loc="lower right", fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    return _png(fig)
+
+
+def confusion_plot(cms: dict[str, list], class_names: list[str]) -> bytes:
+    fig, axes = plt.subplots(1, len(cms), figsize=(3.6 * len(cms), 3.4))
+    axes = np.atleast_1d(axes)
+    for ax, (name, cm) in zip(axes, cms.items()):
+        cm = np.asarray(cm, float)
+        norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+        ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+        ax.set_title(name, fontsize=9)
+        ax.set_xticks(range(len(class_names)), class_names, fontsize=7)
+        ax.set_yticks(range(len(class_names)), class_names, fontsize=7)
+        ax.set_xlabel("predicted", fontsize=8)
+        ax.set_ylabel("true", fontsize=8)
+    return _png(fig)
+
+
+def histogram_plot(groups: dict[str, np.ndarray], xlabel: str, threshold: float | None = None,
+                   bins: int = 30) -> bytes:
+    fig, ax = plt.subplots(figsize=(6, 2.8))
+    finite = [np.asarray(v)[np.isfinite(v)] for v in groups.values() if len(v)]
+    lo = min((v.min() for v in finite if len(v)), default=0.0)
+    hi = max((v.max() for v in finite if len(v)), default=1.0)
+    edges = np.linspace(lo, hi if hi > lo else lo + 1e-3, bins + 1)
+    for name, v in groups.items():
+        if len(v):
+            ax.hist(v, bins=edges, alpha=0.55, label=f"{name} (n={len(v)})", density=True)
+    if threshold is not None:
+        ax.axvline(threshold, color="red", ls="--", lw=1, label=f"threshold {threshold:g}")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("density")
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def image_grid(rows: list[tuple[str, np.ndarray, list[str] | None]], cell: int = 48) -> bytes:
+    """Rows of images (uint8 NHWC), each with a row label and optional per-image captions."""
+    cols = max((len(r[1]) for r in rows), default=1) or 1
+    has_caps = any(r[2] for r in rows)
+    fig, axes = plt.subplots(len(rows), cols + 1,
+                             figsize=((cols + 1) * cell / 60, len(rows) * cell / 60 * (1.25 if has_caps else 1)))
+    axes = np.atleast_2d(axes)
+    for r, (label, imgs, caps) in enumerate(rows):
+        for c in range(cols + 1):
+            ax = axes[r, c]
+            ax.axis("off")
+            if c == 0:
+                ax.text(1.0, 0.5, label, ha="right", va="center", fontsize=7, transform=ax.transAxes)
+            elif c - 1 < len(imgs):
+                img = imgs[c - 1]
+                ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=255,
+                          interpolation="nearest")
+                if caps:
+                    ax.set_title(caps[c - 1], fontsize=5, pad=1)
+    fig.subplots_adjust(wspace=0.05, hspace=0.25 if has_caps else 0.05)
+    return _png(fig)

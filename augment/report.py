@@ -1,0 +1,351 @@
+"""The report: metrics.json (stable schema), report.md and a self-contained report.html, built from a run folder.
+
+`build_report(run_dir)` reads only what the stages wrote, so `augment report RUN_DIR` rebuilds it without
+recomputing anything. Every number comes from the run's files.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from augment.config import RunConfig, parse_config
+from augment.data import Splits
+from augment.evaluate import BASELINES, PRODUCT
+from augment.generate import load_candidates
+from augment import plots
+
+SCHEMA_VERSION = 1
+
+
+def _read(run: Path, rel: str):
+    p = run / rel
+    if not p.exists():
+        raise FileNotFoundError(f"{p} is missing: is {run} a finished augment run folder?")
+    return json.loads(p.read_text())
+
+
+def _finite(x):
+    """JSON has no NaN: intervals that cannot be computed (one seed) become null."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_finite(v) for v in x]
+    return x
+
+
+def memorization_stats(sims: np.ndarray, reference: np.ndarray, threshold: float) -> dict:
+    sims, reference = np.asarray(sims, float), np.asarray(reference, float)
+    return {
+        "threshold": float(threshold),
+        "kept_fraction_above": float((sims > threshold).mean()) if len(sims) else None,
+        "kept_median": float(np.median(sims)) if len(sims) else None,
+        "train_to_train_median": float(np.median(reference)) if len(reference) else None,
+        "train_to_train_fraction_above": float((reference > threshold).mean()) if len(reference) else None,
+    }
+
+
+def collect_metrics(run: Path) -> dict:
+    """Assemble metrics.json from the run folder."""
+    cfg = parse_config(yaml.safe_load((run / "config.yaml").read_text()), str(run / "config.yaml"))
+    data = _read(run, "data/summary.json")
+    decisions = _read(run, "filter/decisions.json")
+    fsum = _read(run, "filter/summary.json")
+    evaluation = _read(run, "evaluation/summary.json")
+    runinfo = _read(run, "run.json")
+    publish_info = _read(run, "dataset/augment_publish.json")
+    table = pd.read_parquet(run / "filter" / "scores.parquet")
+    kept = table[table["kept"]]
+    space = fsum["memorization_space"]
+    other = "features" if space == "pixels" else "pixels"
+    ref_other = np.asarray(fsum[f"train_nn_similarity_{other}"])
+    mem = {
+        space: memorization_stats(kept[f"nn_similarity_{space}"], fsum[f"train_nn_similarity_{space}"],
+                                  cfg.filter.max_similarity),
+        other: memorization_stats(kept[f"nn_similarity_{other}"], ref_other,
+                                  float(np.quantile(ref_other, 0.95)) if len(ref_other) else 1.0),
+    }
+    mem[other]["threshold_rule"] = "95th percentile of train-to-train nearest-neighbour similarity"
+    mem[space]["threshold_rule"] = "filter.max_similarity (the memorization gate)"
+    ablation = {k[len("filter:"):]: v for k, v in evaluation["arms"].items() if k.startswith("filter:")}
+    gain = evaluation.get("gain_over_best_baseline")
+    return _finite({
+        "schema_version": SCHEMA_VERSION,
+        "run": {"name": cfg.name, "output_dir": str(run), "config_hash": cfg.fingerprint(),
+                "stage_seconds": {k: v.get("seconds") for k, v in runinfo["stages"].items()},
+                "total_seconds": runinfo.get("total_seconds"), "versions": runinfo.get("versions", {}),
+                "base_model": runinfo.get("base", {}), "adapter": runinfo.get("adapter", {}),
+                "evaluation_seeds": evaluation["seeds"]},
+        "data": data,
+        "generation": {"generated": decisions["generated"], "kept": decisions["kept"],
+                       "per_class": decisions["per_class"], "scheduler": cfg.generation.scheduler,
+                       "num_inference_steps": cfg.generation.num_inference_steps,
+                       "guidance_scale": cfg.generation.guidance_scale, "strengths": cfg.generation.strengths},
+        "filter": {"order": decisions["order"], "quality_classifier": fsum["quality_classifier"],
+                   "alia_thresholds": fsum["alia_thresholds"], "alia_oof_accuracy": fsum["alia_oof_accuracy"],
+                   "memorization": mem},
+        "evaluation": {
+            "model": cfg.evaluation.model.kind, "synthetic_prob": cfg.evaluation.synthetic_prob,
+            "arms": {k: v for k, v in evaluation["arms"].items() if not k.startswith("filter:")},
+            "best_baseline": evaluation.get("best_baseline"),
+            "gains": evaluation.get("gains"), "per_class_delta": evaluation.get("per_class_delta"),
+            "filter_gain": evaluation.get("filter_gain"), "filter_ablation": ablation,
+        },
+        "gain_over_best_baseline": (None if gain is None else
+                                    {k: gain[k] for k in ("mean", "ci_low", "ci_high", "std", "n", "p_value",
+                                                          "verdict", "differences")}
+                                    | {"baseline": evaluation.get("best_baseline")}),
+        "dataset": {"path": str(run / "dataset"), "splits": publish_info["splits"]},
+    })
+
+
+# Rendering ----------------------------------------------------------------------------------------------------
+
+
+def _pct(x) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}"
+
+
+def _ci(s: dict) -> str:
+    if s.get("ci_low") is None:
+        return f"{_pct(s['mean'])}"
+    return f"{_pct(s['mean'])} ± {_pct(s['std'])} [{_pct(s['ci_low'])}, {_pct(s['ci_high'])}]"
+
+
+def _md_table(header: list[str], rows: list[list]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def _html_table(header: list[str], rows: list[list]) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def headline(m: dict) -> str:
+    g = m.get("gain_over_best_baseline")
+    arms = m["evaluation"]["arms"]
+    if g is None or PRODUCT not in arms or "accuracy" not in arms[PRODUCT]:
+        return "No comparison of real + synthetic against a baseline was run."
+    b = g["baseline"]
+    interval = ("" if g["ci_low"] is None else
+                f", 95% CI [{100 * g['ci_low']:+.1f}, {100 * g['ci_high']:+.1f}]")
+    return (f"Real + synthetic reached {_pct(arms[PRODUCT]['accuracy']['mean'])}% test accuracy against "
+            f"{_pct(arms[b]['accuracy']['mean'])}% for the best baseline ({b}): a paired difference of "
+            f"{100 * g['mean']:+.1f} points over {g['n']} seeds{interval}: **{g['verdict']}**.")
+
+
+def sections(m: dict) -> list[tuple[str, str, list[tuple[list[str], list[list]]], list[str]]]:
+    """(title, text, tables, figure names) per section; both renderers walk this list."""
+    ev, data, gen, flt = m["evaluation"], m["data"], m["generation"], m["filter"]
+    names = data["class_names"]
+    arms = ev["arms"]
+    arm_rows = []
+    for a, v in arms.items():
+        if "accuracy" not in v:
+            arm_rows.append([a, "skipped: " + v.get("skipped", ""), "", "", ""])
+            continue
+        sizes = v.get("train_sizes") or {}
+        arm_rows.append([a, _ci(v["accuracy"]), _ci(v["macro_f1"]), f"{sizes.get('real', 0)} / {sizes.get('synthetic', 0)}",
+                         " ".join(_pct(x) for x in v["per_seed_accuracy"])])
+    gain_rows = [[f"{PRODUCT} − {b}", f"{100 * d['accuracy']['mean']:+.1f}",
+                  "n/a" if d["accuracy"]["ci_low"] is None else
+                  f"[{100 * d['accuracy']['ci_low']:+.1f}, {100 * d['accuracy']['ci_high']:+.1f}]",
+                  "n/a" if d["accuracy"]["p_value"] is None else f"{d['accuracy']['p_value']:.3g}",
+                  d["accuracy"]["verdict"], f"{100 * d['macro_f1']['mean']:+.1f}"]
+                 for b, d in (ev.get("gains") or {}).items()]
+    if ev.get("filter_gain"):
+        fg = ev["filter_gain"]
+        gain_rows.append([f"{PRODUCT} − real+synthetic_unfiltered (what the filter is worth)",
+                          f"{100 * fg['mean']:+.1f}",
+                          "n/a" if fg["ci_low"] is None else f"[{100 * fg['ci_low']:+.1f}, {100 * fg['ci_high']:+.1f}]",
+                          "n/a" if fg["p_value"] is None else f"{fg['p_value']:.3g}", fg["verdict"], ""])
+    pc_arms = [a for a in ("real", "real+classic", PRODUCT) if "per_class_accuracy" in arms.get(a, {})]
+    pc_rows = [[c] + [_pct(arms[a]["per_class_accuracy"][k]) for a in pc_arms] +
+               [f"{100 * ev['per_class_delta'][b][k]:+.1f}" for b in (ev.get("per_class_delta") or {})]
+               for k, c in enumerate(names)]
+    pc_header = ["class"] + pc_arms + [f"Δ vs {b}" for b in (ev.get("per_class_delta") or {})]
+    reasons = sorted({r for pc in gen["per_class"] for r in pc["rejected"]})
+    filt_rows = [[pc["class"], pc["generated"], pc["kept"]] + [pc["rejected"].get(r, 0) for r in reasons]
+                 for pc in gen["per_class"]]
+    filt_rows.append(["all", gen["generated"], gen["kept"]] +
+                     [sum(pc["rejected"].get(r, 0) for pc in gen["per_class"]) for r in reasons])
+    abl_rows = [[name, _ci(v["accuracy"]), v["train_sizes"]["synthetic"] if v.get("train_sizes") else ""]
+                for name, v in ev["filter_ablation"].items() if "accuracy" in v]
+    for a, label in (("real+synthetic_unfiltered", "no filter"), (PRODUCT, "all, in order: " + " → ".join(flt["order"]))):
+        if "accuracy" in arms.get(a, {}):
+            abl_rows.append([label, _ci(arms[a]["accuracy"]), arms[a]["train_sizes"]["synthetic"]])
+    mem_rows = [[space, v["threshold_rule"], f"{v['threshold']:.4f}", _pct(v["kept_fraction_above"]),
+                 _pct(v["train_to_train_fraction_above"]),
+                 "n/a" if v["kept_median"] is None else f"{v['kept_median']:.3f}",
+                 "n/a" if v["train_to_train_median"] is None else f"{v['train_to_train_median']:.3f}"]
+                for space, v in flt["memorization"].items()]
+    qc = flt["quality_classifier"]
+    test_rows = [[c, data["train_class_counts"][k], data["validation_class_counts"][k], data["test_class_counts"][k]]
+                 for k, c in enumerate(names)]
+    run = m["run"]
+    facts = [["config hash", run["config_hash"]], ["base model", run["base_model"].get("description", "")],
+             ["base fingerprint", run["base_model"].get("fingerprint", "")],
+             ["adapter hash", run["adapter"].get("adapter_hash", "")],
+             ["data fingerprint", data["fingerprint"]], ["evaluation seeds", ", ".join(map(str, run["evaluation_seeds"]))],
+             ["sampler", f"{gen['scheduler']}, {gen['num_inference_steps']} steps, guidance {gen['guidance_scale']}, "
+                         f"strengths {gen['strengths']}"],
+             ["downstream model", f"{ev['model']}, synthetic share per batch {ev['synthetic_prob']}"]]
+    facts += [[f"{k} version", v] for k, v in run["versions"].items()]
+    facts += [[f"stage {k} (s)", f"{v:.1f}"] for k, v in run["stage_seconds"].items() if v is not None]
+    if run.get("total_seconds"):
+        facts.append(["total wall time (s)", f"{run['total_seconds']:.1f}"])
+    ds_rows = [[s, v["rows"], v["synthetic"], v["rows"] - v["synthetic"]] for s, v in m["dataset"]["splits"].items()]
+    return [
+        ("Verdict", headline(m), [(["comparison", "Δ accuracy (pts)", "95% CI", "p", "verdict", "Δ macro-F1 (pts)"],
+                                   gain_rows)], []),
+        ("Downstream accuracy by arm",
+         f"The same {ev['model']} recipe trained from scratch on each arm, {len(run['evaluation_seeds'])} seeds each "
+         "(paired across arms), scored on the real test split. Accuracy and macro-F1 in %: mean ± std [95% CI].",
+         [(["arm", "accuracy", "macro-F1", "train real / synthetic", "per-seed accuracy"], arm_rows)],
+         ["arms_accuracy", "arms_macro_f1"]),
+        ("Per class", "Test accuracy per class (mean over seeds) and the change that synthetic data made.",
+         [(pc_header, pc_rows)], ["per_class", "confusion"]),
+        ("What the generator and filter did",
+         f"Quality classifier ({qc['kind']}, trained on the real labeled train split only): validation accuracy "
+         f"{_pct(qc['validation_accuracy'])}% on {qc['validation_size']} real images; a weak judge makes a weak "
+         f"filter. Filter order: {' → '.join(flt['order'])}. ALIA out-of-fold accuracy on train: "
+         f"{_pct(flt['alia_oof_accuracy'])}%.",
+         [(["class", "generated", "kept"] + [f"rejected: {r}" for r in reasons], filt_rows)],
+         ["quality_hist", "grid_real", "grid_kept", "grid_rejected"]),
+        ("Filter ablation", "Downstream accuracy (%) when only one filter is applied, none, or all (same seeds).",
+         [(["filters", "accuracy", "synthetic kept"], abl_rows)], []),
+        ("Memorization",
+         "Similarity of every kept synthetic image to its nearest real training image, against the same statistic "
+         "between real training images (leave-one-out). Fractions in %.",
+         [(["space", "threshold rule", "threshold", "kept above", "train-to-train above", "kept median",
+            "train-to-train median"], mem_rows)], ["memorization_hist", "nn_pairs"]),
+        ("Data and test split",
+         f"Test split: {data['test_size']} real images, held out from fine-tuning, filtering and model selection. "
+         f"Labeled train: {data['train_size']}, validation: {data['validation_size']}, unlabeled pool: "
+         f"{data['pool_size']}.", [(["class", "train", "validation", "test"], test_rows),
+                                   (["published split", "rows", "synthetic", "real"], ds_rows)], []),
+        ("Run facts", "", [(["fact", "value"], facts)], []),
+    ]
+
+
+def figures(run: Path, m: dict) -> dict[str, bytes]:
+    splits = Splits.load(run / "data" / "splits.npz")
+    cands = load_candidates(run / "candidates")
+    table = pd.read_parquet(run / "filter" / "scores.parquet")
+    fsum = _read(run, "filter/summary.json")
+    arms, names = m["evaluation"]["arms"], m["data"]["class_names"]
+    shown = {a: v for a, v in arms.items() if "accuracy" in v}
+    figs = {}
+    if shown:
+        figs["arms_accuracy"] = plots.arms_plot(shown, "accuracy")
+        figs["arms_macro_f1"] = plots.arms_plot(shown, "macro_f1")
+        figs["per_class"] = plots.per_class_plot(shown, names, ["real", "real+classic", PRODUCT])
+        figs["confusion"] = plots.confusion_plot(
+            {a: shown[a]["confusion"] for a in (*BASELINES, PRODUCT) if a in shown}, names)
+    kept = table["kept"].to_numpy()
+    figs["quality_hist"] = plots.histogram_plot(
+        {"kept": table.loc[kept, "p_intended"].to_numpy(), "rejected": table.loc[~kept, "p_intended"].to_numpy()},
+        "quality score p(intended class)")
+    space = fsum["memorization_space"]
+    figs["memorization_hist"] = plots.histogram_plot(
+        {"kept synthetic → nearest train": table.loc[kept, f"nn_similarity_{space}"].to_numpy(),
+         "train → nearest other train": np.asarray(fsum[f"train_nn_similarity_{space}"])},
+        f"cosine similarity ({space})", threshold=m["filter"]["memorization"][space]["threshold"])
+    rng = np.random.default_rng(0)  # which examples are shown; fixed so a rebuilt report is identical
+    real_rows, kept_rows, rej_rows = [], [], []
+    for k, c in enumerate(names):
+        r = np.flatnonzero(splits.train.labels == k)[:10]
+        real_rows.append((c, splits.train.images[r], None))
+        kk = np.flatnonzero(kept & (table["label"].to_numpy() == k))
+        kk = np.sort(rng.choice(kk, min(10, len(kk)), replace=False)) if len(kk) else kk
+        kept_rows.append((c, cands.images[kk], None))
+        rr = np.flatnonzero(~kept & (table["label"].to_numpy() == k))
+        rr = np.sort(rng.choice(rr, min(10, len(rr)), replace=False)) if len(rr) else rr
+        rej_rows.append((c, cands.images[rr], [str(x).replace("_", " ") for x in table["reason"].to_numpy()[rr]]))
+    figs["grid_real"] = plots.image_grid(real_rows)
+    figs["grid_kept"] = plots.image_grid(kept_rows)
+    figs["grid_rejected"] = plots.image_grid(rej_rows)
+    top = table[kept].nlargest(10, "nn_similarity")
+    index = {i: n for n, i in enumerate(splits.train.ids)}
+    pairs = [("synthetic", cands.images[top.index.to_numpy()], [f"{s:.3f}" for s in top["nn_similarity"]]),
+             ("nearest real", splits.train.images[[index[i] for i in top["nn_train_id"]]] if len(top) else
+              splits.train.images[:0], None)]
+    figs["nn_pairs"] = plots.image_grid(pairs, cell=60)
+    return figs
+
+
+CAPTIONS = {
+    "arms_accuracy": "Test accuracy per arm", "arms_macro_f1": "Test macro-F1 per arm",
+    "per_class": "Per-class test accuracy", "confusion": "Confusion matrices (summed over seeds, row-normalized)",
+    "quality_hist": "Quality scores, kept vs rejected", "grid_real": "Real labeled training images, per class",
+    "grid_kept": "Kept synthetic images, per class", "grid_rejected": "Rejected synthetic images, with the reason",
+    "memorization_hist": "Nearest-real-neighbour similarity",
+    "nn_pairs": "Kept synthetic images most similar to a training image (top) and that image (bottom)",
+}
+
+CSS = """body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1000px;margin:2em auto;
+padding:0 1em;color:#222;line-height:1.45}h1{margin-bottom:.2em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;
+margin-top:1.8em}table{border-collapse:collapse;margin:.8em 0;font-size:.9em}th,td{border:1px solid #ddd;
+padding:.3em .6em;text-align:right}th{background:#f5f5f5}td:first-child,th:first-child{text-align:left}
+figure{margin:1em 0}figcaption{font-size:.85em;color:#555}img{max-width:100%}.verdict{font-size:1.15em;
+background:#f4f8f4;border-left:4px solid #2ca02c;padding:.7em 1em}.muted{color:#777;font-size:.85em}"""
+
+
+def render(m: dict, figs: dict[str, bytes], assets: str = "report_assets") -> tuple[str, str]:
+    secs = sections(m)
+    md = [f"# augment report: {m['run']['name']}", ""]
+    body = [f"<h1>augment report: {html.escape(m['run']['name'])}</h1>",
+            f"<p class='muted'>run folder {html.escape(m['run']['output_dir'])} · config {m['run']['config_hash']}</p>"]
+    for title, text, tables, fig_names in secs:
+        md += [f"## {title}", "", text, ""] if text else [f"## {title}", ""]
+        body.append(f"<h2>{html.escape(title)}</h2>")
+        if text:
+            t = html.escape(text).replace("**", "")
+            body.append(f"<p class='verdict'>{t}</p>" if title == "Verdict" else f"<p>{t}</p>")
+        for header, rows in tables:
+            if rows:
+                md += [_md_table(header, rows), ""]
+                body.append(_html_table(header, rows))
+        for f in fig_names:
+            if f in figs:
+                md += [f"![{CAPTIONS[f]}]({assets}/{f}.png)", ""]
+                b64 = base64.b64encode(figs[f]).decode()
+                body.append(f"<figure><img alt='{CAPTIONS[f]}' src='data:image/png;base64,{b64}'>"
+                            f"<figcaption>{CAPTIONS[f]}</figcaption></figure>")
+    page = (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>augment report: "
+            f"{html.escape(m['run']['name'])}</title><style>{CSS}</style></head><body>{''.join(body)}</body></html>")
+    return "\n".join(md), page
+
+
+def build_report(run_dir: str | Path) -> dict:
+    """Write metrics.json, report.md (+ report_assets/) and report.html into the run folder; return the metrics."""
+    run = Path(run_dir)
+    m = collect_metrics(run)
+    figs = figures(run, m)
+    md, page = render(m, figs)
+    assets = run / "report_assets"
+    assets.mkdir(exist_ok=True)
+    for name, png in figs.items():
+        (assets / f"{name}.png").write_bytes(png)
+    for name, text in (("metrics.json", json.dumps(m, indent=2)), ("report.md", md), ("report.html", page)):
+        tmp = run / f".{name}.tmp"
+        tmp.write_text(text)
+        tmp.replace(run / name)
+    return m
+
+
+def save_config(cfg: RunConfig, run_dir: str | Path) -> None:
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    (Path(run_dir) / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

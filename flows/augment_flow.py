@@ -1,0 +1,131 @@
+"""The main flow: one task per stage of augment.pipeline, the report as Prefect artifacts.
+
+Tasks pass paths and small summaries, never tensors. Reuse of expensive work is the library's (stage folders keyed
+by config and data fingerprints), so it also holds across flow runs, deployments and machines sharing a disk.
+"""
+
+from __future__ import annotations
+
+import time
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact
+from prefect.artifacts import update_progress_artifact
+from prefect.cache_policies import NO_CACHE
+
+from augment import pipeline
+from augment.config import RunConfig
+from augment.report import build_report, headline, save_config
+
+
+def _log(message: str) -> None:
+    get_run_logger().info(message)
+
+
+def _progress(key: str, description: str):
+    """A Prefect progress artifact and a callback(done, total) that updates it."""
+    artifact_id = create_progress_artifact(progress=0.0, key=key, description=description)
+    last = [-1]
+
+    def update(done: int, total: int) -> None:
+        pct = round(100.0 * done / max(total, 1), 0)
+        if pct != last[0]:
+            last[0] = pct
+            update_progress_artifact(artifact_id=artifact_id, progress=pct)
+
+    return update
+
+
+@task(cache_policy=NO_CACHE)
+def load_data(cfg: RunConfig) -> dict:
+    return pipeline.prepare_data(cfg)
+
+
+@task(cache_policy=NO_CACHE)
+def base_model(cfg: RunConfig) -> dict:
+    return pipeline.base_model(cfg, log=_log)
+
+
+@task(cache_policy=NO_CACHE)
+def finetune(cfg: RunConfig, base: dict) -> dict:
+    return pipeline.finetune_stage(cfg, base, log=_log)
+
+
+@task(cache_policy=NO_CACHE)
+def generate(cfg: RunConfig, base: dict, adapter: dict) -> dict:
+    progress = _progress(f"{_key(cfg)}-generation", "Candidates generated")
+    return pipeline.generate_stage(cfg, base, adapter, progress=progress, log=_log)
+
+
+@task(cache_policy=NO_CACHE)
+def filter_candidates(cfg: RunConfig) -> dict:
+    return pipeline.filter_stage(cfg, log=_log)
+
+
+@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)  # disk I/O only: safe to retry
+def publish(cfg: RunConfig, base: dict, adapter: dict) -> dict:
+    return pipeline.publish_stage(cfg, base, adapter)
+
+
+@task(cache_policy=NO_CACHE)
+def evaluate(cfg: RunConfig) -> dict:
+    progress = _progress(f"{_key(cfg)}-evaluation", "Downstream training runs finished")
+    return pipeline.evaluate_stage(cfg, progress=progress, log=_log)
+
+
+@task(cache_policy=NO_CACHE)
+def report(cfg: RunConfig) -> dict:
+    metrics = build_report(pipeline.run_dir(cfg))
+    _artifacts(cfg, metrics)
+    return metrics
+
+
+def _key(cfg: RunConfig) -> str:
+    """Artifact keys are stable per job name, so their history accumulates across runs."""
+    slug = "".join(c if c.isalnum() else "-" for c in cfg.name.lower()).strip("-") or "job"
+    return f"augment-{slug}"
+
+
+def _artifacts(cfg: RunConfig, m: dict) -> None:
+    ev = m["evaluation"]
+    rows = [{"arm": a, "accuracy_mean": v["accuracy"]["mean"], "accuracy_ci_low": v["accuracy"]["ci_low"],
+             "accuracy_ci_high": v["accuracy"]["ci_high"], "macro_f1_mean": v["macro_f1"]["mean"]}
+            for a, v in ev["arms"].items() if "accuracy" in v]
+    lines = [f"# augment: {cfg.name}", "", headline(m), "", "| arm | accuracy | 95% CI |", "|---|---|---|"]
+    lines += [f"| {r['arm']} | {100 * r['accuracy_mean']:.1f} | "
+              f"[{100 * (r['accuracy_ci_low'] or r['accuracy_mean']):.1f}, "
+              f"{100 * (r['accuracy_ci_high'] or r['accuracy_mean']):.1f}] |" for r in rows]
+    lines += ["", f"Generated {m['generation']['generated']}, kept {m['generation']['kept']}. "
+              f"Dataset: `{m['dataset']['path']}`. Full report: `{m['run']['output_dir']}/report.html`."]
+    create_markdown_artifact(markdown="\n".join(lines), key=f"{_key(cfg)}-summary", description="augment summary")
+    names = m["data"]["class_names"]
+    per_class = []
+    for k, c in enumerate(names):
+        row = {"class": c}
+        for a in ("real", "real+classic", "real+synthetic"):
+            if "per_class_accuracy" in ev["arms"].get(a, {}):
+                row[a] = round(ev["arms"][a]["per_class_accuracy"][k], 4)
+        gen = m["generation"]["per_class"][k]
+        row.update(generated=gen["generated"], kept=gen["kept"])
+        per_class.append(row)
+    create_table_artifact(table=per_class, key=f"{_key(cfg)}-per-class", description="Per-class results")
+
+
+@flow(name="augment")
+def augment_flow(config: RunConfig = RunConfig()) -> dict:
+    """Fine-tune, generate, filter, publish and evaluate; returns the report's metrics (metrics.json)."""
+    t0 = time.time()
+    cfg = config
+    save_config(cfg, pipeline.run_dir(cfg))
+    pipeline.record(cfg, None, versions=pipeline.versions())
+    load_data(cfg)
+    base = base_model(cfg)
+    pipeline.record(cfg, None, base=base)
+    adapter = finetune(cfg, base)
+    pipeline.record(cfg, None, adapter=adapter)
+    generate(cfg, base, adapter)
+    filter_candidates(cfg)
+    publish(cfg, base, adapter)
+    evaluate(cfg)
+    pipeline.record(cfg, None, total_seconds=round(time.time() - t0, 1))
+    return report(cfg)

@@ -1,0 +1,42 @@
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path):
+    """configs/tiny.yaml with every output under tmp_path."""
+    from augment.config import load_config
+
+    return load_config(ROOT / "configs" / "tiny.yaml",
+                       [f"publish.output_dir={tmp_path / 'run'}", f"base.cache_dir={tmp_path / 'cache'}"])
+
+
+def write_imagefolder(root: Path, classes=("cat", "dog", "fox"), per_class=8, size=10, mode="RGB", seed=0):
+    """A few real PNG files in <root>/<class>/; each class has its own brightness pattern."""
+    rng = np.random.default_rng(seed)
+    for k, c in enumerate(classes):
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            arr = rng.integers(0, 60, (size, size, 3), dtype=np.uint8)
+            arr[:, k * 3:(k + 1) * 3] = 220
+            Image.fromarray(arr).convert(mode).save(root / c / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """A throwaway Prefect database and server for flow tests."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

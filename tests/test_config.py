@@ -1,0 +1,55 @@
+import pytest
+
+from augment.config import ConfigError, RunConfig, load_config, parse_config
+from conftest import ROOT
+
+
+def test_shipped_configs_load():
+    for name in ("digits", "tiny", "stable_diffusion_gpu"):
+        path = ROOT / "configs" / f"{name}.yaml"
+        if path.exists():
+            assert isinstance(load_config(path), RunConfig)
+
+
+def test_unknown_key_is_named(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("generation:\n  guidance_scal: 3\n")
+    with pytest.raises(ConfigError, match=r"generation\.guidance_scal: unknown key"):
+        load_config(p)
+
+
+def test_out_of_range_value_is_named(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("lora:\n  rank: 0\n")
+    with pytest.raises(ConfigError, match=r"lora\.rank.*greater than or equal to 1.*got 0"):
+        load_config(p)
+
+
+def test_cross_field_checks():
+    with pytest.raises(ConfigError, match="balance_target is required"):
+        parse_config({"generation": {"balance": "target"}})
+    with pytest.raises(ConfigError, match=r"strengths must lie in \(0, 1\]"):
+        parse_config({"generation": {"strengths": [0.5, 1.5]}})
+    with pytest.raises(ConfigError, match="attention_levels"):
+        parse_config({"base": {"block_out_channels": [8, 16, 32]}})
+
+
+def test_overrides_and_bad_files(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("name: x\n")
+    cfg = load_config(p, ["generation.guidance_scale=3.5", "filter.min_confidence=1/K"])
+    assert cfg.generation.guidance_scale == 3.5 and cfg.filter.min_confidence == "1/K"
+    with pytest.raises(ConfigError, match="must look like"):
+        load_config(p, ["nonsense"])
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    p.write_text("- a list\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(p)
+
+
+def test_fingerprint_tracks_sections():
+    a, b = RunConfig(), RunConfig()
+    b.evaluation.seeds = 3
+    assert a.fingerprint("lora") == b.fingerprint("lora")
+    assert a.fingerprint("evaluation") != b.fingerprint("evaluation")

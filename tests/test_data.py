@@ -1,0 +1,89 @@
+import numpy as np
+import pandas as pd
+import pytest
+
+from augment.config import DataConfig
+from augment.data import DataError, ImageSet, Splits, load_images, split
+from conftest import write_imagefolder
+
+
+def test_digits_split_is_stratified_disjoint_and_seeded():
+    cfg = DataConfig(shots_per_class=5, test_fraction=0.2, val_fraction=0.1, seed=3)
+    data = load_images(cfg)
+    assert data.images.shape[1:] == (8, 8, 1) and len(data.class_names) == 10
+    s1, s2 = split(data, cfg), split(data, cfg)
+    assert s1.train.class_counts() == [5] * 10
+    assert s1.train.ids == s2.train.ids and s1.test.ids == s2.test.ids
+    ids = [set(getattr(s1, n).ids) for n in ("train", "validation", "test", "pool")]
+    assert sum(len(i) for i in ids) == len(data) and len(set().union(*ids)) == len(data)
+    assert (s1.pool.labels == -1).all()  # the pool is unlabeled
+    assert min(s1.test.class_counts()) >= 30
+    s3 = split(data, cfg.model_copy(update={"seed": 4}))
+    assert s3.train.ids != s1.train.ids
+
+
+def test_imagefolder_resizes_and_converts(tmp_path):
+    root = write_imagefolder(tmp_path / "imgs", size=12)
+    data = load_images(DataConfig(source=str(root), image_size=8, channels=3))
+    assert data.class_names == ["cat", "dog", "fox"]
+    assert data.images.shape == (24, 8, 8, 3) and data.images.dtype == np.uint8
+    grey = load_images(DataConfig(source=str(root), image_size=8, channels=1))
+    assert grey.images.shape == (24, 8, 8, 1)
+
+
+def test_manifest_csv_and_parquet(tmp_path):
+    root = write_imagefolder(tmp_path / "imgs")
+    rows = [{"path": f"imgs/{c}/{i}.png", "label": c} for c in ("cat", "dog", "fox") for i in range(8)]
+    pd.DataFrame(rows).to_csv(tmp_path / "m.csv", index=False)
+    pd.DataFrame(rows).to_parquet(tmp_path / "m.parquet")
+    for name in ("m.csv", "m.parquet"):
+        data = load_images(DataConfig(source=str(tmp_path / name), image_size=8))
+        assert data.class_names == ["cat", "dog", "fox"] and len(data) == 24
+
+
+def test_datasets_saved_to_disk(tmp_path):
+    import datasets
+
+    from PIL import Image
+    imgs = [Image.fromarray(np.full((6, 6), 40 * i, np.uint8)) for i in range(6)]
+    ds = datasets.Dataset.from_dict({"img": imgs, "y": [0, 1, 2, 0, 1, 2]}).cast_column(
+        "y", datasets.ClassLabel(names=["a", "b", "c"]))
+    datasets.DatasetDict({"train": ds}).save_to_disk(str(tmp_path / "hf"))
+    data = load_images(DataConfig(source=str(tmp_path / "hf"), image_column="img", label_column="y", image_size=8))
+    assert data.class_names == ["a", "b", "c"] and data.labels.tolist() == [0, 1, 2, 0, 1, 2]
+    with pytest.raises(DataError, match="no column 'image'"):
+        load_images(DataConfig(source=str(tmp_path / "hf"), label_column="y"))
+
+
+def test_bad_inputs_name_the_problem(tmp_path):
+    root = write_imagefolder(tmp_path / "imgs")
+    (root / "cat" / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match=r"cannot read image .*broken\.png"):
+        load_images(DataConfig(source=str(root)))
+    pd.DataFrame({"path": ["nope.png"], "label": ["a"]}).to_csv(tmp_path / "m.csv", index=False)
+    with pytest.raises(DataError, match=r"row 2: image file not found"):
+        load_images(DataConfig(source=str(tmp_path / "m.csv")))
+    pd.DataFrame({"file": ["x.png"]}).to_csv(tmp_path / "m2.csv", index=False)
+    with pytest.raises(DataError, match="no column 'path'"):
+        load_images(DataConfig(source=str(tmp_path / "m2.csv")))
+    with pytest.raises(DataError, match="does not exist"):
+        load_images(DataConfig(source=str(tmp_path / "missing_dir/")))
+    (tmp_path / "empty" / "a").mkdir(parents=True)
+    with pytest.raises(DataError, match="holds no images"):
+        load_images(DataConfig(source=str(tmp_path / "empty")))
+
+
+def test_too_small_class_is_reported():
+    imgs = np.zeros((4, 8, 8, 1), np.uint8)
+    data = ImageSet(imgs, np.array([0, 0, 0, 1]), ["a", "b"])
+    with pytest.raises(DataError, match="class 'b' has only 1 images"):
+        split(data, DataConfig(test_fraction=0.3, val_fraction=0.0))
+
+
+def test_splits_roundtrip(tmp_path):
+    cfg = DataConfig(shots_per_class=3)
+    s = split(load_images(cfg), cfg)
+    s.save(tmp_path / "s.npz")
+    t = Splits.load(tmp_path / "s.npz")
+    assert t.class_names == s.class_names and t.test.ids == s.test.ids
+    assert np.array_equal(t.train.images, s.train.images)
