@@ -117,7 +117,7 @@ def sample(
         x = noise * sampler.init_noise_sigma
 
     # 2. Denoise, batching the conditional and unconditional halves.
-    labels = torch.as_tensor(class_labels, dtype=torch.long, device=device)
+    labels = torch.tensor(np.asarray(class_labels), dtype=torch.long, device=device)
     guided = guidance_scale != 1.0
     both = torch.cat([labels, torch.full_like(labels, null_label)]) if guided else labels
     for t in timesteps:

@@ -1,0 +1,141 @@
+import numpy as np
+import pytest
+import torch
+from diffusers import DDPMScheduler, UNet2DModel
+
+from augment import finetune as finetune_mod
+from augment import models
+from augment.config import BaseModelConfig, DataConfig, GenerationConfig, LoRAConfig
+from augment.data import load_images, split
+from augment.diffusion import sample
+from augment.finetune import finetune, load_finetuned
+from augment.generate import generate, load_candidates, per_class_counts, plan
+
+CPU = torch.device("cpu")
+TINY_BASE = dict(block_out_channels=[8, 16], attention_levels=[False, True], norm_num_groups=4,
+                 pretrain_batch_size=8)
+
+
+@pytest.fixture(scope="module")
+def splits():
+    cfg = DataConfig(shots_per_class=3, max_pool_size=60, test_fraction=0.2, val_fraction=0.05)
+    return split(load_images(cfg), cfg)
+
+
+def _tiny_unconditional(tmp_path):
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1,
+                       block_out_channels=(8, 16), down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                       up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=4)
+    unet.save_pretrained(tmp_path / "ckpt" / "unet")
+    DDPMScheduler(num_train_timesteps=100).save_pretrained(tmp_path / "ckpt" / "scheduler")
+    return unet
+
+
+def test_pretrained_checkpoint_gets_a_neutral_class_embedding(tmp_path):
+    unet = _tiny_unconditional(tmp_path)
+    cfg = BaseModelConfig(pretrained=str(tmp_path / "ckpt"))
+    info = models.prepare_base(cfg, None, None, CPU)
+    cond, scheduler = models.load_base(info, num_classes=3, image_size=8, channels=1)
+    assert cond.class_embedding.num_embeddings == 4 and scheduler.config.num_train_timesteps == 100
+    x, t = torch.randn(4, 1, 8, 8), torch.tensor([5, 50, 90, 10])
+    with torch.no_grad():
+        ref = unet(x, t).sample
+        out = cond(x, t, class_labels=torch.tensor([0, 1, 2, 3])).sample
+    assert torch.allclose(ref, out, atol=1e-5)  # zero rows: starts out as the unconditional model
+
+
+def test_bad_checkpoints_are_explained(tmp_path):
+    _tiny_unconditional(tmp_path)
+    info = models.prepare_base(BaseModelConfig(pretrained=str(tmp_path / "ckpt")), None, None, CPU)
+    with pytest.raises(models.ModelError, match="1-channel 8px.*3-channel 8px"):
+        models.load_base(info, 3, 8, 3)
+    info = models.prepare_base(BaseModelConfig(pretrained=str(tmp_path / "nothing")), None, None, CPU)
+    with pytest.raises(models.ModelError, match="cannot load a UNet2DModel"):
+        models.load_base(info, 3, 8, 1)
+
+
+def test_builtin_pretraining_is_cached_and_resumes_identically(tmp_path, splits, monkeypatch):
+    cfg = BaseModelConfig(**TINY_BASE, pretrain_steps=6, cache_dir=str(tmp_path / "a"))
+    full = models.prepare_base(cfg, splits.train, splits.pool, CPU, log=lambda m: None)
+    again = models.prepare_base(cfg, splits.train, splits.pool, CPU, log=lambda m: None)
+    assert again.path == full.path and again.fingerprint == full.fingerprint
+    # Interrupted after a checkpoint at step 4, then resumed, must give the same weights.
+    real_pretrain = models.pretrain
+    calls = {"n": 0}
+
+    def crashing_loss(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real_loss(*a, **k)
+
+    real_loss = models.diffusion_loss
+    monkeypatch.setattr(models, "diffusion_loss", crashing_loss)
+    monkeypatch.setattr(models, "pretrain", lambda *a, **k: real_pretrain(*a, **{**k, "checkpoint_every": 4}))
+    cfg_b = cfg.model_copy(update={"cache_dir": str(tmp_path / "b")})
+    with pytest.raises(KeyboardInterrupt):
+        models.prepare_base(cfg_b, splits.train, splits.pool, CPU, log=lambda m: None)
+    monkeypatch.setattr(models, "diffusion_loss", real_loss)
+    resumed = models.prepare_base(cfg_b, splits.train, splits.pool, CPU, log=lambda m: None)
+    a = UNet2DModel.from_pretrained(full.path, subfolder="unet").state_dict()
+    b = UNet2DModel.from_pretrained(resumed.path, subfolder="unet").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, splits):
+    cfg = BaseModelConfig(**TINY_BASE, pretrain_steps=10, cache_dir=str(tmp_path_factory.mktemp("cache")))
+    return models.prepare_base(cfg, splits.train, splits.pool, CPU, log=lambda m: None)
+
+
+def test_lora_finetune_saves_adapter_and_resumes_identically(tmp_path, splits, base, monkeypatch):
+    cfg = LoRAConfig(rank=2, lora_alpha=2, max_train_steps=6, train_batch_size=4, checkpointing_steps=3)
+    full = finetune(cfg, base, splits.train, tmp_path / "full", CPU, log=lambda m: None)
+    files = {p.name for p in (tmp_path / "full" / "adapter").iterdir()}
+    assert {"adapter_model.safetensors", "adapter_config.json", "training_config.json"} <= files
+    real_loss, calls = finetune_mod.diffusion_loss, {"n": 0}
+
+    def crashing_loss(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real_loss(*a, **k)
+
+    monkeypatch.setattr(finetune_mod, "diffusion_loss", crashing_loss)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(cfg, base, splits.train, tmp_path / "resumed", CPU, log=lambda m: None)
+    assert (tmp_path / "resumed" / "finetune-checkpoint" / "state.pt").exists()
+    assert not (tmp_path / "resumed" / "adapter").exists()
+    monkeypatch.setattr(finetune_mod, "diffusion_loss", real_loss)
+    resumed = finetune(cfg, base, splits.train, tmp_path / "resumed", CPU, log=lambda m: None)
+    assert resumed.adapter_hash == full.adapter_hash
+
+
+def test_generation_is_reproducible_per_sample_and_per_shard(tmp_path, splits, base):
+    lcfg = LoRAConfig(rank=2, lora_alpha=2, max_train_steps=2, train_batch_size=4)
+    adapter = finetune(lcfg, base, splits.train, tmp_path, CPU, log=lambda m: None)
+    unet, sched = load_finetuned(base, adapter.path, 10, 8, 1, CPU)
+    gcfg = GenerationConfig(num_per_class=3, num_inference_steps=3, strengths=[0.5, 1.0], shard_size=7,
+                            batch_size=4, guidance_scale=2.0)
+    out = generate(gcfg, unet, sched, splits.train, tmp_path / "cands", CPU, log=lambda m: None)
+    first = load_candidates(out)
+    assert len(first) == 30 and set(first.meta["strength"]) == {0.5, 1.0}
+    assert (first.meta.loc[first.meta["strength"] < 1, "source_index"] >= 0).all()
+    (out / "shard-00001.npz").unlink()  # a shard lost with a killed run is regenerated exactly
+    generate(gcfg, unet, sched, splits.train, out, CPU, log=lambda m: None)
+    assert np.array_equal(load_candidates(out).images, first.images)
+    # A single sample, regenerated alone from its seed, matches its batched original.
+    row = first.meta[first.meta["strength"] == 1.0].iloc[0]
+    alone = sample(unet, sched, np.array([row["label"]]), [row["seed"]], 10, (1, 8, 8), num_inference_steps=3,
+                   guidance_scale=2.0)
+    assert np.abs(alone[0].astype(int) - first.images[row.name].astype(int)).max() <= 1
+
+
+def test_plan_counts_and_balance(splits):
+    assert per_class_counts(GenerationConfig(balance="max", num_per_class=None), [3, 5, 1]) == [2, 0, 4]
+    assert per_class_counts(GenerationConfig(balance="target", balance_target=4), [3, 5, 1]) == [1, 0, 3]
+    a = plan(GenerationConfig(num_per_class=4, strengths=[0.25, 1.0]), splits.train)
+    b = plan(GenerationConfig(num_per_class=4, strengths=[0.25, 1.0]), splits.train)
+    assert a.equals(b) and a["seed"].is_unique
+    assert a["label"].iloc[:10].tolist() == list(range(10))  # classes interleaved across shards
