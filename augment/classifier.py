@@ -110,9 +110,9 @@ def train_classifier(
     rng = np.random.default_rng(seed)
     pools = []
     if len(images):
-        pools.append((to_tensor(images), torch.from_numpy(labels)))
+        pools.append((to_tensor(images), torch.tensor(np.asarray(labels), dtype=torch.long)))
     if synthetic is not None and len(synthetic[0]):
-        pools.append((to_tensor(synthetic[0]), torch.from_numpy(synthetic[1])))
+        pools.append((to_tensor(synthetic[0]), torch.tensor(np.asarray(synthetic[1]), dtype=torch.long)))
     if not pools:
         raise ValueError("train_classifier: no training images")
     p_syn = synthetic_prob if len(pools) == 2 else (1.0 if not len(images) else 0.0)

@@ -7,6 +7,7 @@ temporary folder and renamed into place, so readers never see a half-written dat
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import shutil
@@ -63,18 +64,41 @@ def _synthetic_rows(images: np.ndarray, table: pd.DataFrame, base_model: str, ad
     }
 
 
-def _card(name: str, splits_info: dict, class_names: list[str], provenance: dict, shards: dict) -> str:
+def _write_parquet(dd, folder: Path, max_shard_rows: int) -> str:
+    """Write `<split>-<version>-<i>-of-<n>.parquet` shards; the version is a hash of their bytes.
+
+    The version must be in the file names: `datasets.load_dataset(folder)` caches a folder whose card declares
+    data_files by the patterns alone, so a re-published folder with unchanged names would load stale rows."""
+    names = []
+    for split, ds in dd.items():
+        n = max(1, -(-len(ds) // max_shard_rows))
+        for i in range(n):
+            names.append(f"{split}-{i:05d}-of-{n:05d}.parquet")
+            ds.shard(n, i, contiguous=True).to_parquet(str(folder / names[-1]))
+    h = hashlib.sha256()
+    for name in names:
+        h.update(name.encode())
+        h.update((folder / name).read_bytes())
+    version = h.hexdigest()[:12]
+    for name in names:
+        split, rest = name.split("-", 1)
+        (folder / name).rename(folder / f"{split}-{version}-{rest}")
+    return version
+
+
+def _card(name: str, splits_info: dict, class_names: list[str], provenance: dict, splits: list[str],
+          version: str) -> str:
     import yaml
 
     header = {
         "pretty_name": name,
         "task_categories": ["image-classification"],
         "configs": [{"config_name": "default",
-                     "data_files": [{"split": s, "path": f"data/{s}-*.parquet"} for s in shards]}],
+                     "data_files": [{"split": s, "path": f"data/{s}-{version}-*.parquet"} for s in splits]}],
     }
     rows = "\n".join(f"| {s} | {v['rows']} | {v['synthetic']} | {v['rows'] - v['synthetic']} |"
                      for s, v in splits_info.items())
-    prov = "\n".join(f"- {k}: `{v}`" for k, v in provenance.items())
+    prov = "\n".join(f"- {k}: `{v}`" for k, v in {**provenance, "dataset_version": version}.items())
     return f"""---
 {yaml.safe_dump(header, sort_keys=False)}---
 # {name}
@@ -126,15 +150,11 @@ def publish(splits: Splits, kept_images: np.ndarray, kept_table: pd.DataFrame, o
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     dd.save_to_disk(str(tmp))
-    shards: dict[str, int] = {}
-    for split, ds in dd.items():
-        n = max(1, -(-len(ds) // max_shard_rows))
-        shards[split] = n
-        for i in range(n):
-            ds.shard(n, i, contiguous=True).to_parquet(str(tmp / "data" / f"{split}-{i:05d}-of-{n:05d}.parquet"))
+    version = _write_parquet(dd, tmp / "data", max_shard_rows)
     info = {s: {"rows": len(ds), "synthetic": int(sum(ds["is_synthetic"]))} for s, ds in dd.items()}
-    (tmp / "README.md").write_text(_card(name, info, splits.class_names, provenance, shards))
-    (tmp / "augment_publish.json").write_text(json.dumps({"splits": info, "provenance": provenance}, indent=2))
+    (tmp / "README.md").write_text(_card(name, info, splits.class_names, provenance, list(dd), version))
+    (tmp / "augment_publish.json").write_text(json.dumps({"splits": info, "provenance": provenance,
+                                                          "version": version}, indent=2))
     if out.exists():
         old = out.with_name(out.name + ".old")
         shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,128 @@
+"""End to end: a real Prefect flow run on the tiny config, a real datasets round trip, the report, the CLI."""
+
+import json
+import re
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+from augment.cli import main
+
+
+class _Images(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.srcs = []
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "img":
+            self.srcs.append(dict(attrs).get("src", ""))
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, prefect_harness):
+    from augment.config import load_config
+    from conftest import ROOT
+    from flows.augment_flow import augment_flow
+
+    tmp = tmp_path_factory.mktemp("flow")
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", [
+        f"publish.output_dir={tmp / 'run'}", f"base.cache_dir={tmp / 'cache'}",
+        # enough candidates and a lenient judge so that some synthetic rows are published
+        "generation.num_per_class=8", "filter.min_confidence=0.0", "filter.order=[memorization, near_duplicates]",
+    ])
+    metrics = augment_flow(config=cfg)
+    return cfg, metrics, Path(cfg.publish.output_dir)
+
+
+def test_flow_publishes_a_dataset_that_datasets_loads(finished_run):
+    import datasets
+
+    cfg, metrics, run = finished_run
+    for loaded in (datasets.load_from_disk(str(run / "dataset")), datasets.load_dataset(str(run / "dataset"))):
+        assert set(loaded) == {"train", "validation", "test"}
+        train = loaded["train"]
+        assert train.features["label"].names == [str(i) for i in range(10)]
+        n_syn = sum(train["is_synthetic"])
+        assert n_syn == metrics["generation"]["kept"] > 0
+        assert len(train) == metrics["data"]["train_size"] + n_syn
+        assert len(loaded["test"]) == metrics["data"]["test_size"] and not any(loaded["test"]["is_synthetic"])
+        row = train[len(train) - 1]
+        assert row["is_synthetic"] and row["seed"] is not None and row["adapter_hash"]
+        assert row["image"].size == (8, 8)
+    assert metrics["dataset"]["splits"]["train"]["synthetic"] == metrics["generation"]["kept"]
+    assert not list(run.glob("*.tmp"))  # nothing half-written left behind
+
+
+def test_metrics_schema_and_report(finished_run):
+    cfg, metrics, run = finished_run
+    on_disk = json.loads((run / "metrics.json").read_text())
+    assert on_disk["schema_version"] == 1
+    gain = on_disk["gain_over_best_baseline"]
+    assert {"mean", "ci_low", "ci_high"} <= set(gain) and len(gain["differences"]) == cfg.evaluation.seeds
+    for arm in ("real", "real+classic", "real+synthetic", "real+synthetic_unfiltered"):
+        assert len(on_disk["evaluation"]["arms"][arm]["per_seed_accuracy"]) == cfg.evaluation.seeds
+    best = on_disk["gain_over_best_baseline"]["baseline"]
+    a = on_disk["evaluation"]["arms"]["real+synthetic"]["per_seed_accuracy"]
+    b = on_disk["evaluation"]["arms"][best]["per_seed_accuracy"]
+    assert gain["mean"] == pytest.approx(sum(x - y for x, y in zip(a, b)) / len(a))
+    page = (run / "report.html").read_text()
+    parser = _Images()
+    parser.feed(page)
+    assert len(parser.srcs) >= 8 and all(s.startswith("data:image/png;base64,") for s in parser.srcs)
+    assert "http://" not in page and "https://" not in page  # self-contained
+    md = (run / "report.md").read_text()
+    for src in re.findall(r"\]\((report_assets/[^)]+)\)", md):
+        assert (run / src).is_file()
+    assert f"{metrics['data']['test_size']} real images" in md
+
+
+def test_rerun_reuses_every_expensive_stage(finished_run):
+    from flows.augment_flow import augment_flow
+
+    cfg, metrics, run = finished_run
+    adapter = run / "finetune" / "adapter" / "adapter_model.safetensors"
+    shard = next((run / "candidates").glob("shard-*.npz"))
+    before = (adapter.stat().st_mtime_ns, shard.stat().st_mtime_ns,
+              (run / "evaluation" / "results.json").stat().st_mtime_ns)
+    again = augment_flow(config=cfg)
+    after = (adapter.stat().st_mtime_ns, shard.stat().st_mtime_ns,
+             (run / "evaluation" / "results.json").stat().st_mtime_ns)
+    assert before == after
+    assert again["gain_over_best_baseline"] == metrics["gain_over_best_baseline"]
+
+
+def test_report_command_rebuilds_without_recomputing(finished_run, capsys):
+    cfg, metrics, run = finished_run
+    (run / "report.html").unlink()
+    assert main(["report", str(run)]) == 0
+    assert (run / "report.html").exists()
+    assert "paired difference" in capsys.readouterr().out
+
+
+def test_report_renders_in_headless_chromium(finished_run, tmp_path):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("chromium is not installed (.ci/run installs it)")
+    _, _, run = finished_run
+    png = tmp_path / "shot.png"
+    subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                    "--disable-component-update", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
+                    f"--screenshot={png}", "--window-size=1100,3000", (run / "report.html").as_uri()],
+                   check=True, capture_output=True, timeout=120)
+    assert png.stat().st_size > 20_000  # a rendered page with figures, not a blank one
+
+
+def test_cli_reports_user_errors_clearly(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("lora:\n  rank: -1\n  colour: red\n")
+    assert main(["run", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "lora.rank" in err and "lora.colour: unknown key" in err and "Traceback" not in err
+    good = tmp_path / "good.yaml"
+    good.write_text(f"data:\n  source: {tmp_path / 'no_such_folder'}/\n")
+    assert main(["validate", str(good)]) == 0
+    assert "no_such_folder" in capsys.readouterr().out

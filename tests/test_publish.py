@@ -1,0 +1,50 @@
+import numpy as np
+import pandas as pd
+
+from augment.config import DataConfig
+from augment.data import load_images, split
+from augment.publish import publish
+
+
+def test_publish_roundtrip_and_atomic_replace(tmp_path):
+    import datasets
+
+    cfg = DataConfig(shots_per_class=2, test_fraction=0.1, val_fraction=0.05)
+    splits = split(load_images(cfg), cfg)
+    table = pd.DataFrame({"sample_id": ["syn-0-0", "syn-1-0"], "label": [0, 1], "seed": [11, 12],
+                          "strength": [1.0, 0.5], "source_id": ["", splits.train.ids[2]],
+                          "guidance_scale": [2.0, 2.0], "num_inference_steps": [5, 5], "scheduler": ["ddim"] * 2,
+                          "p_intended": [0.9, 0.8], "nn_similarity": [0.3, 0.4]})
+    images = splits.train.images[:2]
+    prov = {"base_model": "b", "adapter_hash": "a", "config_hash": "c"}
+    out = tmp_path / "ds"
+    publish(splits, images, table, out, "t", prov, max_shard_rows=100)
+    info = publish(splits, images, table, out, "t", prov, max_shard_rows=100)  # replaces in place
+    assert info["train"] == {"rows": 22, "synthetic": 2}
+    assert not (tmp_path / "ds.tmp").exists() and not (tmp_path / "ds.old").exists()
+    assert len(list((out / "data").glob("test-*.parquet"))) > 1  # sharded
+    a = datasets.load_from_disk(str(out))
+    b = datasets.load_dataset(str(out))
+    for d in (a, b):
+        syn = d["train"].filter(lambda r: r["is_synthetic"])
+        assert syn["seed"] == [11, 12] and syn["source_id"] == [None, splits.train.ids[2]]
+        assert np.array_equal(np.asarray(syn[0]["image"]), images[0][..., 0])
+        assert d["test"].features["label"].int2str(0) == "0"
+    card = (out / "README.md").read_text()
+    assert card.startswith("---") and "data/train-" in card and "| train | 22 | 2 | 20 |" in card
+
+
+def test_load_dataset_never_returns_a_stale_cached_copy(tmp_path):
+    """Two publishes with different rows to folders of the same name must not share datasets' cache."""
+    import datasets
+
+    cfg = DataConfig(shots_per_class=2, test_fraction=0.1, val_fraction=0.05)
+    splits = split(load_images(cfg), cfg)
+    empty = pd.DataFrame(columns=["sample_id", "label", "seed", "strength", "source_id", "guidance_scale",
+                                  "num_inference_steps", "scheduler", "p_intended", "nn_similarity"])
+    prov = {"base_model": "b", "adapter_hash": "a", "config_hash": "c"}
+    publish(splits, splits.train.images[:0], empty, tmp_path / "a" / "dataset", "t", prov)
+    smaller = split(load_images(cfg), cfg.model_copy(update={"shots_per_class": 1}))
+    publish(smaller, smaller.train.images[:0], empty, tmp_path / "b" / "dataset", "t", prov)
+    assert len(datasets.load_dataset(str(tmp_path / "a" / "dataset"))["train"]) == 20
+    assert len(datasets.load_dataset(str(tmp_path / "b" / "dataset"))["train"]) == 10
