@@ -108,7 +108,10 @@ class LoRAConfig(_Section):
     )
     max_train_steps: int = Field(800, ge=0, le=1_000_000, description="Fine-tuning optimizer steps.")
     train_batch_size: int = Field(32, ge=1, le=4096, description="Fine-tuning batch size.")
-    learning_rate: float = Field(1e-3, gt=0, le=1.0, description="Fine-tuning learning rate.")
+    learning_rate: float = Field(5e-3, gt=0, le=1.0, description="Fine-tuning learning rate of the LoRA factors.")
+    class_embedding_learning_rate: float = Field(
+        1e-1, gt=0, le=10.0, description="Learning rate of the fully trained class embedding."
+    )
     label_dropout: float = Field(0.1, ge=0, lt=1, description="Share of labels replaced by the null class.")
     ema_decay: float | None = Field(None, gt=0, lt=1, description="EMA of the trained weights; None = off.")
     checkpointing_steps: int = Field(200, ge=1, description="Save a resumable checkpoint every N steps.")
@@ -126,7 +129,7 @@ class GenerationConfig(_Section):
     balance_target: int | None = Field(None, ge=1, description="Per-class target count for balance=target.")
     scheduler: Literal["ddim", "dpmsolver++"] = Field("dpmsolver++", description="Sampler.")
     num_inference_steps: int = Field(20, ge=1, le=1000, description="Sampling steps.")
-    guidance_scale: float = Field(2.0, ge=0.0, le=50.0, description="Classifier-free guidance scale (1 = off).")
+    guidance_scale: float = Field(4.0, ge=0.0, le=50.0, description="Classifier-free guidance scale (1 = off).")
     strengths: list[float] = Field(
         [1.0],
         min_length=1,

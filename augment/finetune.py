@@ -75,8 +75,15 @@ def finetune(
     unet, scheduler = load_base(base, K, h, c)
     torch.manual_seed(cfg.seed)
     model = get_peft_model(unet, lora_config(cfg)).to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=1e-4)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    # The class embedding starts equal to the null row and must move far to condition the model: its own,
+    # larger learning rate (the LoRA factors keep theirs).
+    emb = [p for n, p in named if "class_embedding" in n]
+    rest = [p for n, p in named if "class_embedding" not in n]
+    opt = torch.optim.AdamW([{"params": rest, "lr": cfg.learning_rate},
+                             {"params": emb, "lr": cfg.class_embedding_learning_rate, "weight_decay": 0.0}],
+                            weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.max_train_steps, min(50, cfg.max_train_steps // 10 + 1)))
     ema = EMA(params, cfg.ema_decay) if cfg.ema_decay else None
     gen = torch.Generator().manual_seed(cfg.seed)
