@@ -91,7 +91,7 @@ def histogram_plot(groups: dict[str, np.ndarray], xlabel: str, threshold: float 
     return _png(fig)
 
 
-def image_grid(rows: list[tuple[str, np.ndarray, list[str] | None]], cell: int = 48) -> bytes:
+def image_grid(rows: list[tuple[str, np.ndarray, list[str] | None]], cell: int = 28) -> bytes:
     """Rows of images (uint8 NHWC), each with a row label and optional per-image captions."""
     cols = max((len(r[1]) for r in rows), default=1) or 1
     has_caps = any(r[2] for r in rows)

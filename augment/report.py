@@ -282,7 +282,7 @@ def figures(run: Path, m: dict) -> dict[str, bytes]:
     pairs = [("synthetic", cands.images[top.index.to_numpy()], [f"{s:.3f}" for s in top["nn_similarity"]]),
              ("nearest real", splits.train.images[[index[i] for i in top["nn_train_id"]]] if len(top) else
               splits.train.images[:0], None)]
-    figs["nn_pairs"] = plots.image_grid(pairs, cell=60)
+    figs["nn_pairs"] = plots.image_grid(pairs, cell=40)
     return figs
 
 
