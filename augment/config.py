@@ -202,6 +202,10 @@ class EvaluationConfig(_Section):
         0.5, gt=0, le=1, description="Mixing: each training example is synthetic with this probability "
         "(DA-Fusion-style), whatever the sizes of the real and synthetic sets.",
     )
+    split: Literal["test", "validation"] = Field(
+        "test", description="Split the arms are scored on. `validation` is for choosing settings (benchmarks); "
+        "the report of a product run uses `test`, which nothing else touches.",
+    )
     filter_ablation: bool = Field(
         True, description="Also train on the synthetic sets that no filter, and each filter alone, would keep."
     )

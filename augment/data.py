@@ -267,6 +267,59 @@ def split(data: ImageSet, cfg: DataConfig) -> Splits:
     return Splits(pool=pooled, **out)
 
 
+def has_predefined_splits(cfg: DataConfig) -> bool:
+    root = Path(cfg.source)
+    return detect_kind(cfg) == "imagefolder" and (root / "train").is_dir() and (root / "test").is_dir()
+
+
+def make_splits(cfg: DataConfig) -> Splits:
+    """Load and split. An image folder with train/ and test/ subfolders (optionally validation/ and pool/) keeps
+    its own test split; validation is then drawn from train unless given, and the unused part of train joins the
+    unlabeled pool."""
+    if not has_predefined_splits(cfg):
+        return split(load_images(cfg), cfg)
+    root = Path(cfg.source)
+
+    def load(name: str) -> ImageSet:
+        s = load_imagefolder(root / name, cfg)
+        s.ids = [f"{name}/{i}" for i in s.ids]
+        if name != "train" and s.class_names != train.class_names:
+            raise DataError(f"{root / name} has classes {s.class_names}, but {root / 'train'} has "
+                            f"{train.class_names}: the class folders must match")
+        return s
+
+    train = load("train")
+    test = load("test")
+    given_val = (root / "validation").is_dir()
+    rng = np.random.default_rng(cfg.seed)
+    parts: dict[str, list[int]] = {"train": [], "validation": [], "pool": []}
+    for k, n in enumerate(train.class_counts()):
+        idx = rng.permutation(np.flatnonzero(train.labels == k))
+        n_val = 0 if given_val else int(round(n * cfg.val_fraction))
+        n_train = n - n_val if cfg.shots_per_class is None else min(cfg.shots_per_class, n - n_val)
+        if n_train < 1:
+            raise DataError(f"class {train.class_names[k]!r} in {root / 'train'} has only {n} images")
+        parts["validation"] += idx[:n_val].tolist()
+        parts["train"] += idx[n_val:n_val + n_train].tolist()
+        parts["pool"] += idx[n_val + n_train:].tolist()
+    sub = {n: train.subset(np.sort(np.asarray(v, dtype=np.int64))) for n, v in parts.items()}
+    pools = [sub["pool"]] if cfg.use_unlabeled_pool else []
+    if cfg.use_unlabeled_pool and (root / "pool").is_dir():
+        files = sorted(p for p in (root / "pool").rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        if files:
+            pools.append(ImageSet(np.stack([_open(p, cfg.image_size, cfg.channels) for p in files]),
+                                  np.full(len(files), -1, np.int64), train.class_names,
+                                  [f"pool/{p.relative_to(root / 'pool')}" for p in files]))
+    pool = ImageSet(np.concatenate([p.images for p in pools]) if pools else train.images[:0],
+                    np.full(sum(len(p) for p in pools), -1, np.int64), train.class_names,
+                    [i for p in pools for i in p.ids])
+    if cfg.max_pool_size is not None and len(pool) > cfg.max_pool_size:
+        pool = pool.subset(np.sort(rng.permutation(len(pool))[: cfg.max_pool_size]))
+    pool.labels = np.full(len(pool), -1, np.int64)
+    validation = load("validation") if given_val else sub["validation"]
+    return Splits(train=sub["train"], validation=validation, test=test, pool=pool)
+
+
 def data_fingerprint(splits: Splits) -> str:
     import hashlib
 

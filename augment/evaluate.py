@@ -1,7 +1,8 @@
 """Downstream evaluation: the same classifier recipe trained on several arms, several seeds, scored on real test.
 
 Seeds are shared across arms (seed s initializes and orders every arm's run the same way), so differences between
-arms are paired by seed. The test split is used here and nowhere else.
+arms are paired by seed. The test split is used here and nowhere else (`evaluation.split: validation` scores on
+validation instead, for choosing settings without looking at test).
 """
 
 from __future__ import annotations
@@ -50,8 +51,9 @@ def run_arm(cfg: EvaluationConfig, splits: Splits, data, synthetic, augment: boo
     t0 = time.time()
     clf = train_classifier(cfg.model, data[0], data[1], K, seed, augment=augment, synthetic=synthetic,
                            synthetic_prob=cfg.synthetic_prob)
-    pred = clf.predict_proba(splits.test.images).argmax(1)
-    y = splits.test.labels
+    scored_on = getattr(splits, cfg.split)
+    pred = clf.predict_proba(scored_on.images).argmax(1)
+    y = scored_on.labels
     cm = confusion_matrix(y, pred, labels=list(range(K)))
     per_class = (np.diag(cm) / np.maximum(cm.sum(1), 1)).tolist()
     return {"seed": seed, "accuracy": float((pred == y).mean()),

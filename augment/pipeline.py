@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from augment.config import RunConfig
-from augment.data import Splits, data_fingerprint, load_images, split
+from augment.data import Splits, data_fingerprint, make_splits
 from augment.models import BaseModelInfo, prepare_base, resolve_device
 
 # Which config sections each stage depends on (besides the data it reads).
@@ -96,7 +96,7 @@ def _invalidate(folder: Path, key: str) -> None:
 def prepare_data(cfg: RunConfig) -> dict:
     folder = run_dir(cfg) / "data"
     with _Stage(cfg, "data"):
-        splits = split(load_images(cfg.data), cfg.data)
+        splits = make_splits(cfg.data)
         splits.save(folder / "splits.npz")
         summary = {**splits.summary(), "fingerprint": data_fingerprint(splits), "source": cfg.data.source}
         (folder / "summary.json").write_text(json.dumps(summary, indent=2))

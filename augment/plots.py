@@ -21,7 +21,7 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
-def arms_plot(arms: dict, metric: str = "accuracy") -> bytes:
+def arms_plot(arms: dict, metric: str = "accuracy", split: str = "test") -> bytes:
     """Mean with 95% CI per arm, and every seed as a dot."""
     names = [a for a, v in arms.items() if metric in v]
     fig, ax = plt.subplots(figsize=(7, 0.55 * len(names) + 1.2))
@@ -37,12 +37,12 @@ def arms_plot(arms: dict, metric: str = "accuracy") -> bytes:
     ax.invert_yaxis()
     vals = [v for a in names for v in arms[a][f"per_seed_{metric}"]]
     ax.set_xlim(max(0.0, min(vals) - 0.05), min(1.0, max(vals) + 0.03))
-    ax.set_xlabel(f"test {metric.replace('_', '-')} (bar: mean, whisker: 95% CI, ticks: seeds)")
+    ax.set_xlabel(f"{split} {metric.replace('_', '-')} (bar: mean, whisker: 95% CI, ticks: seeds)")
     ax.grid(axis="x", alpha=0.3)
     return _png(fig)
 
 
-def per_class_plot(arms: dict, class_names: list[str], which: list[str]) -> bytes:
+def per_class_plot(arms: dict, class_names: list[str], which: list[str], split: str = "test") -> bytes:
     which = [a for a in which if "per_class_accuracy" in arms.get(a, {})]
     fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(class_names) + 2), 3.2))
     w = 0.8 / max(1, len(which))
@@ -52,7 +52,7 @@ def per_class_plot(arms: dict, class_names: list[str], which: list[str]) -> byte
                color=COLORS.get(a, "#444444"))
     ax.set_xticks(x, class_names, rotation=45 if max(len(c) for c in class_names) > 3 else 0)
     ax.set_ylim(0, 1.05)
-    ax.set_ylabel("test accuracy (mean over seeds)")
+    ax.set_ylabel(f"{split} accuracy (mean over seeds)")
     ax.legend(loc="lower right", fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     return _png(fig)

@@ -95,6 +95,7 @@ def collect_metrics(run: Path) -> dict:
                    "memorization": mem},
         "evaluation": {
             "model": cfg.evaluation.model.kind, "synthetic_prob": cfg.evaluation.synthetic_prob,
+            "split": cfg.evaluation.split,
             "arms": {k: v for k, v in evaluation["arms"].items() if not k.startswith("filter:")},
             "best_baseline": evaluation.get("best_baseline"),
             "gains": evaluation.get("gains"), "per_class_delta": evaluation.get("per_class_delta"),
@@ -141,7 +142,8 @@ def headline(m: dict) -> str:
     b = g["baseline"]
     interval = ("" if g["ci_low"] is None else
                 f", 95% CI [{100 * g['ci_low']:+.1f}, {100 * g['ci_high']:+.1f}]")
-    return (f"Real + synthetic reached {_pct(arms[PRODUCT]['accuracy']['mean'])}% test accuracy against "
+    return (f"Real + synthetic reached {_pct(arms[PRODUCT]['accuracy']['mean'])}% {m['evaluation']['split']} "
+            f"accuracy against "
             f"{_pct(arms[b]['accuracy']['mean'])}% for the best baseline ({b}): a paired difference of "
             f"{100 * g['mean']:+.1f} points over {g['n']} seeds{interval}: **{g['verdict']}**.")
 
@@ -212,7 +214,8 @@ def sections(m: dict) -> list[tuple[str, str, list[tuple[list[str], list[list]]]
                                    gain_rows)], []),
         ("Downstream accuracy by arm",
          f"The same {ev['model']} recipe trained from scratch on each arm, {len(run['evaluation_seeds'])} seeds each "
-         "(paired across arms), scored on the real test split. Accuracy and macro-F1 in %: mean ± std [95% CI].",
+         f"(paired across arms), scored on the real {ev['split']} split. Accuracy and macro-F1 in %: mean ± std "
+         "[95% CI].",
          [(["arm", "accuracy", "macro-F1", "train real / synthetic", "per-seed accuracy"], arm_rows)],
          ["arms_accuracy", "arms_macro_f1"]),
         ("Per class", "Test accuracy per class (mean over seeds) and the change that synthetic data made.",
@@ -249,9 +252,10 @@ def figures(run: Path, m: dict) -> dict[str, bytes]:
     shown = {a: v for a, v in arms.items() if "accuracy" in v}
     figs = {}
     if shown:
-        figs["arms_accuracy"] = plots.arms_plot(shown, "accuracy")
-        figs["arms_macro_f1"] = plots.arms_plot(shown, "macro_f1")
-        figs["per_class"] = plots.per_class_plot(shown, names, ["real", "real+classic", PRODUCT])
+        split = m["evaluation"]["split"]
+        figs["arms_accuracy"] = plots.arms_plot(shown, "accuracy", split)
+        figs["arms_macro_f1"] = plots.arms_plot(shown, "macro_f1", split)
+        figs["per_class"] = plots.per_class_plot(shown, names, ["real", "real+classic", PRODUCT], split)
         figs["confusion"] = plots.confusion_plot(
             {a: shown[a]["confusion"] for a in (*BASELINES, PRODUCT) if a in shown}, names)
     kept = table["kept"].to_numpy()
@@ -287,8 +291,8 @@ def figures(run: Path, m: dict) -> dict[str, bytes]:
 
 
 CAPTIONS = {
-    "arms_accuracy": "Test accuracy per arm", "arms_macro_f1": "Test macro-F1 per arm",
-    "per_class": "Per-class test accuracy", "confusion": "Confusion matrices (summed over seeds, row-normalized)",
+    "arms_accuracy": "Accuracy per arm", "arms_macro_f1": "Macro-F1 per arm",
+    "per_class": "Per-class accuracy", "confusion": "Confusion matrices (summed over seeds, row-normalized)",
     "quality_hist": "Quality scores, kept vs rejected", "grid_real": "Real labeled training images, per class",
     "grid_kept": "Kept synthetic images, per class", "grid_rejected": "Rejected synthetic images, with the reason",
     "memorization_hist": "Nearest-real-neighbour similarity",

@@ -87,3 +87,21 @@ def test_splits_roundtrip(tmp_path):
     t = Splits.load(tmp_path / "s.npz")
     assert t.class_names == s.class_names and t.test.ids == s.test.ids
     assert np.array_equal(t.train.images, s.train.images)
+
+
+def test_imagefolder_with_its_own_splits(tmp_path):
+    from augment.data import make_splits
+
+    write_imagefolder(tmp_path / "d" / "train", per_class=8)
+    write_imagefolder(tmp_path / "d" / "test", per_class=3, seed=1)
+    write_imagefolder(tmp_path / "d" / "pool" / "unsorted", classes=("x",), per_class=5, seed=2)
+    s = make_splits(DataConfig(source=str(tmp_path / "d"), shots_per_class=2, val_fraction=0.25, image_size=8,
+                               channels=3))
+    assert s.class_names == ["cat", "dog", "fox"]
+    assert len(s.test) == 9 and all(i.startswith("test/") for i in s.test.ids)  # the given test split, untouched
+    assert s.train.class_counts() == [2, 2, 2] and s.validation.class_counts() == [2, 2, 2]
+    assert len(s.pool) == 3 * 4 + 5 and (s.pool.labels == -1).all()
+    write_imagefolder(tmp_path / "e" / "train", per_class=4)
+    write_imagefolder(tmp_path / "e" / "test", classes=("cat", "dog"), per_class=2)
+    with pytest.raises(DataError, match="class folders must match"):
+        make_splits(DataConfig(source=str(tmp_path / "e")))
