@@ -35,7 +35,7 @@ from augment.generate import Candidates
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
-    x = x.reshape(len(x), -1).astype(np.float32)
+    x = x.reshape(len(x), int(np.prod(x.shape[1:]))).astype(np.float32)
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-8)
 
 
@@ -63,7 +63,7 @@ class Scored:
 
 def _pixel_space(images: np.ndarray, mean: np.ndarray) -> np.ndarray:
     # Centered by the train mean image: raw non-negative pixels make every pair of digits look alike.
-    return images.reshape(len(images), -1).astype(np.float32) / 255.0 - mean
+    return images.reshape(len(images), int(np.prod(images.shape[1:]))).astype(np.float32) / 255.0 - mean
 
 
 def out_of_fold_probs(cfg: FilterConfig, train: ImageSet) -> np.ndarray:

@@ -63,7 +63,10 @@ def plan(cfg: GenerationConfig, train: ImageSet) -> pd.DataFrame:
                          "source_index": src, "source_id": train.ids[src] if src >= 0 else "",
                          "guidance_scale": cfg.guidance_scale, "num_inference_steps": cfg.num_inference_steps,
                          "scheduler": cfg.scheduler})
-    df = pd.DataFrame(rows)
+    columns = ["sample_id", "label", "seed", "strength", "source_index", "source_id", "guidance_scale",
+               "num_inference_steps", "scheduler"]
+    df = pd.DataFrame(rows, columns=columns).astype({"label": "int64", "seed": "int64", "source_index": "int64"})
+    df["shard"] = np.zeros(len(df), np.int64)
     if len(df):
         # Interleave classes so that every shard holds all classes (partial runs stay balanced).
         df = df.assign(_j=df["sample_id"].str.split("-").str[2].astype(int)).sort_values(["_j", "label"],

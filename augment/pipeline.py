@@ -187,8 +187,8 @@ def filter_stage(cfg: RunConfig, log=print) -> dict:
     return summary
 
 
-def kept_and_unfiltered(cfg: RunConfig):
-    """(kept images, kept table) and all candidates, as the publish and evaluate stages read them."""
+def load_filtered(cfg: RunConfig):
+    """All candidates, the filter's score table and the kept mask, as publish and evaluate read them."""
     import pandas as pd
 
     from augment.generate import load_candidates
@@ -207,7 +207,7 @@ def publish_stage(cfg: RunConfig, base: dict, adapter: dict) -> dict:
 
     with _Stage(cfg, "publish"):
         splits = load_splits(cfg)
-        cands, table, kept = kept_and_unfiltered(cfg)
+        cands, table, kept = load_filtered(cfg)
         provenance = {"base_model": base["description"] if cfg.base.pretrained == "builtin" else base["path"],
                       "base_fingerprint": base["fingerprint"], "adapter_hash": adapter["adapter_hash"],
                       "config_hash": cfg.fingerprint(), "data_fingerprint": _data_summary(cfg)["fingerprint"]}
@@ -232,7 +232,7 @@ def evaluate_stage(cfg: RunConfig, progress: Callable[[int, int], None] | None =
         _invalidate(st.folder, st.key)
         with st:
             splits = load_splits(cfg)
-            cands, table, kept = kept_and_unfiltered(cfg)
+            cands, table, kept = load_filtered(cfg)
             ablation = None
             if cfg.evaluation.filter_ablation:
                 scored, _ = load_scored(run_dir(cfg) / "filter")

@@ -87,7 +87,8 @@ def histogram_plot(groups: dict[str, np.ndarray], xlabel: str, threshold: float 
         ax.axvline(threshold, color="red", ls="--", lw=1, label=f"threshold {threshold:g}")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("density")
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
     return _png(fig)
 
 

@@ -53,3 +53,10 @@ def test_fingerprint_tracks_sections():
     b.evaluation.seeds = 3
     assert a.fingerprint("lora") == b.fingerprint("lora")
     assert a.fingerprint("evaluation") != b.fingerprint("evaluation")
+
+
+def test_readme_reference_is_current():
+    from augment.config import reference_markdown
+
+    assert reference_markdown() in (ROOT / "README.md").read_text(), \
+        "README's configuration reference is stale: paste the output of `python -m augment.config`"

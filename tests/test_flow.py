@@ -126,3 +126,24 @@ def test_cli_reports_user_errors_clearly(tmp_path, capsys):
     good.write_text(f"data:\n  source: {tmp_path / 'no_such_folder'}/\n")
     assert main(["validate", str(good)]) == 0
     assert "no_such_folder" in capsys.readouterr().out
+
+
+def test_stages_run_without_prefect_even_with_nothing_to_generate(tiny_cfg):
+    """balance=max on a balanced train split asks for zero samples: every stage and the report still work."""
+    from augment import pipeline
+    from augment.report import build_report, save_config
+
+    cfg = tiny_cfg.model_copy(deep=True)
+    cfg.generation.balance = "max"
+    quiet = lambda m: None  # noqa: E731
+    save_config(cfg, pipeline.run_dir(cfg))
+    pipeline.prepare_data(cfg)
+    base = pipeline.base_model(cfg, log=quiet)
+    adapter = pipeline.finetune_stage(cfg, base, log=quiet)
+    assert pipeline.generate_stage(cfg, base, adapter, log=quiet)["samples"] == 0
+    assert pipeline.filter_stage(cfg, log=quiet)["kept"] == 0
+    assert pipeline.publish_stage(cfg, base, adapter)["train"]["synthetic"] == 0
+    summary = pipeline.evaluate_stage(cfg, log=quiet)
+    assert "skipped" in summary["arms"]["synthetic"]
+    m = build_report(pipeline.run_dir(cfg))
+    assert m["generation"]["generated"] == 0 and (pipeline.run_dir(cfg) / "report.html").exists()
