@@ -168,8 +168,8 @@ class ClassifierConfig(_Section):
 
 class FilterConfig(_Section):
     order: list[Literal["class_consistency", "alia", "memorization", "near_duplicates", "quota"]] = Field(
-        ["class_consistency", "alia", "memorization", "near_duplicates", "quota"],
-        description="Filters to apply, in order; drop one from the list to switch it off.",
+        ["class_consistency", "alia", "memorization", "near_duplicates"],
+        description="Filters to apply, in order; drop one to switch it off, add `quota` to cap or balance classes.",
     )
     quality_classifier: ClassifierConfig = Field(default_factory=ClassifierConfig)
     min_confidence: float | Literal["1/K"] = Field(

@@ -55,9 +55,23 @@ class _Stage:
         if name != "data" and summary.exists():  # new images under the same config must not reuse old results
             self.key += "-" + json.loads(summary.read_text())["fingerprint"]
 
-    def reusable(self) -> bool:
+    def reused(self, log=print) -> bool:
+        """True (and logged) when the folder holds this stage's finished result for the same key."""
         marker = self.folder / "stage.json"
-        return marker.exists() and json.loads(marker.read_text()).get("key") == self.key
+        if marker.exists() and json.loads(marker.read_text()).get("key") == self.key:
+            log(f"{self.name}: reusing {self.folder}")
+            return True
+        return False
+
+    def fresh(self) -> "_Stage":
+        """Clear a folder made with another config; keep one made with this config (it may hold resumable
+        checkpoints or finished shards of an interrupted run)."""
+        owner = self.folder / "owner.json"
+        if self.folder.exists() and (not owner.exists() or json.loads(owner.read_text()).get("key") != self.key):
+            shutil.rmtree(self.folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        owner.write_text(json.dumps({"key": self.key}))
+        return self
 
     def __enter__(self):
         self.t0 = time.time()
@@ -78,16 +92,6 @@ def record(cfg: RunConfig, stage: str | None, **facts) -> None:
     run = json.loads(path.read_text()) if path.exists() else {"stages": {}}
     (run if stage is None else run["stages"].setdefault(stage, {})).update(facts)
     path.write_text(json.dumps(run, indent=2))
-
-
-def _invalidate(folder: Path, key: str) -> None:
-    """Remove a stage folder made with another config; keep one made with this config (it may hold resumable
-    checkpoints or finished shards of an interrupted run)."""
-    owner = folder / "owner.json"
-    if folder.exists() and (not owner.exists() or json.loads(owner.read_text()).get("key") != key):
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    owner.write_text(json.dumps({"key": key}))
 
 
 # 1. Data ------------------------------------------------------------------------------------------------------
@@ -123,9 +127,7 @@ def base_model(cfg: RunConfig, log=print) -> dict:
 def finetune_stage(cfg: RunConfig, base: dict, log=print) -> dict:
     from augment.finetune import finetune
 
-    st = _Stage(cfg, "finetune", folder="finetune")
-    _invalidate(st.folder, st.key)
-    with st:
+    with _Stage(cfg, "finetune", folder="finetune").fresh() as st:
         splits = load_splits(cfg)
         info = finetune(cfg.lora, BaseModelInfo(**base), splits.train, st.folder, resolve_device(cfg.device),
                         run_config=cfg.model_dump(mode="json"), log=log)
@@ -141,17 +143,14 @@ def generate_stage(cfg: RunConfig, base: dict, adapter: dict, progress: Callable
     from augment.generate import generate
 
     st = _Stage(cfg, "generate", folder="candidates")
-    if st.reusable():
-        log("generate: reusing candidates")
-        return json.loads((st.folder / "done.json").read_text())
-    _invalidate(st.folder, st.key)
-    with st:
-        splits = load_splits(cfg)
-        device = resolve_device(cfg.device)
-        _, h, _, c = splits.train.images.shape
-        unet, scheduler = load_finetuned(BaseModelInfo(**base), adapter["path"], len(splits.class_names), h, c,
-                                         device)
-        generate(cfg.generation, unet, scheduler, splits.train, st.folder, device, progress=progress, log=log)
+    if not st.reused(log):
+        with st.fresh():
+            splits = load_splits(cfg)
+            device = resolve_device(cfg.device)
+            _, h, _, c = splits.train.images.shape
+            unet, scheduler = load_finetuned(BaseModelInfo(**base), adapter["path"], len(splits.class_names), h,
+                                             c, device)
+            generate(cfg.generation, unet, scheduler, splits.train, st.folder, device, progress=progress, log=log)
     return json.loads((st.folder / "done.json").read_text())
 
 
@@ -163,11 +162,9 @@ def filter_stage(cfg: RunConfig, log=print) -> dict:
     from augment.generate import load_candidates
 
     st = _Stage(cfg, "filter", folder="filter")
-    if st.reusable():
-        log("filter: reusing decisions")
+    if st.reused(log):
         return json.loads((st.folder / "decisions.json").read_text())
-    _invalidate(st.folder, st.key)
-    with st:
+    with st.fresh():
         splits = load_splits(cfg)
         cands = load_candidates(run_dir(cfg) / "candidates")
         scored, _ = score_candidates(cfg.filter, cands, splits.train, splits.validation, log=log)
@@ -228,9 +225,8 @@ def evaluate_stage(cfg: RunConfig, progress: Callable[[int, int], None] | None =
     from augment.filters import decide, load_scored
 
     st = _Stage(cfg, "evaluate", folder="evaluation")
-    if not st.reusable():
-        _invalidate(st.folder, st.key)
-        with st:
+    if not st.reused(log):
+        with st.fresh():
             splits = load_splits(cfg)
             cands, table, kept = load_filtered(cfg)
             ablation = None
@@ -242,8 +238,6 @@ def evaluate_stage(cfg: RunConfig, progress: Callable[[int, int], None] | None =
                     ablation[name] = (cands.images[mask], cands.labels[mask])
             evaluate(cfg.evaluation, splits, (cands.images[kept], cands.labels[kept]),
                      (cands.images, cands.labels), ablation, st.folder, progress=progress, log=log)
-    else:
-        log("evaluate: reusing results")
     summary = summarize_results(json.loads((st.folder / "results.json").read_text()))
     (st.folder / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

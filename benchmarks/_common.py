@@ -36,3 +36,10 @@ def gain(g: dict | None) -> str:
 
 def arm(m: dict, name: str) -> dict | None:
     return m["evaluation"]["arms"].get(name, {}).get("accuracy")
+
+
+def print_table(caption: str, header: list[str], rows: list[list]) -> None:
+    print(f"\n{caption}")
+    print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+    for r in rows:
+        print("| " + " | ".join(str(c) for c in r) + " |")

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, arm, gain, pct, run_job  # noqa: E402
+from _common import ROOT, arm, gain, pct, print_table, run_job  # noqa: E402
 
 VARIANTS = [
     "",
@@ -49,10 +49,7 @@ def main() -> None:
         print(" | ".join(str(c) for c in rows[-1]), flush=True)
     header = ["variant", "kept", "real", "real+classic", "real+synthetic", "real+synthetic+classic",
               "gain over best (pts, 95% CI)", "wall s"]
-    print(f"\nK={a.shots}, validation split, {a.seeds} seeds; accuracy in %")
-    print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
-    for r in rows:
-        print("| " + " | ".join(str(c) for c in r) + " |")
+    print_table(f"K={a.shots}, validation split, {a.seeds} seeds; accuracy in % (mean ± std)", header, rows)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, arm, gain, pct, run_job  # noqa: E402
+from _common import ROOT, arm, gain, pct, print_table, run_job  # noqa: E402
 
 
 def main() -> None:
@@ -45,10 +45,7 @@ def main() -> None:
         print(f"K={k} done in {seconds:.0f}s", flush=True)
     header = ["K", "real", "real+classic", "real+synthetic", "gain over best baseline (pts, 95% CI)",
               "CAS (synthetic only)", "wall s"]
-    print(f"\nsplit: {a.split}; {a.seeds} seeds; accuracy in % (mean ± std over seeds)")
-    print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
-    for r in rows:
-        print("| " + " | ".join(str(c) for c in r) + " |")
+    print_table(f"split: {a.split}; {a.seeds} seeds; accuracy in % (mean ± std over seeds)", header, rows)
 
 
 if __name__ == "__main__":
