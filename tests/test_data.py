@@ -32,7 +32,7 @@ def test_imagefolder_resizes_and_converts(tmp_path):
 
 
 def test_manifest_csv_and_parquet(tmp_path):
-    root = write_imagefolder(tmp_path / "imgs")
+    write_imagefolder(tmp_path / "imgs")
     rows = [{"path": f"imgs/{c}/{i}.png", "label": c} for c in ("cat", "dog", "fox") for i in range(8)]
     pd.DataFrame(rows).to_csv(tmp_path / "m.csv", index=False)
     pd.DataFrame(rows).to_parquet(tmp_path / "m.parquet")
