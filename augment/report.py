@@ -304,7 +304,8 @@ padding:0 1em;color:#222;line-height:1.45}h1{margin-bottom:.2em}h2{border-bottom
 margin-top:1.8em}table{border-collapse:collapse;margin:.8em 0;font-size:.9em}th,td{border:1px solid #ddd;
 padding:.3em .6em;text-align:right}th{background:#f5f5f5}td:first-child,th:first-child{text-align:left}
 figure{margin:1em 0}figcaption{font-size:.85em;color:#555}img{max-width:100%}.verdict{font-size:1.15em;
-background:#f4f8f4;border-left:4px solid #2ca02c;padding:.7em 1em}.muted{color:#777;font-size:.85em}"""
+background:#f4f8f4;border-left:4px solid #2ca02c;padding:.7em 1em}.verdict.loss{background:#fbf3f3;
+border-left-color:#d62728}.verdict.none{background:#f6f6f6;border-left-color:#888}.muted{color:#777;font-size:.85em}"""
 
 
 def render(m: dict, figs: dict[str, bytes], assets: str = "report_assets") -> tuple[str, str]:
@@ -317,7 +318,9 @@ def render(m: dict, figs: dict[str, bytes], assets: str = "report_assets") -> tu
         body.append(f"<h2>{html.escape(title)}</h2>")
         if text:
             t = html.escape(text).replace("**", "")
-            body.append(f"<p class='verdict'>{t}</p>" if title == "Verdict" else f"<p>{t}</p>")
+            tone = "gain" if "significant gain" in t and "no significant" not in t else (
+                "loss" if "significant loss" in t else "none")
+            body.append(f"<p class='verdict {tone}'>{t}</p>" if title == "Verdict" else f"<p>{t}</p>")
         for header, rows in tables:
             if rows:
                 md += [_md_table(header, rows), ""]
