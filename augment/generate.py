@@ -34,9 +34,6 @@ class Candidates:
     def labels(self) -> np.ndarray:
         return self.meta["label"].to_numpy(np.int64)
 
-    def subset(self, mask: np.ndarray) -> "Candidates":
-        return Candidates(self.images[mask], self.meta[mask].reset_index(drop=True))
-
 
 def per_class_counts(cfg: GenerationConfig, train_counts: list[int]) -> list[int]:
     if cfg.balance == "none":
