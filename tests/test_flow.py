@@ -147,3 +147,11 @@ def test_stages_run_without_prefect_even_with_nothing_to_generate(tiny_cfg):
     assert "skipped" in summary["arms"]["synthetic"]
     m = build_report(pipeline.run_dir(cfg))
     assert m["generation"]["generated"] == 0 and (pipeline.run_dir(cfg) / "report.html").exists()
+
+
+def test_deployment_event_trigger():
+    from flows.deployments import build_triggers
+
+    assert build_triggers(None) == []
+    (trigger,) = build_triggers("dataset.labeled.updated")
+    assert trigger.expect == {"dataset.labeled.updated"}
