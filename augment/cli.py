@@ -11,8 +11,9 @@ from pathlib import Path
 from augment.config import ConfigError, load_config
 from augment.data import DataError
 from augment.models import ModelError
+from augment.run import RunFolderError, check_output_dir
 
-USER_ERRORS = (ConfigError, DataError, ModelError, FileNotFoundError)
+USER_ERRORS = (ConfigError, DataError, ModelError, RunFolderError, FileNotFoundError)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -39,10 +40,15 @@ def _parser() -> argparse.ArgumentParser:
 
     srv = sub.add_parser("serve", help="serve the flow as a Prefect deployment (cron schedule and/or run_deployment)")
     srv.add_argument("config", help="YAML config used as the deployment's default parameters")
+    srv.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config value of the deployment's config (repeatable)")
     srv.add_argument("--name", default=None, help="deployment name (default: the config's name)")
     srv.add_argument("--cron", default=None, help="cron schedule, e.g. '0 2 * * *' (none: trigger only)")
     srv.add_argument("--trigger-event", default=None,
-                     help="also run when this Prefect event is emitted, e.g. 'dataset.labeled.updated'")
+                     help="also run when this Prefect event is emitted, e.g. 'dataset.labeled.updated'; the "
+                     "event's payload may carry `overrides: [KEY=VALUE, ...]` for that run")
+    srv.add_argument("--limit", type=int, default=1,
+                     help="runs of this deployment that may execute at once; more wait in the queue (default 1)")
     return p
 
 
@@ -67,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             overrides = args.overrides + ([f"publish.output_dir={args.output_dir}"] if args.output_dir else [])
             cfg = load_config(args.config, overrides)
+            check_output_dir(cfg.publish.output_dir, cfg.data.source)  # refuse before Prefect starts or logs
             from flows.augment_flow import augment_flow
             from augment.report import headline
 
@@ -82,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "serve":
             from flows.deployments import serve
 
-            serve(load_config(args.config), name=args.name, cron=args.cron, trigger_event=args.trigger_event)
+            serve(load_config(args.config, args.overrides), name=args.name, cron=args.cron,
+                  trigger_event=args.trigger_event, limit=args.limit)
             return 0
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)

@@ -253,6 +253,37 @@ def parse_config(data: dict, origin: str = "<dict>") -> RunConfig:
         raise ConfigError(_format_errors(err, origin)) from None
 
 
+def deep_merge(base: dict, patch: dict) -> dict:
+    """`base` with `patch` merged in, section by section (a new dict; neither input changes)."""
+    out = dict(base)
+    for k, v in patch.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
+    """Apply `dotted.key=value` strings (values parsed as YAML) to a config mapping; returns a new mapping."""
+    data = deep_merge(data, {})
+    for item in overrides or []:
+        key, sep, raw = str(item).partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML "
+                              f"({getattr(err, 'problem', None) or err})") from None
+        node = data
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node[p] = dict(node[p]) if isinstance(node.get(p), dict) else node.setdefault(p, {})
+            node = node[p]
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {p} is not a section")
+        node[leaf] = value
+    return data
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
     """Read a YAML config; `overrides` are `dotted.key=value` strings applied on top (values parsed as YAML)."""
     path = Path(path)
@@ -264,18 +295,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
         raise ConfigError(f"{path} is not valid YAML: {err}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping of sections, got {type(data).__name__}")
-    for item in overrides or []:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {item!r} must look like section.key=value")
-        node = data
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r}: {p} is not a section")
-        node[leaf] = yaml.safe_load(raw)
-    return parse_config(data, str(path))
+    return parse_config(apply_overrides(data, overrides), str(path))
 
 
 def reference_markdown() -> str:

@@ -13,6 +13,7 @@ Run folder:
     evaluation/results.json                 every downstream run
     report.html, report.md, metrics.json    the report
     run.json                                stage timings, keys and versions
+    .augment-run.json, .augment-run.lock    the marker that makes the folder ours, and the run lock (augment.run)
 """
 
 from __future__ import annotations
@@ -20,12 +21,14 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from contextlib import contextmanager
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
+from augment import run as run_folder
 from augment.config import RunConfig
 from augment.data import Splits, data_fingerprint, make_splits
 from augment.models import BaseModelInfo, prepare_base, resolve_device
@@ -43,6 +46,19 @@ def run_dir(cfg: RunConfig) -> Path:
     return Path(cfg.publish.output_dir)
 
 
+@contextmanager
+def started(cfg: RunConfig, wait: bool = False):
+    """Claim the run folder (refusing one that is not ours), hold its lock, and save the config in it.
+
+    Every entry point (the flow, the CLI, a notebook) runs the stages inside this block."""
+    from augment.report import save_config
+
+    out = run_folder.claim(cfg.publish.output_dir, cfg.data.source, cfg.name)
+    with run_folder.lock(out, wait=wait):
+        save_config(cfg, out)
+        yield out
+
+
 class _Stage:
     """Times a stage and records it in run.json; with a folder, marks it finished under its config key so that
     an unchanged re-run reuses it."""
@@ -51,26 +67,26 @@ class _Stage:
         self.cfg, self.name = cfg, name
         self.folder = run_dir(cfg) / folder if folder else None
         self.key = cfg.fingerprint(*STAGE_SECTIONS.get(name, ("data",)))
-        summary = run_dir(cfg) / "data" / "summary.json"
-        if name != "data" and summary.exists():  # new images under the same config must not reuse old results
-            self.key += "-" + json.loads(summary.read_text())["fingerprint"]
+        summary = run_folder.read_json(run_dir(cfg) / "data" / "summary.json", {})
+        if name != "data" and "fingerprint" in summary:  # new images under the same config must not reuse old results
+            self.key += "-" + summary["fingerprint"]
 
     def reused(self, log=print) -> bool:
         """True (and logged) when the folder holds this stage's finished result for the same key."""
-        marker = self.folder / "stage.json"
-        if marker.exists() and json.loads(marker.read_text()).get("key") == self.key:
+        if (run_folder.read_json(self.folder / "stage.json") or {}).get("key") == self.key:
             log(f"{self.name}: reusing {self.folder}")
             return True
         return False
 
     def fresh(self) -> "_Stage":
         """Clear a folder made with another config; keep one made with this config (it may hold resumable
-        checkpoints or finished shards of an interrupted run)."""
+        checkpoints or finished shards of an interrupted run). Only ever inside a run folder augment created."""
         owner = self.folder / "owner.json"
-        if self.folder.exists() and (not owner.exists() or json.loads(owner.read_text()).get("key") != self.key):
+        if self.folder.exists() and (run_folder.read_json(owner) or {}).get("key") != self.key:
+            run_folder.require_ours(run_dir(self.cfg))
             shutil.rmtree(self.folder)
         self.folder.mkdir(parents=True, exist_ok=True)
-        owner.write_text(json.dumps({"key": self.key}))
+        run_folder.write_json(owner, {"key": self.key})
         return self
 
     def __enter__(self):
@@ -80,7 +96,7 @@ class _Stage:
     def __exit__(self, exc_type, *_):
         if exc_type is None:
             if self.folder is not None:
-                (self.folder / "stage.json").write_text(json.dumps({"key": self.key}))
+                run_folder.write_json(self.folder / "stage.json", {"key": self.key})
             record(self.cfg, self.name, seconds=round(time.time() - self.t0, 2))
         return False
 
@@ -89,9 +105,11 @@ def record(cfg: RunConfig, stage: str | None, **facts) -> None:
     """Add facts to run.json: under stages.<stage>, or at the top level when stage is None."""
     path = run_dir(cfg) / "run.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    run = json.loads(path.read_text()) if path.exists() else {"stages": {}}
+    run = run_folder.read_json(path, {})
+    if not isinstance(run, dict) or not isinstance(run.get("stages"), dict):  # torn or foreign: start over
+        run = {"stages": {}}
     (run if stage is None else run["stages"].setdefault(stage, {})).update(facts)
-    path.write_text(json.dumps(run, indent=2))
+    run_folder.write_json(path, run)
 
 
 # 1. Data ------------------------------------------------------------------------------------------------------

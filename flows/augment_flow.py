@@ -2,9 +2,11 @@
 
 Tasks pass paths and small summaries, never tensors. Reuse of expensive work is the library's (stage folders keyed
 by config and data fingerprints), so it also holds across flow runs, deployments and machines sharing a disk.
-"""
 
-from __future__ import annotations
+No `from __future__ import annotations` here: a served deployment's runner pickles the flow by value, and string
+annotations then no longer resolve to `RunConfig` ("Augment_FlowModel is not fully defined"): every served run
+failed before its first stage. tests/test_serve.py runs a served deployment against a real server.
+"""
 
 import time
 
@@ -14,8 +16,8 @@ from prefect.artifacts import update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 
 from augment import pipeline
-from augment.config import RunConfig
-from augment.report import build_report, headline, save_config
+from augment.config import RunConfig, apply_overrides, deep_merge, parse_config
+from augment.report import build_report, headline
 
 
 def _log(message: str) -> None:
@@ -80,6 +82,29 @@ def report(cfg: RunConfig) -> dict:
     return metrics
 
 
+PUBLISHED_EVENT = "augment.dataset.published"
+
+
+def announce(cfg: RunConfig, m: dict) -> None:
+    """Emit `augment.dataset.published` so that a downstream training deployment can trigger on it."""
+    from pathlib import Path
+
+    from prefect.events import emit_event
+
+    gain = m.get("gain_over_best_baseline") or {}
+    path = str(Path(m["dataset"]["path"]).resolve())
+    emit_event(
+        event=PUBLISHED_EVENT,
+        resource={"prefect.resource.id": f"augment.dataset.{path}", "prefect.resource.name": cfg.name,
+                  "augment.job": cfg.name, "augment.dataset.path": path},
+        payload={"dataset_path": path, "job": cfg.name, "verdict": gain.get("verdict"), "gain": gain.get("mean"),
+                 "ci_low": gain.get("ci_low"), "ci_high": gain.get("ci_high"), "baseline": gain.get("baseline"),
+                 "rows": {s: v["rows"] for s, v in m["dataset"]["splits"].items()},
+                 "synthetic_rows": m["dataset"]["splits"]["train"]["synthetic"],
+                 "config_hash": m["run"]["config_hash"]},
+    )
+
+
 def _key(cfg: RunConfig) -> str:
     """Artifact keys are stable per job name, so their history accumulates across runs."""
     slug = "".join(c if c.isalnum() else "-" for c in cfg.name.lower()).strip("-") or "job"
@@ -111,21 +136,42 @@ def _artifacts(cfg: RunConfig, m: dict) -> None:
     create_table_artifact(table=per_class, key=f"{_key(cfg)}-per-class", description="Per-class results")
 
 
+def resolve_config(config: RunConfig, overrides: list[str]) -> RunConfig:
+    """The config a run uses: in a deployment, the keys this run's `config` sets are merged into the
+    deployment's own config (a partial dict changes only what it names); then `overrides` (`key=value`, as the
+    CLI's --set) apply on top."""
+    from prefect.client.orchestration import get_client
+    from prefect.runtime import deployment
+
+    data = config.model_dump(mode="json")
+    default = None
+    if deployment.id:  # the flow run's parameters are already shallow-merged: read the deployment's own
+        with get_client(sync_client=True) as client:
+            default = (client.read_deployment(deployment.id).parameters or {}).get("config")
+    if isinstance(default, dict):
+        data = deep_merge(default, config.model_dump(mode="json", exclude_unset=True))
+    return parse_config(apply_overrides(data, overrides), "flow parameters")
+
+
 @flow(name="augment")
-def augment_flow(config: RunConfig = RunConfig()) -> dict:
-    """Fine-tune, generate, filter, publish and evaluate; returns the report's metrics (metrics.json)."""
+def augment_flow(config: RunConfig = RunConfig(), overrides: list[str] = []) -> dict:  # noqa: B006 (Prefect form)
+    """Fine-tune, generate, filter, publish and evaluate; returns the report's metrics (metrics.json).
+
+    `overrides`: `section.key=value` strings applied on top of `config`, e.g. `["data.source=/data/new"]`."""
     t0 = time.time()
-    cfg = config
-    save_config(cfg, pipeline.run_dir(cfg))
-    pipeline.record(cfg, None, versions=pipeline.versions())
-    load_data(cfg)
-    base = base_model(cfg)
-    pipeline.record(cfg, None, base=base)
-    adapter = finetune(cfg, base)
-    pipeline.record(cfg, None, adapter=adapter)
-    generate(cfg, base, adapter)
-    filter_candidates(cfg)
-    publish(cfg, base, adapter)
-    evaluate(cfg)
-    pipeline.record(cfg, None, total_seconds=round(time.time() - t0, 1))
-    return report(cfg)
+    cfg = resolve_config(config, overrides)
+    with pipeline.started(cfg):
+        pipeline.record(cfg, None, versions=pipeline.versions())
+        load_data(cfg)
+        base = base_model(cfg)
+        pipeline.record(cfg, None, base=base)
+        adapter = finetune(cfg, base)
+        pipeline.record(cfg, None, adapter=adapter)
+        generate(cfg, base, adapter)
+        filter_candidates(cfg)
+        publish(cfg, base, adapter)
+        evaluate(cfg)
+        pipeline.record(cfg, None, total_seconds=round(time.time() - t0, 1))
+        metrics = report(cfg)
+    announce(cfg, metrics)
+    return metrics

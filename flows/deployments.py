@@ -5,18 +5,26 @@
 keeps a process running that executes scheduled and triggered runs. From a data pipeline:
 
     from prefect.deployments import run_deployment
-    run_deployment("augment/digits", parameters={"config": {...}})       # or with no parameters: the defaults
+    run = run_deployment("augment/digits", parameters={"overrides": ["data.source=/data/new"]})
+    assert run.state.is_completed(), run.state.message      # run_deployment does not raise on failure
 
-or emit the event the deployment listens for:
+or emit the event the deployment listens for; its payload may carry overrides for that run:
 
     from prefect.events import emit_event
-    emit_event(event="dataset.labeled.updated", resource={"prefect.resource.id": "my-dataset"})
-"""
+    emit_event(event="dataset.labeled.updated", resource={"prefect.resource.id": "dataset.cats"},
+               payload={"overrides": ["data.source=/data/cats-2026-11-26"]})
 
-from __future__ import annotations
+At most one run per deployment executes at a time (`limit`, default 1); further runs wait in the queue
+(collision strategy ENQUEUE), and a lock on the run folder keeps runs of other deployments out of it too.
+"""
 
 from augment.config import RunConfig
 from flows.augment_flow import augment_flow
+
+# The trigger's parameters are rendered from the event: `overrides` is the event payload's `overrides` list (or
+# empty), parsed as JSON after the Jinja template is rendered.
+EVENT_OVERRIDES = {"__prefect_kind": "json", "value": {
+    "__prefect_kind": "jinja", "template": "{{ event.payload.get('overrides', []) | tojson }}"}}
 
 
 def build_triggers(trigger_event: str | None) -> list:
@@ -24,14 +32,19 @@ def build_triggers(trigger_event: str | None) -> list:
         return []
     from prefect.events import DeploymentEventTrigger
 
-    return [DeploymentEventTrigger(expect={trigger_event}, match={"prefect.resource.id": "*"})]
+    return [DeploymentEventTrigger(expect={trigger_event}, match={"prefect.resource.id": "*"},
+                                   parameters={"overrides": EVENT_OVERRIDES})]
 
 
-def serve(cfg: RunConfig, name: str | None = None, cron: str | None = None, trigger_event: str | None = None):
+def serve(cfg: RunConfig, name: str | None = None, cron: str | None = None, trigger_event: str | None = None,
+          limit: int = 1):
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+
     augment_flow.serve(
         name=name or cfg.name,
         cron=cron,
         triggers=build_triggers(trigger_event),
-        parameters={"config": cfg.model_dump(mode="json")},
+        parameters={"config": cfg.model_dump(mode="json"), "overrides": []},
+        global_limit=ConcurrencyLimitConfig(limit=limit, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE),
         description=f"augment job {cfg.name!r}",
     )

@@ -58,3 +58,17 @@ def test_readme_reference_is_current():
 
     assert reference_markdown() in (ROOT / "README.md").read_text(), \
         "README's configuration reference is stale: paste the output of `python -m augment.config`"
+
+
+def test_overrides_and_partial_configs_merge_and_bad_values_name_the_override():
+    from augment.config import ConfigError, apply_overrides, deep_merge
+
+    base = {"generation": {"seed": 1, "num_per_class": 5}, "name": "job"}
+    merged = deep_merge(base, {"generation": {"num_per_class": 9}})
+    assert merged == {"generation": {"seed": 1, "num_per_class": 9}, "name": "job"}
+    assert apply_overrides(merged, ["generation.seed=3"])["generation"] == {"seed": 3, "num_per_class": 9}
+    assert base == {"generation": {"seed": 1, "num_per_class": 5}, "name": "job"}  # inputs untouched
+    with pytest.raises(ConfigError, match=r"generation.strengths=\[0.5.*not valid YAML"):
+        apply_overrides(base, ["generation.strengths=[0.5"])
+    with pytest.raises(ConfigError, match="name is not a section"):
+        apply_overrides(base, ["name.first=x"])

@@ -131,12 +131,20 @@ def test_cli_reports_user_errors_clearly(tmp_path, capsys):
 def test_stages_run_without_prefect_even_with_nothing_to_generate(tiny_cfg):
     """balance=max on a balanced train split asks for zero samples: every stage and the report still work."""
     from augment import pipeline
-    from augment.report import build_report, save_config
+    from augment.report import build_report
 
     cfg = tiny_cfg.model_copy(deep=True)
     cfg.generation.balance = "max"
     quiet = lambda m: None  # noqa: E731
-    save_config(cfg, pipeline.run_dir(cfg))
+    with pipeline.started(cfg):
+        _run_stages_without_prefect(cfg, quiet)
+    m = build_report(pipeline.run_dir(cfg))
+    assert m["generation"]["generated"] == 0 and (pipeline.run_dir(cfg) / "report.html").exists()
+
+
+def _run_stages_without_prefect(cfg, quiet):
+    from augment import pipeline
+
     pipeline.prepare_data(cfg)
     base = pipeline.base_model(cfg, log=quiet)
     adapter = pipeline.finetune_stage(cfg, base, log=quiet)
@@ -145,8 +153,6 @@ def test_stages_run_without_prefect_even_with_nothing_to_generate(tiny_cfg):
     assert pipeline.publish_stage(cfg, base, adapter)["train"]["synthetic"] == 0
     summary = pipeline.evaluate_stage(cfg, log=quiet)
     assert "skipped" in summary["arms"]["synthetic"]
-    m = build_report(pipeline.run_dir(cfg))
-    assert m["generation"]["generated"] == 0 and (pipeline.run_dir(cfg) / "report.html").exists()
 
 
 def test_deployment_event_trigger():

@@ -1,0 +1,123 @@
+"""The run folder: the one place that decides whether a folder is ours, writes its state files, and locks it.
+
+Guarantees (the README repeats them):
+- A run folder is ours only if augment created it: `claim` writes a marker file (`.augment-run.json`) into a new or
+  empty folder and refuses, before anything is written, a non-empty folder without the marker, a path that is a
+  file, and any folder that holds or lies inside the data source. Nothing is ever deleted from a folder that does
+  not carry the marker (`require_ours` is checked before every removal).
+- One run per folder: `lock` takes an exclusive `fcntl` lock on `.augment-run.lock` for the whole run. The kernel
+  drops it when the holding process dies (even on kill -9), so there are no stale locks to clean up.
+- State files are written atomically (`write_json`): a temporary file in the same folder, then a rename.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+MARKER = ".augment-run.json"
+LOCK = ".augment-run.lock"
+
+
+class RunFolderError(ValueError):
+    """An output folder augment must not write to, or one that another run is using."""
+
+
+def write_json(path: str | Path, obj, indent: int | None = 2) -> None:
+    """Write JSON atomically: readers see the old file or the new one, never a torn one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=indent))
+    tmp.replace(path)
+
+
+def read_json(path: str | Path, default=None):
+    """Read a state file; a missing or unreadable one (a crash of an older version) gives `default`."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+        return default
+
+
+def _local_source(source: str) -> Path | None:
+    """The data source as a resolved local path, or None for a built-in or hub source."""
+    if not source or source == "sklearn-digits":
+        return None
+    p = Path(source).expanduser()
+    return p.resolve() if p.exists() else None
+
+
+def _within(child: Path, parent: Path) -> bool:
+    return child == parent or parent in child.parents
+
+
+def is_ours(folder: str | Path) -> bool:
+    return (Path(folder) / MARKER).is_file()
+
+
+def check_output_dir(output_dir: str | Path, data_source: str = "") -> Path:
+    """Raise RunFolderError if augment may not use `output_dir` as a run folder; write nothing."""
+    out = Path(output_dir).expanduser().resolve()
+    if out.exists() and not out.is_dir():
+        raise RunFolderError(f"publish.output_dir {output_dir} is a file, not a folder")
+    src = _local_source(data_source)
+    if src is not None:
+        if _within(out, src):
+            raise RunFolderError(f"publish.output_dir {output_dir} lies inside data.source {data_source}: "
+                                 "choose an output folder outside your data")
+        if _within(src, out):
+            raise RunFolderError(f"publish.output_dir {output_dir} contains data.source {data_source}: "
+                                 "choose an output folder outside your data")
+    if out.is_dir() and not is_ours(out) and any(out.iterdir()):
+        raise RunFolderError(f"publish.output_dir {output_dir} is not empty and was not created by augment "
+                             f"(no {MARKER}): choose a new or empty folder")
+    return out
+
+
+def claim(output_dir: str | Path, data_source: str = "", job: str = "") -> Path:
+    """Make `output_dir` our run folder (created if needed), or raise RunFolderError without writing anything."""
+    out = check_output_dir(output_dir, data_source)
+    if not is_ours(out):
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            write_json(out / MARKER, {"created_by": "augment", "job": job, "created": time.time()})
+        except OSError as err:
+            raise RunFolderError(f"cannot create run folder {output_dir}: {err.strerror or err}") from None
+    return out
+
+
+def require_ours(folder: str | Path) -> None:
+    """Our own invariant, checked before deleting anything inside a run folder."""
+    if not is_ours(folder):
+        raise RunFolderError(f"refusing to delete anything in {folder}: it has no {MARKER}, so augment did not "
+                             "create it")
+
+
+@contextlib.contextmanager
+def lock(output_dir: str | Path, wait: bool = False):
+    """Hold the run folder's exclusive lock; a second holder gets RunFolderError (or waits, with wait=True)."""
+    import fcntl
+
+    path = Path(output_dir) / LOCK
+    with open(path, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            raise RunFolderError(f"run folder {output_dir} is in use by {holder}; wait for it to finish "
+                                 "or choose another publish.output_dir") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        fh.flush()
+        try:
+            yield
+        finally:
+            fh.seek(0)
+            fh.truncate()
+            fcntl.flock(fh, fcntl.LOCK_UN)

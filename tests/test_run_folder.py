@@ -1,0 +1,109 @@
+"""The run folder is ours or refused: nothing a user owns is ever deleted or overwritten (augment.run)."""
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from augment import pipeline
+from augment import run as run_folder
+from augment.cli import main
+from conftest import ROOT, write_imagefolder
+
+TINY = str(ROOT / "configs" / "tiny.yaml")
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def user_folder(tmp_path: Path) -> Path:
+    u = tmp_path / "U"
+    write_imagefolder(u / "dataset", per_class=4)
+    (u / "notes.txt").write_text("my notes")
+    for stage in ("finetune", "candidates", "filter", "evaluation"):  # names augment uses for its stage folders
+        (u / stage).mkdir()
+        (u / stage / "keep.txt").write_text(stage)
+    return u
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "Traceback" not in err[0], err
+    return err[0]
+
+
+def test_output_dir_that_holds_the_data_is_refused_and_untouched(tmp_path, capsys):
+    """The reported case: `--output-dir U` with the data in U/dataset deleted 66 user files and exited 0."""
+    u = user_folder(tmp_path)
+    before = snapshot(u)
+    code = main(["run", TINY, "--set", f"data.source={u / 'dataset'}", "--set", f"base.cache_dir={tmp_path / 'c'}",
+                 "--output-dir", str(u)])
+    assert code == 2
+    assert "contains data.source" in one_error_line(capsys)
+    assert snapshot(u) == before
+
+
+def test_non_empty_folder_not_made_by_augment_is_refused_and_untouched(tmp_path, capsys):
+    u = user_folder(tmp_path)
+    (u / "run.json").write_text('["not ours"]')  # a run.json of another shape must not matter either
+    before = snapshot(u)
+    assert main(["run", TINY, "--set", f"base.cache_dir={tmp_path / 'c'}", "--output-dir", str(u)]) == 2
+    line = one_error_line(capsys)
+    assert str(u) in line and "not empty and was not created by augment" in line
+    assert snapshot(u) == before
+
+
+@pytest.mark.parametrize("where", ["inside_source", "is_a_file"])
+def test_other_unusable_output_dirs_are_refused(tmp_path, capsys, where):
+    data = write_imagefolder(tmp_path / "data", per_class=4)
+    out = data / "cat" / "run" if where == "inside_source" else tmp_path / "file.txt"
+    if where == "is_a_file":
+        out.write_text("x")
+    before = snapshot(tmp_path)
+    assert main(["run", TINY, "--set", f"data.source={data}", "--output-dir", str(out)]) == 2
+    assert ("lies inside data.source" if where == "inside_source" else "is a file") in one_error_line(capsys)
+    assert snapshot(tmp_path) == before
+
+
+def test_claim_accepts_a_new_or_empty_folder_and_then_its_own(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for folder in (tmp_path / "new" / "nested", empty):
+        out = run_folder.claim(folder, "sklearn-digits", "job")
+        assert run_folder.is_ours(out)
+        (out / "report.html").write_text("a finished run's file")
+        assert run_folder.claim(folder, "sklearn-digits", "job") == out  # re-running in it is fine
+
+
+def test_stage_never_clears_a_folder_without_the_marker(tiny_cfg, tmp_path):
+    """Defence in depth: even called without `started`, a stage does not delete a user's folder."""
+    out = Path(tiny_cfg.publish.output_dir)
+    (out / "finetune").mkdir(parents=True)
+    (out / "finetune" / "mine.txt").write_text("user data")
+    st = pipeline._Stage(tiny_cfg, "finetune", folder="finetune")
+    with pytest.raises(run_folder.RunFolderError, match="refusing to delete"):
+        st.fresh()
+    assert (out / "finetune" / "mine.txt").read_text() == "user data"
+
+
+def test_torn_or_foreign_state_files_are_rebuilt(tiny_cfg):
+    with pipeline.started(tiny_cfg) as out:
+        (out / "run.json").write_text('{"stages": ')  # torn by a crash of an older version
+        pipeline.record(tiny_cfg, "data", seconds=1.0)
+        assert json.loads((out / "run.json").read_text()) == {"stages": {"data": {"seconds": 1.0}}}
+        (out / "run.json").write_text('["another shape"]')
+        pipeline.record(tiny_cfg, None, total_seconds=2.0)
+        assert json.loads((out / "run.json").read_text())["total_seconds"] == 2.0
+
+
+def test_second_run_on_the_same_folder_is_refused_while_the_first_holds_it(tiny_cfg):
+    with pipeline.started(tiny_cfg) as out:
+        with pytest.raises(run_folder.RunFolderError, match="in use by pid"):
+            with pipeline.started(tiny_cfg):
+                pass
+    with pipeline.started(tiny_cfg):  # released when the first run ends
+        pass
+    assert run_folder.is_ours(out)
