@@ -116,6 +116,14 @@ class LoRAConfig(_Section):
     ema_decay: float | None = Field(None, gt=0, lt=1, description="EMA of the trained weights; None = off.")
     checkpointing_steps: int = Field(200, ge=1, description="Save a resumable checkpoint every N steps.")
     augment_flip: bool = Field(False, description="Random horizontal flips of the labeled images while training.")
+    use_pseudo_labeled: bool = Field(
+        True, description="Semi-supervised fine-tuning (DPT-style): also train on the pool images that the `pseudo` "
+        "stage labeled confidently. No effect without an unlabeled pool or with pseudo.enabled=false.",
+    )
+    labeled_share: float = Field(
+        0.5, gt=0, le=1, description="With pseudo-labeled images: expected share of every batch drawn from the "
+        "labeled images (they are weighted up; the rest comes from the pseudo-labeled ones).",
+    )
     seed: int = Field(0, ge=0, description="Seed of the LoRA init, batches and noise.")
 
 
@@ -166,6 +174,31 @@ class ClassifierConfig(_Section):
     augment: bool = Field(True, description="Ordinary augmentation (small affine jitter) while training the CNN.")
 
 
+class PseudoConfig(_Section):
+    """Pseudo-labels for the unlabeled pool, from a classifier trained on the labeled train split only."""
+
+    enabled: bool = Field(True, description="Pseudo-label the unlabeled pool (when the job has one).")
+    classifier: ClassifierConfig = Field(default_factory=ClassifierConfig, description="The pseudo-labeler.")
+    thresholds: list[float] = Field(
+        [0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99], min_length=1,
+        description="Candidate confidence thresholds; the lowest one that meets `min_precision` on validation wins.",
+    )
+    min_precision: float = Field(
+        0.98, gt=0, le=1, description="Required accuracy of the confident predictions on the validation split.",
+    )
+    min_support: int = Field(
+        10, ge=1, description="A threshold counts only if at least this many validation images pass it.",
+    )
+    seed: int = Field(0, ge=0, description="Seed of the pseudo-labeler.")
+
+    @model_validator(mode="after")
+    def _grid(self) -> "PseudoConfig":
+        bad = [t for t in self.thresholds if not 0.0 <= t < 1.0]
+        if bad:
+            raise ValueError(f"pseudo.thresholds must lie in [0, 1); got {bad}")
+        return self
+
+
 class FilterConfig(_Section):
     order: list[Literal["class_consistency", "alia", "memorization", "near_duplicates", "quota"]] = Field(
         ["class_consistency", "alia", "memorization", "near_duplicates"],
@@ -187,16 +220,24 @@ class FilterConfig(_Section):
     seed: int = Field(0, ge=0, description="Seed of the quality classifier.")
 
 
+ARM_PARTS = ("real", "classic", "pseudo", "synthetic", "synthetic_unfiltered")
+
+
 class EvaluationConfig(_Section):
-    arms: list[Literal["real", "real+classic", "real+synthetic", "real+synthetic_unfiltered", "synthetic",
-                       "real+synthetic+classic"]] = Field(
-        ["real", "real+classic", "real+synthetic", "real+synthetic_unfiltered", "synthetic"],
-        min_length=1, description="Downstream training sets compared on the real test split.",
+    arms: Literal["auto"] | list[str] = Field(
+        "auto",
+        description="Downstream training sets. `auto` = the protocol: real, real+classic, the recipe + pseudo "
+        "(with a pool), the recipe + synthetic for both recipes, the recipe + pseudo + synthetic, unfiltered "
+        "synthetic and synthetic only. Or a list of names joined with `+` from: " + ", ".join(ARM_PARTS) + ".",
     )
-    seeds: int = Field(5, ge=1, le=100, description="Training seeds per arm (paired across arms).")
+    recipe: Literal["auto", "classic", "none"] = Field(
+        "auto", description="The team's own training recipe that synthetic data is added to: `classic` "
+        "augmentation or `none`; `auto` takes whichever of real / real+classic scores better on validation.",
+    )
+    seeds: int = Field(10, ge=1, le=100, description="Training seeds per arm (paired across arms).")
     model: ClassifierConfig = Field(
         default_factory=lambda: ClassifierConfig(augment=False),
-        description="Downstream classifier; `augment` is ignored (the classic arm switches augmentation on).",
+        description="Downstream classifier; `augment` is ignored (arms with `classic` switch augmentation on).",
     )
     synthetic_prob: float = Field(
         0.5, gt=0, le=1, description="Mixing: each training example is synthetic with this probability "
@@ -204,12 +245,39 @@ class EvaluationConfig(_Section):
     )
     split: Literal["test", "validation"] = Field(
         "test", description="Split the arms are scored on. `validation` is for choosing settings (benchmarks); "
-        "the report of a product run uses `test`, which nothing else touches.",
+        "the report of a product run uses `test`, which nothing else touches. Choices made inside the run "
+        "(recipe, pseudo-label threshold) always use validation.",
     )
     filter_ablation: bool = Field(
-        True, description="Also train on the synthetic sets that no filter, and each filter alone, would keep."
+        True, description="Also train on the synthetic sets that each filter alone would keep (with the recipe).",
+    )
+    workers: int = Field(
+        0, ge=0, le=256, description="Parallel training processes (one torch thread each); 0 = one per CPU core, "
+        "1 = in this process. Results do not depend on it.",
     )
     seed: int = Field(0, ge=0, description="First training seed; seeds are seed, seed+1, ...")
+
+    @model_validator(mode="after")
+    def _arms(self) -> "EvaluationConfig":
+        if self.arms != "auto":
+            for arm in self.arms:
+                parse_arm(arm)
+        return self
+
+
+def parse_arm(name: str) -> frozenset[str]:
+    """`real+classic+synthetic` -> {"real", "classic", "synthetic"}; a ValueError names what is wrong."""
+    parts = name.split("+")
+    bad = [p for p in parts if p not in ARM_PARTS]
+    if bad or len(set(parts)) != len(parts):
+        raise ValueError(f"evaluation arm {name!r}: parts must be distinct, from {', '.join(ARM_PARTS)}")
+    if not {"real", "synthetic", "synthetic_unfiltered"} & set(parts):
+        raise ValueError(f"evaluation arm {name!r} has no training images: add real or synthetic")
+    if {"synthetic", "synthetic_unfiltered"} <= set(parts):
+        raise ValueError(f"evaluation arm {name!r}: synthetic and synthetic_unfiltered exclude each other")
+    if "pseudo" in parts and "real" not in parts:
+        raise ValueError(f"evaluation arm {name!r}: pseudo needs real")
+    return frozenset(parts)
 
 
 class PublishConfig(_Section):
@@ -224,6 +292,7 @@ class RunConfig(_Section):
     base: BaseModelConfig = Field(default_factory=BaseModelConfig)
     lora: LoRAConfig = Field(default_factory=LoRAConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    pseudo: PseudoConfig = Field(default_factory=PseudoConfig)
     filter: FilterConfig = Field(default_factory=FilterConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     publish: PublishConfig = Field(default_factory=PublishConfig)

@@ -1,48 +1,88 @@
-"""Downstream evaluation: the same classifier recipe trained on several arms, several seeds, scored on real test.
+"""Downstream evaluation: the same classifier recipe trained on several arms, several seeds, scored on real data.
 
-Seeds are shared across arms (seed s initializes and orders every arm's run the same way), so differences between
-arms are paired by seed. The test split is used here and nowhere else (`evaluation.split: validation` scores on
-validation instead, for choosing settings without looking at test).
+The protocol (DESIGN.md, evidence rules):
+- The product arm is what a team would train: its own recipe plus the synthetic data. The recipe is real data with
+  or without classic augmentation (`evaluation.recipe`; `auto` picks the better on validation), plus the
+  pseudo-labeled pool when the job has one and it helps on validation. Classic augmentation then applies to the
+  synthetic images too.
+- Beside it stand the cheap alternatives that use the same information: real, real+classic and the recipe plus
+  the pseudo-labeled pool. Both plain pairs (real+synthetic vs real, real+classic+synthetic vs real+classic) are
+  always run.
+- Every run is scored on validation and on the reported split; every choice (recipe, pseudo) reads validation
+  only. Seeds are shared across arms (seed s initializes and orders every arm's run the same way), so differences
+  between arms are paired by seed.
+
+Arms are names joined with `+` (`real+classic+pseudo+synthetic`); `filter:<name>` arms train the product recipe on
+the synthetic set that one filter alone keeps. Runs are independent units, spread over worker processes with one
+torch thread each; the results do not depend on how many.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from sklearn.metrics import confusion_matrix, f1_score
 
-from augment.classifier import train_classifier
-from augment.config import EvaluationConfig
+from augment.config import EvaluationConfig, parse_arm
 from augment.data import Splits
 from augment.stats import paired_difference, summarize
 
-BASELINES = ("real", "real+classic")
-PRODUCT = "real+synthetic"
+Pair = tuple[np.ndarray, np.ndarray]  # (uint8 images, int labels)
 
 
-def arm_training_set(arm: str, splits: Splits, kept: tuple[np.ndarray, np.ndarray],
-                     unfiltered: tuple[np.ndarray, np.ndarray]) -> dict:
-    """Keyword arguments for train_classifier that define an arm."""
-    real = (splits.train.images, splits.train.labels)
-    empty = (real[0][:0], real[1][:0])
-    table = {
-        "real": dict(data=real, synthetic=None, augment=False),
-        "real+classic": dict(data=real, synthetic=None, augment=True),
-        "real+synthetic": dict(data=real, synthetic=kept, augment=False),
-        "real+synthetic_unfiltered": dict(data=real, synthetic=unfiltered, augment=False),
-        "synthetic": dict(data=empty, synthetic=kept, augment=False),
-        "real+synthetic+classic": dict(data=real, synthetic=kept, augment=True),
-    }
-    if arm not in table:
-        raise ValueError(f"unknown arm {arm!r}; known: {sorted(table)}")
-    return table[arm]
+@dataclass
+class TrainingSets:
+    """Everything an arm can be built from."""
+
+    splits: Splits
+    kept: Pair
+    unfiltered: Pair
+    pseudo: Pair | None = None
+    ablation: dict[str, Pair] = field(default_factory=dict)
 
 
-def run_arm(cfg: EvaluationConfig, splits: Splits, data, synthetic, augment: bool, seed: int) -> dict:
+def _join(a: Pair, b: Pair | None) -> Pair:
+    return a if b is None or not len(b[0]) else (np.concatenate([a[0], b[0]]), np.concatenate([a[1], b[1]]))
+
+
+def arm_training_set(arm: str, sets: TrainingSets, recipe: str = "real") -> dict:
+    """Keyword arguments for train_classifier that define an arm. `filter:<name>` arms use `recipe`."""
+    if arm.startswith("filter:"):
+        name = arm.split(":", 1)[1]
+        if name not in sets.ablation:
+            raise ValueError(f"no filter-ablation set {name!r}")
+        spec = arm_training_set(recipe, sets)
+        return {**spec, "synthetic": sets.ablation[name]}
+    parts = parse_arm(arm)
+    tr = sets.splits.train
+    real = (tr.images, tr.labels) if "real" in parts else (tr.images[:0], tr.labels[:0])
+    if "pseudo" in parts:
+        if sets.pseudo is None or not len(sets.pseudo[0]):
+            raise ValueError(f"arm {arm!r} needs pseudo-labeled pool images, and there are none")
+        real = _join(real, sets.pseudo)
+    synthetic = sets.kept if "synthetic" in parts else sets.unfiltered if "synthetic_unfiltered" in parts else None
+    return {"data": real, "synthetic": synthetic, "augment": "classic" in parts}
+
+
+def _scores(clf, images: np.ndarray, y: np.ndarray, K: int) -> dict:
+    pred = clf.predict_proba(images).argmax(1)
+    cm = confusion_matrix(y, pred, labels=list(range(K)))
+    return {"accuracy": float((pred == y).mean()),
+            "macro_f1": float(f1_score(y, pred, average="macro", labels=list(range(K)), zero_division=0)),
+            "per_class_accuracy": (np.diag(cm) / np.maximum(cm.sum(1), 1)).tolist(), "confusion": cm.tolist()}
+
+
+def run_arm(cfg: EvaluationConfig, splits: Splits, data: Pair, synthetic: Pair | None, augment: bool,
+            seed: int) -> dict:
+    """Train one classifier; scores on `cfg.split` at the top level, validation accuracy beside them."""
+    from augment.classifier import train_classifier
+
     K = len(splits.class_names)
     if synthetic is not None and not len(synthetic[0]):
         synthetic = None
@@ -51,43 +91,174 @@ def run_arm(cfg: EvaluationConfig, splits: Splits, data, synthetic, augment: boo
     t0 = time.time()
     clf = train_classifier(cfg.model, data[0], data[1], K, seed, augment=augment, synthetic=synthetic,
                            synthetic_prob=cfg.synthetic_prob)
-    scored_on = getattr(splits, cfg.split)
-    pred = clf.predict_proba(scored_on.images).argmax(1)
-    y = scored_on.labels
-    cm = confusion_matrix(y, pred, labels=list(range(K)))
-    per_class = (np.diag(cm) / np.maximum(cm.sum(1), 1)).tolist()
-    return {"seed": seed, "accuracy": float((pred == y).mean()),
-            "macro_f1": float(f1_score(y, pred, average="macro", labels=list(range(K)), zero_division=0)),
-            "per_class_accuracy": per_class, "confusion": cm.tolist(), "seconds": time.time() - t0}
+    scored = getattr(splits, cfg.split)
+    out = {"seed": seed, **_scores(clf, scored.images, scored.labels, K)}
+    val = splits.validation
+    if cfg.split == "validation":
+        out["validation_accuracy"] = out["accuracy"]
+    elif len(val):
+        out["validation_accuracy"] = float((clf.predict_proba(val.images).argmax(1) == val.labels).mean())
+    out["seconds"] = time.time() - t0
+    return out
 
 
-def evaluate(cfg: EvaluationConfig, splits: Splits, kept: tuple[np.ndarray, np.ndarray],
-             unfiltered: tuple[np.ndarray, np.ndarray], ablation: dict[str, tuple[np.ndarray, np.ndarray]] | None,
-             output_dir: str | Path, progress: Callable[[int, int], None] | None = None, log=print) -> Path:
-    """Train every arm (and every filter-ablation set) for every seed; writes evaluation/results.json."""
+# Worker processes ---------------------------------------------------------------------------------------------
+
+_WORKER: dict = {}
+
+
+def _worker_init(cfg: EvaluationConfig, sets: TrainingSets) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    _WORKER.update(cfg=cfg, sets=sets)
+
+
+def _worker_run(arm: str, recipe: str, seed: int) -> dict:
+    cfg, sets = _WORKER["cfg"], _WORKER["sets"]
+    spec = arm_training_set(arm, sets, recipe)
+    return run_arm(cfg, sets.splits, spec["data"], spec["synthetic"], spec["augment"], seed)
+
+
+class _Runner:
+    """Runs (arm, seed) units in this process or in a pool of spawned workers with one torch thread each."""
+
+    def __init__(self, cfg: EvaluationConfig, sets: TrainingSets, total: int, progress=None):
+        self.cfg, self.sets, self.progress = cfg, sets, progress
+        self.total, self.done = total, 0
+        self.workers = cfg.workers or (os.cpu_count() or 1)
+        self.pool = None
+        if self.workers > 1:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            self.pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
+                                            initializer=_worker_init, initargs=(cfg, sets))
+        else:
+            _worker_init(cfg, sets)  # one torch thread here too, so results match the pool's exactly
+
+    def run(self, arms: list[str], recipe: str, seeds: list[int]) -> dict[str, list[dict]]:
+        units = [(a, s) for a in arms for s in seeds]
+        if self.pool is None:
+            import torch
+
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                results = []
+                for a, s in units:
+                    results.append(_worker_run(a, recipe, s))
+                    self._tick()
+            finally:
+                torch.set_num_threads(threads)
+        else:
+            from concurrent.futures import as_completed
+
+            futures = {self.pool.submit(_worker_run, a, recipe, s): i for i, (a, s) in enumerate(units)}
+            results = [None] * len(units)
+            for f in as_completed(futures):
+                results[futures[f]] = f.result()
+                self._tick()
+        out: dict[str, list[dict]] = {a: [] for a in arms}
+        for (a, _), r in zip(units, results):
+            out[a].append(r)
+        return out
+
+    def _tick(self) -> None:
+        self.done += 1
+        if self.progress:
+            self.progress(self.done, self.total)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
+
+
+def _val_mean(runs: list[dict]) -> float:
+    vals = [r["validation_accuracy"] for r in runs if "validation_accuracy" in r]
+    return float(np.mean(vals)) if vals else float("-inf")
+
+
+def _with(recipe: str, part: str) -> str:
+    return f"{recipe}+{part}"
+
+
+def evaluate(cfg: EvaluationConfig, sets: TrainingSets, output_dir: str | Path,
+             progress: Callable[[int, int], None] | None = None, log=print) -> Path:
+    """Run the protocol (or the listed arms); writes evaluation/results.json."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     seeds = [cfg.seed + i for i in range(cfg.seeds)]
-    jobs = [(arm, arm_training_set(arm, splits, kept, unfiltered)) for arm in cfg.arms]
-    for name, syn in (ablation or {}).items():
-        jobs.append((f"filter:{name}", dict(data=(splits.train.images, splits.train.labels), synthetic=syn,
-                                             augment=False)))
+    has_pseudo = sets.pseudo is not None and len(sets.pseudo[0]) > 0
+    has_val = len(sets.splits.validation) > 0
     results: dict[str, list[dict]] = {}
-    total, done = len(jobs) * len(seeds), 0
-    for arm, spec in jobs:
-        results[arm] = []
-        for seed in seeds:
-            results[arm].append(run_arm(cfg, splits, spec["data"], spec["synthetic"], spec["augment"], seed))
-            done += 1
-            if progress:
-                progress(done, total)
-        accs = [r["accuracy"] for r in results[arm] if "accuracy" in r]
+    selection: dict = {}
+
+    if cfg.arms == "auto":
+        n_arms = 2 + 2 * has_pseudo + 4 + len(sets.ablation)
+        runner = _Runner(cfg, sets, n_arms * len(seeds), progress)
+        try:
+            # 1. The team's recipe: classic augmentation or not, on validation.
+            results.update(runner.run(["real", "real+classic"], "real", seeds))
+            recipe = _choose_recipe(cfg, results, has_val, selection)
+            # 2. The pseudo-labeled pool: a baseline, and part of the recipe when it helps on validation.
+            product_recipe = recipe
+            if has_pseudo:
+                results.update(runner.run([_with(recipe, "pseudo")], recipe, seeds))
+                helps = has_val and _val_mean(results[_with(recipe, "pseudo")]) > _val_mean(results[recipe])
+                selection["pseudo"] = {"validation_accuracy_without": _val_mean(results[recipe]),
+                                       "validation_accuracy_with": _val_mean(results[_with(recipe, "pseudo")]),
+                                       "in_recipe": bool(helps)}
+                if helps:
+                    product_recipe = _with(recipe, "pseudo")
+            # 3. Synthetic data on top of each; unfiltered, synthetic only, and each filter alone.
+            arms = ["real+synthetic", "real+classic+synthetic"]
+            if has_pseudo:
+                arms.append(_with(_with(recipe, "pseudo"), "synthetic"))
+            arms += [_with(product_recipe, "synthetic_unfiltered"), "synthetic"]
+            results.update(runner.run(arms, product_recipe, seeds))
+            results.update(runner.run([f"filter:{n}" for n in sets.ablation], product_recipe, seeds))
+        finally:
+            runner.close()
+        product = _with(product_recipe, "synthetic")
+    else:
+        arms = list(cfg.arms) + [f"filter:{n}" for n in sets.ablation]
+        recipe = "real+classic" if cfg.recipe != "none" and "real+classic" in cfg.arms else "real"
+        runner = _Runner(cfg, sets, len(arms) * len(seeds), progress)
+        try:
+            results.update(runner.run([a for a in arms if not a.startswith("filter:")], recipe, seeds))
+            if cfg.recipe == "auto" and {"real", "real+classic"} <= set(results):
+                recipe = _choose_recipe(cfg, results, has_val, selection)
+            results.update(runner.run([a for a in arms if a.startswith("filter:")], recipe, seeds))
+        finally:
+            runner.close()
+        product_recipe = recipe
+        product = next((a for a in (_with(recipe, "synthetic"), *cfg.arms) if a in results and "synthetic" in
+                        parse_arm(a)), None)
+    for arm, runs in results.items():
+        accs = [r["accuracy"] for r in runs if "accuracy" in r]
         log(f"evaluate: {arm}: accuracy {np.mean(accs) if accs else float('nan'):.4f} over {len(accs)} seeds")
-    sizes = {arm: {"real": int(len(spec["data"][0])),
-                   "synthetic": int(len(spec["synthetic"][0])) if spec["synthetic"] is not None else 0}
-             for arm, spec in jobs}
-    (out / "results.json").write_text(json.dumps({"seeds": seeds, "runs": results, "train_sizes": sizes}))
+    sizes = {}
+    for arm in results:
+        spec = arm_training_set(arm, sets, product_recipe)
+        sizes[arm] = {"real": int(len(spec["data"][0])),
+                      "synthetic": int(len(spec["synthetic"][0])) if spec["synthetic"] is not None else 0}
+    from augment.run import write_json
+
+    write_json(out / "results.json", {"seeds": seeds, "runs": results, "train_sizes": sizes, "recipe": recipe,
+                                      "product_recipe": product_recipe, "product_arm": product,
+                                      "selection": selection}, indent=None)
     return out / "results.json"
+
+
+def _choose_recipe(cfg: EvaluationConfig, results: dict, has_val: bool, selection: dict) -> str:
+    val = {a: _val_mean(results[a]) for a in ("real", "real+classic")}
+    if cfg.recipe == "auto":
+        recipe = "real+classic" if not has_val or val["real+classic"] >= val["real"] else "real"
+    else:
+        recipe = "real+classic" if cfg.recipe == "classic" else "real"
+    selection["recipe"] = {"rule": cfg.recipe, "validation_accuracy": val, "chosen": recipe}
+    return recipe
 
 
 def summarize_results(results: dict) -> dict:
@@ -103,28 +274,40 @@ def summarize_results(results: dict) -> dict:
             "macro_f1": summarize([r["macro_f1"] for r in rs]),
             "per_seed_accuracy": [r["accuracy"] for r in rs],
             "per_seed_macro_f1": [r["macro_f1"] for r in rs],
+            "per_seed_validation_accuracy": [r.get("validation_accuracy") for r in rs],
             "per_class_accuracy": np.mean([r["per_class_accuracy"] for r in rs], axis=0).tolist(),
             "confusion": np.sum([r["confusion"] for r in rs], axis=0).tolist(),
             "train_sizes": results["train_sizes"].get(arm),
         }
-    out: dict = {"arms": arms, "seeds": results["seeds"]}
+    product = results.get("product_arm")
+    out: dict = {"arms": arms, "seeds": results["seeds"], "product_arm": product,
+                 "recipe": results.get("recipe"), "product_recipe": results.get("product_recipe"),
+                 "selection": results.get("selection", {})}
 
     def acc(arm):
         return [r["accuracy"] for r in runs[arm]]
 
-    present = [b for b in BASELINES if runs.get(b)]
-    if runs.get(PRODUCT) and present:
-        # The better baseline is chosen by its mean test accuracy: the conservative choice for our claim.
-        best = max(present, key=lambda b: np.mean(acc(b)))
-        gain = paired_difference(acc(PRODUCT), acc(best))
+    def diff(a, b):
+        return {"accuracy": paired_difference(acc(a), acc(b)),
+                "macro_f1": paired_difference([r["macro_f1"] for r in runs[a]], [r["macro_f1"] for r in runs[b]])}
+
+    baselines = [b for b in runs if runs[b] and "synthetic" not in b and "synthetic_unfiltered" not in b
+                 and not b.startswith("filter:")]
+    if product and runs.get(product) and baselines:
+        # The best baseline by its mean accuracy on the reported split: the conservative choice for our claim.
+        best = max(baselines, key=lambda b: np.mean(acc(b)))
         out["best_baseline"] = best
-        out["gain_over_best_baseline"] = gain
-        out["gains"] = {b: {"accuracy": paired_difference(acc(PRODUCT), acc(b)),
-                            "macro_f1": paired_difference([r["macro_f1"] for r in runs[PRODUCT]],
-                                                          [r["macro_f1"] for r in runs[b]])} for b in present}
+        out["baselines"] = baselines
+        out["gain_over_best_baseline"] = paired_difference(acc(product), acc(best))
+        out["gains"] = {b: diff(product, b) for b in baselines}
         out["per_class_delta"] = {
-            b: (np.array(arms[PRODUCT]["per_class_accuracy"]) - np.array(arms[b]["per_class_accuracy"])).tolist()
-            for b in present}
-    if runs.get("real+synthetic_unfiltered") and runs.get(PRODUCT):
-        out["filter_gain"] = paired_difference(acc(PRODUCT), acc("real+synthetic_unfiltered"))
+            b: (np.array(arms[product]["per_class_accuracy"]) - np.array(arms[b]["per_class_accuracy"])).tolist()
+            for b in baselines}
+    # What synthetic data adds to each training set that has a "+synthetic" counterpart.
+    out["synthetic_adds"] = {f"{a}+synthetic vs {a}": diff(f"{a}+synthetic", a)
+                             for a in baselines if runs.get(f"{a}+synthetic")}
+    unfiltered = (results.get("product_recipe") or "real") + "+synthetic_unfiltered"
+    if product and runs.get(unfiltered) and runs.get(product):
+        out["filter_gain"] = paired_difference(acc(product), acc(unfiltered))
+        out["filter_gain"]["against"] = unfiltered
     return out

@@ -32,6 +32,8 @@ class AdapterInfo:
     train_seconds: float
     final_loss: float | None
     steps: int
+    labeled_images: int = 0
+    pseudo_labeled_images: int = 0
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self), indent=2))
@@ -62,7 +64,10 @@ def finetune(
     device: torch.device,
     run_config: dict | None = None,
     log=print,
+    pseudo: ImageSet | None = None,
 ) -> AdapterInfo:
+    """Fine-tune on the labeled `train` images, plus `pseudo` (pseudo-labeled pool images) when given and
+    `cfg.use_pseudo_labeled`: then each batch draws a `cfg.labeled_share` share from the labeled images."""
     output_dir = Path(output_dir)
     final = output_dir / "adapter"
     if (final / "info.json").exists():
@@ -88,8 +93,13 @@ def finetune(
     ema = EMA(params, cfg.ema_decay) if cfg.ema_decay else None
     gen = torch.Generator().manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    x_all = to_tensor(train.images, device)
-    y_all = torch.from_numpy(train.labels).to(device)
+    use_pseudo = pseudo is not None and len(pseudo) > 0 and cfg.use_pseudo_labeled
+    seen = train if not use_pseudo else ImageSet(np.concatenate([train.images, pseudo.images]),
+                                                 np.concatenate([train.labels, pseudo.labels]),
+                                                 train.class_names, train.ids + pseudo.ids)
+    x_all = to_tensor(seen.images, device)
+    y_all = torch.from_numpy(seen.labels).to(device)
+    n_pseudo = len(seen) - n
     step, losses, t0 = 0, [], time.time()
 
     # 2. Resume.
@@ -108,7 +118,11 @@ def finetune(
     # 3. Train.
     model.train()
     while step < cfg.max_train_steps:
-        idx = torch.from_numpy(rng.integers(0, n, cfg.train_batch_size))
+        idx = rng.integers(0, n, cfg.train_batch_size)
+        if n_pseudo:  # labeled images weighted up: a labeled_share of the batch, the rest pseudo-labeled
+            from_pseudo = rng.random(cfg.train_batch_size) >= cfg.labeled_share
+            idx = np.where(from_pseudo, n + rng.integers(0, n_pseudo, cfg.train_batch_size), idx)
+        idx = torch.from_numpy(idx)
         x0, y = x_all[idx], y_all[idx].clone()
         y[torch.from_numpy(rng.random(len(idx)) < cfg.label_dropout).to(device)] = K  # null label for CFG
         if cfg.augment_flip:
@@ -138,9 +152,13 @@ def finetune(
     model.cpu().save_pretrained(tmp)
     (tmp / "training_config.json").write_text(json.dumps(
         {"lora": cfg.model_dump(mode="json"), "base": asdict(base), "num_classes": K,
-         "class_names": train.class_names, "run_config": run_config}, indent=2))
+         "class_names": train.class_names, "run_config": run_config,
+         # provenance: exactly which images the generator learned from
+         "trained_on": {"labeled_ids": train.ids, "pseudo_labeled_ids": seen.ids[n:],
+                        "pseudo_labels": seen.labels[n:].tolist(), "labeled_share": cfg.labeled_share if n_pseudo
+                        else 1.0}}, indent=2))
     info = AdapterInfo(str(final), file_hash(tmp / "adapter_model.safetensors"), time.time() - t0,
-                       float(np.mean(losses[-50:])) if losses else None, step)
+                       float(np.mean(losses[-50:])) if losses else None, step, n, n_pseudo)
     info.save(tmp / "info.json")
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)

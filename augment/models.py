@@ -124,6 +124,9 @@ def prepare_base(cfg: BaseModelConfig, train: ImageSet, pool: ImageSet, device: 
         fp = hashlib.sha256(f"{cfg.pretrained}:{cfg.subfolder}".encode()).hexdigest()[:16]
         return BaseModelInfo(cfg.pretrained, cfg.subfolder, f"checkpoint {cfg.pretrained}", fp)
     images = np.concatenate([pool.images, train.images])  # labels deliberately not used
+    # A canonical order: the base depends on the set of images only, so jobs that split the same images into
+    # labeled and pool differently (K = 5, 10, 20 shots of one draw) share one cached base.
+    images = images[np.lexsort(images.reshape(len(images), -1).T[::-1])]
     key = _pretrain_key(cfg, images)
     out = Path(cfg.cache_dir) / f"base-{key}"
     desc = (f"builtin UNet {cfg.block_out_channels}, pretrained {cfg.pretrain_steps} steps on "

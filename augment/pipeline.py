@@ -6,6 +6,7 @@ since it last finished is reused, not recomputed: re-running a job costs only wh
 
 Run folder:
     data/splits.npz, data/summary.json      the split (test included; only evaluation reads test)
+    pseudo/labels.parquet, summary.json     pool images labeled confidently, threshold chosen on validation
     finetune/adapter/                       the LoRA adapter (safetensors + configs)
     candidates/shard-*.npz, plan.parquet    every generated candidate
     filter/scores.parquet, rejected/<why>/  scores and decisions, rejected images for inspection
@@ -35,10 +36,11 @@ from augment.models import BaseModelInfo, prepare_base, resolve_device
 
 # Which config sections each stage depends on (besides the data it reads).
 STAGE_SECTIONS = {
-    "finetune": ("data", "base", "lora"),
-    "generate": ("data", "base", "lora", "generation"),
-    "filter": ("data", "base", "lora", "generation", "filter"),
-    "evaluate": ("data", "base", "lora", "generation", "filter", "evaluation"),
+    "pseudo": ("data", "pseudo"),
+    "finetune": ("data", "base", "pseudo", "lora"),
+    "generate": ("data", "base", "pseudo", "lora", "generation"),
+    "filter": ("data", "base", "pseudo", "lora", "generation", "filter"),
+    "evaluate": ("data", "base", "pseudo", "lora", "generation", "filter", "evaluation"),
 }
 
 
@@ -139,7 +141,30 @@ def base_model(cfg: RunConfig, log=print) -> dict:
     return asdict(info)
 
 
-# 3. Fine-tune -------------------------------------------------------------------------------------------------
+# 3. Pseudo-labels --------------------------------------------------------------------------------------------
+
+
+def pseudo_stage(cfg: RunConfig, log=print) -> dict:
+    from augment.pseudo import pseudo_label
+
+    st = _Stage(cfg, "pseudo", folder="pseudo")
+    if not st.reused(log):
+        with st.fresh():
+            splits = load_splits(cfg)
+            pseudo_label(cfg.pseudo, splits.train, splits.validation, splits.pool, log=log).save(st.folder)
+    return run_folder.read_json(st.folder / "summary.json")
+
+
+def load_pseudo(cfg: RunConfig, splits: Splits):
+    """The pseudo-labeled pool images as an ImageSet (empty when there are none)."""
+    from augment.data import ImageSet
+    from augment.pseudo import PseudoLabels
+
+    p = PseudoLabels.load(run_dir(cfg) / "pseudo")
+    return ImageSet(splits.pool.images[p.index], p.labels, splits.class_names, p.ids), p
+
+
+# 4. Fine-tune -------------------------------------------------------------------------------------------------
 
 
 def finetune_stage(cfg: RunConfig, base: dict, log=print) -> dict:
@@ -147,12 +172,13 @@ def finetune_stage(cfg: RunConfig, base: dict, log=print) -> dict:
 
     with _Stage(cfg, "finetune", folder="finetune").fresh() as st:
         splits = load_splits(cfg)
+        pseudo, _ = load_pseudo(cfg, splits)
         info = finetune(cfg.lora, BaseModelInfo(**base), splits.train, st.folder, resolve_device(cfg.device),
-                        run_config=cfg.model_dump(mode="json"), log=log)
+                        run_config=cfg.model_dump(mode="json"), log=log, pseudo=pseudo)
     return asdict(info)
 
 
-# 4. Generate --------------------------------------------------------------------------------------------------
+# 5. Generate --------------------------------------------------------------------------------------------------
 
 
 def generate_stage(cfg: RunConfig, base: dict, adapter: dict, progress: Callable[[int, int], None] | None = None,
@@ -172,7 +198,7 @@ def generate_stage(cfg: RunConfig, base: dict, adapter: dict, progress: Callable
     return json.loads((st.folder / "done.json").read_text())
 
 
-# 5. Filter ----------------------------------------------------------------------------------------------------
+# 6. Filter ----------------------------------------------------------------------------------------------------
 
 
 def filter_stage(cfg: RunConfig, log=print) -> dict:
@@ -214,32 +240,11 @@ def load_filtered(cfg: RunConfig):
     return cands, table, kept
 
 
-# 6. Publish ---------------------------------------------------------------------------------------------------
-
-
-def publish_stage(cfg: RunConfig, base: dict, adapter: dict) -> dict:
-    from augment.publish import publish
-
-    with _Stage(cfg, "publish"):
-        splits = load_splits(cfg)
-        cands, table, kept = load_filtered(cfg)
-        provenance = {"base_model": base["description"] if cfg.base.pretrained == "builtin" else base["path"],
-                      "base_fingerprint": base["fingerprint"], "adapter_hash": adapter["adapter_hash"],
-                      "config_hash": cfg.fingerprint(), "data_fingerprint": _data_summary(cfg)["fingerprint"]}
-        info = publish(splits, cands.images[kept], table[kept].reset_index(drop=True),
-                       run_dir(cfg) / "dataset", cfg.publish.dataset_name, provenance, cfg.publish.max_shard_rows)
-    return info
-
-
-def _data_summary(cfg: RunConfig) -> dict:
-    return json.loads((run_dir(cfg) / "data" / "summary.json").read_text())
-
-
 # 7. Evaluate --------------------------------------------------------------------------------------------------
 
 
 def evaluate_stage(cfg: RunConfig, progress: Callable[[int, int], None] | None = None, log=print) -> dict:
-    from augment.evaluate import evaluate, summarize_results
+    from augment.evaluate import TrainingSets, evaluate, summarize_results
     from augment.filters import decide, load_scored
 
     st = _Stage(cfg, "evaluate", folder="evaluation")
@@ -247,18 +252,48 @@ def evaluate_stage(cfg: RunConfig, progress: Callable[[int, int], None] | None =
         with st.fresh():
             splits = load_splits(cfg)
             cands, table, kept = load_filtered(cfg)
-            ablation = None
+            pseudo, _ = load_pseudo(cfg, splits)
+            ablation = {}
             if cfg.evaluation.filter_ablation:
                 scored, _ = load_scored(run_dir(cfg) / "filter")
-                ablation = {}
                 for name in cfg.filter.order:
                     mask, _ = decide(scored, cfg.filter, order=[name])
                     ablation[name] = (cands.images[mask], cands.labels[mask])
-            evaluate(cfg.evaluation, splits, (cands.images[kept], cands.labels[kept]),
-                     (cands.images, cands.labels), ablation, st.folder, progress=progress, log=log)
+            sets = TrainingSets(splits, (cands.images[kept], cands.labels[kept]), (cands.images, cands.labels),
+                                (pseudo.images, pseudo.labels) if len(pseudo) else None, ablation)
+            evaluate(cfg.evaluation, sets, st.folder, progress=progress, log=log)
     summary = summarize_results(json.loads((st.folder / "results.json").read_text()))
-    (st.folder / "summary.json").write_text(json.dumps(summary, indent=2))
+    run_folder.write_json(st.folder / "summary.json", summary)
     return summary
+
+
+# 8. Publish ---------------------------------------------------------------------------------------------------
+
+
+def publish_stage(cfg: RunConfig, base: dict, adapter: dict) -> dict:
+    """Publish real train + kept synthetic rows (+ the pseudo-labeled pool rows when the evaluation put them in
+    the recipe, i.e. they helped on validation), validation and test."""
+    from augment.publish import publish
+
+    with _Stage(cfg, "publish"):
+        splits = load_splits(cfg)
+        cands, table, kept = load_filtered(cfg)
+        evaluation = run_folder.read_json(run_dir(cfg) / "evaluation" / "summary.json", {})
+        pseudo = None
+        if "pseudo" in (evaluation.get("product_recipe") or "").split("+"):
+            pseudo_set, labels = load_pseudo(cfg, splits)
+            pseudo = (pseudo_set, labels.confidence)
+        provenance = {"base_model": base["description"] if cfg.base.pretrained == "builtin" else base["path"],
+                      "base_fingerprint": base["fingerprint"], "adapter_hash": adapter["adapter_hash"],
+                      "config_hash": cfg.fingerprint(), "data_fingerprint": _data_summary(cfg)["fingerprint"]}
+        info = publish(splits, cands.images[kept], table[kept].reset_index(drop=True),
+                       run_dir(cfg) / "dataset", cfg.publish.dataset_name, provenance, cfg.publish.max_shard_rows,
+                       pseudo=pseudo)
+    return info
+
+
+def _data_summary(cfg: RunConfig) -> dict:
+    return json.loads((run_dir(cfg) / "data" / "summary.json").read_text())
 
 
 def versions() -> dict:

@@ -20,7 +20,8 @@ from PIL import Image
 from augment.data import ImageSet, Splits
 
 PROVENANCE = {
-    "sample_id": "string", "source_id": "string", "seed": "int64", "strength": "float32",
+    "sample_id": "string", "source_id": "string", "is_pseudo_labeled": "bool", "pseudo_confidence": "float32",
+    "seed": "int64", "strength": "float32",
     "guidance_scale": "float32", "num_inference_steps": "int32", "scheduler": "string",
     "quality_score": "float32", "nn_similarity": "float32", "base_model": "string", "adapter_hash": "string",
     "config_hash": "string",
@@ -42,11 +43,16 @@ def features(class_names: list[str]):
     })
 
 
-def _real_rows(s: ImageSet) -> dict:
+def _real_rows(s: ImageSet, pseudo_confidence: np.ndarray | None = None) -> dict:
+    """Real rows; with `pseudo_confidence`, pool images whose labels came from the pseudo-labeler."""
     n = len(s)
+    pseudo = pseudo_confidence is not None
     return {"image": [_png(i) for i in s.images], "label": s.labels.tolist(), "is_synthetic": [False] * n,
-            "sample_id": [f"real:{i}" for i in s.ids], "source_id": list(s.ids),
-            **{k: [None] * n for k in PROVENANCE if k not in ("sample_id", "source_id")}}
+            "sample_id": [f"{'pseudo' if pseudo else 'real'}:{i}" for i in s.ids], "source_id": list(s.ids),
+            "is_pseudo_labeled": [pseudo] * n,
+            "pseudo_confidence": pseudo_confidence.astype(float).tolist() if pseudo else [None] * n,
+            **{k: [None] * n for k in PROVENANCE if k not in ("sample_id", "source_id", "is_pseudo_labeled",
+                                                               "pseudo_confidence")}}
 
 
 def _synthetic_rows(images: np.ndarray, table: pd.DataFrame, base_model: str, adapter_hash: str,
@@ -55,6 +61,7 @@ def _synthetic_rows(images: np.ndarray, table: pd.DataFrame, base_model: str, ad
     return {
         "image": [_png(i) for i in images], "label": table["label"].astype(int).tolist(),
         "is_synthetic": [True] * n, "sample_id": table["sample_id"].tolist(),
+        "is_pseudo_labeled": [False] * n, "pseudo_confidence": [None] * n,
         "source_id": [s or None for s in table["source_id"]], "seed": table["seed"].astype("int64").tolist(),
         "strength": table["strength"].tolist(), "guidance_scale": table["guidance_scale"].tolist(),
         "num_inference_steps": table["num_inference_steps"].astype(int).tolist(),
@@ -96,8 +103,8 @@ def _card(name: str, splits_info: dict, class_names: list[str], provenance: dict
         "configs": [{"config_name": "default",
                      "data_files": [{"split": s, "path": f"data/{s}-{version}-*.parquet"} for s in splits]}],
     }
-    rows = "\n".join(f"| {s} | {v['rows']} | {v['synthetic']} | {v['rows'] - v['synthetic']} |"
-                     for s, v in splits_info.items())
+    rows = "\n".join(f"| {s} | {v['rows']} | {v['synthetic']} | {v.get('pseudo_labeled', 0)} | "
+                     f"{v['rows'] - v['synthetic'] - v.get('pseudo_labeled', 0)} |" for s, v in splits_info.items())
     prov = "\n".join(f"- {k}: `{v}`" for k, v in {**provenance, "dataset_version": version}.items())
     return f"""---
 {yaml.safe_dump(header, sort_keys=False)}---
@@ -108,13 +115,15 @@ synthetic images from a class-conditional diffusion model fine-tuned with LoRA o
 the quality filters. `validation` and `test` are real images only; `test` was never seen by fine-tuning,
 filtering or model selection.
 
-| split | rows | synthetic | real |
-|---|---|---|---|
+| split | rows | synthetic | pseudo-labeled real | real (labeled) |
+|---|---|---|---|---|
 {rows}
 
 Classes ({len(class_names)}): {", ".join(class_names)}
 
-Every row has `is_synthetic`; synthetic rows carry their provenance: `seed` (regenerates the sample exactly),
+Every row has `is_synthetic` and `is_pseudo_labeled`: pseudo-labeled rows are real images from the unlabeled pool
+whose label comes from a classifier trained on the labeled images (`pseudo_confidence`; published only when
+they helped on validation). Synthetic rows carry their provenance: `seed` (regenerates the sample exactly),
 `strength` (image-to-image strength; 1.0 = from noise), `source_id` (the real image it started from, if any),
 `guidance_scale`, `quality_score` (the quality classifier's p(intended class)), `nn_similarity` (to the nearest
 real training image), `base_model`, `adapter_hash`, `config_hash`.
@@ -131,17 +140,21 @@ ds = datasets.load_from_disk("<this folder>")   # or: datasets.load_dataset("<th
 
 
 def publish(splits: Splits, kept_images: np.ndarray, kept_table: pd.DataFrame, output_dir: str | Path,
-            name: str, provenance: dict, max_shard_rows: int = 5000) -> dict:
-    """Write the DatasetDict; returns row counts per split."""
+            name: str, provenance: dict, max_shard_rows: int = 5000,
+            pseudo: tuple[ImageSet, np.ndarray] | None = None) -> dict:
+    """Write the DatasetDict; returns row counts per split. `pseudo`: pseudo-labeled pool images and their
+    confidences, published in train after the real rows."""
     import datasets
 
     out = Path(output_dir)
     feats = features(splits.class_names)
     train_rows = _real_rows(splits.train)
-    syn = _synthetic_rows(kept_images, kept_table, provenance["base_model"], provenance["adapter_hash"],
-                          provenance["config_hash"])
-    for k in train_rows:
-        train_rows[k] = train_rows[k] + syn[k]
+    parts = [_real_rows(*pseudo)] if pseudo is not None and len(pseudo[0]) else []
+    parts.append(_synthetic_rows(kept_images, kept_table, provenance["base_model"], provenance["adapter_hash"],
+                                 provenance["config_hash"]))
+    for part in parts:
+        for k in train_rows:
+            train_rows[k] = train_rows[k] + part[k]
     dd = datasets.DatasetDict({
         "train": datasets.Dataset.from_dict(train_rows, features=feats),
         "validation": datasets.Dataset.from_dict(_real_rows(splits.validation), features=feats),
@@ -151,7 +164,8 @@ def publish(splits: Splits, kept_images: np.ndarray, kept_table: pd.DataFrame, o
     shutil.rmtree(tmp, ignore_errors=True)
     dd.save_to_disk(str(tmp))
     version = _write_parquet(dd, tmp / "data", max_shard_rows)
-    info = {s: {"rows": len(ds), "synthetic": int(sum(ds["is_synthetic"]))} for s, ds in dd.items()}
+    info = {s: {"rows": len(ds), "synthetic": int(sum(ds["is_synthetic"])),
+                "pseudo_labeled": int(sum(ds["is_pseudo_labeled"]))} for s, ds in dd.items()}
     (tmp / "README.md").write_text(_card(name, info, splits.class_names, provenance, list(dd), version))
     (tmp / "augment_publish.json").write_text(json.dumps({"splits": info, "provenance": provenance,
                                                           "version": version}, indent=2))

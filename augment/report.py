@@ -18,7 +18,6 @@ import yaml
 
 from augment.config import RunConfig, parse_config
 from augment.data import Splits
-from augment.evaluate import BASELINES, PRODUCT
 from augment.generate import load_candidates
 from augment import plots
 
@@ -77,6 +76,7 @@ def collect_metrics(run: Path) -> dict:
     mem[other]["threshold_rule"] = "95th percentile of train-to-train nearest-neighbour similarity"
     mem[space]["threshold_rule"] = "filter.max_similarity (the memorization gate)"
     ablation = {k[len("filter:"):]: v for k, v in evaluation["arms"].items() if k.startswith("filter:")}
+    pseudo = _read(run, "pseudo/summary.json") if (run / "pseudo" / "summary.json").exists() else None
     gain = evaluation.get("gain_over_best_baseline")
     return _finite({
         "schema_version": SCHEMA_VERSION,
@@ -97,14 +97,22 @@ def collect_metrics(run: Path) -> dict:
             "model": cfg.evaluation.model.kind, "synthetic_prob": cfg.evaluation.synthetic_prob,
             "split": cfg.evaluation.split,
             "arms": {k: v for k, v in evaluation["arms"].items() if not k.startswith("filter:")},
-            "best_baseline": evaluation.get("best_baseline"),
-            "gains": evaluation.get("gains"), "per_class_delta": evaluation.get("per_class_delta"),
+            "product_arm": evaluation.get("product_arm"), "recipe": evaluation.get("recipe"),
+            "product_recipe": evaluation.get("product_recipe"), "selection": evaluation.get("selection", {}),
+            "baselines": evaluation.get("baselines", []), "best_baseline": evaluation.get("best_baseline"),
+            "gains": evaluation.get("gains"), "synthetic_adds": evaluation.get("synthetic_adds", {}),
+            "per_class_delta": evaluation.get("per_class_delta"),
             "filter_gain": evaluation.get("filter_gain"), "filter_ablation": ablation,
         },
+        "pseudo": None if pseudo is None else {k: pseudo.get(k) for k in (
+            "threshold", "count", "pool_size", "per_class", "thresholds", "validation_accuracy", "min_precision",
+            "reason")},
+        "product_arm": evaluation.get("product_arm"),
         "gain_over_best_baseline": (None if gain is None else
                                     {k: gain[k] for k in ("mean", "ci_low", "ci_high", "std", "n", "p_value",
                                                           "verdict", "differences")}
-                                    | {"baseline": evaluation.get("best_baseline")}),
+                                    | {"baseline": evaluation.get("best_baseline"),
+                                       "product_arm": evaluation.get("product_arm")}),
         "dataset": {"path": str(run / "dataset"), "splits": publish_info["splits"]},
     })
 
@@ -136,16 +144,33 @@ def _html_table(header: list[str], rows: list[list]) -> str:
 
 def headline(m: dict) -> str:
     g = m.get("gain_over_best_baseline")
-    arms = m["evaluation"]["arms"]
-    if g is None or PRODUCT not in arms or "accuracy" not in arms[PRODUCT]:
-        return "No comparison of real + synthetic against a baseline was run."
+    ev = m["evaluation"]
+    arms, product = ev["arms"], ev.get("product_arm")
+    if g is None or product not in arms or "accuracy" not in arms[product]:
+        return "No comparison of synthetic data against a baseline was run."
     b = g["baseline"]
     interval = ("" if g["ci_low"] is None else
                 f", 95% CI [{100 * g['ci_low']:+.1f}, {100 * g['ci_high']:+.1f}]")
-    return (f"Real + synthetic reached {_pct(arms[PRODUCT]['accuracy']['mean'])}% {m['evaluation']['split']} "
-            f"accuracy against "
+    recipe = ev.get("product_recipe") or "real"
+    return (f"Your recipe plus synthetic data ({product}; recipe {recipe} chosen on validation) reached "
+            f"{_pct(arms[product]['accuracy']['mean'])}% {ev['split']} accuracy against "
             f"{_pct(arms[b]['accuracy']['mean'])}% for the best baseline ({b}): a paired difference of "
             f"{100 * g['mean']:+.1f} points over {g['n']} seeds{interval}: **{g['verdict']}**.")
+
+
+def next_step(m: dict) -> str:
+    """One line under the verdict: what a team should do with this result."""
+    g = m.get("gain_over_best_baseline")
+    if g is None:
+        return ""
+    ds = m["dataset"]["path"]
+    if g["verdict"] == "significant gain":
+        return f"Next: train on `{ds}` (train split) with your usual recipe; the gain above is what to expect."
+    if g["verdict"] == "significant loss":
+        return (f"Next: keep training on {g['baseline']}; do not use the synthetic rows. Look at the per-class "
+                "table and the rejected samples below to see where the generator falls short.")
+    return ("Next: the difference is within noise. Raise evaluation.seeds for a tighter interval, or keep "
+            f"{g['baseline']}, which costs less.")
 
 
 def sections(m: dict) -> list[tuple[str, str, list[tuple[list[str], list[list]]], list[str]]]:
@@ -161,19 +186,24 @@ def sections(m: dict) -> list[tuple[str, str, list[tuple[list[str], list[list]]]
         sizes = v.get("train_sizes") or {}
         arm_rows.append([a, _ci(v["accuracy"]), _ci(v["macro_f1"]), f"{sizes.get('real', 0)} / {sizes.get('synthetic', 0)}",
                          " ".join(_pct(x) for x in v["per_seed_accuracy"])])
-    gain_rows = [[f"{PRODUCT} − {b}", f"{100 * d['accuracy']['mean']:+.1f}",
-                  "n/a" if d["accuracy"]["ci_low"] is None else
-                  f"[{100 * d['accuracy']['ci_low']:+.1f}, {100 * d['accuracy']['ci_high']:+.1f}]",
-                  "n/a" if d["accuracy"]["p_value"] is None else f"{d['accuracy']['p_value']:.3g}",
-                  d["accuracy"]["verdict"], f"{100 * d['macro_f1']['mean']:+.1f}"]
-                 for b, d in (ev.get("gains") or {}).items()]
+    product = ev.get("product_arm")
+
+    def gain_row(label: str, d: dict, f1: dict | None) -> list:
+        return [label, f"{100 * d['mean']:+.1f}",
+                "n/a" if d["ci_low"] is None else f"[{100 * d['ci_low']:+.1f}, {100 * d['ci_high']:+.1f}]",
+                "n/a" if d["p_value"] is None else f"{d['p_value']:.3g}", d["verdict"],
+                "" if f1 is None else f"{100 * f1['mean']:+.1f}"]
+
+    gain_rows = [gain_row(f"{product} − {b}" + (" (best baseline)" if b == ev.get("best_baseline") else ""),
+                          d["accuracy"], d["macro_f1"]) for b, d in (ev.get("gains") or {}).items()]
+    gain_rows += [gain_row(f"{label} (what synthetic data adds)", d["accuracy"], d["macro_f1"])
+                  for label, d in (ev.get("synthetic_adds") or {}).items()]
     if ev.get("filter_gain"):
         fg = ev["filter_gain"]
-        gain_rows.append([f"{PRODUCT} − real+synthetic_unfiltered (what the filter is worth)",
-                          f"{100 * fg['mean']:+.1f}",
-                          "n/a" if fg["ci_low"] is None else f"[{100 * fg['ci_low']:+.1f}, {100 * fg['ci_high']:+.1f}]",
-                          "n/a" if fg["p_value"] is None else f"{fg['p_value']:.3g}", fg["verdict"], ""])
-    pc_arms = [a for a in ("real", "real+classic", PRODUCT) if "per_class_accuracy" in arms.get(a, {})]
+        gain_rows.append(gain_row(f"{product} − {fg.get('against', 'unfiltered')} (what the filter is worth)",
+                                  fg, None))
+    pc_arms = [a for a in dict.fromkeys(("real", "real+classic", ev.get("best_baseline"), product))
+               if a and "per_class_accuracy" in arms.get(a, {})]
     pc_rows = [[c] + [_pct(arms[a]["per_class_accuracy"][k]) for a in pc_arms] +
                [f"{100 * ev['per_class_delta'][b][k]:+.1f}" for b in (ev.get("per_class_delta") or {})]
                for k, c in enumerate(names)]
@@ -185,8 +215,9 @@ def sections(m: dict) -> list[tuple[str, str, list[tuple[list[str], list[list]]]
                      [sum(pc["rejected"].get(r, 0) for pc in gen["per_class"]) for r in reasons])
     abl_rows = [[name, _ci(v["accuracy"]), v["train_sizes"]["synthetic"] if v.get("train_sizes") else ""]
                 for name, v in ev["filter_ablation"].items() if "accuracy" in v]
-    for a, label in (("real+synthetic_unfiltered", "no filter"), (PRODUCT, "all, in order: " + " → ".join(flt["order"]))):
-        if "accuracy" in arms.get(a, {}):
+    unfiltered = (ev.get("filter_gain") or {}).get("against", "real+synthetic_unfiltered")
+    for a, label in ((unfiltered, "no filter"), (product, "all, in order: " + " → ".join(flt["order"]))):
+        if a and "accuracy" in arms.get(a, {}):
             abl_rows.append([label, _ci(arms[a]["accuracy"]), arms[a]["train_sizes"]["synthetic"]])
     mem_rows = [[space, v["threshold_rule"], f"{v['threshold']:.4f}", _pct(v["kept_fraction_above"]),
                  _pct(v["train_to_train_fraction_above"]),
@@ -208,10 +239,41 @@ def sections(m: dict) -> list[tuple[str, str, list[tuple[list[str], list[list]]]
     facts += [[f"stage {k} (s)", f"{v:.1f}"] for k, v in run["stage_seconds"].items() if v is not None]
     if run.get("total_seconds"):
         facts.append(["total wall time (s)", f"{run['total_seconds']:.1f}"])
-    ds_rows = [[s, v["rows"], v["synthetic"], v["rows"] - v["synthetic"]] for s, v in m["dataset"]["splits"].items()]
+    ds_rows = [[s, v["rows"], v["synthetic"], v.get("pseudo_labeled", 0),
+                v["rows"] - v["synthetic"] - v.get("pseudo_labeled", 0)] for s, v in m["dataset"]["splits"].items()]
+    sel = ev.get("selection") or {}
+    sel_rows = []
+    if "recipe" in sel:
+        va = sel["recipe"]["validation_accuracy"]
+        sel_rows.append(["classic augmentation", f"rule: {sel['recipe']['rule']}",
+                         f"real {_pct(va.get('real'))} vs real+classic {_pct(va.get('real+classic'))}",
+                         sel["recipe"]["chosen"]])
+    if "pseudo" in sel:
+        p = sel["pseudo"]
+        sel_rows.append(["pseudo-labeled pool", "kept if it raises validation accuracy",
+                         f"without {_pct(p['validation_accuracy_without'])} vs with "
+                         f"{_pct(p['validation_accuracy_with'])}", "in the recipe" if p["in_recipe"] else "left out"])
+    ps = m.get("pseudo") or {}
+    ps_rows = [[t["threshold"], t["validation_support"], _pct(t["validation_precision"]),
+                _pct(t["validation_coverage"]), "✓" if t["meets_rule"] else "",
+                "chosen" if t["threshold"] == ps.get("threshold") else ""] for t in ps.get("thresholds") or []]
+    ps_text = ("No pseudo-labels: " + ps["reason"] + "." if ps.get("reason") else
+               f"A classifier trained on the labeled train split only labeled the unlabeled pool; the threshold is "
+               f"the lowest whose confident validation predictions are at least {_pct(ps.get('min_precision'))}% "
+               f"accurate: {ps.get('threshold')}, which labels {ps.get('count')} of {ps.get('pool_size')} pool "
+               f"images (per class: {ps.get('per_class')}). These images also trained the generator when "
+               "lora.use_pseudo_labeled is on.") if ps else "No pseudo-labeling stage in this run."
+    verdict = headline(m) + (" " + next_step(m) if next_step(m) else "")
     return [
-        ("Verdict", headline(m), [(["comparison", "Δ accuracy (pts)", "95% CI", "p", "verdict", "Δ macro-F1 (pts)"],
-                                   gain_rows)], []),
+        ("Verdict", verdict, [(["comparison", "Δ accuracy (pts)", "95% CI", "p", "verdict", "Δ macro-F1 (pts)"],
+                               gain_rows)], []),
+        ("How the recipe was chosen (validation only)",
+         f"The product arm is your recipe plus the synthetic data: {ev.get('product_arm')}. Every choice below "
+         "reads the validation split; the test split is read once, for the tables of this report.",
+         [(["choice", "rule", "validation accuracy (%)", "outcome"], sel_rows)], []),
+        ("Pseudo-labels", ps_text,
+         [(["threshold", "validation images above", "precision (%)", "coverage (%)", "meets rule", ""], ps_rows)],
+         []),
         ("Downstream accuracy by arm",
          f"The same {ev['model']} recipe trained from scratch on each arm, {len(run['evaluation_seeds'])} seeds each "
          f"(paired across arms), scored on the real {ev['split']} split. Accuracy and macro-F1 in %: mean ± std "
@@ -238,7 +300,8 @@ def sections(m: dict) -> list[tuple[str, str, list[tuple[list[str], list[list]]]
          f"Test split: {data['test_size']} real images, held out from fine-tuning, filtering and model selection. "
          f"Labeled train: {data['train_size']}, validation: {data['validation_size']}, unlabeled pool: "
          f"{data['pool_size']}.", [(["class", "train", "validation", "test"], test_rows),
-                                   (["published split", "rows", "synthetic", "real"], ds_rows)], []),
+                                   (["published split", "rows", "synthetic", "pseudo-labeled", "real labeled"],
+                                    ds_rows)], []),
         ("Run facts", "", [(["fact", "value"], facts)], []),
     ]
 
@@ -255,9 +318,11 @@ def figures(run: Path, m: dict) -> dict[str, bytes]:
         split = m["evaluation"]["split"]
         figs["arms_accuracy"] = plots.arms_plot(shown, "accuracy", split)
         figs["arms_macro_f1"] = plots.arms_plot(shown, "macro_f1", split)
-        figs["per_class"] = plots.per_class_plot(shown, names, ["real", "real+classic", PRODUCT], split)
-        figs["confusion"] = plots.confusion_plot(
-            {a: shown[a]["confusion"] for a in (*BASELINES, PRODUCT) if a in shown}, names)
+        ev = m["evaluation"]
+        which = [a for a in dict.fromkeys(("real", "real+classic", ev.get("best_baseline"), ev.get("product_arm")))
+                 if a]
+        figs["per_class"] = plots.per_class_plot(shown, names, which, split)
+        figs["confusion"] = plots.confusion_plot({a: shown[a]["confusion"] for a in which if a in shown}, names)
     kept = table["kept"].to_numpy()
     figs["quality_hist"] = plots.histogram_plot(
         {"kept": table.loc[kept, "p_intended"].to_numpy(), "rejected": table.loc[~kept, "p_intended"].to_numpy()},

@@ -49,6 +49,11 @@ def base_model(cfg: RunConfig) -> dict:
 
 
 @task(cache_policy=NO_CACHE)
+def pseudo_label(cfg: RunConfig) -> dict:
+    return pipeline.pseudo_stage(cfg, log=_log)
+
+
+@task(cache_policy=NO_CACHE)
 def finetune(cfg: RunConfig, base: dict) -> dict:
     return pipeline.finetune_stage(cfg, base, log=_log)
 
@@ -97,7 +102,8 @@ def announce(cfg: RunConfig, m: dict) -> None:
         event=PUBLISHED_EVENT,
         resource={"prefect.resource.id": f"augment.dataset.{path}", "prefect.resource.name": cfg.name,
                   "augment.job": cfg.name, "augment.dataset.path": path},
-        payload={"dataset_path": path, "job": cfg.name, "verdict": gain.get("verdict"), "gain": gain.get("mean"),
+        payload={"dataset_path": path, "job": cfg.name, "product_arm": m["evaluation"].get("product_arm"),
+                 "verdict": gain.get("verdict"), "gain": gain.get("mean"),
                  "ci_low": gain.get("ci_low"), "ci_high": gain.get("ci_high"), "baseline": gain.get("baseline"),
                  "rows": {s: v["rows"] for s, v in m["dataset"]["splits"].items()},
                  "synthetic_rows": m["dataset"]["splits"]["train"]["synthetic"],
@@ -127,8 +133,8 @@ def _artifacts(cfg: RunConfig, m: dict) -> None:
     per_class = []
     for k, c in enumerate(names):
         row = {"class": c}
-        for a in ("real", "real+classic", "real+synthetic"):
-            if "per_class_accuracy" in ev["arms"].get(a, {}):
+        for a in dict.fromkeys(("real", "real+classic", ev.get("best_baseline"), ev.get("product_arm"))):
+            if a and "per_class_accuracy" in ev["arms"].get(a, {}):
                 row[a] = round(ev["arms"][a]["per_class_accuracy"][k], 4)
         gen = m["generation"]["per_class"][k]
         row.update(generated=gen["generated"], kept=gen["kept"])
@@ -155,7 +161,7 @@ def resolve_config(config: RunConfig, overrides: list[str]) -> RunConfig:
 
 @flow(name="augment")
 def augment_flow(config: RunConfig = RunConfig(), overrides: list[str] = []) -> dict:  # noqa: B006 (Prefect form)
-    """Fine-tune, generate, filter, publish and evaluate; returns the report's metrics (metrics.json).
+    """Pseudo-label, fine-tune, generate, filter, evaluate and publish; returns the report's metrics (metrics.json).
 
     `overrides`: `section.key=value` strings applied on top of `config`, e.g. `["data.source=/data/new"]`."""
     t0 = time.time()
@@ -165,12 +171,13 @@ def augment_flow(config: RunConfig = RunConfig(), overrides: list[str] = []) -> 
         load_data(cfg)
         base = base_model(cfg)
         pipeline.record(cfg, None, base=base)
+        pseudo_label(cfg)
         adapter = finetune(cfg, base)
         pipeline.record(cfg, None, adapter=adapter)
         generate(cfg, base, adapter)
         filter_candidates(cfg)
+        evaluate(cfg)  # before publishing: it decides whether the pseudo-labeled pool rows are published
         publish(cfg, base, adapter)
-        evaluate(cfg)
         pipeline.record(cfg, None, total_seconds=round(time.time() - t0, 1))
         metrics = report(cfg)
     announce(cfg, metrics)

@@ -46,9 +46,16 @@ def test_flow_publishes_a_dataset_that_datasets_loads(finished_run):
         assert set(loaded) == {"train", "validation", "test"}
         train = loaded["train"]
         assert train.features["label"].names == [str(i) for i in range(10)]
-        n_syn = sum(train["is_synthetic"])
+        n_syn, n_pseudo = sum(train["is_synthetic"]), sum(train["is_pseudo_labeled"])
         assert n_syn == metrics["generation"]["kept"] > 0
-        assert len(train) == metrics["data"]["train_size"] + n_syn
+        # pool rows are published exactly when the evaluation put them in the recipe (validation decided)
+        in_recipe = "pseudo" in metrics["evaluation"]["product_recipe"]
+        assert n_pseudo == (metrics["pseudo"]["count"] if in_recipe else 0)
+        assert len(train) == metrics["data"]["train_size"] + n_syn + n_pseudo
+        if in_recipe:
+            pseudo_rows = train.filter(lambda r: r["is_pseudo_labeled"])
+            assert all(c > metrics["pseudo"]["threshold"] for c in pseudo_rows["pseudo_confidence"])
+            assert not any(pseudo_rows["is_synthetic"])
         assert len(loaded["test"]) == metrics["data"]["test_size"] and not any(loaded["test"]["is_synthetic"])
         row = train[len(train) - 1]
         assert row["is_synthetic"] and row["seed"] is not None and row["adapter_hash"]
@@ -63,10 +70,20 @@ def test_metrics_schema_and_report(finished_run):
     assert on_disk["schema_version"] == 1
     gain = on_disk["gain_over_best_baseline"]
     assert {"mean", "ci_low", "ci_high"} <= set(gain) and len(gain["differences"]) == cfg.evaluation.seeds
-    for arm in ("real", "real+classic", "real+synthetic", "real+synthetic_unfiltered"):
-        assert len(on_disk["evaluation"]["arms"][arm]["per_seed_accuracy"]) == cfg.evaluation.seeds
+    ev = on_disk["evaluation"]
+    product, recipe = ev["product_arm"], ev["product_recipe"]
+    assert product == recipe + "+synthetic" == on_disk["product_arm"] == gain["product_arm"]
+    assert ev["selection"]["recipe"]["chosen"] in ("real", "real+classic")
+    for arm in ("real", "real+classic", "real+synthetic", "real+classic+synthetic", product,
+                recipe + "+synthetic_unfiltered", "synthetic"):
+        assert len(ev["arms"][arm]["per_seed_accuracy"]) == cfg.evaluation.seeds
+    assert on_disk["pseudo"]["count"] > 0  # the tiny config's lenient labeler labels some pool images
+    pseudo_arm = ev["selection"]["recipe"]["chosen"] + "+pseudo"
+    assert pseudo_arm in ev["baselines"] and pseudo_arm + "+synthetic" in ev["arms"]
+    assert set(ev["synthetic_adds"]) >= {"real+synthetic vs real", "real+classic+synthetic vs real+classic"}
     best = on_disk["gain_over_best_baseline"]["baseline"]
-    a = on_disk["evaluation"]["arms"]["real+synthetic"]["per_seed_accuracy"]
+    assert best in ev["baselines"] and "synthetic" not in best
+    a = on_disk["evaluation"]["arms"][product]["per_seed_accuracy"]
     b = on_disk["evaluation"]["arms"][best]["per_seed_accuracy"]
     assert gain["mean"] == pytest.approx(sum(x - y for x, y in zip(a, b)) / len(a))
     page = (run / "report.html").read_text()
@@ -78,6 +95,8 @@ def test_metrics_schema_and_report(finished_run):
     for src in re.findall(r"\]\((report_assets/[^)]+)\)", md):
         assert (run / src).is_file()
     assert f"{metrics['data']['test_size']} real images" in md
+    assert "## How the recipe was chosen (validation only)" in md and "## Pseudo-labels" in md
+    assert f"{product} − {best} (best baseline)" in md
 
 
 def test_rerun_reuses_every_expensive_stage(finished_run):
@@ -147,12 +166,13 @@ def _run_stages_without_prefect(cfg, quiet):
 
     pipeline.prepare_data(cfg)
     base = pipeline.base_model(cfg, log=quiet)
+    pipeline.pseudo_stage(cfg, log=quiet)
     adapter = pipeline.finetune_stage(cfg, base, log=quiet)
     assert pipeline.generate_stage(cfg, base, adapter, log=quiet)["samples"] == 0
     assert pipeline.filter_stage(cfg, log=quiet)["kept"] == 0
-    assert pipeline.publish_stage(cfg, base, adapter)["train"]["synthetic"] == 0
     summary = pipeline.evaluate_stage(cfg, log=quiet)
     assert "skipped" in summary["arms"]["synthetic"]
+    assert pipeline.publish_stage(cfg, base, adapter)["train"]["synthetic"] == 0
 
 
 def test_deployment_event_trigger():

@@ -1,0 +1,122 @@
+"""The evaluation protocol: the arms' training sets, the pseudo-labeling rule, choices made on validation only,
+and results that do not depend on the number of worker processes."""
+
+import json
+
+import numpy as np
+import pytest
+
+from augment.config import ClassifierConfig, EvaluationConfig, PseudoConfig, parse_arm
+from augment.data import DataConfig, ImageSet, Splits, load_images, split
+from augment.evaluate import TrainingSets, arm_training_set, evaluate, summarize_results
+from augment.pseudo import choose_threshold, pseudo_label
+
+
+@pytest.fixture(scope="module")
+def splits():
+    cfg = DataConfig(shots_per_class=5, test_fraction=0.3, val_fraction=0.1, max_pool_size=300)
+    return split(load_images(cfg), cfg)
+
+
+def _sets(splits: Splits) -> TrainingSets:
+    v = splits.validation  # stand-ins: labeled images from validation play "synthetic" and "pseudo" rows
+    kept = (v.images[:40], v.labels[:40])
+    unfiltered = (v.images[:60], v.labels[:60])
+    pseudo = (splits.pool.images[:30], np.arange(30) % 10)
+    return TrainingSets(splits, kept, unfiltered, pseudo, {"class_consistency": (v.images[:20], v.labels[:20])})
+
+
+def test_arm_names_parse_and_bad_ones_are_named():
+    assert parse_arm("real+classic+pseudo+synthetic") == {"real", "classic", "pseudo", "synthetic"}
+    for bad, why in [("real+jitter", "parts must be"), ("classic", "no training images"),
+                     ("real+synthetic+synthetic_unfiltered", "exclude each other"), ("pseudo+synthetic", "needs real"),
+                     ("real+real", "distinct")]:
+        with pytest.raises(ValueError, match=why):
+            parse_arm(bad)
+    with pytest.raises(ValueError, match="real\\+jitter"):
+        EvaluationConfig(arms=["real", "real+jitter"])
+
+
+def test_each_arm_trains_on_what_its_name_says(splits):
+    sets = _sets(splits)
+    n = len(splits.train)
+    expect = {  # arm: (real rows, synthetic rows, classic augmentation)
+        "real": (n, None, False), "real+classic": (n, None, True), "real+classic+pseudo": (n + 30, None, True),
+        "real+synthetic": (n, 40, False), "real+classic+synthetic": (n, 40, True),
+        "real+classic+pseudo+synthetic": (n + 30, 40, True), "real+synthetic_unfiltered": (n, 60, False),
+        "synthetic": (0, 40, False),
+    }
+    for arm, (n_real, n_syn, classic) in expect.items():
+        spec = arm_training_set(arm, sets)
+        assert len(spec["data"][0]) == len(spec["data"][1]) == n_real, arm
+        assert (spec["synthetic"] is None if n_syn is None else len(spec["synthetic"][0]) == n_syn), arm
+        assert spec["augment"] is classic, arm
+    pseudo_rows = arm_training_set("real+pseudo", sets)["data"]
+    assert (pseudo_rows[0][:n] == splits.train.images).all() and (pseudo_rows[1][n:] == sets.pseudo[1]).all()
+    ablation = arm_training_set("filter:class_consistency", sets, recipe="real+classic+pseudo")
+    assert len(ablation["data"][0]) == n + 30 and ablation["augment"] and len(ablation["synthetic"][0]) == 20
+    with pytest.raises(ValueError, match="needs pseudo-labeled"):
+        arm_training_set("real+pseudo", TrainingSets(splits, sets.kept, sets.unfiltered, None))
+
+
+def test_threshold_is_the_lowest_that_meets_the_precision_rule():
+    cfg = PseudoConfig(thresholds=[0.5, 0.7, 0.9], min_precision=0.9, min_support=3)
+    conf = np.array([0.55, 0.6, 0.65, 0.75, 0.8, 0.85, 0.95, 0.96, 0.97])
+    correct = np.array([0, 0, 1, 1, 1, 1, 1, 1, 1], bool)
+    chosen, table = choose_threshold(cfg, conf, correct)
+    assert chosen == 0.7 and [t["validation_support"] for t in table] == [9, 6, 3]
+    assert table[0]["validation_precision"] == pytest.approx(7 / 9) and not table[0]["meets_rule"]
+    # too few validation images above a threshold: it does not count
+    assert choose_threshold(cfg.model_copy(update={"min_support": 7}), conf, correct)[0] is None
+
+
+def test_pseudo_labels_come_from_train_and_validation_only(splits):
+    cfg = PseudoConfig(classifier=ClassifierConfig(width=8, steps=150), thresholds=[0.3, 0.5, 0.7], min_precision=0.8,
+                       min_support=5)
+    p = pseudo_label(cfg, splits.train, splits.validation, splits.pool, log=lambda m: None)
+    assert p.summary["threshold"] is not None and len(p) > 0
+    assert (p.confidence > p.summary["threshold"]).all()
+    assert set(p.ids) <= set(splits.pool.ids)
+    # the pool's true labels (kept aside here) agree with most pseudo-labels
+    cfg_d = DataConfig(shots_per_class=5, test_fraction=0.3, val_fraction=0.1, max_pool_size=300)
+    truth = dict(zip(load_images(cfg_d).ids, load_images(cfg_d).labels))
+    assert np.mean([truth[i] == y for i, y in zip(p.ids, p.labels)]) > 0.7
+    assert pseudo_label(cfg.model_copy(update={"enabled": False}), splits.train, splits.validation,
+                        splits.pool).summary["reason"] == "pseudo.enabled is false"
+
+
+def _scrambled_test(splits: Splits) -> Splits:
+    t = splits.test
+    rng = np.random.default_rng(1)
+    return Splits(splits.train, splits.validation,
+                  ImageSet(t.images[rng.permutation(len(t))], t.labels, t.class_names, t.ids), splits.pool)
+
+
+def test_protocol_chooses_on_validation_and_never_on_test(splits, tmp_path):
+    cfg = EvaluationConfig(seeds=2, model=ClassifierConfig(width=8, steps=40, augment=False), workers=1)
+    a = json.loads(evaluate(cfg, _sets(splits), tmp_path / "a", log=lambda m: None).read_text())
+    b = json.loads(evaluate(cfg, _sets(_scrambled_test(splits)), tmp_path / "b", log=lambda m: None).read_text())
+    # test images shuffled against their labels: every test score changes, no choice does
+    assert a["selection"] == b["selection"] and a["product_arm"] == b["product_arm"]
+    for arm in a["runs"]:
+        assert [r["validation_accuracy"] for r in a["runs"][arm]] == [r["validation_accuracy"] for r in b["runs"][arm]]
+    assert any(r["accuracy"] != s["accuracy"] for arm in a["runs"] for r, s in zip(a["runs"][arm], b["runs"][arm]))
+    recipe = a["selection"]["recipe"]["chosen"]
+    assert a["product_arm"] == a["product_recipe"] + "+synthetic"
+    assert set(a["runs"]) == {"real", "real+classic", f"{recipe}+pseudo", "real+synthetic", "real+classic+synthetic",
+                              f"{recipe}+pseudo+synthetic", f"{a['product_recipe']}+synthetic_unfiltered",
+                              "synthetic", "filter:class_consistency"}
+    s = summarize_results(a)
+    assert set(s["baselines"]) == {"real", "real+classic", f"{recipe}+pseudo"}
+    assert s["best_baseline"] == max(s["baselines"], key=lambda x: s["arms"][x]["accuracy"]["mean"])
+
+
+def test_results_do_not_depend_on_the_number_of_workers(splits, tmp_path):
+    cfg = EvaluationConfig(arms=["real", "real+classic+synthetic"], seeds=2, filter_ablation=False,
+                           model=ClassifierConfig(width=8, steps=30, augment=False), workers=1)
+    one = json.loads(evaluate(cfg, _sets(splits), tmp_path / "1", log=lambda m: None).read_text())
+    two = json.loads(evaluate(cfg.model_copy(update={"workers": 2}), _sets(splits), tmp_path / "2",
+                              log=lambda m: None).read_text())
+    strip = lambda res: {a: [{k: v for k, v in r.items() if k != "seconds"} for r in rs]  # noqa: E731
+                         for a, rs in res["runs"].items()}
+    assert strip(one) == strip(two)
