@@ -251,6 +251,10 @@ class EvaluationConfig(_Section):
     filter_ablation: bool = Field(
         True, description="Also train on the synthetic sets that each filter alone would keep (with the recipe).",
     )
+    diagnostic_arms: bool = Field(
+        True, description="Also train on unfiltered synthetic data (what the filter is worth) and on synthetic "
+        "data only (the Classification Accuracy Score).",
+    )
     workers: int = Field(
         0, ge=0, le=256, description="Parallel training processes (one torch thread each); 0 = one per CPU core, "
         "1 = in this process. Results do not depend on it.",

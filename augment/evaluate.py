@@ -195,7 +195,7 @@ def evaluate(cfg: EvaluationConfig, sets: TrainingSets, output_dir: str | Path,
     selection: dict = {}
 
     if cfg.arms == "auto":
-        n_arms = 2 + 2 * has_pseudo + 4 + len(sets.ablation)
+        n_arms = 2 + 2 * has_pseudo + 2 + 2 * cfg.diagnostic_arms + len(sets.ablation)
         runner = _Runner(cfg, sets, n_arms * len(seeds), progress)
         try:
             # 1. The team's recipe: classic augmentation or not, on validation.
@@ -215,7 +215,8 @@ def evaluate(cfg: EvaluationConfig, sets: TrainingSets, output_dir: str | Path,
             arms = ["real+synthetic", "real+classic+synthetic"]
             if has_pseudo:
                 arms.append(_with(_with(recipe, "pseudo"), "synthetic"))
-            arms += [_with(product_recipe, "synthetic_unfiltered"), "synthetic"]
+            if cfg.diagnostic_arms:
+                arms += [_with(product_recipe, "synthetic_unfiltered"), "synthetic"]
             results.update(runner.run(arms, product_recipe, seeds))
             results.update(runner.run([f"filter:{n}" for n in sets.ablation], product_recipe, seeds))
         finally:

@@ -10,8 +10,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-COLORS = {"real": "#7f7f7f", "real+classic": "#1f77b4", "real+synthetic": "#2ca02c",
-          "real+synthetic_unfiltered": "#ff7f0e", "synthetic": "#9467bd", "real+synthetic+classic": "#17becf"}
+COLORS = {"real": "#7f7f7f", "real+classic": "#1f77b4", "real+pseudo": "#8c564b", "real+classic+pseudo": "#8c564b",
+          "real+synthetic": "#98df8a", "real+classic+synthetic": "#2ca02c", "real+pseudo+synthetic": "#17becf",
+          "real+classic+pseudo+synthetic": "#17becf", "real+synthetic_unfiltered": "#ff7f0e",
+          "real+classic+synthetic_unfiltered": "#ff7f0e", "real+classic+pseudo+synthetic_unfiltered": "#ff7f0e",
+          "synthetic": "#9467bd"}
 
 
 def _png(fig) -> bytes:
@@ -28,8 +31,9 @@ def arms_plot(arms: dict, metric: str = "accuracy", split: str = "test") -> byte
     for i, a in enumerate(names):
         s = arms[a][metric]
         c = COLORS.get(a, "#444444")
-        lo = s["ci_low"] if np.isfinite(s["ci_low"]) else s["mean"]
-        hi = s["ci_high"] if np.isfinite(s["ci_high"]) else s["mean"]
+        # one seed has no interval (null in metrics.json): draw the mean alone
+        lo = s["ci_low"] if s["ci_low"] is not None and np.isfinite(s["ci_low"]) else s["mean"]
+        hi = s["ci_high"] if s["ci_high"] is not None and np.isfinite(s["ci_high"]) else s["mean"]
         ax.barh(i, s["mean"], color=c, alpha=0.35)
         ax.errorbar(s["mean"], i, xerr=[[s["mean"] - lo], [hi - s["mean"]]], fmt="o", color=c, capsize=4)
         ax.scatter(arms[a][f"per_seed_{metric}"], [i] * s["n"], color=c, s=12, zorder=3, marker="|")

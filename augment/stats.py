@@ -49,3 +49,22 @@ def verdict(diff: dict) -> str:
     if hi < 0:
         return "significant loss"
     return "no significant gain"
+
+
+def clustered_difference(diffs_by_group, confidence: float = 0.95, n_boot: int = 10000, seed: int = 0) -> dict:
+    """Mean of paired differences grouped by few-shot draw (seeds within draws), with a two-level bootstrap
+    interval: resample draws, then seeds within each drawn draw. Honest when draws differ more than seeds do."""
+    groups = [np.asarray(g, np.float64) for g in diffs_by_group if len(g)]
+    if not groups:
+        raise ValueError("clustered_difference: no differences")
+    mean = float(np.mean(np.concatenate(groups)))
+    rng = np.random.default_rng(seed)
+    boots = np.empty(n_boot)
+    for i in range(n_boot):
+        picked = [groups[j] for j in rng.integers(0, len(groups), len(groups))]
+        boots[i] = np.mean(np.concatenate([g[rng.integers(0, len(g), len(g))] for g in picked]))
+    lo, hi = np.quantile(boots, [0.5 - confidence / 2, 0.5 + confidence / 2])
+    out = {"mean": mean, "ci_low": float(lo), "ci_high": float(hi), "n_groups": len(groups),
+           "n": int(sum(len(g) for g in groups)), "confidence": confidence}
+    out["verdict"] = verdict({**out, "n": out["n"]})
+    return out

@@ -20,7 +20,7 @@ def test_publish_roundtrip_and_atomic_replace(tmp_path):
     out = tmp_path / "ds"
     publish(splits, images, table, out, "t", prov, max_shard_rows=100)
     info = publish(splits, images, table, out, "t", prov, max_shard_rows=100)  # replaces in place
-    assert info["train"] == {"rows": 22, "synthetic": 2}
+    assert info["train"] == {"rows": 22, "synthetic": 2, "pseudo_labeled": 0}
     assert not (tmp_path / "ds.tmp").exists() and not (tmp_path / "ds.old").exists()
     assert len(list((out / "data").glob("test-*.parquet"))) > 1  # sharded
     a = datasets.load_from_disk(str(out))
@@ -31,7 +31,30 @@ def test_publish_roundtrip_and_atomic_replace(tmp_path):
         assert np.array_equal(np.asarray(syn[0]["image"]), images[0][..., 0])
         assert d["test"].features["label"].int2str(0) == "0"
     card = (out / "README.md").read_text()
-    assert card.startswith("---") and "data/train-" in card and "| train | 22 | 2 | 20 |" in card
+    assert card.startswith("---") and "data/train-" in card and "| train | 22 | 2 | 0 | 20 |" in card
+
+
+def test_pseudo_labeled_pool_rows_are_published_marked(tmp_path):
+    import datasets
+
+    from augment.data import ImageSet
+
+    cfg = DataConfig(shots_per_class=2, test_fraction=0.1, val_fraction=0.05)
+    splits = split(load_images(cfg), cfg)
+    pool = splits.pool
+    pseudo = ImageSet(pool.images[:3], np.array([4, 5, 6]), splits.class_names, pool.ids[:3])
+    empty = pd.DataFrame(columns=["sample_id", "label", "seed", "strength", "source_id", "guidance_scale",
+                                  "num_inference_steps", "scheduler", "p_intended", "nn_similarity"])
+    prov = {"base_model": "b", "adapter_hash": "a", "config_hash": "c"}
+    info = publish(splits, splits.train.images[:0], empty, tmp_path / "ds", "t", prov,
+                   pseudo=(pseudo, np.array([0.99, 0.97, 0.995], np.float32)))
+    assert info["train"] == {"rows": 23, "synthetic": 0, "pseudo_labeled": 3}
+    train = datasets.load_from_disk(str(tmp_path / "ds"))["train"]
+    rows = train.filter(lambda r: r["is_pseudo_labeled"])
+    assert rows["label"] == [4, 5, 6] and rows["source_id"] == pool.ids[:3] and not any(rows["is_synthetic"])
+    assert np.allclose(rows["pseudo_confidence"], [0.99, 0.97, 0.995])
+    assert rows["sample_id"][0] == f"pseudo:{pool.ids[0]}"
+    assert "| train | 23 | 0 | 3 | 20 |" in (tmp_path / "ds" / "README.md").read_text()
 
 
 def test_load_dataset_never_returns_a_stale_cached_copy(tmp_path):
