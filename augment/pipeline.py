@@ -19,6 +19,7 @@ Run folder:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import time
@@ -65,10 +66,12 @@ class _Stage:
     """Times a stage and records it in run.json; with a folder, marks it finished under its config key so that
     an unchanged re-run reuses it."""
 
-    def __init__(self, cfg: RunConfig, name: str, folder: str | None = None):
+    def __init__(self, cfg: RunConfig, name: str, folder: str | None = None, upstream: str = ""):
         self.cfg, self.name = cfg, name
         self.folder = run_dir(cfg) / folder if folder else None
         self.key = cfg.fingerprint(*STAGE_SECTIONS.get(name, ("data",)))
+        if upstream:  # what the stage consumes (a base, an adapter, an earlier stage's key), beyond the config
+            self.key += "-" + hashlib.sha256(upstream.encode()).hexdigest()[:12]
         summary = run_folder.read_json(run_dir(cfg) / "data" / "summary.json", {})
         if name != "data" and "fingerprint" in summary:  # new images under the same config must not reuse old results
             self.key += "-" + summary["fingerprint"]
@@ -101,6 +104,11 @@ class _Stage:
                 run_folder.write_json(self.folder / "stage.json", {"key": self.key})
             record(self.cfg, self.name, seconds=round(time.time() - self.t0, 2))
         return False
+
+
+def _stage_key(cfg: RunConfig, folder: str) -> str:
+    """The key under which an earlier stage finished (its output's identity for the stages after it)."""
+    return (run_folder.read_json(run_dir(cfg) / folder / "stage.json") or {}).get("key", "")
 
 
 def record(cfg: RunConfig, stage: str | None, **facts) -> None:
@@ -170,7 +178,7 @@ def load_pseudo(cfg: RunConfig, splits: Splits):
 def finetune_stage(cfg: RunConfig, base: dict, log=print) -> dict:
     from augment.finetune import finetune
 
-    with _Stage(cfg, "finetune", folder="finetune").fresh() as st:
+    with _Stage(cfg, "finetune", folder="finetune", upstream=base["fingerprint"]).fresh() as st:
         splits = load_splits(cfg)
         pseudo, _ = load_pseudo(cfg, splits)
         info = finetune(cfg.lora, BaseModelInfo(**base), splits.train, st.folder, resolve_device(cfg.device),
@@ -186,7 +194,7 @@ def generate_stage(cfg: RunConfig, base: dict, adapter: dict, progress: Callable
     from augment.finetune import load_finetuned
     from augment.generate import generate
 
-    st = _Stage(cfg, "generate", folder="candidates")
+    st = _Stage(cfg, "generate", folder="candidates", upstream=adapter["adapter_hash"])
     if not st.reused(log):
         with st.fresh():
             splits = load_splits(cfg)
@@ -205,7 +213,7 @@ def filter_stage(cfg: RunConfig, log=print) -> dict:
     from augment.filters import decide, save_outcome, score_candidates
     from augment.generate import load_candidates
 
-    st = _Stage(cfg, "filter", folder="filter")
+    st = _Stage(cfg, "filter", folder="filter", upstream=_stage_key(cfg, "candidates"))
     if st.reused(log):
         return json.loads((st.folder / "decisions.json").read_text())
     with st.fresh():
@@ -247,7 +255,8 @@ def evaluate_stage(cfg: RunConfig, progress: Callable[[int, int], None] | None =
     from augment.evaluate import TrainingSets, evaluate, summarize_results
     from augment.filters import decide, load_scored
 
-    st = _Stage(cfg, "evaluate", folder="evaluation")
+    st = _Stage(cfg, "evaluate", folder="evaluation",
+                upstream=_stage_key(cfg, "filter") + _stage_key(cfg, "pseudo"))
     if not st.reused(log):
         with st.fresh():
             splits = load_splits(cfg)

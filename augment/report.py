@@ -197,7 +197,8 @@ def sections(m: dict) -> list[tuple[str, str, list[tuple[list[str], list[list]]]
     gain_rows = [gain_row(f"{product} − {b}" + (" (best baseline)" if b == ev.get("best_baseline") else ""),
                           d["accuracy"], d["macro_f1"]) for b, d in (ev.get("gains") or {}).items()]
     gain_rows += [gain_row(f"{label} (what synthetic data adds)", d["accuracy"], d["macro_f1"])
-                  for label, d in (ev.get("synthetic_adds") or {}).items()]
+                  for label, d in (ev.get("synthetic_adds") or {}).items()
+                  if label.split(" vs ")[0] != product]  # the product's own pair is already a row above
     if ev.get("filter_gain"):
         fg = ev["filter_gain"]
         gain_rows.append(gain_row(f"{product} − {fg.get('against', 'unfiltered')} (what the filter is worth)",

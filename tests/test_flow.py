@@ -181,3 +181,24 @@ def test_deployment_event_trigger():
     assert build_triggers(None) == []
     (trigger,) = build_triggers("dataset.labeled.updated")
     assert trigger.expect == {"dataset.labeled.updated"}
+
+
+def test_a_stage_is_redone_when_what_it_consumes_changes(tiny_cfg):
+    """Same config, another base (e.g. a re-pretrained cache entry): the adapter and everything after it is redone."""
+    from augment import pipeline
+
+    quiet = lambda m: None  # noqa: E731
+    with pipeline.started(tiny_cfg) as out:
+        pipeline.prepare_data(tiny_cfg)
+        base = pipeline.base_model(tiny_cfg, log=quiet)
+        pipeline.pseudo_stage(tiny_cfg, log=quiet)
+        first = pipeline.finetune_stage(tiny_cfg, base, log=quiet)
+        adapter = out / "finetune" / "adapter" / "adapter_model.safetensors"
+        stamp = adapter.stat().st_mtime_ns
+        assert pipeline.finetune_stage(tiny_cfg, base, log=quiet) == first and adapter.stat().st_mtime_ns == stamp
+        pipeline.generate_stage(tiny_cfg, base, first, log=quiet)
+        key = json.loads((out / "candidates" / "stage.json").read_text())["key"]
+        pipeline.finetune_stage(tiny_cfg, {**base, "fingerprint": "another-base"}, log=quiet)
+        assert adapter.stat().st_mtime_ns != stamp
+        changed = pipeline.generate_stage(tiny_cfg, base, {**first, "adapter_hash": "another"}, log=quiet)
+        assert json.loads((out / "candidates" / "stage.json").read_text())["key"] != key and changed["samples"] > 0
