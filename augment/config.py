@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -302,9 +302,14 @@ class RunConfig(_Section):
     publish: PublishConfig = Field(default_factory=PublishConfig)
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Torch device; auto = cuda if available.")
 
+    # Where things are written and how many processes do the work change no result: not part of any hash.
+    UNHASHED: ClassVar[tuple] = (("publish", "output_dir"), ("base", "cache_dir"), ("evaluation", "workers"))
+
     def fingerprint(self, *sections: str) -> str:
         """Short hash of the named sections (all when none), for cache keys and provenance."""
         dump = self.model_dump(mode="json")
+        for section, key in self.UNHASHED:
+            dump[section].pop(key, None)
         picked = {s: dump[s] for s in sections} if sections else dump
         return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
 

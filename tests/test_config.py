@@ -72,3 +72,12 @@ def test_overrides_and_partial_configs_merge_and_bad_values_name_the_override():
         apply_overrides(base, ["generation.strengths=[0.5"])
     with pytest.raises(ConfigError, match="name is not a section"):
         apply_overrides(base, ["name.first=x"])
+
+
+def test_config_hash_ignores_where_and_how_many():
+    a = RunConfig()
+    b = parse_config({"publish": {"output_dir": "/elsewhere"}, "base": {"cache_dir": "/cache2"},
+                      "evaluation": {"workers": 1}})
+    assert a.fingerprint() == b.fingerprint() and a.fingerprint("base", "evaluation") == b.fingerprint("base",
+                                                                                                       "evaluation")
+    assert a.publish.output_dir != b.publish.output_dir  # the config itself still holds them
