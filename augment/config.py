@@ -106,7 +106,7 @@ class LoRAConfig(_Section):
     train_class_embedding: bool = Field(
         True, description="Train the class embedding in full (peft modules_to_save)."
     )
-    max_train_steps: int = Field(800, ge=0, le=1_000_000, description="Fine-tuning optimizer steps.")
+    max_train_steps: int = Field(1600, ge=0, le=1_000_000, description="Fine-tuning optimizer steps.")
     train_batch_size: int = Field(32, ge=1, le=4096, description="Fine-tuning batch size.")
     learning_rate: float = Field(5e-3, gt=0, le=1.0, description="Fine-tuning learning rate of the LoRA factors.")
     class_embedding_learning_rate: float = Field(
