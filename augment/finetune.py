@@ -21,6 +21,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 from augment.config import LoRAConfig
 from augment.data import ImageSet
+from augment.run import load_state
 from augment.diffusion import EMA, diffusion_loss, lr_lambda, to_tensor
 from augment.models import BaseModelInfo, load_base
 
@@ -105,8 +106,8 @@ def finetune(
     # 2. Resume.
     ckpt_dir = output_dir / "finetune-checkpoint"
     ckpt = ckpt_dir / "state.pt"
-    if ckpt.exists():
-        state = torch.load(ckpt, map_location=device, weights_only=False)
+    state = load_state(ckpt, map_location=device, log=log)
+    if state is not None:
         for p, v in zip(params, state["params"]):
             p.data.copy_(v)
         opt.load_state_dict(state["opt"]); sched.load_state_dict(state["sched"])

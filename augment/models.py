@@ -22,6 +22,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 
 from augment.config import BaseModelConfig
 from augment.data import ImageSet
+from augment.run import load_state
 from augment.diffusion import EMA, autocast, diffusion_loss, lr_lambda, to_tensor
 
 
@@ -170,8 +171,8 @@ def pretrain(cfg: BaseModelConfig, images: np.ndarray, device: torch.device, ckp
 
     # 2. Resume from the last checkpoint of an interrupted pretraining.
     ckpt = ckpt_dir / "state.pt"
-    if ckpt.exists():
-        state = torch.load(ckpt, map_location=device, weights_only=False)
+    state = load_state(ckpt, map_location=device, log=log)
+    if state is not None:
         unet.load_state_dict(state["unet"]); opt.load_state_dict(state["opt"]); sched.load_state_dict(state["sched"])
         if ema: ema.load_state_dict(state["ema"])
         gen.set_state(state["gen"]); rng.bit_generator.state = state["rng"]; step = state["step"]

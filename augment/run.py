@@ -121,3 +121,25 @@ def lock(output_dir: str | Path, wait: bool = False):
             fh.seek(0)
             fh.truncate()
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def load_state(path: str | Path, map_location=None, log=print) -> dict | None:
+    """Load a resume checkpoint with `torch.load(weights_only=True)`: tensors and plain Python values only, never
+    arbitrary pickled objects (a planted file in a run folder or cache must not run code). A checkpoint that is
+    unreadable or holds anything else is reported and ignored: training starts over, which is always safe."""
+    import pickle
+
+    import torch
+
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as err:
+        log(f"ignoring checkpoint {path}: not a plain tensor checkpoint ({str(err).splitlines()[0][:120]})")
+        return None
+    if not isinstance(state, dict) or "step" not in state:
+        log(f"ignoring checkpoint {path}: unexpected contents")
+        return None
+    return state

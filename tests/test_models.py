@@ -139,3 +139,27 @@ def test_plan_counts_and_balance(splits):
     b = plan(GenerationConfig(num_per_class=4, strengths=[0.25, 1.0]), splits.train)
     assert a.equals(b) and a["seed"].is_unique
     assert a["label"].iloc[:10].tolist() == list(range(10))  # classes interleaved across shards
+
+
+def _planted_checkpoint(path, target):
+    import os
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {target}",))
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(pickle.dumps({"step": 3, "payload": Evil()}))
+
+
+def test_a_planted_checkpoint_never_runs_code_and_training_starts_over(tmp_path, splits, base):
+    cfg = LoRAConfig(rank=2, lora_alpha=2, max_train_steps=4, train_batch_size=4, checkpointing_steps=2)
+    clean = finetune(cfg, base, splits.train, tmp_path / "clean", CPU, log=lambda m: None)
+    pwned = tmp_path / "pwned"
+    _planted_checkpoint(tmp_path / "run" / "finetune-checkpoint" / "state.pt", pwned)
+    said = []
+    info = finetune(cfg, base, splits.train, tmp_path / "run", CPU, log=said.append)
+    assert not pwned.exists()
+    assert any("ignoring checkpoint" in m for m in said)
+    assert info.adapter_hash == clean.adapter_hash  # started over: the same adapter as an untouched run
