@@ -48,6 +48,10 @@ class DataConfig(_Section):
         "that the built-in base model pretrains on."
     )
     max_pool_size: int | None = Field(None, ge=1, description="Cap on the unlabeled pool size.")
+    allow_outside_paths: bool = Field(
+        False, description="Allow manifest paths and image-folder symlinks that resolve outside the data folder "
+        "(the manifest's folder or the image folder's root).",
+    )
     seed: int = Field(0, ge=0, description="Seed for the splits and few-shot sampling.")
 
     @model_validator(mode="after")

@@ -92,8 +92,19 @@ class Splits:
 # 1. Reading sources -------------------------------------------------------------------------------------------
 
 
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """16-bit and 32-bit grayscale scaled to 0..255 by their bit depth (PIL's convert("L") clips them)."""
+    if img.mode not in ("I;16", "I;16B", "I;16L", "I", "F"):
+        return img
+    arr = np.asarray(img, dtype=np.float64)
+    top = 65535.0 if img.mode.startswith("I;16") or (img.mode == "I" and arr.max(initial=0) > 255) else 255.0
+    if img.mode == "F":
+        top = 1.0 if arr.max(initial=0) <= 1.0 else 255.0
+    return Image.fromarray(np.clip(arr * (255.0 / top), 0, 255).round().astype(np.uint8), mode="L")
+
+
 def _normalize(img: Image.Image, size: int, channels: int) -> np.ndarray:
-    img = img.convert("L" if channels == 1 else "RGB")
+    img = _to_8bit(img).convert("L" if channels == 1 else "RGB")
     if img.size != (size, size):
         img = img.resize((size, size), Image.BICUBIC)
     arr = np.asarray(img, dtype=np.uint8)
@@ -133,6 +144,15 @@ def load_sklearn_digits(cfg: DataConfig) -> ImageSet:
     return _finish(images, digits.target.tolist(), ids, "sklearn-digits", names=[str(i) for i in range(10)])
 
 
+def _inside(path: Path, root: Path, what: str) -> None:
+    """Refuse a file that resolves outside the data root (a symlink or `../` path would otherwise publish any
+    readable image on the machine)."""
+    real, top = path.resolve(), root.resolve()
+    if real != top and top not in real.parents:
+        raise DataError(f"{what} {path} resolves to {real}, outside {root}; set data.allow_outside_paths: true "
+                        "if that is intended")
+
+
 def load_imagefolder(root: Path, cfg: DataConfig) -> ImageSet:
     class_dirs = sorted([d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")],
                         key=lambda d: _natural_key(d.name))
@@ -141,6 +161,9 @@ def load_imagefolder(root: Path, cfg: DataConfig) -> ImageSet:
     images, labels, ids = [], [], []
     for label, d in enumerate(class_dirs):
         files = sorted(p for p in d.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not cfg.allow_outside_paths:
+            for p in files:
+                _inside(p, root, "image")
         if not files:
             raise DataError(f"class folder {d} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
         for p in files:
@@ -165,6 +188,8 @@ def load_manifest(path: Path, cfg: DataConfig) -> ImageSet:
         if not isinstance(rel, str) or not rel:
             raise DataError(f"manifest {path}, row {row + 2}: empty path")
         p = Path(rel) if Path(rel).is_absolute() else path.parent / rel
+        if not cfg.allow_outside_paths:
+            _inside(p, path.parent, f"manifest {path}, row {row + 2}: image")
         if not p.is_file():
             raise DataError(f"manifest {path}, row {row + 2}: image file not found: {p}")
         images.append(_open(p, cfg.image_size, cfg.channels))
@@ -306,6 +331,9 @@ def make_splits(cfg: DataConfig) -> Splits:
     pools = [sub["pool"]] if cfg.use_unlabeled_pool else []
     if cfg.use_unlabeled_pool and (root / "pool").is_dir():
         files = sorted(p for p in (root / "pool").rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not cfg.allow_outside_paths:
+            for p in files:
+                _inside(p, root, "image")
         if files:
             pools.append(ImageSet(np.stack([_open(p, cfg.image_size, cfg.channels) for p in files]),
                                   np.full(len(files), -1, np.int64), train.class_names,

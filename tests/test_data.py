@@ -105,3 +105,35 @@ def test_imagefolder_with_its_own_splits(tmp_path):
     write_imagefolder(tmp_path / "e" / "test", classes=("cat", "dog"), per_class=2)
     with pytest.raises(DataError, match="class folders must match"):
         make_splits(DataConfig(source=str(tmp_path / "e")))
+
+
+def test_data_stays_where_it_was_declared(tmp_path):
+    """Manifest rows with ../ or absolute paths, and symlinks leaving an image folder, are refused by default."""
+    write_imagefolder(tmp_path / "data" / "imgs")
+    write_imagefolder(tmp_path / "elsewhere", per_class=1)
+    rows = [{"path": f"imgs/{c}/{i}.png", "label": c} for c in ("cat", "dog", "fox") for i in range(8)]
+    rows[3]["path"] = "../elsewhere/cat/0.png"
+    pd.DataFrame(rows).to_csv(tmp_path / "data" / "m.csv", index=False)
+    with pytest.raises(DataError, match=r"row 5: image .* outside"):
+        load_images(DataConfig(source=str(tmp_path / "data" / "m.csv")))
+    rows[3]["path"] = str((tmp_path / "elsewhere" / "cat" / "0.png").resolve())
+    pd.DataFrame(rows).to_csv(tmp_path / "data" / "m.csv", index=False)
+    with pytest.raises(DataError, match="outside"):
+        load_images(DataConfig(source=str(tmp_path / "data" / "m.csv")))
+    assert len(load_images(DataConfig(source=str(tmp_path / "data" / "m.csv"), allow_outside_paths=True))) == 24
+    (tmp_path / "data" / "imgs" / "cat" / "link.png").symlink_to(tmp_path / "elsewhere" / "dog" / "0.png")
+    with pytest.raises(DataError, match="link.png resolves to .* outside"):
+        load_images(DataConfig(source=str(tmp_path / "data" / "imgs")))
+
+
+def test_16_bit_images_are_scaled_not_clipped(tmp_path):
+    from PIL import Image
+
+    for c, value in (("dark", 1000), ("bright", 60000)):
+        (tmp_path / c).mkdir()
+        for i in range(5):
+            Image.fromarray(np.full((8, 8), value, np.uint16)).save(tmp_path / c / f"{i}.png")
+    data = load_images(DataConfig(source=str(tmp_path)))
+    assert Image.open(tmp_path / "dark" / "0.png").mode.startswith("I")
+    by_class = {data.class_names[k]: int(data.images[data.labels == k].mean()) for k in range(2)}
+    assert by_class == {"dark": round(1000 * 255 / 65535), "bright": round(60000 * 255 / 65535)}
