@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from augment.config import ConfigError, load_config
-from augment.data import DataError
+from augment.data import DataError, detect_kind
 from augment.models import ModelError
 from augment.run import RunFolderError, check_output_dir
 
@@ -61,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
             import yaml
 
             cfg = load_config(args.config, args.overrides)
+            detect_kind(cfg.data)  # a data.source that does not exist is an error here, not an hour later
+            check_output_dir(cfg.publish.output_dir, cfg.data.source)
             print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
             return 0
         if args.command == "report":
@@ -73,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             overrides = args.overrides + ([f"publish.output_dir={args.output_dir}"] if args.output_dir else [])
             cfg = load_config(args.config, overrides)
-            check_output_dir(cfg.publish.output_dir, cfg.data.source)  # refuse before Prefect starts or logs
+            detect_kind(cfg.data)  # refuse before Prefect starts or logs: one line, nothing written
+            check_output_dir(cfg.publish.output_dir, cfg.data.source)
             from flows.augment_flow import augment_flow
             from augment.report import headline
 

@@ -26,7 +26,7 @@ class _Section(BaseModel):
 
 class DataConfig(_Section):
     source: str = Field(
-        "sklearn-digits",
+        "sklearn-digits", min_length=1,
         description="`sklearn-digits` (built in, no download), an image folder `<root>/<class>/*`, a CSV/parquet "
         "manifest with `path,label` columns, a `datasets` dataset saved to disk, or a hub dataset id.",
     )

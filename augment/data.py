@@ -115,7 +115,7 @@ def _open(path: Path, size: int, channels: int) -> np.ndarray:
     try:
         with Image.open(path) as img:
             return _normalize(img, size, channels)
-    except (UnidentifiedImageError, OSError) as err:
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as err:
         raise DataError(f"cannot read image {path}: {err}") from None
 
 

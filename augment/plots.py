@@ -17,6 +17,18 @@ COLORS = {"real": "#7f7f7f", "real+classic": "#1f77b4", "real+pseudo": "#8c564b"
           "synthetic": "#9467bd"}
 
 
+def _literal(fn):
+    """Class and arm names are shown as written: `$x$` is not mathtext (a class named `$\\foo$` crashed it)."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with plt.rc_context({"text.parse_math": False}):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
 def _png(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
@@ -24,6 +36,7 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
+@_literal
 def arms_plot(arms: dict, metric: str = "accuracy", split: str = "test") -> bytes:
     """Mean with 95% CI per arm, and every seed as a dot."""
     names = [a for a, v in arms.items() if metric in v]
@@ -46,6 +59,7 @@ def arms_plot(arms: dict, metric: str = "accuracy", split: str = "test") -> byte
     return _png(fig)
 
 
+@_literal
 def per_class_plot(arms: dict, class_names: list[str], which: list[str], split: str = "test") -> bytes:
     which = [a for a in which if "per_class_accuracy" in arms.get(a, {})]
     fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(class_names) + 2), 3.2))
@@ -62,6 +76,7 @@ def per_class_plot(arms: dict, class_names: list[str], which: list[str], split: 
     return _png(fig)
 
 
+@_literal
 def confusion_plot(cms: dict[str, list], class_names: list[str]) -> bytes:
     fig, axes = plt.subplots(1, len(cms), figsize=(3.6 * len(cms), 3.4))
     axes = np.atleast_1d(axes)
@@ -77,6 +92,7 @@ def confusion_plot(cms: dict[str, list], class_names: list[str]) -> bytes:
     return _png(fig)
 
 
+@_literal
 def histogram_plot(groups: dict[str, np.ndarray], xlabel: str, threshold: float | None = None,
                    bins: int = 30) -> bytes:
     fig, ax = plt.subplots(figsize=(6, 2.8))
@@ -96,6 +112,7 @@ def histogram_plot(groups: dict[str, np.ndarray], xlabel: str, threshold: float 
     return _png(fig)
 
 
+@_literal
 def image_grid(rows: list[tuple[str, np.ndarray, list[str] | None]], cell: int = 28) -> bytes:
     """Rows of images (uint8 NHWC), each with a row label and optional per-image captions."""
     cols = max((len(r[1]) for r in rows), default=1) or 1

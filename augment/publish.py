@@ -147,6 +147,9 @@ def publish(splits: Splits, kept_images: np.ndarray, kept_table: pd.DataFrame, o
     import datasets
 
     out = Path(output_dir)
+    old = out.with_name(out.name + ".old")
+    if not out.exists() and old.exists():  # a crash between the two renames below: the last dataset comes back
+        old.rename(out)
     feats = features(splits.class_names)
     train_rows = _real_rows(splits.train)
     parts = [_real_rows(*pseudo)] if pseudo is not None and len(pseudo[0]) else []
@@ -170,7 +173,6 @@ def publish(splits: Splits, kept_images: np.ndarray, kept_table: pd.DataFrame, o
     (tmp / "augment_publish.json").write_text(json.dumps({"splits": info, "provenance": provenance,
                                                           "version": version}, indent=2))
     if out.exists():
-        old = out.with_name(out.name + ".old")
         shutil.rmtree(old, ignore_errors=True)
         out.rename(old)
         tmp.rename(out)

@@ -141,10 +141,14 @@ def test_cli_reports_user_errors_clearly(tmp_path, capsys):
     assert main(["run", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "lora.rank" in err and "lora.colour: unknown key" in err and "Traceback" not in err
+    missing = tmp_path / "missing.yaml"
+    missing.write_text(f"data:\n  source: {tmp_path / 'no_such_folder'}/\n")
+    assert main(["validate", str(missing)]) == 2  # checked now, not an hour into a run
+    err = capsys.readouterr().err
+    assert "no_such_folder" in err and "does not exist" in err and len(err.strip().splitlines()) == 1
     good = tmp_path / "good.yaml"
-    good.write_text(f"data:\n  source: {tmp_path / 'no_such_folder'}/\n")
-    assert main(["validate", str(good)]) == 0
-    assert "no_such_folder" in capsys.readouterr().out
+    good.write_text(f"publish:\n  output_dir: {tmp_path / 'out'}\n")
+    assert main(["validate", str(good)]) == 0 and "sklearn-digits" in capsys.readouterr().out
 
 
 def test_stages_run_without_prefect_even_with_nothing_to_generate(tiny_cfg):

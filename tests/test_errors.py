@@ -1,0 +1,69 @@
+"""Bad input is one clear line naming the culprit, before anything is written."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from augment.cli import main
+from conftest import ROOT
+
+TINY = str(ROOT / "configs" / "tiny.yaml")
+
+
+@pytest.mark.parametrize("overrides, culprit", [
+    (["data.source="], "data.source"),                                  # empty: used to train on the cwd
+    (["data.source=/no/such/folder/"], "/no/such/folder/"),
+    (["generation.strengths=[0.5"], "generation.strengths=[0.5"),       # YAML error inside --set
+    (["lora.rank=0"], "lora.rank"),
+    (["evaluation.arms=[real, real+jitter]"], "real+jitter"),
+    (["name.first=x"], "name is not a section"),
+])
+def test_bad_values_are_one_line_naming_the_culprit(tmp_path, capsys, overrides, culprit):
+    args = ["run", TINY, "--output-dir", str(tmp_path / "out")]
+    for o in overrides:
+        args += ["--set", o]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert culprit in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_decompression_bomb_is_a_data_error(tmp_path, monkeypatch):
+    from augment.config import DataConfig
+    from augment.data import DataError, load_images
+
+    for c in ("a", "b"):
+        (tmp_path / c).mkdir()
+        Image.fromarray(np.zeros((64, 64), np.uint8)).save(tmp_path / c / "0.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # every 64x64 image is now "too large" (> 2x the limit)
+    with pytest.raises(DataError, match=r"cannot read image .*0.png"):
+        load_images(DataConfig(source=str(tmp_path)))
+
+
+def test_class_names_with_dollar_signs_render(tmp_path):
+    from augment import plots
+
+    names = ["$\\foo$", "a_b$"]
+    assert plots.per_class_plot({"real": {"per_class_accuracy": [0.5, 0.7]}}, names, ["real"])
+    assert plots.confusion_plot({"real": [[1, 0], [0, 1]]}, names)
+    assert plots.image_grid([(names[0], np.zeros((2, 8, 8, 1), np.uint8), ["$x", "y$"])])
+
+
+def test_a_crash_between_publish_renames_loses_no_dataset(tmp_path):
+    import datasets
+    import pandas as pd
+
+    from augment.config import DataConfig
+    from augment.data import load_images, split
+    from augment.publish import publish
+
+    cfg = DataConfig(shots_per_class=2, test_fraction=0.1, val_fraction=0.05)
+    splits = split(load_images(cfg), cfg)
+    empty = pd.DataFrame(columns=["sample_id", "label", "seed", "strength", "source_id", "guidance_scale",
+                                  "num_inference_steps", "scheduler", "p_intended", "nn_similarity"])
+    prov = {"base_model": "b", "adapter_hash": "a", "config_hash": "c"}
+    out = tmp_path / "dataset"
+    publish(splits, splits.train.images[:0], empty, out, "t", prov)
+    out.rename(tmp_path / "dataset.old")  # the state a crash between the two renames leaves
+    publish(splits, splits.train.images[:0], empty, out, "t", prov)
+    assert len(datasets.load_from_disk(str(out))["train"]) == 20 and not (tmp_path / "dataset.old").exists()
