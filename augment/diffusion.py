@@ -164,6 +164,8 @@ def lr_lambda(total: int, warmup: int) -> Callable[[int], float]:
         if step < warmup:
             return (step + 1) / warmup
         progress = (step - warmup) / max(1, total - warmup)
-        return 0.1 + 0.9 * 0.5 * (1.0 + np.cos(np.pi * min(1.0, progress)))
+        # a Python float: a numpy scalar would land in the scheduler's state and make the resume checkpoint
+        # unloadable with weights_only=True (training would silently start over)
+        return float(0.1 + 0.9 * 0.5 * (1.0 + np.cos(np.pi * min(1.0, progress))))
 
     return f

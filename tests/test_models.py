@@ -163,3 +163,21 @@ def test_a_planted_checkpoint_never_runs_code_and_training_starts_over(tmp_path,
     assert not pwned.exists()
     assert any("ignoring checkpoint" in m for m in said)
     assert info.adapter_hash == clean.adapter_hash  # started over: the same adapter as an untouched run
+
+
+def test_resume_state_past_warmup_loads_with_weights_only(tmp_path):
+    """The LR schedule's state after warmup held a numpy scalar: the checkpoint then failed weights_only loading
+    and every resume silently started over."""
+    from augment.diffusion import lr_lambda
+    from augment.run import load_state
+
+    p = torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.AdamW([p], lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(20, 2))
+    for _ in range(6):
+        opt.step(); sched.step()
+    torch.save({"opt": opt.state_dict(), "sched": sched.state_dict(), "step": 6,
+                "rng": np.random.default_rng(0).bit_generator.state}, tmp_path / "state.pt")
+    said = []
+    state = load_state(tmp_path / "state.pt", log=said.append)
+    assert state is not None and state["step"] == 6, said
