@@ -10,14 +10,24 @@ from pathlib import Path
 
 from augment.config import ConfigError, load_config
 from augment.data import DataError, detect_kind
-from augment.models import ModelError
+from augment.errors import ModelError
 from augment.run import RunFolderError, check_output_dir
 
 USER_ERRORS = (ConfigError, DataError, ModelError, RunFolderError, FileNotFoundError)
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("augment")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="augment", description="Synthetic data augmentation with LoRA-tuned diffusion.")
+    p.add_argument("--version", action="version", version=f"augment {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser(

@@ -22,12 +22,11 @@ from diffusers import DDPMScheduler, UNet2DModel
 
 from augment.config import BaseModelConfig
 from augment.data import ImageSet
+from augment.errors import ModelError  # noqa: F401 (re-exported: augment.models.ModelError)
 from augment.run import load_state
 from augment.diffusion import EMA, autocast, diffusion_loss, lr_lambda, to_tensor
 
 
-class ModelError(ValueError):
-    """A checkpoint the user pointed at that cannot be used."""
 
 
 def resolve_device(name: str) -> torch.device:

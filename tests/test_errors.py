@@ -67,3 +67,14 @@ def test_a_crash_between_publish_renames_loses_no_dataset(tmp_path):
     out.rename(tmp_path / "dataset.old")  # the state a crash between the two renames leaves
     publish(splits, splits.train.images[:0], empty, out, "t", prov)
     assert len(datasets.load_from_disk(str(out))["train"]) == 20 and not (tmp_path / "dataset.old").exists()
+
+
+def test_cli_starts_without_torch_and_has_a_version():
+    import subprocess
+    import sys
+
+    code = "import sys, augment.cli; print('torch' in sys.modules, 'diffusers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]  # `augment --help` / `validate` stay fast
+    v = subprocess.run([sys.executable, "-m", "augment.cli", "--version"], capture_output=True, text=True)
+    assert v.returncode == 0 and v.stdout.startswith("augment ")

@@ -1,0 +1,5 @@
+"""Exceptions users cause, importable without torch (the CLI catches them before anything heavy is loaded)."""
+
+
+class ModelError(ValueError):
+    """A checkpoint the user pointed at that cannot be used."""
