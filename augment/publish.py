@@ -28,6 +28,15 @@ PROVENANCE = {
 }
 
 
+# No None anywhere: a torch DataLoader cannot collate it, and a None in an int column turned `seed` into float32
+# (2968811710 became 2968811776). Missing values are "" (strings), -1 (ints) and NaN (floats).
+MISSING = {"string": "", "int64": -1, "int32": -1, "float32": float("nan"), "bool": False}
+
+
+def _missing(column: str, n: int) -> list:
+    return [MISSING[PROVENANCE[column]]] * n
+
+
 def _png(img: np.ndarray) -> dict:
     buf = io.BytesIO()
     Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(buf, format="PNG")
@@ -50,9 +59,9 @@ def _real_rows(s: ImageSet, pseudo_confidence: np.ndarray | None = None) -> dict
     return {"image": [_png(i) for i in s.images], "label": s.labels.tolist(), "is_synthetic": [False] * n,
             "sample_id": [f"{'pseudo' if pseudo else 'real'}:{i}" for i in s.ids], "source_id": list(s.ids),
             "is_pseudo_labeled": [pseudo] * n,
-            "pseudo_confidence": pseudo_confidence.astype(float).tolist() if pseudo else [None] * n,
-            **{k: [None] * n for k in PROVENANCE if k not in ("sample_id", "source_id", "is_pseudo_labeled",
-                                                               "pseudo_confidence")}}
+            "pseudo_confidence": pseudo_confidence.astype(float).tolist() if pseudo else _missing("pseudo_confidence", n),
+            **{k: _missing(k, n) for k in PROVENANCE if k not in ("sample_id", "source_id", "is_pseudo_labeled",
+                                                                   "pseudo_confidence")}}
 
 
 def _synthetic_rows(images: np.ndarray, table: pd.DataFrame, base_model: str, adapter_hash: str,
@@ -61,8 +70,8 @@ def _synthetic_rows(images: np.ndarray, table: pd.DataFrame, base_model: str, ad
     return {
         "image": [_png(i) for i in images], "label": table["label"].astype(int).tolist(),
         "is_synthetic": [True] * n, "sample_id": table["sample_id"].tolist(),
-        "is_pseudo_labeled": [False] * n, "pseudo_confidence": [None] * n,
-        "source_id": [s or None for s in table["source_id"]], "seed": table["seed"].astype("int64").tolist(),
+        "is_pseudo_labeled": [False] * n, "pseudo_confidence": _missing("pseudo_confidence", n),
+        "source_id": [str(s) for s in table["source_id"]], "seed": table["seed"].astype("int64").tolist(),
         "strength": table["strength"].tolist(), "guidance_scale": table["guidance_scale"].tolist(),
         "num_inference_steps": table["num_inference_steps"].astype(int).tolist(),
         "scheduler": table["scheduler"].tolist(), "quality_score": table["p_intended"].tolist(),
@@ -121,7 +130,9 @@ filtering or model selection.
 
 Classes ({len(class_names)}): {", ".join(class_names)}
 
-Every row has `is_synthetic` and `is_pseudo_labeled`: pseudo-labeled rows are real images from the unlabeled pool
+Missing values are never null (a torch DataLoader could not collate them): `""` in string columns, `-1` in
+integer columns (`seed`, `num_inference_steps` of real rows), `NaN` in float columns. Every row has `is_synthetic`
+and `is_pseudo_labeled`: pseudo-labeled rows are real images from the unlabeled pool
 whose label comes from a classifier trained on the labeled images (`pseudo_confidence`; published only when
 they helped on validation). Synthetic rows carry their provenance: `seed` (regenerates the sample exactly),
 `strength` (image-to-image strength; 1.0 = from noise), `source_id` (the real image it started from, if any),

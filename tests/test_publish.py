@@ -27,7 +27,7 @@ def test_publish_roundtrip_and_atomic_replace(tmp_path):
     b = datasets.load_dataset(str(out))
     for d in (a, b):
         syn = d["train"].filter(lambda r: r["is_synthetic"])
-        assert syn["seed"] == [11, 12] and syn["source_id"] == [None, splits.train.ids[2]]
+        assert syn["seed"] == [11, 12] and syn["source_id"] == ["", splits.train.ids[2]]
         assert np.array_equal(np.asarray(syn[0]["image"]), images[0][..., 0])
         assert d["test"].features["label"].int2str(0) == "0"
     card = (out / "README.md").read_text()
@@ -71,3 +71,25 @@ def test_load_dataset_never_returns_a_stale_cached_copy(tmp_path):
     publish(smaller, smaller.train.images[:0], empty, tmp_path / "b" / "dataset", "t", prov)
     assert len(datasets.load_dataset(str(tmp_path / "a" / "dataset"))["train"]) == 20
     assert len(datasets.load_dataset(str(tmp_path / "b" / "dataset"))["train"]) == 10
+
+
+def test_a_torch_dataloader_reads_the_whole_train_split_and_seeds_stay_exact(tmp_path):
+    """The README's recipe: DataLoader over with_format("torch"), real and synthetic rows mixed in one batch."""
+    import datasets
+    import torch
+
+    cfg = DataConfig(shots_per_class=2, test_fraction=0.1, val_fraction=0.05)
+    splits = split(load_images(cfg), cfg)
+    seeds = [2968811710, 2**62 + 12345]  # beyond float32 (and float64) precision
+    table = pd.DataFrame({"sample_id": ["syn-0-0", "syn-1-0"], "label": [0, 1], "seed": seeds,
+                          "strength": [1.0, 0.5], "source_id": ["", splits.train.ids[2]],
+                          "guidance_scale": [2.0, 2.0], "num_inference_steps": [5, 5], "scheduler": ["ddim"] * 2,
+                          "p_intended": [0.9, 0.8], "nn_similarity": [0.3, 0.4]})
+    publish(splits, splits.train.images[:2], table, tmp_path / "ds", "t",
+            {"base_model": "b", "adapter_hash": "a", "config_hash": "c"})
+    train = datasets.load_from_disk(str(tmp_path / "ds"))["train"]
+    loader = torch.utils.data.DataLoader(train.with_format("torch"), batch_size=len(train))
+    (batch,) = list(loader)
+    assert batch["image"].dtype == torch.uint8 and batch["label"].shape == (22,)
+    assert batch["seed"].dtype == torch.int64 and batch["seed"][-2:].tolist() == seeds
+    assert (batch["seed"][:20] == -1).all() and torch.isnan(batch["strength"][:20]).all()
