@@ -87,13 +87,14 @@ def generate(
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     df = plan(cfg, train)
+    plan_hash = _plan_hash(df)
     df.to_parquet(out / "plan.parquet")
     K = len(train.class_names)
     shape = tuple(int(v) for v in (train.images.shape[3], train.images.shape[1], train.images.shape[2]))
     total, done, t0 = len(df), 0, time.time()
     for shard, rows in (df.groupby("shard") if total else []):
         path = out / f"shard-{shard:05d}.npz"
-        if path.exists():  # finished by an earlier (possibly killed) run
+        if path.exists() and _shard_plan(path) == plan_hash:  # finished by an earlier (possibly killed) run
             done += len(rows)
             continue
         images = np.zeros((len(rows), shape[1], shape[2], shape[0]), np.uint8)
@@ -113,11 +114,29 @@ def generate(
                 if progress:
                     progress(done, total)
         tmp = out / f"shard-{shard:05d}.tmp.npz"
-        np.savez(tmp, images=images, sample_id=rows["sample_id"].to_numpy().astype(str))
+        np.savez(tmp, images=images, sample_id=rows["sample_id"].to_numpy().astype(str), plan=np.array(plan_hash))
         tmp.replace(path)
         log(f"generate: shard {shard} written ({done}/{total}, {time.time() - t0:.0f}s)")
     (out / "done.json").write_text(json.dumps({"samples": total, "seconds": time.time() - t0}))
     return out
+
+
+def _plan_hash(df: pd.DataFrame) -> str:
+    """Identity of a plan: every sample's id, class, seed, strength and source. A shard written for another plan
+    (another config, or another run in the same folder) is never taken as finished."""
+    import hashlib
+
+    cols = ["sample_id", "label", "seed", "strength", "source_index", "guidance_scale", "num_inference_steps",
+            "scheduler", "shard"]
+    return hashlib.sha256(df[cols].to_csv(index=False).encode()).hexdigest()[:16]
+
+
+def _shard_plan(path: Path) -> str | None:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return str(z["plan"]) if "plan" in z.files else None
+    except (OSError, ValueError, KeyError):  # torn or foreign file: regenerate it
+        return None
 
 
 def load_candidates(output_dir: str | Path) -> Candidates:
@@ -127,7 +146,9 @@ def load_candidates(output_dir: str | Path) -> Candidates:
         return Candidates(np.zeros((0, 1, 1, 1), np.uint8), df)
     parts = []
     for shard in sorted(df["shard"].unique()):
-        with np.load(out / f"shard-{shard:05d}.npz") as z:
+        with np.load(out / f"shard-{shard:05d}.npz", allow_pickle=False) as z:
+            if "plan" in z.files and str(z["plan"]) != _plan_hash(df):
+                raise RuntimeError(f"{out}/shard-{shard:05d}.npz belongs to another generation plan")
             parts.append(z["images"])
             assert list(z["sample_id"]) == df.loc[df["shard"] == shard, "sample_id"].tolist()
     return Candidates(np.concatenate(parts), df)

@@ -125,6 +125,12 @@ def test_generation_is_reproducible_per_sample_and_per_shard(tmp_path, splits, b
     (out / "shard-00001.npz").unlink()  # a shard lost with a killed run is regenerated exactly
     generate(gcfg, unet, sched, splits.train, out, CPU, log=lambda m: None)
     assert np.array_equal(load_candidates(out).images, first.images)
+    # A shard left by another plan (another generation seed: two runs sharing a folder) is regenerated, not mixed in.
+    other = generate(gcfg.model_copy(update={"seed": 5}), unet, sched, splits.train, tmp_path / "other", CPU,
+                     log=lambda m: None)
+    (out / "shard-00002.npz").write_bytes((other / "shard-00002.npz").read_bytes())
+    generate(gcfg, unet, sched, splits.train, out, CPU, log=lambda m: None)
+    assert np.array_equal(load_candidates(out).images, first.images)
     # A single sample, regenerated alone from its seed, matches its batched original.
     row = first.meta[first.meta["strength"] == 1.0].iloc[0]
     alone = sample(unet, sched, np.array([row["label"]]), [row["seed"]], 10, (1, 8, 8), num_inference_steps=3,
