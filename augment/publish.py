@@ -176,8 +176,15 @@ def publish(splits: Splits, kept_images: np.ndarray, kept_table: pd.DataFrame, o
     })
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    dd.save_to_disk(str(tmp))
-    version = _write_parquet(dd, tmp / "data", max_shard_rows)
+    quiet = not datasets.are_progress_bars_disabled()
+    if quiet:  # six tqdm bars per publish tell a user nothing; restored afterwards
+        datasets.disable_progress_bars()
+    try:
+        dd.save_to_disk(str(tmp))
+        version = _write_parquet(dd, tmp / "data", max_shard_rows)
+    finally:
+        if quiet:
+            datasets.enable_progress_bars()
     info = {s: {"rows": len(ds), "synthetic": int(sum(ds["is_synthetic"])),
                 "pseudo_labeled": int(sum(ds["is_pseudo_labeled"]))} for s, ds in dd.items()}
     (tmp / "README.md").write_text(_card(name, info, splits.class_names, provenance, list(dd), version))
