@@ -167,8 +167,11 @@ def next_step(m: dict) -> str:
     if g["verdict"] == "significant gain":
         return f"Next: train on `{ds}` (train split) with your usual recipe; the gain above is what to expect."
     if g["verdict"] == "significant loss":
-        return (f"Next: keep training on {g['baseline']}; do not use the synthetic rows. Look at the per-class "
-                "table and the rejected samples below to see where the generator falls short.")
+        rows = m["dataset"]["splits"]["train"]
+        keep = ("the rows with is_synthetic false (real and pseudo-labeled)" if "pseudo" in g["baseline"] and
+                rows.get("pseudo_labeled") else "the rows with is_synthetic false")
+        return (f"Next: train on {g['baseline']}: from `{ds}`, take {keep}. Look at the per-class table and the "
+                "rejected samples below to see where the generator falls short.")
     return ("Next: the difference is within noise. Raise evaluation.seeds for a tighter interval, or keep "
             f"{g['baseline']}, which costs less.")
 
