@@ -45,12 +45,12 @@ class PseudoLabels:
 
     @classmethod
     def load(cls, folder: Path) -> "PseudoLabels":
-        import json
+        from augment.run import read_json
 
         df = pd.read_parquet(folder / "labels.parquet")
         return cls(df["pool_index"].to_numpy(np.int64), df["label"].to_numpy(np.int64),
                    df["confidence"].to_numpy(np.float32), df["pool_id"].astype(str).tolist(),
-                   json.loads((folder / "summary.json").read_text()))
+                   read_json(folder / "summary.json", {}))
 
     @classmethod
     def empty(cls, reason: str) -> "PseudoLabels":

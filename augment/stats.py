@@ -66,5 +66,5 @@ def clustered_difference(diffs_by_group, confidence: float = 0.95, n_boot: int =
     lo, hi = np.quantile(boots, [0.5 - confidence / 2, 0.5 + confidence / 2])
     out = {"mean": mean, "ci_low": float(lo), "ci_high": float(hi), "n_groups": len(groups),
            "n": int(sum(len(g) for g in groups)), "confidence": confidence}
-    out["verdict"] = verdict({**out, "n": out["n"]})
+    out["verdict"] = verdict(out)
     return out

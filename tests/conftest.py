@@ -41,3 +41,14 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+NO_CANDIDATES_PROVENANCE = {"base_model": "b", "adapter_hash": "a", "config_hash": "c"}
+
+
+def no_candidates():
+    """An empty kept-candidates table with the columns publish reads (a run that kept no synthetic samples)."""
+    import pandas as pd
+
+    return pd.DataFrame(columns=["sample_id", "label", "seed", "strength", "source_id", "guidance_scale",
+                                 "num_inference_steps", "scheduler", "p_intended", "nn_similarity"])

@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from augment.cli import main
-from conftest import ROOT
+from conftest import NO_CANDIDATES_PROVENANCE, ROOT, no_candidates
 
 TINY = str(ROOT / "configs" / "tiny.yaml")
 
@@ -51,7 +51,6 @@ def test_class_names_with_dollar_signs_render(tmp_path):
 
 def test_a_crash_between_publish_renames_loses_no_dataset(tmp_path):
     import datasets
-    import pandas as pd
 
     from augment.config import DataConfig
     from augment.data import load_images, split
@@ -59,9 +58,7 @@ def test_a_crash_between_publish_renames_loses_no_dataset(tmp_path):
 
     cfg = DataConfig(shots_per_class=2, test_fraction=0.1, val_fraction=0.05)
     splits = split(load_images(cfg), cfg)
-    empty = pd.DataFrame(columns=["sample_id", "label", "seed", "strength", "source_id", "guidance_scale",
-                                  "num_inference_steps", "scheduler", "p_intended", "nn_similarity"])
-    prov = {"base_model": "b", "adapter_hash": "a", "config_hash": "c"}
+    empty, prov = no_candidates(), NO_CANDIDATES_PROVENANCE
     out = tmp_path / "dataset"
     publish(splits, splits.train.images[:0], empty, out, "t", prov)
     out.rename(tmp_path / "dataset.old")  # the state a crash between the two renames leaves

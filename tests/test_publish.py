@@ -4,6 +4,7 @@ import pandas as pd
 from augment.config import DataConfig
 from augment.data import load_images, split
 from augment.publish import publish
+from conftest import NO_CANDIDATES_PROVENANCE, no_candidates
 
 
 def test_publish_roundtrip_and_atomic_replace(tmp_path):
@@ -43,9 +44,7 @@ def test_pseudo_labeled_pool_rows_are_published_marked(tmp_path):
     splits = split(load_images(cfg), cfg)
     pool = splits.pool
     pseudo = ImageSet(pool.images[:3], np.array([4, 5, 6]), splits.class_names, pool.ids[:3])
-    empty = pd.DataFrame(columns=["sample_id", "label", "seed", "strength", "source_id", "guidance_scale",
-                                  "num_inference_steps", "scheduler", "p_intended", "nn_similarity"])
-    prov = {"base_model": "b", "adapter_hash": "a", "config_hash": "c"}
+    empty, prov = no_candidates(), NO_CANDIDATES_PROVENANCE
     info = publish(splits, splits.train.images[:0], empty, tmp_path / "ds", "t", prov,
                    pseudo=(pseudo, np.array([0.99, 0.97, 0.995], np.float32)))
     assert info["train"] == {"rows": 23, "synthetic": 0, "pseudo_labeled": 3}
@@ -63,9 +62,7 @@ def test_load_dataset_never_returns_a_stale_cached_copy(tmp_path):
 
     cfg = DataConfig(shots_per_class=2, test_fraction=0.1, val_fraction=0.05)
     splits = split(load_images(cfg), cfg)
-    empty = pd.DataFrame(columns=["sample_id", "label", "seed", "strength", "source_id", "guidance_scale",
-                                  "num_inference_steps", "scheduler", "p_intended", "nn_similarity"])
-    prov = {"base_model": "b", "adapter_hash": "a", "config_hash": "c"}
+    empty, prov = no_candidates(), NO_CANDIDATES_PROVENANCE
     publish(splits, splits.train.images[:0], empty, tmp_path / "a" / "dataset", "t", prov)
     smaller = split(load_images(cfg), cfg.model_copy(update={"shots_per_class": 1}))
     publish(smaller, smaller.train.images[:0], empty, tmp_path / "b" / "dataset", "t", prov)
