@@ -158,6 +158,12 @@ def headline(m: dict) -> str:
             f"{100 * g['mean']:+.1f} points over {g['n']} seeds{interval}: **{g['verdict']}**.")
 
 
+def key_arms(ev: dict) -> list[str]:
+    """The arms shown per class: real, real+classic, the best baseline and the product (each once, if run)."""
+    names = dict.fromkeys(("real", "real+classic", ev.get("best_baseline"), ev.get("product_arm")))
+    return [a for a in names if a and "per_class_accuracy" in ev["arms"].get(a, {})]
+
+
 def next_step(m: dict) -> str:
     """One line under the verdict: what a team should do with this result."""
     g = m.get("gain_over_best_baseline")
@@ -206,8 +212,7 @@ def sections(m: dict) -> list[tuple[str, str, list[tuple[list[str], list[list]]]
         fg = ev["filter_gain"]
         gain_rows.append(gain_row(f"{product} − {fg.get('against', 'unfiltered')} (what the filter is worth)",
                                   fg, None))
-    pc_arms = [a for a in dict.fromkeys(("real", "real+classic", ev.get("best_baseline"), product))
-               if a and "per_class_accuracy" in arms.get(a, {})]
+    pc_arms = key_arms(ev)
     pc_rows = [[c] + [_pct(arms[a]["per_class_accuracy"][k]) for a in pc_arms] +
                [f"{100 * ev['per_class_delta'][b][k]:+.1f}" for b in (ev.get("per_class_delta") or {})]
                for k, c in enumerate(names)]
@@ -322,9 +327,7 @@ def figures(run: Path, m: dict) -> dict[str, bytes]:
         split = m["evaluation"]["split"]
         figs["arms_accuracy"] = plots.arms_plot(shown, "accuracy", split)
         figs["arms_macro_f1"] = plots.arms_plot(shown, "macro_f1", split)
-        ev = m["evaluation"]
-        which = [a for a in dict.fromkeys(("real", "real+classic", ev.get("best_baseline"), ev.get("product_arm")))
-                 if a]
+        which = key_arms(m["evaluation"])
         figs["per_class"] = plots.per_class_plot(shown, names, which, split)
         figs["confusion"] = plots.confusion_plot({a: shown[a]["confusion"] for a in which if a in shown}, names)
     kept = table["kept"].to_numpy()

@@ -17,7 +17,7 @@ from prefect.cache_policies import NO_CACHE
 
 from augment import pipeline
 from augment.config import RunConfig, apply_overrides, deep_merge, parse_config
-from augment.report import build_report, headline
+from augment.report import build_report, headline, key_arms
 
 
 def _log(message: str) -> None:
@@ -133,9 +133,8 @@ def _artifacts(cfg: RunConfig, m: dict) -> None:
     per_class = []
     for k, c in enumerate(names):
         row = {"class": c}
-        for a in dict.fromkeys(("real", "real+classic", ev.get("best_baseline"), ev.get("product_arm"))):
-            if a and "per_class_accuracy" in ev["arms"].get(a, {}):
-                row[a] = round(ev["arms"][a]["per_class_accuracy"][k], 4)
+        for a in key_arms(ev):
+            row[a] = round(ev["arms"][a]["per_class_accuracy"][k], 4)
         gen = m["generation"]["per_class"][k]
         row.update(generated=gen["generated"], kept=gen["kept"])
         per_class.append(row)
