@@ -15,6 +15,8 @@ from typing import ClassVar, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from augment.backends import NAMES as BACKEND_NAMES
+
 
 class ConfigError(ValueError):
     """A configuration file or value the user must fix."""
@@ -62,12 +64,31 @@ class DataConfig(_Section):
 
 
 class BaseModelConfig(_Section):
+    kind: Literal[("auto",) + BACKEND_NAMES] = Field(
+        "auto", description="Generator backend. `auto`: `stable_diffusion` when `pretrained` is a diffusers Stable "
+        "Diffusion pipeline (its model_index.json says so), else `pixel`.",
+    )
     pretrained: str = Field(
         "builtin",
         description="`builtin` pretrains a pixel-space UNet on the unlabeled pool (cached); otherwise a diffusers "
-        "UNet2DModel checkpoint (local path or hub id), e.g. google/ddpm-cifar10-32.",
+        "checkpoint, a local folder or a hub id: a UNet2DModel (e.g. google/ddpm-cifar10-32) for the pixel backend, "
+        "a Stable Diffusion 1.x/2.x pipeline (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5) for "
+        "`stable_diffusion`.",
     )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of `pretrained`, pinned "
+                                 "in every published row.")
     subfolder: str | None = Field(None, description="Subfolder of the checkpoint holding the UNet (e.g. `unet`).")
+    prompt_template: str = Field(
+        "a photo of a {name}", min_length=1,
+        description="Stable Diffusion: the prompt of a class; `{name}` is the class name.",
+    )
+    class_prompts: dict[str, str] = Field(
+        {}, description="Stable Diffusion: per-class prompts that replace the template, by class name.",
+    )
+    negative_prompt: str = Field("", description="Stable Diffusion: the prompt guidance steers away from.")
+    gradient_checkpointing: bool = Field(
+        False, description="Stable Diffusion: recompute UNet activations in the backward pass (less memory).",
+    )
     block_out_channels: list[int] = Field([32, 64], min_length=1, max_length=4, description="Builtin UNet widths.")
     attention_levels: list[bool] = Field(
         [False, True], min_length=1, max_length=4, description="Which levels of the builtin UNet have attention."
@@ -90,6 +111,13 @@ class BaseModelConfig(_Section):
 
     @model_validator(mode="after")
     def _shapes(self) -> "BaseModelConfig":
+        if self.kind == "stable_diffusion" and self.pretrained == "builtin":
+            raise ValueError("base.kind=stable_diffusion needs base.pretrained: a diffusers Stable Diffusion "
+                             "checkpoint folder or hub id (there is no builtin one)")
+        try:
+            self.prompt_template.format(name="x")
+        except (KeyError, IndexError, ValueError) as err:
+            raise ValueError(f"base.prompt_template {self.prompt_template!r} must use only {{name}}: {err}") from None
         if len(self.attention_levels) != len(self.block_out_channels):
             raise ValueError("base.attention_levels must have one entry per base.block_out_channels entry")
         bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
@@ -102,14 +130,15 @@ class LoRAConfig(_Section):
     rank: int = Field(8, ge=1, le=256, description="LoRA rank r.")
     lora_alpha: float = Field(8.0, gt=0, description="LoRA scaling alpha (update scaled by alpha / r).")
     lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA branch.")
-    target_modules: list[str] = Field(
-        ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"],
-        min_length=1,
-        description="Module name suffixes that get LoRA: attention projections and resnet convolutions.",
+    target_modules: list[str] | None = Field(
+        None, min_length=1,
+        description="Module name suffixes that get LoRA; None = the backend's: attention projections and resnet "
+        "convolutions (pixel), the UNet's attention projections (Stable Diffusion).",
     )
     train_class_embedding: bool = Field(
-        True, description="Train the class embedding in full (peft modules_to_save)."
+        True, description="Pixel backend: train the class embedding in full (peft modules_to_save)."
     )
+    mixed_precision: Literal["no", "bf16"] = Field("no", description="bf16 autocast while fine-tuning.")
     max_train_steps: int = Field(1600, ge=0, le=1_000_000, description="Fine-tuning optimizer steps.")
     train_batch_size: int = Field(32, ge=1, le=4096, description="Fine-tuning batch size.")
     learning_rate: float = Field(5e-3, gt=0, le=1.0, description="Fine-tuning learning rate of the LoRA factors.")

@@ -1,9 +1,10 @@
-"""Class-conditional LoRA fine-tuning (peft) of the base UNet on the labeled train split.
+"""Class-conditional LoRA fine-tuning of the base model on the labeled train split, for every backend.
 
-LoRA on the attention projections and resnet convolutions; the class embedding is trained in full
-(`modules_to_save`); labels are dropped to the null class with probability `label_dropout` so that the same
-model serves the unconditional half of classifier-free guidance. Checkpoints every `checkpointing_steps` and
-resumes from the last one. The adapter is saved as safetensors with its peft config and the config that made it.
+The backend says which modules get LoRA, moves the images into model space (once: pixels, or cached VAE latents)
+and turns class indices into conditioning; the loop itself (checkpoint, resume, EMA, LR schedule) is
+augment.diffusion.train_loop. Labels are dropped to the null class with probability `label_dropout` so that the
+same model serves the unconditional half of classifier-free guidance. The adapter is saved in the backend's
+portable format, with the config that made it and the ids of the images it learned from.
 """
 
 from __future__ import annotations
@@ -17,13 +18,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
 
+from augment.backends import Backend, BaseModelInfo
 from augment.config import LoRAConfig
 from augment.data import ImageSet
-from augment.run import load_state
-from augment.diffusion import EMA, diffusion_loss, lr_lambda, to_tensor
-from augment.models import BaseModelInfo, load_base
+from augment.diffusion import LoopSpec, diffusion_loss, train_loop
 
 
 @dataclass
@@ -48,24 +47,16 @@ def file_hash(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
-def lora_config(cfg: LoRAConfig) -> LoraConfig:
-    return LoraConfig(
-        r=cfg.rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-        target_modules=list(cfg.target_modules),
-        modules_to_save=["class_embedding"] if cfg.train_class_embedding else None,
-        init_lora_weights=True,
-    )
-
-
 def finetune(
     cfg: LoRAConfig,
+    backend: Backend,
     base: BaseModelInfo,
     train: ImageSet,
     output_dir: str | Path,
-    device: torch.device,
     run_config: dict | None = None,
     log=print,
     pseudo: ImageSet | None = None,
+    progress=None,
 ) -> AdapterInfo:
     """Fine-tune on the labeled `train` images, plus `pseudo` (pseudo-labeled pool images) when given and
     `cfg.use_pseudo_labeled`: then each batch draws a `cfg.labeled_share` share from the labeled images."""
@@ -75,102 +66,61 @@ def finetune(
         log(f"finetune: reusing adapter {final}")
         return AdapterInfo.load(final / "info.json")
 
-    # 1. Base with K + 1 class rows, wrapped with LoRA.
-    K = len(train.class_names)
-    n, h, w, c = train.images.shape
-    unet, scheduler = load_base(base, K, h, c)
+    # 1. The base, wrapped with LoRA on the backend's targets.
+    K, n, device = len(train.class_names), len(train), backend.device
+    unet = backend.load(base)
     torch.manual_seed(cfg.seed)
-    model = get_peft_model(unet, lora_config(cfg)).to(device)
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    params = [p for _, p in named]
-    # The class embedding starts equal to the null row and must move far to condition the model: its own,
-    # larger learning rate (the LoRA factors keep theirs).
-    emb = [p for n, p in named if "class_embedding" in n]
-    rest = [p for n, p in named if "class_embedding" not in n]
-    opt = torch.optim.AdamW([{"params": rest, "lr": cfg.learning_rate},
-                             {"params": emb, "lr": cfg.class_embedding_learning_rate, "weight_decay": 0.0}],
-                            weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.max_train_steps, min(50, cfg.max_train_steps // 10 + 1)))
-    ema = EMA(params, cfg.ema_decay) if cfg.ema_decay else None
-    gen = torch.Generator().manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
+    model, groups = backend.add_lora(unet, cfg)
+    params = [p for _, p in model.named_parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(groups, weight_decay=1e-4)
+
+    # 2. The training images in model space, once (flipped copies too when flips are on).
     use_pseudo = pseudo is not None and len(pseudo) > 0 and cfg.use_pseudo_labeled
     seen = train if not use_pseudo else ImageSet(np.concatenate([train.images, pseudo.images]),
                                                  np.concatenate([train.labels, pseudo.labels]),
                                                  train.class_names, train.ids + pseudo.ids)
-    x_all = to_tensor(seen.images, device)
+    with torch.no_grad():
+        x_all = backend.encode_dataset(seen.images)
+        x_flip = backend.encode_dataset(seen.images[:, :, ::-1]) if cfg.augment_flip else None
     y_all = torch.from_numpy(seen.labels).to(device)
     n_pseudo = len(seen) - n
-    step, losses, t0 = 0, [], time.time()
 
-    # 2. Resume.
-    ckpt_dir = output_dir / "finetune-checkpoint"
-    ckpt = ckpt_dir / "state.pt"
-    state = load_state(ckpt, map_location=device, log=log)
-    if state is not None:
-        for p, v in zip(params, state["params"]):
-            p.data.copy_(v)
-        opt.load_state_dict(state["opt"]); sched.load_state_dict(state["sched"])
-        if ema: ema.load_state_dict(state["ema"])
-        gen.set_state(state["gen"]); rng.bit_generator.state = state["rng"]; step = state["step"]
-        losses = state["losses"]
-        log(f"finetune: resumed at step {step}")
-
-    # 3. Train.
-    model.train()
-    while step < cfg.max_train_steps:
+    def step_loss(rng: np.random.Generator, gen: torch.Generator) -> torch.Tensor:
         idx = rng.integers(0, n, cfg.train_batch_size)
         if n_pseudo:  # labeled images weighted up: a labeled_share of the batch, the rest pseudo-labeled
             from_pseudo = rng.random(cfg.train_batch_size) >= cfg.labeled_share
             idx = np.where(from_pseudo, n + rng.integers(0, n_pseudo, cfg.train_batch_size), idx)
         idx = torch.from_numpy(idx)
         x0, y = x_all[idx], y_all[idx].clone()
-        y[torch.from_numpy(rng.random(len(idx)) < cfg.label_dropout).to(device)] = K  # null label for CFG
-        if cfg.augment_flip:
+        y[torch.from_numpy(rng.random(len(idx)) < cfg.label_dropout).to(device)] = backend.null_label
+        if x_flip is not None:
             flip = torch.from_numpy(rng.random(len(idx)) < 0.5).to(device)
-            x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
-        loss = diffusion_loss(model, scheduler, x0, y, gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step(); sched.step(); step += 1
-        if ema: ema.update()
-        losses.append(loss.item())
-        if step % cfg.checkpointing_steps == 0 and step < cfg.max_train_steps:
-            ckpt_dir.mkdir(parents=True, exist_ok=True)
-            torch.save({"params": [p.detach().cpu() for p in params], "opt": opt.state_dict(),
-                        "sched": sched.state_dict(), "ema": ema.state_dict() if ema else None,
-                        "gen": gen.get_state(), "rng": rng.bit_generator.state, "step": step,
-                        "losses": losses}, ckpt_dir / "state.tmp")
-            (ckpt_dir / "state.tmp").replace(ckpt)
-            log(f"finetune: step {step}/{cfg.max_train_steps} loss {np.mean(losses[-50:]):.4f}")
-    if ema:
-        ema.copy_to()
+            x0 = torch.where(flip[:, None, None, None], x_flip[idx], x0)
+        return diffusion_loss(lambda x_t, t: backend.denoise(model, x_t, t, y), backend.scheduler, x0, gen)
+
+    # 3. Train (resumes from finetune-checkpoint/ after a crash).
+    t0 = time.time()
+    model.train()
+    spec = LoopSpec("finetune", cfg.max_train_steps, min(50, cfg.max_train_steps // 10 + 1), cfg.seed,
+                    cfg.checkpointing_steps, ema_decay=cfg.ema_decay, mixed_precision=cfg.mixed_precision)
+    ckpt_dir = output_dir / "finetune-checkpoint"
+    steps, final_loss = train_loop(params, opt, step_loss, spec, ckpt_dir, device, log=log, progress=progress)
 
     # 4. Save the adapter atomically, with the config that made it.
     tmp = output_dir / "adapter.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.cpu().save_pretrained(tmp)
+    weights = backend.save_adapter(model, tmp)
     (tmp / "training_config.json").write_text(json.dumps(
-        {"lora": cfg.model_dump(mode="json"), "base": asdict(base), "num_classes": K,
-         "class_names": train.class_names, "run_config": run_config,
+        {"lora": cfg.model_dump(mode="json"), "base": asdict(base), "backend": backend.kind, "num_classes": K,
+         "class_names": train.class_names, "prompts": [backend.prompt(k) for k in range(K)],
+         "run_config": run_config,
          # provenance: exactly which images the generator learned from
          "trained_on": {"labeled_ids": train.ids, "pseudo_labeled_ids": seen.ids[n:],
                         "pseudo_labels": seen.labels[n:].tolist(), "labeled_share": cfg.labeled_share if n_pseudo
                         else 1.0}}, indent=2))
-    info = AdapterInfo(str(final), file_hash(tmp / "adapter_model.safetensors"), time.time() - t0,
-                       float(np.mean(losses[-50:])) if losses else None, step, n, n_pseudo)
+    info = AdapterInfo(str(final), file_hash(weights), time.time() - t0, final_loss, steps, n, n_pseudo)
     info.save(tmp / "info.json")
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     shutil.rmtree(ckpt_dir, ignore_errors=True)
     return info
-
-
-def load_finetuned(base: BaseModelInfo, adapter_dir: str | Path, num_classes: int, image_size: int,
-                   channels: int, device: torch.device):
-    """Base + adapter, merged into plain UNet weights for fast sampling."""
-    unet, scheduler = load_base(base, num_classes, image_size, channels)
-    model = PeftModel.from_pretrained(unet, str(adapter_dir))
-    unet = model.merge_and_unload().to(device).eval()
-    return unet, scheduler

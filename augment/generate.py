@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -19,7 +20,9 @@ import torch
 
 from augment.config import GenerationConfig
 from augment.data import ImageSet
-from augment.diffusion import sample
+
+if TYPE_CHECKING:  # pragma: no cover
+    from augment.backends import Backend
 
 
 @dataclass
@@ -46,10 +49,12 @@ def sample_seed(seed: int, label: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, label, index]).generate_state(1)[0])
 
 
-def plan(cfg: GenerationConfig, train: ImageSet) -> pd.DataFrame:
-    """One row per sample to generate, fully determined by the config and the train split."""
+def plan(cfg: GenerationConfig, train: ImageSet, prompts: list[tuple[str, str]] | None = None) -> pd.DataFrame:
+    """One row per sample to generate, fully determined by the config, the train split and the class prompts
+    (the backend's (prompt, negative prompt) per class; empty for a backend without text)."""
     rows = []
     for k, n in enumerate(per_class_counts(cfg, train.class_counts())):
+        prompt, negative = prompts[k] if prompts else ("", "")
         sources = np.flatnonzero(train.labels == k)
         for j in range(n):
             s = sample_seed(cfg.seed, k, j)
@@ -59,9 +64,9 @@ def plan(cfg: GenerationConfig, train: ImageSet) -> pd.DataFrame:
             rows.append({"sample_id": f"syn-{k}-{j}", "label": k, "seed": s, "strength": strength,
                          "source_index": src, "source_id": train.ids[src] if src >= 0 else "",
                          "guidance_scale": cfg.guidance_scale, "num_inference_steps": cfg.num_inference_steps,
-                         "scheduler": cfg.scheduler})
+                         "scheduler": cfg.scheduler, "prompt": prompt, "negative_prompt": negative})
     columns = ["sample_id", "label", "seed", "strength", "source_index", "source_id", "guidance_scale",
-               "num_inference_steps", "scheduler"]
+               "num_inference_steps", "scheduler", "prompt", "negative_prompt"]
     df = pd.DataFrame(rows, columns=columns).astype({"label": "int64", "seed": "int64", "source_index": "int64"})
     df["shard"] = np.zeros(len(df), np.int64)
     if len(df):
@@ -75,41 +80,35 @@ def plan(cfg: GenerationConfig, train: ImageSet) -> pd.DataFrame:
 
 def generate(
     cfg: GenerationConfig,
-    unet: torch.nn.Module,
-    scheduler,
+    backend: "Backend",
+    model: torch.nn.Module,
     train: ImageSet,
     output_dir: str | Path,
-    device: torch.device,
     progress: Callable[[int, int], None] | None = None,
     log=print,
 ) -> Path:
     """Generate every planned sample into `output_dir/shard-XXXXX.npz`; returns `output_dir`."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    df = plan(cfg, train)
+    df = plan(cfg, train, [backend.prompt(k) for k in range(len(train.class_names))])
     plan_hash = _plan_hash(df)
     df.to_parquet(out / "plan.parquet")
-    K = len(train.class_names)
-    shape = tuple(int(v) for v in (train.images.shape[3], train.images.shape[1], train.images.shape[2]))
+    _, h, w, c = train.images.shape
     total, done, t0 = len(df), 0, time.time()
     for shard, rows in (df.groupby("shard") if total else []):
         path = out / f"shard-{shard:05d}.npz"
         if path.exists() and _shard_plan(path) == plan_hash:  # finished by an earlier (possibly killed) run
             done += len(rows)
             continue
-        images = np.zeros((len(rows), shape[1], shape[2], shape[0]), np.uint8)
+        images = np.zeros((len(rows), h, w, c), np.uint8)
         # Same-strength samples share a trajectory length, so they batch together.
         for strength, group in rows.groupby("strength", sort=True):
             pos = rows.index.get_indexer(group.index)
             for i in range(0, len(group), cfg.batch_size):
                 g, p = group.iloc[i:i + cfg.batch_size], pos[i:i + cfg.batch_size]
                 init = train.images[g["source_index"].to_numpy()] if strength < 1.0 else None
-                images[p] = sample(
-                    unet, scheduler, g["label"].to_numpy(), g["seed"].tolist(), K, shape,
-                    scheduler=cfg.scheduler, num_inference_steps=cfg.num_inference_steps,
-                    guidance_scale=cfg.guidance_scale, strength=float(strength), init_images=init,
-                    device=device, mixed_precision=cfg.mixed_precision,
-                )
+                images[p] = backend.sample(model, g["label"].to_numpy(), g["seed"].tolist(), cfg,
+                                           strength=float(strength), init_images=init)
                 done += len(g)
                 if progress:
                     progress(done, total)
@@ -127,7 +126,7 @@ def _plan_hash(df: pd.DataFrame) -> str:
     import hashlib
 
     cols = ["sample_id", "label", "seed", "strength", "source_index", "guidance_scale", "num_inference_steps",
-            "scheduler", "shard"]
+            "scheduler", "shard"] + [c for c in ("prompt", "negative_prompt") if c in df and df[c].any()]
     return hashlib.sha256(df[cols].to_csv(index=False).encode()).hexdigest()[:16]
 
 

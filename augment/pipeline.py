@@ -32,8 +32,8 @@ import numpy as np
 
 from augment import run as run_folder
 from augment.config import RunConfig
+from augment.backends import BaseModelInfo, create, resolve_device
 from augment.data import Splits, data_fingerprint, make_splits
-from augment.models import BaseModelInfo, prepare_base, resolve_device
 
 # Which config sections each stage depends on (besides the data it reads).
 STAGE_SECTIONS = {
@@ -142,10 +142,16 @@ def load_splits(cfg: RunConfig) -> Splits:
 # 2. Base model ------------------------------------------------------------------------------------------------
 
 
+def backend_for(cfg: RunConfig, splits: Splits):
+    """The generator backend of this job (augment.backends), set up for its classes and image shape."""
+    _, h, _, c = splits.train.images.shape
+    return create(cfg.base, splits.class_names, h, c, resolve_device(cfg.device))
+
+
 def base_model(cfg: RunConfig, log=print) -> dict:
     with _Stage(cfg, "base"):
         splits = load_splits(cfg)
-        info = prepare_base(cfg.base, splits.train, splits.pool, resolve_device(cfg.device), log=log)
+        info = backend_for(cfg, splits).prepare(splits.train, splits.pool, log=log)
     return asdict(info)
 
 
@@ -181,7 +187,7 @@ def finetune_stage(cfg: RunConfig, base: dict, log=print) -> dict:
     with _Stage(cfg, "finetune", folder="finetune", upstream=base["fingerprint"]).fresh() as st:
         splits = load_splits(cfg)
         pseudo, _ = load_pseudo(cfg, splits)
-        info = finetune(cfg.lora, BaseModelInfo(**base), splits.train, st.folder, resolve_device(cfg.device),
+        info = finetune(cfg.lora, backend_for(cfg, splits), BaseModelInfo(**base), splits.train, st.folder,
                         run_config=cfg.model_dump(mode="json"), log=log, pseudo=pseudo)
     return asdict(info)
 
@@ -191,18 +197,15 @@ def finetune_stage(cfg: RunConfig, base: dict, log=print) -> dict:
 
 def generate_stage(cfg: RunConfig, base: dict, adapter: dict, progress: Callable[[int, int], None] | None = None,
                    log=print) -> dict:
-    from augment.finetune import load_finetuned
     from augment.generate import generate
 
     st = _Stage(cfg, "generate", folder="candidates", upstream=adapter["adapter_hash"])
     if not st.reused(log):
         with st.fresh():
             splits = load_splits(cfg)
-            device = resolve_device(cfg.device)
-            _, h, _, c = splits.train.images.shape
-            unet, scheduler = load_finetuned(BaseModelInfo(**base), adapter["path"], len(splits.class_names), h,
-                                             c, device)
-            generate(cfg.generation, unet, scheduler, splits.train, st.folder, device, progress=progress, log=log)
+            backend = backend_for(cfg, splits)
+            model = backend.load(BaseModelInfo(**base), adapter=adapter["path"])
+            generate(cfg.generation, backend, model, splits.train, st.folder, progress=progress, log=log)
     return json.loads((st.folder / "done.json").read_text())
 
 
@@ -292,7 +295,7 @@ def publish_stage(cfg: RunConfig, base: dict, adapter: dict) -> dict:
         if "pseudo" in (evaluation.get("product_recipe") or "").split("+"):
             pseudo_set, labels = load_pseudo(cfg, splits)
             pseudo = (pseudo_set, labels.confidence)
-        provenance = {"base_model": base["description"] if cfg.base.pretrained == "builtin" else base["path"],
+        provenance = {"base_model": base.get("reference") or base["description"],
                       "base_fingerprint": base["fingerprint"], "adapter_hash": adapter["adapter_hash"],
                       "config_hash": cfg.fingerprint(), "data_fingerprint": _data_summary(cfg)["fingerprint"]}
         info = publish(splits, cands.images[kept], table[kept].reset_index(drop=True),

@@ -23,7 +23,7 @@ PROVENANCE = {
     "sample_id": "string", "source_id": "string", "is_pseudo_labeled": "bool", "pseudo_confidence": "float32",
     "seed": "int64", "strength": "float32",
     "guidance_scale": "float32", "num_inference_steps": "int32", "scheduler": "string",
-    "quality_score": "float32", "nn_similarity": "float32", "base_model": "string", "adapter_hash": "string",
+    "prompt": "string", "negative_prompt": "string", "quality_score": "float32", "nn_similarity": "float32", "base_model": "string", "adapter_hash": "string",
     "config_hash": "string",
 }
 
@@ -75,6 +75,8 @@ def _synthetic_rows(images: np.ndarray, table: pd.DataFrame, base_model: str, ad
         "strength": table["strength"].tolist(), "guidance_scale": table["guidance_scale"].tolist(),
         "num_inference_steps": table["num_inference_steps"].astype(int).tolist(),
         "scheduler": table["scheduler"].tolist(), "quality_score": table["p_intended"].tolist(),
+        # the backend's class prompt ("" for a backend without text)
+        **{c: [str(v) for v in table[c]] if c in table else _missing(c, n) for c in ("prompt", "negative_prompt")},
         "nn_similarity": table["nn_similarity"].tolist(), "base_model": [base_model] * n,
         "adapter_hash": [adapter_hash] * n, "config_hash": [config_hash] * n,
     }
@@ -136,8 +138,9 @@ and `is_pseudo_labeled`: pseudo-labeled rows are real images from the unlabeled 
 whose label comes from a classifier trained on the labeled images (`pseudo_confidence`; published only when
 they helped on validation). Synthetic rows carry their provenance: `seed` (regenerates the sample exactly),
 `strength` (image-to-image strength; 1.0 = from noise), `source_id` (the real image it started from, if any),
-`guidance_scale`, `quality_score` (the quality classifier's p(intended class)), `nn_similarity` (to the nearest
-real training image), `base_model`, `adapter_hash`, `config_hash`.
+`guidance_scale`, `prompt` and `negative_prompt` (Stable Diffusion; empty for the pixel backend),
+`quality_score` (the quality classifier's p(intended class)), `nn_similarity` (to the nearest real training
+image), `base_model` (with its revision when pinned), `adapter_hash`, `config_hash`.
 
 ## Provenance
 {prov}

@@ -3,12 +3,13 @@ import pytest
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
-from augment import finetune as finetune_mod
-from augment import models
+from augment import backends
+from augment.backends import pixel_unet as models
 from augment.config import BaseModelConfig, DataConfig, GenerationConfig, LoRAConfig
 from augment.data import load_images, split
-from augment.diffusion import sample
-from augment.finetune import finetune, load_finetuned
+from augment.diffusion import training
+from augment.errors import ModelError
+from augment.finetune import finetune
 from augment.generate import generate, load_candidates, per_class_counts, plan
 
 CPU = torch.device("cpu")
@@ -35,8 +36,11 @@ def _tiny_unconditional(tmp_path):
 def test_pretrained_checkpoint_gets_a_neutral_class_embedding(tmp_path):
     unet = _tiny_unconditional(tmp_path)
     cfg = BaseModelConfig(pretrained=str(tmp_path / "ckpt"))
-    info = models.prepare_base(cfg, None, None, CPU)
-    cond, scheduler = models.load_base(info, num_classes=3, image_size=8, channels=1)
+    backend = backends.create(cfg, ["a", "b", "c"], 8, 1, CPU)
+    assert backend.kind == "pixel"
+    info = backend.prepare(None, None)
+    cond = backend.load(info)
+    scheduler = backend.scheduler
     assert cond.class_embedding.num_embeddings == 4 and scheduler.config.num_train_timesteps == 100
     x, t = torch.randn(4, 1, 8, 8), torch.tensor([5, 50, 90, 10])
     with torch.no_grad():
@@ -48,10 +52,10 @@ def test_pretrained_checkpoint_gets_a_neutral_class_embedding(tmp_path):
 def test_bad_checkpoints_are_explained(tmp_path):
     _tiny_unconditional(tmp_path)
     info = models.prepare_base(BaseModelConfig(pretrained=str(tmp_path / "ckpt")), None, None, CPU)
-    with pytest.raises(models.ModelError, match="1-channel 8px.*3-channel 8px"):
+    with pytest.raises(ModelError, match="1-channel 8px.*3-channel 8px"):
         models.load_base(info, 3, 8, 3)
     info = models.prepare_base(BaseModelConfig(pretrained=str(tmp_path / "nothing")), None, None, CPU)
-    with pytest.raises(models.ModelError, match="cannot load a UNet2DModel"):
+    with pytest.raises(ModelError, match="cannot load a UNet2DModel"):
         models.load_base(info, 3, 8, 1)
 
 
@@ -70,7 +74,7 @@ def test_builtin_pretraining_is_cached_and_resumes_identically(tmp_path, splits,
             raise KeyboardInterrupt
         return real_loss(*a, **k)
 
-    real_loss = models.diffusion_loss
+    real_loss = training.diffusion_loss
     monkeypatch.setattr(models, "diffusion_loss", crashing_loss)
     monkeypatch.setattr(models, "pretrain", lambda *a, **k: real_pretrain(*a, **{**k, "checkpoint_every": 4}))
     cfg_b = cfg.model_copy(update={"cache_dir": str(tmp_path / "b")})
@@ -84,14 +88,21 @@ def test_builtin_pretraining_is_cached_and_resumes_identically(tmp_path, splits,
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory, splits):
+def backend(tmp_path_factory, splits):
     cfg = BaseModelConfig(**TINY_BASE, pretrain_steps=10, cache_dir=str(tmp_path_factory.mktemp("cache")))
-    return models.prepare_base(cfg, splits.train, splits.pool, CPU, log=lambda m: None)
+    return backends.create(cfg, splits.class_names, 8, 1, CPU)
 
 
-def test_lora_finetune_saves_adapter_and_resumes_identically(tmp_path, splits, base, monkeypatch):
+@pytest.fixture(scope="module")
+def base(backend, splits):
+    return backend.prepare(splits.train, splits.pool, log=lambda m: None)
+
+
+def test_lora_finetune_saves_adapter_and_resumes_identically(tmp_path, splits, backend, base, monkeypatch):
+    import augment.finetune as finetune_mod
+
     cfg = LoRAConfig(rank=2, lora_alpha=2, max_train_steps=6, train_batch_size=4, checkpointing_steps=3)
-    full = finetune(cfg, base, splits.train, tmp_path / "full", CPU, log=lambda m: None)
+    full = finetune(cfg, backend, base, splits.train, tmp_path / "full", log=lambda m: None)
     files = {p.name for p in (tmp_path / "full" / "adapter").iterdir()}
     assert {"adapter_model.safetensors", "adapter_config.json", "training_config.json"} <= files
     real_loss, calls = finetune_mod.diffusion_loss, {"n": 0}
@@ -104,37 +115,36 @@ def test_lora_finetune_saves_adapter_and_resumes_identically(tmp_path, splits, b
 
     monkeypatch.setattr(finetune_mod, "diffusion_loss", crashing_loss)
     with pytest.raises(KeyboardInterrupt):
-        finetune(cfg, base, splits.train, tmp_path / "resumed", CPU, log=lambda m: None)
+        finetune(cfg, backend, base, splits.train, tmp_path / "resumed", log=lambda m: None)
     assert (tmp_path / "resumed" / "finetune-checkpoint" / "state.pt").exists()
     assert not (tmp_path / "resumed" / "adapter").exists()
     monkeypatch.setattr(finetune_mod, "diffusion_loss", real_loss)
-    resumed = finetune(cfg, base, splits.train, tmp_path / "resumed", CPU, log=lambda m: None)
+    resumed = finetune(cfg, backend, base, splits.train, tmp_path / "resumed", log=lambda m: None)
     assert resumed.adapter_hash == full.adapter_hash
 
 
-def test_generation_is_reproducible_per_sample_and_per_shard(tmp_path, splits, base):
+def test_generation_is_reproducible_per_sample_and_per_shard(tmp_path, splits, backend, base):
     lcfg = LoRAConfig(rank=2, lora_alpha=2, max_train_steps=2, train_batch_size=4)
-    adapter = finetune(lcfg, base, splits.train, tmp_path, CPU, log=lambda m: None)
-    unet, sched = load_finetuned(base, adapter.path, 10, 8, 1, CPU)
+    adapter = finetune(lcfg, backend, base, splits.train, tmp_path, log=lambda m: None)
+    unet = backend.load(base, adapter=adapter.path)
     gcfg = GenerationConfig(num_per_class=3, num_inference_steps=3, strengths=[0.5, 1.0], shard_size=7,
                             batch_size=4, guidance_scale=2.0)
-    out = generate(gcfg, unet, sched, splits.train, tmp_path / "cands", CPU, log=lambda m: None)
+    out = generate(gcfg, backend, unet, splits.train, tmp_path / "cands", log=lambda m: None)
     first = load_candidates(out)
     assert len(first) == 30 and set(first.meta["strength"]) == {0.5, 1.0}
     assert (first.meta.loc[first.meta["strength"] < 1, "source_index"] >= 0).all()
     (out / "shard-00001.npz").unlink()  # a shard lost with a killed run is regenerated exactly
-    generate(gcfg, unet, sched, splits.train, out, CPU, log=lambda m: None)
+    generate(gcfg, backend, unet, splits.train, out, log=lambda m: None)
     assert np.array_equal(load_candidates(out).images, first.images)
     # A shard left by another plan (another generation seed: two runs sharing a folder) is regenerated, not mixed in.
-    other = generate(gcfg.model_copy(update={"seed": 5}), unet, sched, splits.train, tmp_path / "other", CPU,
+    other = generate(gcfg.model_copy(update={"seed": 5}), backend, unet, splits.train, tmp_path / "other",
                      log=lambda m: None)
     (out / "shard-00002.npz").write_bytes((other / "shard-00002.npz").read_bytes())
-    generate(gcfg, unet, sched, splits.train, out, CPU, log=lambda m: None)
+    generate(gcfg, backend, unet, splits.train, out, log=lambda m: None)
     assert np.array_equal(load_candidates(out).images, first.images)
     # A single sample, regenerated alone from its seed, matches its batched original.
     row = first.meta[first.meta["strength"] == 1.0].iloc[0]
-    alone = sample(unet, sched, np.array([row["label"]]), [row["seed"]], 10, (1, 8, 8), num_inference_steps=3,
-                   guidance_scale=2.0)
+    alone = backend.sample(unet, np.array([row["label"]]), [row["seed"]], gcfg)
     assert np.abs(alone[0].astype(int) - first.images[row.name].astype(int)).max() <= 1
 
 
@@ -159,13 +169,13 @@ def _planted_checkpoint(path, target):
     path.write_bytes(pickle.dumps({"step": 3, "payload": Evil()}))
 
 
-def test_a_planted_checkpoint_never_runs_code_and_training_starts_over(tmp_path, splits, base):
+def test_a_planted_checkpoint_never_runs_code_and_training_starts_over(tmp_path, splits, backend, base):
     cfg = LoRAConfig(rank=2, lora_alpha=2, max_train_steps=4, train_batch_size=4, checkpointing_steps=2)
-    clean = finetune(cfg, base, splits.train, tmp_path / "clean", CPU, log=lambda m: None)
+    clean = finetune(cfg, backend, base, splits.train, tmp_path / "clean", log=lambda m: None)
     pwned = tmp_path / "pwned"
     _planted_checkpoint(tmp_path / "run" / "finetune-checkpoint" / "state.pt", pwned)
     said = []
-    info = finetune(cfg, base, splits.train, tmp_path / "run", CPU, log=said.append)
+    info = finetune(cfg, backend, base, splits.train, tmp_path / "run", log=said.append)
     assert not pwned.exists()
     assert any("ignoring checkpoint" in m for m in said)
     assert info.adapter_hash == clean.adapter_hash  # started over: the same adapter as an untouched run

@@ -1,10 +1,11 @@
-"""The base model: a pixel-space, class-conditional `diffusers.UNet2DModel`.
+"""The pixel backend: a pixel-space, class-conditional `diffusers.UNet2DModel`.
 
 `builtin` pretrains a small UNet on the unlabeled pool plus the labeled images without their labels (a
 one-row class embedding that only ever sees the null label), once, cached on disk under a key of the data and
-the base config. A diffusers checkpoint (local path or hub id) is used as it is. Either way `load_base` gives the
-UNet a class embedding with K + 1 rows (the last is the null label for guidance), initialized so that the
-conditional model starts out equal to the unconditional one.
+the base config. A diffusers UNet2DModel checkpoint (local path or hub id) is used as it is. Either way `load`
+gives the UNet a class embedding with K + 1 rows (the last is the null label for guidance), initialized so that
+the conditional model starts out equal to the unconditional one. LoRA (peft) on attention projections and resnet
+convolutions, the class embedding trained in full; the adapter is saved in peft's format.
 """
 
 from __future__ import annotations
@@ -13,38 +14,61 @@ import hashlib
 import json
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
+from peft import LoraConfig, PeftModel, get_peft_model
 
-from augment.config import BaseModelConfig
+from augment.backends import BaseModelInfo
+from augment.backends.common import DiffusionBackend
+from augment.config import BaseModelConfig, LoRAConfig
 from augment.data import ImageSet
-from augment.errors import ModelError  # noqa: F401 (re-exported: augment.models.ModelError)
-from augment.run import load_state
-from augment.diffusion import EMA, autocast, diffusion_loss, lr_lambda, to_tensor
+from augment.diffusion import LoopSpec, diffusion_loss, to_tensor, to_uint8, train_loop
+from augment.errors import ModelError
+
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"]
 
 
+class PixelBackend(DiffusionBackend):
+    kind = "pixel"
 
+    def prepare(self, train: ImageSet, pool: ImageSet, log=print) -> BaseModelInfo:
+        return prepare_base(self.cfg, train, pool, self.device, log=log)
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ModelError("device 'cuda' requested but no CUDA GPU is available; use device: auto or cpu")
-    return torch.device(name)
+    def load(self, info: BaseModelInfo, adapter: str | Path | None = None) -> torch.nn.Module:
+        unet, self.scheduler = load_base(info, len(self.class_names), self.image_size, self.channels)
+        if adapter is None:
+            return unet
+        return PeftModel.from_pretrained(unet, str(adapter)).merge_and_unload().to(self.device).eval()
 
+    def encode(self, images: np.ndarray) -> torch.Tensor:
+        return to_tensor(images, self.device)
 
-@dataclass
-class BaseModelInfo:
-    path: str  # a folder with unet/ and scheduler/, or the user's checkpoint reference
-    subfolder: str | None
-    description: str
-    fingerprint: str
-    pretrain_seconds: float = 0.0
-    final_loss: float | None = None
+    def decode(self, x: torch.Tensor) -> np.ndarray:
+        return to_uint8(x)
+
+    def denoise(self, model, x_t, t, labels):
+        return model(x_t, t, class_labels=labels).sample
+
+    def add_lora(self, model: torch.nn.Module, cfg: LoRAConfig) -> tuple[torch.nn.Module, list[dict]]:
+        model = get_peft_model(model, LoraConfig(
+            r=cfg.rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+            target_modules=list(cfg.target_modules or LORA_TARGETS),
+            modules_to_save=["class_embedding"] if cfg.train_class_embedding else None, init_lora_weights=True,
+        )).to(self.device)
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        # The class embedding starts equal to the null row and must move far to condition the model: its own,
+        # larger learning rate (the LoRA factors keep theirs).
+        emb = [p for n, p in named if "class_embedding" in n]
+        rest = [p for n, p in named if "class_embedding" not in n]
+        return model, [{"params": rest, "lr": cfg.learning_rate},
+                       {"params": emb, "lr": cfg.class_embedding_learning_rate, "weight_decay": 0.0}]
+
+    def save_adapter(self, model: torch.nn.Module, folder: Path) -> Path:
+        model.cpu().save_pretrained(folder)
+        return Path(folder) / "adapter_model.safetensors"
 
 
 def build_unet(cfg: BaseModelConfig, image_size: int, channels: int, num_class_embeds: int) -> UNet2DModel:
@@ -95,7 +119,8 @@ def load_base(info: BaseModelInfo, num_classes: int, image_size: int, channels: 
     """Load the base UNet (with K + 1 class rows) and its training scheduler."""
     ref, sub = info.path, info.subfolder
     try:
-        unet = UNet2DModel.from_pretrained(ref, subfolder=sub or ("unet" if (Path(ref) / "unet").is_dir() else None))
+        unet = UNet2DModel.from_pretrained(ref, subfolder=sub or ("unet" if (Path(ref) / "unet").is_dir() else None),
+                                           revision=info.revision)
     except Exception as err:
         raise ModelError(f"cannot load a UNet2DModel from {ref!r} (subfolder={sub!r}): {err}") from None
     c = unet.config
@@ -105,7 +130,7 @@ def load_base(info: BaseModelInfo, num_classes: int, image_size: int, channels: 
             f"as {channels}-channel {image_size}px; set data.channels / data.image_size to match"
         )
     try:
-        scheduler = DDPMScheduler.from_pretrained(ref, subfolder="scheduler")
+        scheduler = DDPMScheduler.from_pretrained(ref, subfolder="scheduler", revision=info.revision)
     except Exception:  # many UNet-only checkpoints ship no scheduler: use DDPM defaults
         scheduler = DDPMScheduler(num_train_timesteps=1000)
     return with_class_embedding(unet, num_classes), scheduler
@@ -113,16 +138,25 @@ def load_base(info: BaseModelInfo, num_classes: int, image_size: int, channels: 
 
 def _pretrain_key(cfg: BaseModelConfig, images: np.ndarray) -> str:
     h = hashlib.sha256(images.tobytes())
-    h.update(json.dumps(cfg.model_dump(mode="json", exclude={"cache_dir"}), sort_keys=True).encode())
+    h.update(json.dumps(cfg.model_dump(mode="json", include=PRETRAIN_FIELDS), sort_keys=True).encode())
     return h.hexdigest()[:16]
+
+
+# The base config fields a builtin base depends on (prompts, revision and the like do not change it).
+PRETRAIN_FIELDS = {"pretrained", "subfolder", "block_out_channels", "attention_levels", "layers_per_block",
+                   "norm_num_groups", "prediction_type", "beta_schedule", "num_train_timesteps", "pretrain_steps",
+                   "pretrain_batch_size", "learning_rate", "ema_decay", "snr_gamma", "mixed_precision", "seed"}
 
 
 def prepare_base(cfg: BaseModelConfig, train: ImageSet, pool: ImageSet, device: torch.device,
                  log=print) -> BaseModelInfo:
     """Return the base model to fine-tune: the user's checkpoint, or the builtin base (pretrained once, cached)."""
     if cfg.pretrained != "builtin":
-        fp = hashlib.sha256(f"{cfg.pretrained}:{cfg.subfolder}".encode()).hexdigest()[:16]
-        return BaseModelInfo(cfg.pretrained, cfg.subfolder, f"checkpoint {cfg.pretrained}", fp)
+        fp = hashlib.sha256(f"{cfg.pretrained}:{cfg.subfolder}".encode()
+                            + (f":{cfg.revision}".encode() if cfg.revision else b"")).hexdigest()[:16]
+        ref = cfg.pretrained + (f"@{cfg.revision}" if cfg.revision else "")
+        return BaseModelInfo(cfg.pretrained, cfg.subfolder, f"checkpoint {ref}", fp, revision=cfg.revision,
+                             reference=ref)
     images = np.concatenate([pool.images, train.images])  # labels deliberately not used
     # A canonical order: the base depends on the set of images only, so jobs that split the same images into
     # labeled and pool differently (K = 5, 10, 20 shots of one draw) share one cached base.
@@ -134,7 +168,7 @@ def prepare_base(cfg: BaseModelConfig, train: ImageSet, pool: ImageSet, device: 
     if (out / "base.json").exists():
         meta = json.loads((out / "base.json").read_text())
         log(f"base: reusing cached builtin base {out}")
-        return BaseModelInfo(str(out), None, desc, key, meta["pretrain_seconds"], meta["final_loss"])
+        return BaseModelInfo(str(out), None, desc, key, meta["pretrain_seconds"], meta["final_loss"], reference=desc)
     log(f"base: pretraining builtin base for {cfg.pretrain_steps} steps on {len(images)} images -> {out}")
     t0 = time.time()
     unet, final_loss = pretrain(cfg, images, device, Path(cfg.cache_dir) / f"base-{key}.partial", log=log)
@@ -150,55 +184,28 @@ def prepare_base(cfg: BaseModelConfig, train: ImageSet, pool: ImageSet, device: 
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     shutil.rmtree(Path(cfg.cache_dir) / f"base-{key}.partial", ignore_errors=True)
-    return BaseModelInfo(str(out), None, desc, key, seconds, final_loss)
+    return BaseModelInfo(str(out), None, desc, key, seconds, final_loss, reference=desc)
 
 
 def pretrain(cfg: BaseModelConfig, images: np.ndarray, device: torch.device, ckpt_dir: Path,
              log=print, checkpoint_every: int = 500) -> tuple[UNet2DModel, float | None]:
-    """Unconditional denoising pretraining (every label is the null row 0), with EMA and resumable checkpoints."""
-    # 1. Model, optimizer, EMA, schedule.
+    """Unconditional denoising pretraining (every label is the null row 0), through the one training loop."""
     torch.manual_seed(cfg.seed)
     unet = build_unet(cfg, images.shape[1], images.shape[3], num_class_embeds=1).to(device)
     scheduler = build_scheduler(cfg)
-    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.learning_rate, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.pretrain_steps, min(200, cfg.pretrain_steps // 10 + 1)))
-    ema = EMA(unet.parameters(), cfg.ema_decay) if cfg.ema_decay else None
-    gen = torch.Generator().manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
+    params = list(unet.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=1e-4)
     x_all = to_tensor(images, device)
-    step, losses = 0, []
+    null = torch.zeros(cfg.pretrain_batch_size, dtype=torch.long, device=device)
 
-    # 2. Resume from the last checkpoint of an interrupted pretraining.
-    ckpt = ckpt_dir / "state.pt"
-    state = load_state(ckpt, map_location=device, log=log)
-    if state is not None:
-        unet.load_state_dict(state["unet"]); opt.load_state_dict(state["opt"]); sched.load_state_dict(state["sched"])
-        if ema: ema.load_state_dict(state["ema"])
-        gen.set_state(state["gen"]); rng.bit_generator.state = state["rng"]; step = state["step"]
-        log(f"base: resumed pretraining at step {step}")
+    def step_loss(rng: np.random.Generator, gen: torch.Generator) -> torch.Tensor:
+        x0 = x_all[torch.from_numpy(rng.integers(0, len(x_all), cfg.pretrain_batch_size))]
+        return diffusion_loss(lambda x_t, t: unet(x_t, t, class_labels=null).sample, scheduler, x0, gen,
+                              cfg.snr_gamma)
 
-    # 3. Train.
     unet.train()
-    while step < cfg.pretrain_steps:
-        idx = torch.from_numpy(rng.integers(0, len(x_all), cfg.pretrain_batch_size))
-        x0 = x_all[idx]
-        with autocast(device, cfg.mixed_precision):
-            loss = diffusion_loss(unet, scheduler, x0, torch.zeros(len(idx), dtype=torch.long, device=device),
-                                  gen, cfg.snr_gamma)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step(); sched.step(); step += 1
-        if ema: ema.update()
-        losses.append(loss.item())
-        if step % checkpoint_every == 0 and step < cfg.pretrain_steps:
-            ckpt_dir.mkdir(parents=True, exist_ok=True)
-            torch.save({"unet": unet.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                        "ema": ema.state_dict() if ema else None, "gen": gen.get_state(),
-                        "rng": rng.bit_generator.state, "step": step}, ckpt_dir / "state.tmp")
-            (ckpt_dir / "state.tmp").replace(ckpt)
-            log(f"base: step {step}/{cfg.pretrain_steps} loss {np.mean(losses[-100:]):.4f}")
-    if ema:
-        ema.copy_to()
+    spec = LoopSpec("base", cfg.pretrain_steps, min(200, cfg.pretrain_steps // 10 + 1), cfg.seed, checkpoint_every,
+                    ema_decay=cfg.ema_decay, mixed_precision=cfg.mixed_precision, loss_window=100)
+    _, final_loss = train_loop(params, opt, step_loss, spec, ckpt_dir, device, log=log)
     unet.eval()
-    return unet.cpu(), (float(np.mean(losses[-100:])) if losses else None)
+    return unet.cpu(), final_loss

@@ -1,0 +1,136 @@
+"""Generator backends: one protocol, a registry, and the rule that picks one from the config.
+
+A backend owns everything that depends on what kind of model makes the samples: loading its base, moving images
+into and out of model space (identity for pixels, the VAE for latents), turning a class into conditioning (a label
+row, or a prompt's text embedding), which modules get LoRA and how the adapter is saved, and the denoiser that
+sampling calls. Fine-tuning (augment.finetune), generation, filtering, publishing and the report see only this
+protocol, uint8 images and class indices; none of them asks which backend made a sample.
+
+This module imports no torch: the config reads the registry's names from it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar, Protocol
+
+from augment.errors import ModelError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
+    import torch
+
+    from augment.config import BaseModelConfig, GenerationConfig, LoRAConfig
+    from augment.data import ImageSet
+
+# name -> "module:Class"; imported on first use, so `augment --help` and config validation stay torch-free
+REGISTRY: dict[str, str] = {
+    "pixel": "augment.backends.pixel_unet:PixelBackend",
+    "stable_diffusion": "augment.backends.stable_diffusion:StableDiffusionBackend",
+}
+NAMES: tuple[str, ...] = tuple(REGISTRY)
+
+
+@dataclass
+class BaseModelInfo:
+    """What the base stage hands to fine-tuning: where the base is and what it is."""
+
+    path: str  # a folder (the builtin cache entry, a local checkpoint) or a hub id
+    subfolder: str | None
+    description: str
+    fingerprint: str
+    pretrain_seconds: float = 0.0
+    final_loss: float | None = None
+    kind: str = "pixel"
+    revision: str | None = None
+    reference: str = ""  # what a published row names as its base: a builtin base's description, or ref[@revision]
+
+
+class Backend(Protocol):
+    """The protocol every backend implements (see pixel_unet.py and stable_diffusion.py)."""
+
+    kind: ClassVar[str]
+    null_label: int  # the class index meaning "no class" (K): label dropout in training, guidance's other half
+    scheduler: object  # the training noise schedule (a diffusers DDPMScheduler)
+    latent_shape: tuple[int, ...]  # per-sample shape in model space, (C, H, W)
+
+    def prepare(self, train: "ImageSet", pool: "ImageSet", log=print) -> BaseModelInfo:
+        """Make or locate the base model (the builtin pixel base is pretrained here, once, cached)."""
+
+    def load(self, info: BaseModelInfo, adapter: str | Path | None = None) -> "torch.nn.Module":
+        """The base denoiser (train mode off), or with `adapter` the fine-tuned one, merged for fast sampling."""
+
+    def encode(self, images: "np.ndarray") -> "torch.Tensor":
+        """uint8 (N, H, W, C) images -> model space (N, *latent_shape)."""
+
+    def encode_dataset(self, images: "np.ndarray") -> "torch.Tensor":
+        """`encode` for the images the training loop reads throughout (Stable Diffusion caches these latents)."""
+
+    def decode(self, x: "torch.Tensor") -> "np.ndarray":
+        """Model space -> uint8 (N, H, W, C) images."""
+
+    def denoise(self, model: "torch.nn.Module", x_t: "torch.Tensor", t: "torch.Tensor",
+                labels: "torch.Tensor") -> "torch.Tensor":
+        """The model's prediction for class indices `labels` (null_label = unconditional)."""
+
+    def add_lora(self, model: "torch.nn.Module", cfg: "LoRAConfig") -> tuple["torch.nn.Module", list[dict]]:
+        """Wrap `model` with LoRA on the backend's targets; returns it and the optimizer's parameter groups."""
+
+    def save_adapter(self, model: "torch.nn.Module", folder: Path) -> Path:
+        """Save the trained adapter in the backend's portable format; returns the weights file."""
+
+    def prompt(self, label: int) -> tuple[str, str]:
+        """(prompt, negative prompt) of a class, for provenance; ("", "") for a backend without text."""
+
+    def sample(self, model: "torch.nn.Module", labels: "np.ndarray", seeds: list[int], cfg: "GenerationConfig",
+               strength: float = 1.0, init_images: "np.ndarray | None" = None) -> "np.ndarray":
+        """uint8 samples of `labels`, one per seed; image-to-image from `init_images` when strength < 1."""
+
+
+def detect_kind(cfg: "BaseModelConfig") -> str:
+    """`base.kind`, or for `auto` what `base.pretrained` is: a diffusers pipeline whose model_index.json names a
+    Stable Diffusion pipeline is `stable_diffusion`; the builtin base and UNet checkpoints are `pixel`."""
+    if cfg.kind != "auto":
+        return cfg.kind
+    if cfg.pretrained == "builtin":
+        return "pixel"
+    index = Path(cfg.pretrained) / "model_index.json"
+    if not index.exists() and not Path(cfg.pretrained).exists():  # a hub id: its model_index.json, if reachable
+        try:
+            from huggingface_hub import hf_hub_download
+
+            index = Path(hf_hub_download(cfg.pretrained, "model_index.json", revision=cfg.revision))
+        except Exception:  # offline, or a UNet-only repository: the pixel backend explains what it cannot load
+            return "pixel"
+    if index.exists():
+        try:
+            name = str(json.loads(index.read_text()).get("_class_name", ""))
+        except (OSError, ValueError) as err:
+            raise ModelError(f"{index}: not a readable diffusers model_index.json ({err})") from None
+        if "StableDiffusion" in name:
+            if "XL" in name:
+                raise ModelError(f"{cfg.pretrained}: {name} (SDXL) is not supported yet; use an SD 1.x/2.x "
+                                 "checkpoint")
+            return "stable_diffusion"
+    return "pixel"
+
+
+def create(cfg: "BaseModelConfig", class_names: list[str], image_size: int, channels: int,
+           device: "torch.device") -> Backend:
+    """The backend that `cfg` asks for, set up for K = len(class_names) classes at image_size x channels."""
+    kind = detect_kind(cfg)
+    module, cls = REGISTRY[kind].split(":")
+    return getattr(importlib.import_module(module), cls)(cfg, class_names, image_size, channels, device)
+
+
+def resolve_device(name: str) -> "torch.device":
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ModelError("device 'cuda' requested but no CUDA GPU is available; use device: auto or cpu")
+    return torch.device(name)

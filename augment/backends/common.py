@@ -1,0 +1,48 @@
+"""What the backends share: class bookkeeping and sampling through augment.diffusion (denoiser + sampler +
+guidance), so that a backend only brings its model, its encode/decode and its conditioning."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+from augment.config import BaseModelConfig, GenerationConfig
+from augment.diffusion import classifier_free, sample
+
+
+class DiffusionBackend:
+    kind: ClassVar[str] = ""
+
+    def __init__(self, cfg: BaseModelConfig, class_names: list[str], image_size: int, channels: int,
+                 device: torch.device):
+        self.cfg, self.class_names = cfg, list(class_names)
+        self.image_size, self.channels, self.device = image_size, channels, device
+        self.null_label = len(class_names)  # row K: "no class"
+        self.scheduler = None  # set by load()
+        self.latent_shape: tuple[int, ...] = (channels, image_size, image_size)
+
+    @property
+    def uncond_label(self) -> int:
+        """The label guidance pushes away from (the null class; a backend with negative prompts may differ)."""
+        return self.null_label
+
+    def prompt(self, label: int) -> tuple[str, str]:
+        return "", ""
+
+    def encode_dataset(self, images: np.ndarray) -> torch.Tensor:
+        """`encode` for the images a training loop reads all along (a backend may cache them)."""
+        return self.encode(images)
+
+    def sample(self, model: torch.nn.Module, labels: np.ndarray, seeds: list[int], cfg: GenerationConfig,
+               strength: float = 1.0, init_images: np.ndarray | None = None) -> np.ndarray:
+        init = self.encode(init_images) if strength < 1.0 else None
+        x = sample(
+            lambda x_t, t, y: self.denoise(model, x_t, t, y), self.scheduler,
+            torch.tensor(np.asarray(labels, dtype=np.int64)), seeds, self.uncond_label, self.latent_shape,
+            scheduler=cfg.scheduler, num_inference_steps=cfg.num_inference_steps,
+            guide=classifier_free(cfg.guidance_scale), strength=strength, init=init, device=self.device,
+            mixed_precision=cfg.mixed_precision,
+        )
+        return self.decode(x)
