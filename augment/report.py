@@ -237,7 +237,9 @@ def sections(m: dict) -> list[tuple[str, str, list[tuple[list[str], list[list]]]
     test_rows = [[c, data["train_class_counts"][k], data["validation_class_counts"][k], data["test_class_counts"][k]]
                  for k, c in enumerate(names)]
     run = m["run"]
-    facts = [["config hash", run["config_hash"]], ["base model", run["base_model"].get("description", "")],
+    facts = [["config hash", run["config_hash"]],
+             ["base model", f"{run['base_model'].get('description', '')} ({run['base_model'].get('kind', 'pixel')} "
+                            "backend)"],
              ["base fingerprint", run["base_model"].get("fingerprint", "")],
              ["adapter hash", run["adapter"].get("adapter_hash", "")],
              ["data fingerprint", data["fingerprint"]], ["evaluation seeds", ", ".join(map(str, run["evaluation_seeds"]))],

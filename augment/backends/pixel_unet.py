@@ -53,11 +53,14 @@ class PixelBackend(DiffusionBackend):
         return model(x_t, t, class_labels=labels).sample
 
     def add_lora(self, model: torch.nn.Module, cfg: LoRAConfig) -> tuple[torch.nn.Module, list[dict]]:
-        model = get_peft_model(model, LoraConfig(
-            r=cfg.rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-            target_modules=list(cfg.target_modules or LORA_TARGETS),
-            modules_to_save=["class_embedding"] if cfg.train_class_embedding else None, init_lora_weights=True,
-        )).to(self.device)
+        try:
+            model = get_peft_model(model, LoraConfig(
+                r=cfg.rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                target_modules=list(cfg.target_modules or LORA_TARGETS),
+                modules_to_save=["class_embedding"] if cfg.train_class_embedding else None, init_lora_weights=True,
+            )).to(self.device)
+        except ValueError as err:  # peft's NoMatchingPeftModuleError
+            raise ModelError(f"lora.target_modules={cfg.target_modules} matched no module of the UNet ({err})") from None
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         # The class embedding starts equal to the null row and must move far to condition the model: its own,
         # larger learning rate (the LoRA factors keep theirs).

@@ -1,0 +1,273 @@
+"""The Stable Diffusion backend: any diffusers Stable Diffusion 1.x/2.x checkpoint, a local folder or a hub id.
+
+Model space is the VAE's latent space (`scaling_factor`-scaled posterior means); a class is a prompt (the
+template, or a per-class override) whose CLIP text embedding conditions the UNet, and the null class is the
+empty prompt, as in the text-to-image pipeline. LoRA (peft, through diffusers' `add_adapter`) goes on the UNet's
+attention projections and is saved in diffusers' LoRA format, so that
+
+    pipe = StableDiffusionPipeline.from_pretrained(BASE)
+    pipe.load_lora_weights(RUN_DIR / "finetune" / "adapter")
+
+works outside this tool and reproduces a published sample from its `prompt`, `seed`, `guidance_scale`,
+`num_inference_steps` and sampler (pipe.scheduler = DPMSolverMultistepScheduler.from_config(...)).
+Training latents are encoded once and cached under base.cache_dir by a hash of the images and the base.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from augment.backends import BaseModelInfo
+from augment.backends.common import DiffusionBackend
+from augment.config import BaseModelConfig, LoRAConfig
+from augment.data import ImageSet
+from augment.diffusion import to_tensor, to_uint8
+from augment.errors import ModelError
+
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+ENCODE_BATCH = 32
+
+
+class StableDiffusionBackend(DiffusionBackend):
+    kind = "stable_diffusion"
+
+    def __init__(self, cfg: BaseModelConfig, class_names: list[str], image_size: int, channels: int,
+                 device: torch.device):
+        super().__init__(cfg, class_names, image_size, channels, device)
+        if channels != 3:
+            raise ModelError(f"Stable Diffusion makes RGB images but data.channels is {channels}; set data.channels: 3")
+        self.info: BaseModelInfo | None = None
+        self.vae = self.text_encoder = self.tokenizer = None
+        self.embeddings: torch.Tensor | None = None  # (K + 2, L, D): class prompts, "" (null), negative prompt
+
+    # -- base ---------------------------------------------------------------------------------------------------
+
+    def prepare(self, train: ImageSet, pool: ImageSet, log=print) -> BaseModelInfo:
+        """Nothing to pretrain: check that the checkpoint is a Stable Diffusion pipeline and fingerprint it."""
+        ref, rev = self.cfg.pretrained, self.cfg.revision
+        local = Path(ref)
+        h = hashlib.sha256(f"{ref}:{rev}".encode())
+        if local.exists():
+            if not (local / "model_index.json").exists():
+                raise ModelError(f"base.pretrained={ref}: no model_index.json; expected a diffusers Stable Diffusion "
+                                 "pipeline folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/)")
+            for f in sorted(local.rglob("*")):  # a local folder changes in place: its files are its identity
+                if f.is_file():
+                    st = f.stat()
+                    h.update(f"{f.relative_to(local)}:{st.st_size}:{int(st.st_mtime)}".encode())
+        name = ref + (f"@{rev}" if rev else "")
+        log(f"base: Stable Diffusion checkpoint {name}")
+        return BaseModelInfo(ref, None, f"Stable Diffusion {name}", h.hexdigest()[:16], kind=self.kind,
+                             revision=rev, reference=name)
+
+    def _components(self, info: BaseModelInfo) -> None:
+        """VAE, text encoder, tokenizer, scheduler and the class embeddings, loaded once per backend."""
+        if self.info is not None and self.info.fingerprint == info.fingerprint:
+            return
+        from diffusers import AutoencoderKL, DDPMScheduler
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        ref, kw = info.path, {"revision": info.revision}
+        try:
+            self.vae = AutoencoderKL.from_pretrained(ref, subfolder="vae", **kw).to(self.device).eval()
+            self.text_encoder = CLIPTextModel.from_pretrained(ref, subfolder="text_encoder", **kw).to(self.device)
+            self.text_encoder.eval()
+            self.tokenizer = CLIPTokenizer.from_pretrained(ref, subfolder="tokenizer", **kw)
+            # latents are not bounded: never clip the predicted x_0 (DDPM/DDIM default to clipping to [-1, 1])
+            self.scheduler = DDPMScheduler.from_pretrained(ref, subfolder="scheduler", clip_sample=False, **kw)
+        except Exception as err:
+            raise ModelError(f"cannot load Stable Diffusion components from {ref!r}: {err}") from None
+        self.vae.requires_grad_(False)
+        self.text_encoder.requires_grad_(False)
+        self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        if self.image_size % self.vae_scale:
+            raise ModelError(f"data.image_size={self.image_size} must be a multiple of the VAE's factor "
+                             f"{self.vae_scale}")
+        side = self.image_size // self.vae_scale
+        self.latent_shape = (self.vae.config.latent_channels, side, side)
+        prompts = [self.prompt(k)[0] for k in range(len(self.class_names))] + ["", self.cfg.negative_prompt]
+        self.embeddings = self._embed(prompts)
+        self.info = info
+
+    @torch.no_grad()
+    def _embed(self, prompts: list[str]) -> torch.Tensor:
+        """CLIP text embeddings exactly as StableDiffusionPipeline.encode_prompt computes them (no clip skip)."""
+        ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids.to(self.device)
+        return self.text_encoder(ids)[0]
+
+    def load(self, info: BaseModelInfo, adapter: str | Path | None = None) -> torch.nn.Module:
+        from diffusers import UNet2DConditionModel
+
+        self._components(info)
+        try:
+            unet = UNet2DConditionModel.from_pretrained(info.path, subfolder="unet", revision=info.revision)
+        except Exception as err:
+            raise ModelError(f"cannot load the UNet of {info.path!r}: {err}") from None
+        levels = 2 ** (len(unet.config.block_out_channels) - 1)
+        if self.latent_shape[1] % levels:
+            raise ModelError(f"data.image_size={self.image_size} gives {self.latent_shape[1]}px latents, which the "
+                             f"UNet cannot halve {len(unet.config.block_out_channels) - 1} times; use a multiple of "
+                             f"{self.vae_scale * levels}")
+        unet = unet.to(self.device)
+        if adapter is None:
+            if self.cfg.gradient_checkpointing:
+                unet.enable_gradient_checkpointing()
+            return unet
+        pipe = self.pipeline(unet)
+        pipe.load_lora_weights(str(adapter))
+        pipe.fuse_lora()
+        pipe.unload_lora_weights()
+        return unet.eval()
+
+    def pipeline(self, unet: torch.nn.Module):
+        """A diffusers StableDiffusionPipeline over these components (no safety checker)."""
+        from diffusers import StableDiffusionPipeline
+
+        return StableDiffusionPipeline(vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer,
+                                       unet=unet, scheduler=self.scheduler, safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False)
+
+    # -- model space and conditioning ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode(self, images: np.ndarray) -> torch.Tensor:
+        """VAE posterior means, scaled by the VAE's scaling_factor (deterministic, so they can be cached)."""
+        out = []
+        for i in range(0, len(images), ENCODE_BATCH):
+            x = to_tensor(images[i:i + ENCODE_BATCH], self.device)
+            out.append(self.vae.encode(x).latent_dist.mean * self.vae.config.scaling_factor)
+        return torch.cat(out) if out else torch.zeros((0, *self.latent_shape), device=self.device)
+
+    def encode_dataset(self, images: np.ndarray) -> torch.Tensor:
+        """`encode`, cached on disk under base.cache_dir by a hash of the images and the base."""
+        from safetensors.torch import load_file, save_file
+
+        h = hashlib.sha256(np.ascontiguousarray(images).tobytes())
+        h.update(f"{images.shape}:{self.info.fingerprint}".encode())
+        path = Path(self.cfg.cache_dir) / "latents" / f"{h.hexdigest()[:20]}.safetensors"
+        if path.exists():
+            try:
+                return load_file(str(path), device=str(self.device))["latents"]
+            except Exception:  # a torn cache entry: encode again
+                pass
+        latents = self.encode(images)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_file({"latents": latents.detach().cpu().contiguous()}, str(tmp))
+        tmp.replace(path)
+        return latents
+
+    @torch.no_grad()
+    def decode(self, x: torch.Tensor) -> np.ndarray:
+        out = [self.vae.decode(x[i:i + ENCODE_BATCH].float() / self.vae.config.scaling_factor).sample
+               for i in range(0, len(x), ENCODE_BATCH)]
+        return to_uint8(torch.cat(out)) if out else np.zeros((0, self.image_size, self.image_size, 3), np.uint8)
+
+    @property
+    def uncond_label(self) -> int:
+        """Guidance's other half: the negative prompt's row when there is one, else the empty prompt's (row K)."""
+        return self.null_label + 1 if self.cfg.negative_prompt else self.null_label
+
+    def denoise(self, model, x_t, t, labels):
+        return model(x_t, t, encoder_hidden_states=self.embeddings[labels.to(self.embeddings.device)]).sample
+
+    def prompt(self, label: int) -> tuple[str, str]:
+        name = self.class_names[label]
+        text = self.cfg.class_prompts.get(name) or self.cfg.prompt_template.format(name=name.replace("_", " "))
+        return text, self.cfg.negative_prompt
+
+    # -- LoRA -----------------------------------------------------------------------------------------------------
+
+    def add_lora(self, model: torch.nn.Module, cfg: LoRAConfig) -> tuple[torch.nn.Module, list[dict]]:
+        from peft import LoraConfig
+
+        model.requires_grad_(False)
+        try:
+            model.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                                         target_modules=list(cfg.target_modules or LORA_TARGETS),
+                                         init_lora_weights=True))
+        except ValueError as err:  # peft's NoMatchingPeftModuleError
+            raise ModelError(f"lora.target_modules={cfg.target_modules} matched no module of the UNet ({err})") from None
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise ModelError(f"lora.target_modules={cfg.target_modules} matched no module of the UNet")
+        return model, [{"params": params, "lr": cfg.learning_rate}]
+
+    def save_adapter(self, model: torch.nn.Module, folder: Path) -> Path:
+        from diffusers import StableDiffusionPipeline
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
+        layers = {k: v.detach().cpu().contiguous() for k, v in layers.items()}
+        StableDiffusionPipeline.save_lora_weights(
+            str(folder), unet_lora_layers=layers, safe_serialization=True,
+            unet_lora_adapter_metadata=model.peft_config["default"].to_dict())
+        (Path(folder) / "README.md").write_text(_adapter_card(self))
+        return Path(folder) / "pytorch_lora_weights.safetensors"
+
+
+def _adapter_card(backend: StableDiffusionBackend) -> str:
+    prompts = "\n".join(f"- {n}: `{backend.prompt(k)[0]}`" for k, n in enumerate(backend.class_names))
+    return f"""# LoRA adapter for {backend.info.reference}
+
+Fine-tuned by augment on a small labeled image set, one prompt per class (guidance's negative prompt:
+`{backend.cfg.negative_prompt}`):
+
+{prompts}
+
+```python
+from diffusers import StableDiffusionPipeline
+pipe = StableDiffusionPipeline.from_pretrained({backend.info.path!r})
+pipe.load_lora_weights("path/to/this/folder")
+```
+`training_config.json` holds the configuration and the ids of the images it learned from.
+"""
+
+
+def write_tiny_checkpoint(path: str | Path, image_size: int = 32, seed: int = 0) -> Path:
+    """A tiny, randomly initialised Stable Diffusion pipeline (UNet, VAE, CLIP text encoder and a tokenizer built
+    from a vocabulary written here), saved with save_pretrained: for tests and offline smoke runs of the SD path.
+    Its samples are noise; everything around them (LoRA, caching, sampling, loading) is the real code."""
+    import string
+
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(seed)
+    chars = string.ascii_lowercase + string.digits + "-_.,!'"
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in chars:
+        vocab.setdefault(c, len(vocab))
+        vocab.setdefault(c + "</w>", len(vocab))
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=16)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=32, intermediate_size=37, num_attention_heads=4,
+        num_hidden_layers=2, vocab_size=len(vocab), max_position_embeddings=16))
+    vae = AutoencoderKL(block_out_channels=[8, 16], in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                        norm_num_groups=4, sample_size=image_size)
+    unet = UNet2DConditionModel(
+        block_out_channels=(8, 16), layers_per_block=1, sample_size=image_size // 2, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32, norm_num_groups=4, attention_head_dim=4)
+    # SD 1.5's scheduler config: PNDM with a scaled-linear schedule (sampling swaps in DPM-Solver++ or DDIM)
+    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              num_train_timesteps=1000, skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(str(path))
+    return Path(path)
+
+
+if __name__ == "__main__":  # python -m augment.backends.stable_diffusion DIR: write a tiny checkpoint for smoke runs
+    import sys
+
+    print(write_tiny_checkpoint(sys.argv[1] if len(sys.argv) > 1 else "outputs/sd-tiny-checkpoint"))
