@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from augment.backends import check_base
 from augment.config import ConfigError, load_config
 from augment.data import DataError, detect_kind
 from augment.errors import ModelError
@@ -72,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
 
             cfg = load_config(args.config, args.overrides)
             detect_kind(cfg.data)  # a data.source that does not exist is an error here, not an hour later
+            check_base(cfg.base)
             check_output_dir(cfg.publish.output_dir, cfg.data.source)
             print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
             return 0
@@ -86,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             overrides = args.overrides + ([f"publish.output_dir={args.output_dir}"] if args.output_dir else [])
             cfg = load_config(args.config, overrides)
             detect_kind(cfg.data)  # refuse before Prefect starts or logs: one line, nothing written
+            check_base(cfg.base)
             check_output_dir(cfg.publish.output_dir, cfg.data.source)
             from flows.augment_flow import augment_flow
             from augment.report import headline

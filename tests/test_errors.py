@@ -17,6 +17,10 @@ TINY = str(ROOT / "configs" / "tiny.yaml")
     (["lora.rank=0"], "lora.rank"),
     (["evaluation.arms=[real, real+jitter]"], "real+jitter"),
     (["name.first=x"], "name is not a section"),
+    (["base.pretrained=/no/such/checkpoint"], "base.pretrained=/no/such/checkpoint: no such folder"),
+    (["base.kind=stable_diffusion"], "base.kind=stable_diffusion needs base.pretrained"),
+    ([f"base.kind=stable_diffusion", f"base.pretrained={ROOT / 'configs'}"], "no model_index.json"),
+    (["base.prompt_template=a {label}"], "base.prompt_template"),
 ])
 def test_bad_values_are_one_line_naming_the_culprit(tmp_path, capsys, overrides, culprit):
     args = ["run", TINY, "--output-dir", str(tmp_path / "out")]

@@ -12,6 +12,7 @@ from augment import backends
 from augment.backends.stable_diffusion import write_tiny_checkpoint
 from augment.config import BaseModelConfig, GenerationConfig, LoRAConfig, load_config
 from augment.errors import ModelError
+from safetensors.torch import load_file
 from conftest import ROOT, write_imagefolder
 
 CPU = torch.device("cpu")
@@ -120,6 +121,41 @@ def test_sample_is_per_seed_and_image_to_image_starts_from_the_source(backend, i
     assert not np.array_equal(low, a[:1])
 
 
+def test_finetune_with_gradient_checkpointing_and_bf16_resumes_identically(backend, info, tmp_path, monkeypatch):
+    import augment.finetune as finetune_mod
+    from augment.data import ImageSet
+    from augment.finetune import finetune
+
+    train = ImageSet(_images(6, seed=1), np.array([0, 1, 2, 0, 1, 2]), CLASSES, [f"r{i}" for i in range(6)])
+    backend.cfg = backend.cfg.model_copy(update={"gradient_checkpointing": True})
+    cfg = LoRAConfig(rank=2, lora_alpha=2, max_train_steps=4, train_batch_size=2, checkpointing_steps=2,
+                     mixed_precision="bf16", augment_flip=True)
+    full = finetune(cfg, backend, info, train, tmp_path / "full", log=lambda m: None)
+    assert full.steps == 4 and np.isfinite(full.final_loss)
+    real_loss, calls = finetune_mod.diffusion_loss, {"n": 0}
+
+    def crashing_loss(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real_loss(*a, **k)
+
+    monkeypatch.setattr(finetune_mod, "diffusion_loss", crashing_loss)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(cfg, backend, info, train, tmp_path / "resumed", log=lambda m: None)
+    monkeypatch.setattr(finetune_mod, "diffusion_loss", real_loss)
+    said = []
+    finetune(cfg, backend, info, train, tmp_path / "resumed", log=said.append)
+    assert "finetune: resumed at step 2" in said
+    # Equal up to float rounding: CPU kernels round differently with buffer alignment, so bit equality across
+    # processes and allocations is not promised here; a lost optimizer or RNG state would differ by far more.
+    a, b = (load_file(str(tmp_path / d / "adapter" / "pytorch_lora_weights.safetensors")) for d in ("full", "resumed"))
+    assert set(a) == set(b) and max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+    finetune(cfg.model_copy(update={"seed": 1}), backend, info, train, tmp_path / "other", log=lambda m: None)
+    c = load_file(str(tmp_path / "other" / "adapter" / "pytorch_lora_weights.safetensors"))
+    assert max(float((a[k] - c[k]).abs().max()) for k in a) > 1e-3
+
+
 @pytest.fixture(scope="module")
 def sd_run(checkpoint, tmp_path_factory, prefect_harness):
     from flows.augment_flow import augment_flow
@@ -153,8 +189,6 @@ def test_the_whole_flow_runs_on_the_stable_diffusion_backend(sd_run):
 
 def test_the_adapter_loads_in_a_plain_diffusers_pipeline_and_reproduces_a_sample(sd_run, checkpoint):
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
-
-    from safetensors.torch import load_file
 
     from augment.generate import load_candidates
 

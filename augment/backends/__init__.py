@@ -118,6 +118,23 @@ def detect_kind(cfg: "BaseModelConfig") -> str:
     return "pixel"
 
 
+def check_base(cfg: "BaseModelConfig") -> str:
+    """Refuse, before anything runs, a base that cannot work: a path that does not exist, a folder that is not the
+    checkpoint its kind needs. Returns the backend kind. Hub ids are checked when they load."""
+    if cfg.pretrained != "builtin":
+        ref = Path(cfg.pretrained).expanduser()
+        looks_local = ref.is_absolute() or cfg.pretrained.startswith((".", "~")) or cfg.pretrained.count("/") != 1
+        if looks_local and not ref.exists():
+            raise ModelError(f"base.pretrained={cfg.pretrained}: no such folder (give a diffusers checkpoint folder "
+                             "or a hub id such as owner/name)")
+    kind = detect_kind(cfg)
+    if kind == "stable_diffusion" and Path(cfg.pretrained).is_dir() \
+            and not (Path(cfg.pretrained) / "model_index.json").exists():
+        raise ModelError(f"base.pretrained={cfg.pretrained}: no model_index.json; expected a diffusers Stable "
+                         "Diffusion pipeline folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/)")
+    return kind
+
+
 def create(cfg: "BaseModelConfig", class_names: list[str], image_size: int, channels: int,
            device: "torch.device") -> Backend:
     """The backend that `cfg` asks for, set up for K = len(class_names) classes at image_size x channels."""

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from augment.backends import BaseModelInfo
+from augment.backends import BaseModelInfo, check_base
 from augment.backends.common import DiffusionBackend
 from augment.config import BaseModelConfig, LoRAConfig
 from augment.data import ImageSet
@@ -49,6 +49,7 @@ class StableDiffusionBackend(DiffusionBackend):
 
     def prepare(self, train: ImageSet, pool: ImageSet, log=print) -> BaseModelInfo:
         """Nothing to pretrain: check that the checkpoint is a Stable Diffusion pipeline and fingerprint it."""
+        check_base(self.cfg)
         ref, rev = self.cfg.pretrained, self.cfg.revision
         local = Path(ref)
         h = hashlib.sha256(f"{ref}:{rev}".encode())
@@ -81,7 +82,8 @@ class StableDiffusionBackend(DiffusionBackend):
             # latents are not bounded: never clip the predicted x_0 (DDPM/DDIM default to clipping to [-1, 1])
             self.scheduler = DDPMScheduler.from_pretrained(ref, subfolder="scheduler", clip_sample=False, **kw)
         except Exception as err:
-            raise ModelError(f"cannot load Stable Diffusion components from {ref!r}: {err}") from None
+            where = "" if Path(ref).exists() else " (not a local folder, so it was tried as a hub id)"
+            raise ModelError(f"cannot load Stable Diffusion components from {ref!r}{where}: {err}") from None
         self.vae.requires_grad_(False)
         self.text_encoder.requires_grad_(False)
         self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
@@ -142,7 +144,8 @@ class StableDiffusionBackend(DiffusionBackend):
         for i in range(0, len(images), ENCODE_BATCH):
             x = to_tensor(images[i:i + ENCODE_BATCH], self.device)
             out.append(self.vae.encode(x).latent_dist.mean * self.vae.config.scaling_factor)
-        return torch.cat(out) if out else torch.zeros((0, *self.latent_shape), device=self.device)
+        # contiguous: the cached copy is, and the UNet's convolutions round differently on another memory layout
+        return torch.cat(out).contiguous() if out else torch.zeros((0, *self.latent_shape), device=self.device)
 
     def encode_dataset(self, images: np.ndarray) -> torch.Tensor:
         """`encode`, cached on disk under base.cache_dir by a hash of the images and the base."""
