@@ -60,13 +60,29 @@ def classic_augment(x: torch.Tensor, gen: torch.Generator, flip: bool = False) -
     return F.grid_sample(x + 1.0, grid, padding_mode="zeros", align_corners=False) - 1.0
 
 
+def resize(images: np.ndarray, size: int | None, chunk: int = 256) -> np.ndarray:
+    """uint8 (N, H, W, C) images at size x size (area averaging when shrinking); unchanged when size is None."""
+    if size is None or images.shape[1:3] == (size, size) or not len(images):
+        return images
+    out = []
+    for i in range(0, len(images), chunk):
+        x = torch.from_numpy(np.ascontiguousarray(images[i:i + chunk])).permute(0, 3, 1, 2).float()
+        shrink = size < images.shape[1]
+        x = F.interpolate(x, size=(size, size), mode="area" if shrink else "bilinear",
+                          **({} if shrink else {"align_corners": False}))
+        out.append(x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy())
+    return np.concatenate(out)
+
+
 @dataclass
 class TrainedClassifier:
     kind: str
     model: object
     num_classes: int
+    image_size: int | None = None  # inputs are resized to this (ClassifierConfig.image_size)
 
     def predict_proba(self, images: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+        images = resize(images, self.image_size)
         if self.kind != "cnn":
             return self.model.predict_proba(_flat(images))
         self.model.eval()
@@ -77,6 +93,7 @@ class TrainedClassifier:
 
     def features(self, images: np.ndarray, batch_size: int = 1024) -> np.ndarray:
         """Penultimate-layer features (CNN) or pixels (scikit-learn models)."""
+        images = resize(images, self.image_size)
         if self.kind != "cnn":
             return _flat(images)
         self.model.eval()
@@ -103,6 +120,9 @@ def train_classifier(
 ) -> TrainedClassifier:
     """Train from scratch. `synthetic_prob` = 1 with no real images trains on synthetic data only (CAS)."""
     augment = cfg.augment if augment is None else augment
+    images = resize(images, cfg.image_size)
+    if synthetic is not None:
+        synthetic = (resize(synthetic[0], cfg.image_size), synthetic[1])
     if cfg.kind != "cnn":
         return _train_sklearn(cfg, images, labels, num_classes, seed, augment, flip, synthetic, synthetic_prob)
     torch.manual_seed(seed)
@@ -137,7 +157,7 @@ def train_classifier(
         loss.backward()
         opt.step(); sched.step()
     model.eval()
-    return TrainedClassifier("cnn", model, num_classes)
+    return TrainedClassifier("cnn", model, num_classes, cfg.image_size)
 
 
 def _train_sklearn(cfg, images, labels, num_classes, seed, augment, flip, synthetic, synthetic_prob):
@@ -164,17 +184,19 @@ def _train_sklearn(cfg, images, labels, num_classes, seed, augment, flip, synthe
     else:
         est = make_pipeline(StandardScaler(), SVC(probability=True, random_state=seed))
     est.fit(X, y, **{f"{est.steps[-1][0]}__sample_weight": w})
-    return _SklearnFull(est, num_classes) if len(np.unique(y)) < num_classes else TrainedClassifier(cfg.kind, est, num_classes)
+    if len(np.unique(y)) < num_classes:
+        return _SklearnFull(est, num_classes, cfg.image_size)
+    return TrainedClassifier(cfg.kind, est, num_classes, cfg.image_size)
 
 
 class _SklearnFull(TrainedClassifier):
     """Pads predict_proba to all K classes when a class was missing from the training data."""
 
-    def __init__(self, est, num_classes):
-        super().__init__("sklearn", est, num_classes)
+    def __init__(self, est, num_classes, image_size=None):
+        super().__init__("sklearn", est, num_classes, image_size)
 
     def predict_proba(self, images, batch_size=1024):
-        p = self.model.predict_proba(_flat(images))
+        p = self.model.predict_proba(_flat(resize(images, self.image_size)))
         out = np.zeros((len(images), self.num_classes))
         out[:, self.model.classes_] = p
         return out

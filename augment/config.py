@@ -205,6 +205,10 @@ class ClassifierConfig(_Section):
     weight_decay: float = Field(1e-4, ge=0, le=1.0, description="CNN AdamW weight decay.")
     dropout: float = Field(0.2, ge=0, lt=1, description="Dropout before the CNN head.")
     augment: bool = Field(True, description="Ordinary augmentation (small affine jitter) while training the CNN.")
+    image_size: int | None = Field(
+        None, ge=4, le=1024, description="Train and predict on images resized to this size (e.g. 64 for 512 px "
+        "photos, so that CPU training stays practical); None = the data's size.",
+    )
 
 
 class PseudoConfig(_Section):

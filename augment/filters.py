@@ -61,9 +61,27 @@ class Scored:
     summary: dict
 
 
+PIXEL_SPACE_MAX = 64  # memorization is judged at <= 64 px: a near-copy at 512 px is one at 64 px too
+
+
+def _small(images: np.ndarray, chunk: int = 256) -> np.ndarray:
+    """Flattened float pixels in [0, 1], block-averaged to at most PIXEL_SPACE_MAX px a side (in chunks, so 512 px
+    photos never make a float copy of the whole set)."""
+    n, h, w, c = images.shape
+    f = max(1, -(-max(h, w) // PIXEL_SPACE_MAX))
+    hs, ws = h // f, w // f
+    out = np.empty((n, hs * ws * c), np.float32)
+    for i in range(0, n, chunk):
+        x = images[i:i + chunk, :hs * f, :ws * f].astype(np.float32) / 255.0
+        if f > 1:
+            x = x.reshape(len(x), hs, f, ws, f, c).mean(axis=(2, 4))
+        out[i:i + chunk] = x.reshape(len(x), -1)
+    return out
+
+
 def _pixel_space(images: np.ndarray, mean: np.ndarray) -> np.ndarray:
     # Centered by the train mean image: raw non-negative pixels make every pair of digits look alike.
-    return images.reshape(len(images), int(np.prod(images.shape[1:]))).astype(np.float32) / 255.0 - mean
+    return _small(images) - mean
 
 
 def out_of_fold_probs(cfg: FilterConfig, train: ImageSet) -> np.ndarray:
@@ -96,7 +114,7 @@ def score_candidates(cfg: FilterConfig, cands: Candidates, train: ImageSet, vali
     labels = cands.labels
     pred = probs.argmax(1) if len(cands) else np.zeros(0, np.int64)
     conf = probs.max(1) if len(cands) else np.zeros(0)
-    mean = train.images.reshape(len(train), -1).astype(np.float32).mean(0) / 255.0
+    mean = _small(train.images).mean(0)
     train_pix, cand_pix = _pixel_space(train.images, mean), _pixel_space(cands.images, mean)
     train_feat, cand_feat = judge.features(train.images), judge.features(cands.images)
     sim_pix, nn_pix = nearest(cand_pix, train_pix) if len(cands) else (np.zeros(0), np.zeros(0, int))

@@ -38,3 +38,20 @@ def test_classic_augment_keeps_shape_and_black_background():
     x = -torch.ones(4, 1, 8, 8)
     out = classic_augment(x, torch.Generator().manual_seed(0))
     assert out.shape == x.shape and torch.allclose(out, x, atol=1e-5)
+
+
+def test_classifier_image_size_resizes_training_and_prediction_inputs():
+    from augment.classifier import resize
+
+    rng = np.random.default_rng(0)
+    big = rng.integers(0, 255, (12, 16, 16, 3), dtype=np.uint8)
+    small = resize(big, 8)
+    assert small.shape == (12, 8, 8, 3) and small.dtype == np.uint8
+    assert abs(int(small[0, 0, 0, 0]) - big[0, :2, :2, 0].mean()) <= 0.5  # area average
+    assert resize(big, None) is big
+    labels = np.arange(12) % 3
+    clf = train_classifier(ClassifierConfig(width=4, steps=3, batch_size=4, image_size=8), big, labels, 3, seed=0)
+    assert clf.image_size == 8 and clf.model.body[0].in_channels == 3
+    assert clf.predict_proba(big).shape == (12, 3) and clf.features(big).shape[0] == 12
+    lin = train_classifier(ClassifierConfig(kind="logistic", image_size=4, augment=False), big, labels, 3, seed=0)
+    assert lin.predict_proba(big).shape == (12, 3) and lin.features(big).shape == (12, 4 * 4 * 3)

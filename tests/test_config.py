@@ -5,7 +5,7 @@ from conftest import ROOT
 
 
 def test_shipped_configs_load():
-    for name in ("digits", "tiny"):
+    for name in ("digits", "tiny", "sd-tiny", "sd15-lora"):
         assert isinstance(load_config(ROOT / "configs" / f"{name}.yaml"), RunConfig)
 
 
