@@ -170,6 +170,10 @@ class GenerationConfig(_Section):
     balance_target: int | None = Field(None, ge=1, description="Per-class target count for balance=target.")
     scheduler: Literal["ddim", "dpmsolver++"] = Field("dpmsolver++", description="Sampler.")
     num_inference_steps: int = Field(20, ge=1, le=1000, description="Sampling steps.")
+    eta: float = Field(
+        0.0, ge=0.0, le=1.0, description="DDIM eta: 0 = deterministic; > 0 adds fresh noise every step, drawn from "
+        "each sample's own generator (a sample still regenerates alone from its seed). Needs scheduler: ddim.",
+    )
     guidance_scale: float = Field(4.0, ge=0.0, le=50.0, description="Classifier-free guidance scale (1 = off).")
     strengths: list[float] = Field(
         [1.0],
@@ -188,6 +192,9 @@ class GenerationConfig(_Section):
             raise ValueError("generation.balance_target is required when generation.balance is 'target'")
         if self.balance == "none" and self.num_per_class is None:
             raise ValueError("generation.num_per_class is required when generation.balance is 'none'")
+        if self.eta > 0 and self.scheduler != "ddim":
+            raise ValueError(f"generation.eta={self.eta} needs generation.scheduler: ddim (DPM-Solver++ is "
+                             "deterministic here)")
         bad = [s for s in self.strengths if not 0.0 < s <= 1.0]
         if bad:
             raise ValueError(f"generation.strengths must lie in (0, 1]; got {bad}")

@@ -64,9 +64,9 @@ def plan(cfg: GenerationConfig, train: ImageSet, prompts: list[tuple[str, str]] 
             rows.append({"sample_id": f"syn-{k}-{j}", "label": k, "seed": s, "strength": strength,
                          "source_index": src, "source_id": train.ids[src] if src >= 0 else "",
                          "guidance_scale": cfg.guidance_scale, "num_inference_steps": cfg.num_inference_steps,
-                         "scheduler": cfg.scheduler, "prompt": prompt, "negative_prompt": negative})
+                         "scheduler": cfg.scheduler, "eta": cfg.eta, "prompt": prompt, "negative_prompt": negative})
     columns = ["sample_id", "label", "seed", "strength", "source_index", "source_id", "guidance_scale",
-               "num_inference_steps", "scheduler", "prompt", "negative_prompt"]
+               "num_inference_steps", "scheduler", "eta", "prompt", "negative_prompt"]
     df = pd.DataFrame(rows, columns=columns).astype({"label": "int64", "seed": "int64", "source_index": "int64"})
     df["shard"] = np.zeros(len(df), np.int64)
     if len(df):
@@ -126,7 +126,7 @@ def _plan_hash(df: pd.DataFrame) -> str:
     import hashlib
 
     cols = ["sample_id", "label", "seed", "strength", "source_index", "guidance_scale", "num_inference_steps",
-            "scheduler", "shard"] + [c for c in ("prompt", "negative_prompt") if c in df and df[c].any()]
+            "scheduler", "shard"] + [c for c in ("prompt", "negative_prompt", "eta") if c in df and df[c].any()]
     return hashlib.sha256(df[cols].to_csv(index=False).encode()).hexdigest()[:16]
 
 

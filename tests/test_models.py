@@ -197,3 +197,15 @@ def test_resume_state_past_warmup_loads_with_weights_only(tmp_path):
     said = []
     state = load_state(tmp_path / "state.pt", log=said.append)
     assert state is not None and state["step"] == 6, said
+
+
+def test_stochastic_ddim_draws_step_noise_from_each_samples_own_generator(tmp_path, splits, backend, base):
+    unet = backend.load(base)
+    cfg = GenerationConfig(scheduler="ddim", eta=1.0, num_inference_steps=4, guidance_scale=2.0)
+    batch = backend.sample(unet, np.array([0, 1, 2]), [11, 12, 13], cfg)
+    alone = backend.sample(unet, np.array([1]), [12], cfg)
+    assert np.abs(alone[0].astype(int) - batch[1].astype(int)).max() <= 1
+    still = backend.sample(unet, np.array([0, 1, 2]), [11, 12, 13], cfg.model_copy(update={"eta": 0.0}))
+    assert not np.array_equal(still, batch)  # the step noise is really there
+    with pytest.raises(ValueError, match="needs generation.scheduler: ddim"):
+        GenerationConfig(eta=0.5)

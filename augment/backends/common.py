@@ -42,7 +42,7 @@ class DiffusionBackend:
             lambda x_t, t, y: self.denoise(model, x_t, t, y), self.scheduler,
             torch.tensor(np.asarray(labels, dtype=np.int64)), seeds, self.uncond_label, self.latent_shape,
             scheduler=cfg.scheduler, num_inference_steps=cfg.num_inference_steps,
-            guide=classifier_free(cfg.guidance_scale), strength=strength, init=init, device=self.device,
+            guide=classifier_free(cfg.guidance_scale), eta=cfg.eta, strength=strength, init=init, device=self.device,
             mixed_precision=cfg.mixed_precision,
         )
         return self.decode(x)

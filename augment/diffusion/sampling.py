@@ -45,19 +45,22 @@ def sample(
     scheduler: str = "dpmsolver++",
     num_inference_steps: int = 20,
     guide: Callable | None = None,
+    eta: float = 0.0,
     strength: float = 1.0,
     init: torch.Tensor | None = None,
     device: torch.device = torch.device("cpu"),
     mixed_precision: str = "no",
 ) -> torch.Tensor:
     """Draw samples in model space (pixels or latents) of per-sample `shape`; image-to-image from `init` (model
-    space, one per sample) when strength < 1."""
+    space, one per sample) when strength < 1. With `eta` > 0 (DDIM) every step adds fresh noise, drawn from each
+    sample's own generator: a sample regenerated alone from its seed is the same as in any batch."""
     guide = guide or classifier_free(1.0)
     # 1. Timesteps: image-to-image skips the first (1 - strength) share of the trajectory.
     sampler = make_sampler(train_scheduler, scheduler)
     sampler.set_timesteps(num_inference_steps, device=device)
     timesteps = sampler.timesteps
-    noise = sample_noise(seeds, shape).to(device)
+    gens = generators(seeds)
+    noise = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)
     if strength < 1.0:
         if init is None:
             raise ValueError("image-to-image (strength < 1) needs init images")
@@ -76,5 +79,8 @@ def sample(
         with autocast(device, mixed_precision):
             out = guide(lambda x_in, t_in, y: denoise(sampler.scale_model_input(x_in, t_in), t_in, y),
                         x, t, labels, null_label)
-        x = sampler.step(out, t, x).prev_sample
+        step_kw = {}
+        if eta > 0:
+            step_kw = {"eta": eta, "variance_noise": torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)}
+        x = sampler.step(out, t, x, **step_kw).prev_sample
     return x
