@@ -282,25 +282,35 @@ def evaluate_stage(cfg: RunConfig, progress: Callable[[int, int], None] | None =
 # 8. Publish ---------------------------------------------------------------------------------------------------
 
 
-def publish_stage(cfg: RunConfig, base: dict, adapter: dict) -> dict:
+def publish_stage(cfg: RunConfig, base: dict, adapter: dict, log=print) -> dict:
     """Publish real train + kept synthetic rows (+ the pseudo-labeled pool rows when the evaluation put them in
-    the recipe, i.e. they helped on validation), validation and test."""
+    the recipe, i.e. they helped on validation), validation and test. A dataset already published from the same
+    inputs is kept as it is (same version, no rewrite)."""
     from augment.publish import publish
 
     with _Stage(cfg, "publish"):
-        splits = load_splits(cfg)
-        cands, table, kept = load_filtered(cfg)
         evaluation = run_folder.read_json(run_dir(cfg) / "evaluation" / "summary.json", {})
-        pseudo = None
-        if "pseudo" in (evaluation.get("product_recipe") or "").split("+"):
-            pseudo_set, labels = load_pseudo(cfg, splits)
-            pseudo = (pseudo_set, labels.confidence)
+        with_pseudo = "pseudo" in (evaluation.get("product_recipe") or "").split("+")
         provenance = {"base_model": base.get("reference") or base["description"],
                       "base_fingerprint": base["fingerprint"], "adapter_hash": adapter["adapter_hash"],
                       "config_hash": cfg.fingerprint(), "data_fingerprint": _data_summary(cfg)["fingerprint"]}
+        key = hashlib.sha256(json.dumps({
+            "filter": _stage_key(cfg, "filter"), "pseudo": _stage_key(cfg, "pseudo") if with_pseudo else "",
+            "provenance": provenance, "publish": cfg.publish.model_dump(mode="json", exclude={"output_dir"}),
+        }, sort_keys=True).encode()).hexdigest()[:16]
+        done = run_folder.read_json(run_dir(cfg) / "dataset" / "augment_publish.json") or {}
+        if done.get("key") == key:
+            log(f"publish: reusing {run_dir(cfg) / 'dataset'} (version {done.get('version')})")
+            return done["splits"]
+        splits = load_splits(cfg)
+        cands, table, kept = load_filtered(cfg)
+        pseudo = None
+        if with_pseudo:
+            pseudo_set, labels = load_pseudo(cfg, splits)
+            pseudo = (pseudo_set, labels.confidence)
         info = publish(splits, cands.images[kept], table[kept].reset_index(drop=True),
                        run_dir(cfg) / "dataset", cfg.publish.dataset_name, provenance, cfg.publish.max_shard_rows,
-                       pseudo=pseudo)
+                       pseudo=pseudo, key=key)
     return info
 
 

@@ -155,9 +155,10 @@ ds = datasets.load_from_disk("<this folder>")   # or: datasets.load_dataset("<th
 
 def publish(splits: Splits, kept_images: np.ndarray, kept_table: pd.DataFrame, output_dir: str | Path,
             name: str, provenance: dict, max_shard_rows: int = 5000,
-            pseudo: tuple[ImageSet, np.ndarray] | None = None) -> dict:
+            pseudo: tuple[ImageSet, np.ndarray] | None = None, key: str = "") -> dict:
     """Write the DatasetDict; returns row counts per split. `pseudo`: pseudo-labeled pool images and their
-    confidences, published in train after the real rows."""
+    confidences, published in train after the real rows. `key`: the identity of the inputs, recorded in
+    augment_publish.json so that an unchanged re-run can keep this dataset."""
     import datasets
 
     out = Path(output_dir)
@@ -192,7 +193,7 @@ def publish(splits: Splits, kept_images: np.ndarray, kept_table: pd.DataFrame, o
                 "pseudo_labeled": int(sum(ds["is_pseudo_labeled"]))} for s, ds in dd.items()}
     (tmp / "README.md").write_text(_card(name, info, splits.class_names, provenance, list(dd), version))
     (tmp / "augment_publish.json").write_text(json.dumps({"splits": info, "provenance": provenance,
-                                                          "version": version}, indent=2))
+                                                          "version": version, "key": key}, indent=2))
     if out.exists():
         shutil.rmtree(old, ignore_errors=True)
         out.rename(old)

@@ -7,6 +7,7 @@ recomputing anything. Every number comes from the run's files.
 from __future__ import annotations
 
 import base64
+import hashlib
 import html
 import json
 import math
@@ -20,6 +21,7 @@ from augment.config import RunConfig, parse_config
 from augment.data import Splits
 from augment.generate import load_candidates
 from augment import plots
+from augment.run import read_json, write_json
 
 SCHEMA_VERSION = 1
 
@@ -414,17 +416,39 @@ def build_report(run_dir: str | Path) -> dict:
     """Write metrics.json, report.md (+ report_assets/) and report.html into the run folder; return the metrics."""
     run = Path(run_dir)
     m = collect_metrics(run)
-    figs = figures(run, m)
-    md, page = render(m, figs)
     assets = run / "report_assets"
-    assets.mkdir(exist_ok=True)
-    for name, png in figs.items():
-        (assets / f"{name}.png").write_bytes(png)
+    figs = _reused_figures(run, m)
+    if figs is None:
+        figs = figures(run, m)
+        assets.mkdir(exist_ok=True)
+        for name, png in figs.items():
+            (assets / f"{name}.png").write_bytes(png)
+        write_json(assets / "figures.json", {"key": _figures_key(run, m), "names": sorted(figs)})
+    md, page = render(m, figs)
     for name, text in (("metrics.json", json.dumps(m, indent=2)), ("report.md", md), ("report.html", page)):
         tmp = run / f".{name}.tmp"
         tmp.write_text(text)
         tmp.replace(run / name)
     return m
+
+
+def _figures_key(run: Path, m: dict) -> str:
+    """What the figures show: every metric but the run's timings, and the filtered candidates they sample."""
+    shown = {k: v for k, v in m.items() if k != "run"}
+    filt = (read_json(run / "filter" / "stage.json") or {}).get("key", "")
+    return hashlib.sha256(json.dumps([shown, filt], sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _reused_figures(run: Path, m: dict) -> dict[str, bytes] | None:
+    """The figures of the last build when nothing they show has changed (rendering them is most of a rebuild)."""
+    assets = run / "report_assets"
+    done = read_json(assets / "figures.json") or {}
+    if done.get("key") != _figures_key(run, m):
+        return None
+    try:
+        return {name: (assets / f"{name}.png").read_bytes() for name in done["names"]}
+    except (OSError, KeyError):
+        return None
 
 
 def save_config(cfg: RunConfig, run_dir: str | Path) -> None:

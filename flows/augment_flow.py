@@ -71,7 +71,7 @@ def filter_candidates(cfg: RunConfig) -> dict:
 
 @task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)  # disk I/O only: safe to retry
 def publish(cfg: RunConfig, base: dict, adapter: dict) -> dict:
-    return pipeline.publish_stage(cfg, base, adapter)
+    return pipeline.publish_stage(cfg, base, adapter, log=_log)
 
 
 @task(cache_policy=NO_CACHE)

@@ -103,15 +103,47 @@ def test_rerun_reuses_every_expensive_stage(finished_run):
     from flows.augment_flow import augment_flow
 
     cfg, metrics, run = finished_run
-    adapter = run / "finetune" / "adapter" / "adapter_model.safetensors"
-    shard = next((run / "candidates").glob("shard-*.npz"))
-    before = (adapter.stat().st_mtime_ns, shard.stat().st_mtime_ns,
-              (run / "evaluation" / "results.json").stat().st_mtime_ns)
+    # the published dataset and the report's figures too: an unchanged re-run rewrites neither
+    kept = [run / "finetune" / "adapter" / "adapter_model.safetensors", next((run / "candidates").glob("shard-*.npz")),
+            run / "evaluation" / "results.json", run / "dataset" / "augment_publish.json",
+            next((run / "dataset" / "data").glob("train-*.parquet")), run / "report_assets" / "arms_accuracy.png"]
+    before = [p.stat().st_mtime_ns for p in kept]
     again = augment_flow(config=cfg)
-    after = (adapter.stat().st_mtime_ns, shard.stat().st_mtime_ns,
-             (run / "evaluation" / "results.json").stat().st_mtime_ns)
-    assert before == after
+    assert [p.stat().st_mtime_ns for p in kept] == before
     assert again["gain_over_best_baseline"] == metrics["gain_over_best_baseline"]
+    assert (run / "report.html").read_text().count("data:image/png;base64") >= 6  # reused figures are embedded
+
+
+def test_a_changed_publish_setting_republishes_and_new_metrics_redraw(finished_run):
+    from augment import pipeline
+    from augment.report import build_report
+
+    cfg, metrics, run = finished_run
+    version = pipeline.run_folder.read_json(run / "dataset" / "augment_publish.json")["version"]
+    renamed = cfg.model_copy(update={"publish": cfg.publish.model_copy(update={"dataset_name": "renamed"})})
+    with pipeline.started(renamed):
+        base, adapter = (pipeline.run_folder.read_json(run / "run.json")[k] for k in ("base", "adapter"))
+        pipeline.publish_stage(renamed, base, adapter, log=lambda m: None)
+    assert "renamed" in (run / "dataset" / "README.md").read_text()
+    # every row carries the config hash, which covers the publish section: a new version
+    assert pipeline.run_folder.read_json(run / "dataset" / "augment_publish.json")["version"] != version
+    figs = run / "report_assets" / "figures.json"
+    stamp = figs.stat().st_mtime_ns
+    m = json.loads((run / "metrics.json").read_text())
+    summary = run / "evaluation" / "summary.json"
+    saved = summary.read_text()
+    try:  # a metric the figures show changes: they are drawn again
+        ev = json.loads(saved)
+        acc = ev["arms"]["real"]["accuracy"]
+        for k in ("mean", "ci_low", "ci_high"):
+            acc[k] = acc[k] - 0.01 if acc[k] is not None else None
+        summary.write_text(json.dumps(ev))
+        build_report(run)
+        assert figs.stat().st_mtime_ns != stamp
+    finally:
+        summary.write_text(saved)
+        build_report(run)
+    assert json.loads((run / "metrics.json").read_text())["evaluation"] == m["evaluation"]
 
 
 def test_report_command_rebuilds_without_recomputing(finished_run, capsys):
