@@ -279,6 +279,10 @@ class EvaluationConfig(_Section):
         "augmentation or `none`; `auto` takes whichever of real / real+classic scores better on validation.",
     )
     seeds: int = Field(10, ge=1, le=100, description="Training seeds per arm (paired across arms).")
+    diagnostic_seeds: int | None = Field(
+        5, ge=1, le=100, description="Seeds of the diagnostic arms (unfiltered synthetic, synthetic only, each "
+        "filter alone): the first N of `seeds`; the verdict's arms always get all of them. None = all.",
+    )
     model: ClassifierConfig = Field(
         default_factory=lambda: ClassifierConfig(augment=False),
         description="Downstream classifier; `augment` is ignored (arms with `classic` switch augmentation on).",

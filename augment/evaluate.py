@@ -194,9 +194,12 @@ def evaluate(cfg: EvaluationConfig, sets: TrainingSets, output_dir: str | Path,
     results: dict[str, list[dict]] = {}
     selection: dict = {}
 
+    # Diagnostic arms explain the result (what the filter is worth, CAS, each filter alone) but decide nothing:
+    # they train on the first `diagnostic_seeds` seeds only.
+    diag_seeds = seeds[:cfg.diagnostic_seeds] if cfg.diagnostic_seeds else seeds
     if cfg.arms == "auto":
-        n_arms = 2 + 2 * has_pseudo + 2 + 2 * cfg.diagnostic_arms + len(sets.ablation)
-        runner = _Runner(cfg, sets, n_arms * len(seeds), progress)
+        n_main, n_diag = 2 + 2 * has_pseudo + 2, 2 * cfg.diagnostic_arms + len(sets.ablation)
+        runner = _Runner(cfg, sets, n_main * len(seeds) + n_diag * len(diag_seeds), progress)
         try:
             # 1. The team's recipe: classic augmentation or not, on validation.
             results.update(runner.run(["real", "real+classic"], "real", seeds))
@@ -215,22 +218,21 @@ def evaluate(cfg: EvaluationConfig, sets: TrainingSets, output_dir: str | Path,
             arms = ["real+synthetic", "real+classic+synthetic"]
             if has_pseudo:
                 arms.append(_with(_with(recipe, "pseudo"), "synthetic"))
-            if cfg.diagnostic_arms:
-                arms += [_with(product_recipe, "synthetic_unfiltered"), "synthetic"]
             results.update(runner.run(arms, product_recipe, seeds))
-            results.update(runner.run([f"filter:{n}" for n in sets.ablation], product_recipe, seeds))
+            diagnostic = [_with(product_recipe, "synthetic_unfiltered"), "synthetic"] if cfg.diagnostic_arms else []
+            results.update(runner.run(diagnostic + [f"filter:{n}" for n in sets.ablation], product_recipe, diag_seeds))
         finally:
             runner.close()
         product = _with(product_recipe, "synthetic")
     else:
         arms = list(cfg.arms) + [f"filter:{n}" for n in sets.ablation]
         recipe = "real+classic" if cfg.recipe != "none" and "real+classic" in cfg.arms else "real"
-        runner = _Runner(cfg, sets, len(arms) * len(seeds), progress)
+        runner = _Runner(cfg, sets, len(cfg.arms) * len(seeds) + len(sets.ablation) * len(diag_seeds), progress)
         try:
             results.update(runner.run([a for a in arms if not a.startswith("filter:")], recipe, seeds))
             if cfg.recipe == "auto" and {"real", "real+classic"} <= set(results):
                 recipe = _choose_recipe(cfg, results, has_val, selection)
-            results.update(runner.run([a for a in arms if a.startswith("filter:")], recipe, seeds))
+            results.update(runner.run([a for a in arms if a.startswith("filter:")], recipe, diag_seeds))
         finally:
             runner.close()
         product_recipe = recipe
@@ -288,9 +290,13 @@ def summarize_results(results: dict) -> dict:
     def acc(arm):
         return [r["accuracy"] for r in runs[arm]]
 
+    def paired(x, y):  # arms trained on fewer seeds (diagnostics) pair with the first seeds of the others
+        n = min(len(x), len(y))
+        return paired_difference(x[:n], y[:n])
+
     def diff(a, b):
-        return {"accuracy": paired_difference(acc(a), acc(b)),
-                "macro_f1": paired_difference([r["macro_f1"] for r in runs[a]], [r["macro_f1"] for r in runs[b]])}
+        return {"accuracy": paired(acc(a), acc(b)),
+                "macro_f1": paired([r["macro_f1"] for r in runs[a]], [r["macro_f1"] for r in runs[b]])}
 
     baselines = [b for b in runs if runs[b] and "synthetic" not in b and "synthetic_unfiltered" not in b
                  and not b.startswith("filter:")]
@@ -309,6 +315,6 @@ def summarize_results(results: dict) -> dict:
                              for a in baselines if runs.get(f"{a}+synthetic")}
     unfiltered = (results.get("product_recipe") or "real") + "+synthetic_unfiltered"
     if product and runs.get(unfiltered) and runs.get(product):
-        out["filter_gain"] = paired_difference(acc(product), acc(unfiltered))
+        out["filter_gain"] = paired(acc(product), acc(unfiltered))
         out["filter_gain"]["against"] = unfiltered
     return out

@@ -302,7 +302,8 @@ def sections(m: dict) -> list[tuple[str, str, list[tuple[list[str], list[list]]]
          f"{_pct(flt['alia_oof_accuracy'])}%.",
          [(["class", "generated", "kept"] + [f"rejected: {r}" for r in reasons], filt_rows)],
          ["quality_hist", "grid_real", "grid_kept", "grid_rejected"]),
-        ("Filter ablation", "Downstream accuracy (%) when only one filter is applied, none, or all (same seeds).",
+        ("Filter ablation", "Downstream accuracy (%) when only one filter is applied, none, or all. "
+         + _ablation_seeds(ev, arms, product),
          [(["filters", "accuracy", "synthetic kept"], abl_rows)], []),
         ("Memorization",
          "Similarity of every kept synthetic image to its nearest real training image, against the same statistic "
@@ -430,6 +431,15 @@ def build_report(run_dir: str | Path) -> dict:
         tmp.write_text(text)
         tmp.replace(run / name)
     return m
+
+
+def _ablation_seeds(ev: dict, arms: dict, product: str | None) -> str:
+    n_diag = {len(v["per_seed_accuracy"]) for v in ev["filter_ablation"].values() if "per_seed_accuracy" in v}
+    n_all = len(arms.get(product, {}).get("per_seed_accuracy", [])) if product else 0
+    if not n_diag or n_diag == {n_all}:
+        return "Same seeds throughout."
+    return (f"Single filters and no filter: the first {max(n_diag)} seeds (evaluation.diagnostic_seeds); all "
+            f"filters: all {n_all} seeds, so compare intervals, not the last digit.")
 
 
 def _figures_key(run: Path, m: dict) -> str:

@@ -120,3 +120,14 @@ def test_results_do_not_depend_on_the_number_of_workers(splits, tmp_path):
     strip = lambda res: {a: [{k: v for k, v in r.items() if k != "seconds"} for r in rs]  # noqa: E731
                          for a, rs in res["runs"].items()}
     assert strip(one) == strip(two)
+
+
+def test_diagnostic_arms_train_on_the_first_seeds_only(splits, tmp_path):
+    cfg = EvaluationConfig(seeds=3, diagnostic_seeds=2, model=ClassifierConfig(width=8, steps=20, augment=False),
+                           workers=1)
+    res = json.loads(evaluate(cfg, _sets(splits), tmp_path, log=lambda m: None).read_text())
+    diagnostic = {a for a in res["runs"] if a.startswith("filter:") or a == "synthetic" or "unfiltered" in a}
+    assert diagnostic and all(len(res["runs"][a]) == 2 for a in diagnostic)
+    assert all(len(rs) == 3 for a, rs in res["runs"].items() if a not in diagnostic)
+    s = summarize_results(res)
+    assert len(s["filter_gain"]["differences"]) == 2 and len(s["gain_over_best_baseline"]["differences"]) == 3
