@@ -326,3 +326,28 @@ def versions() -> dict:
 
     return {"torch": torch.__version__, "diffusers": diffusers.__version__, "peft": peft.__version__,
             "datasets": datasets.__version__, "numpy": np.__version__}
+
+
+def run(cfg: RunConfig, log=print, on_stage: Callable[[str | None], None] | None = None) -> dict:
+    """Every stage in the flow's order, without Prefect (notebooks, benchmarks); returns the report's metrics.
+    `on_stage(name)` is called as each stage starts, and with None at the end."""
+    from augment.report import build_report
+
+    mark = on_stage or (lambda name: None)
+    t0 = time.time()
+    with started(cfg):
+        record(cfg, None, versions=versions())
+        mark("data"); prepare_data(cfg)
+        mark("base"); base = base_model(cfg, log=log)
+        record(cfg, None, base=base)
+        mark("pseudo"); pseudo_stage(cfg, log=log)
+        mark("finetune"); adapter = finetune_stage(cfg, base, log=log)
+        record(cfg, None, adapter=adapter)
+        mark("generate"); generate_stage(cfg, base, adapter, log=log)
+        mark("filter"); filter_stage(cfg, log=log)
+        mark("evaluate"); evaluate_stage(cfg, log=log)
+        mark("publish"); publish_stage(cfg, base, adapter, log=log)
+        record(cfg, None, total_seconds=round(time.time() - t0, 1))
+        mark("report"); metrics = build_report(run_dir(cfg))
+    mark(None)
+    return metrics

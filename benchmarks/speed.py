@@ -1,0 +1,207 @@
+"""Speed and memory of the default job, stage by stage, and of generation against a plain diffusers loop.
+
+    python benchmarks/speed.py                    # the default job (8 px), cold: empty cache and run folder
+    python benchmarks/speed.py --sizes 8 16 28    # also the 16 and 28 px variants (the 28 px one takes hours)
+    python benchmarks/speed.py --stream-n 50000   # peak RSS of generating 50,000 samples at 8 px
+
+Stages run in this process through `augment.pipeline.run` (the flow's order, without Prefect's server, which
+`augment run` adds: its start is measured separately). Peak RSS is sampled every 0.1 s over this process and its
+children (the evaluation's worker processes). Prints Markdown tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import ROOT, print_table  # noqa: E402
+
+
+class RSSMonitor:
+    """Peak resident memory of this process tree, per phase."""
+
+    def __init__(self):
+        import psutil
+
+        self.proc, self.phase, self.peaks, self.stop = psutil.Process(), None, {}, False
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+
+    def _rss(self) -> int:
+        total = 0
+        for p in [self.proc] + self.proc.children(recursive=True):
+            try:
+                total += p.memory_info().rss
+            except Exception:  # a worker that just exited
+                pass
+        return total
+
+    def _loop(self):
+        while not self.stop:
+            if self.phase:
+                self.peaks[self.phase] = max(self.peaks.get(self.phase, 0), self._rss())
+            time.sleep(0.1)
+
+    def mark(self, phase):
+        if self.phase:  # one last sample for the phase that ends
+            self.peaks[self.phase] = max(self.peaks.get(self.phase, 0), self._rss())
+        self.phase = phase
+
+
+def job(config: str, size: int, out: Path) -> dict:
+    from augment import pipeline
+    from augment.config import load_config
+
+    run, cache = out / f"job-{size}px", out / f"cache-{size}px"
+    shutil.rmtree(run, ignore_errors=True)
+    shutil.rmtree(cache, ignore_errors=True)  # cold: the builtin base is pretrained again
+    cfg = load_config(config, [f"data.image_size={size}", f"publish.output_dir={run}", f"base.cache_dir={cache}"])
+    mon = RSSMonitor()
+    t0 = time.time()
+    metrics = pipeline.run(cfg, log=lambda m: None, on_stage=mon.mark)
+    wall = time.time() - t0
+    mon.stop = True
+    seconds = {k: v.get("seconds") for k, v in pipeline.run_folder.read_json(run / "run.json")["stages"].items()}
+    seconds["report"] = round(wall - sum(v or 0 for v in seconds.values()), 2)
+    return {"cfg": cfg, "run": run, "metrics": metrics, "wall": wall, "seconds": seconds, "rss": mon.peaks}
+
+
+def cli_start() -> float:
+    t0 = time.time()
+    subprocess.run([sys.executable, "-m", "augment.cli", "--help"], check=True, capture_output=True)
+    return time.time() - t0
+
+
+def generation_vs_plain(res: dict, n_per_class: int) -> list[list]:
+    """Our sampler (DPM-Solver++, guidance halves batched) against a plain fp32 diffusers DDIM-50 loop (one UNet
+    call per guidance half, batch 64), on the run's fine-tuned model; class consistency judged by a classifier
+    trained on the real labeled images."""
+    import numpy as np
+    import torch
+    from diffusers import DDIMScheduler
+
+    from augment import pipeline
+    from augment.backends import BaseModelInfo
+    from augment.classifier import train_classifier
+    from augment.diffusion import sample_noise, to_uint8
+
+    cfg, run = res["cfg"], res["run"]
+    splits = pipeline.load_splits(cfg)
+    backend = pipeline.backend_for(cfg, splits)
+    info = pipeline.run_folder.read_json(run / "run.json")
+    model = backend.load(BaseModelInfo(**info["base"]), adapter=info["adapter"]["path"])
+    K = len(splits.class_names)
+    labels = np.repeat(np.arange(K), n_per_class)
+    seeds = list(range(len(labels)))
+    judge = train_classifier(cfg.filter.quality_classifier, splits.train.images, splits.train.labels, K, seed=0)
+
+    def ours():
+        out = []
+        for i in range(0, len(labels), cfg.generation.batch_size):
+            out.append(backend.sample(model, labels[i:i + cfg.generation.batch_size],
+                                      seeds[i:i + cfg.generation.batch_size], cfg.generation))
+        return np.concatenate(out)
+
+    @torch.no_grad()
+    def plain():
+        sched = DDIMScheduler.from_config(backend.scheduler.config)
+        out, w = [], cfg.generation.guidance_scale
+        for i in range(0, len(labels), 64):
+            y = torch.tensor(labels[i:i + 64])
+            x = sample_noise(seeds[i:i + 64], backend.latent_shape)
+            sched.set_timesteps(50)
+            for t in sched.timesteps:
+                cond = model(x, t, class_labels=y).sample
+                uncond = model(x, t, class_labels=torch.full_like(y, K)).sample
+                x = sched.step(uncond + w * (cond - uncond), t, x).prev_sample
+            out.append(to_uint8(x))
+        return np.concatenate(out)
+
+    rows = []
+    for name, fn in (("plain diffusers DDIM-50, fp32, two UNet calls per step", plain),
+                     (f"augment: {cfg.generation.scheduler}-{cfg.generation.num_inference_steps}, batched guidance, "
+                      f"batch {cfg.generation.batch_size}", ours)):
+        t0 = time.time()
+        images = fn()
+        dt = time.time() - t0
+        consistency = float((judge.predict_proba(images).argmax(1) == labels).mean())
+        rows.append([name, len(labels), f"{dt:.1f}", f"{len(labels) / dt:.0f}", f"{100 * consistency:.1f}"])
+    return rows
+
+
+def stream(config: str, n: int, out: Path) -> list:
+    """Generate n samples at 8 px with the 8 px job's fine-tuned model in a child process; its peak RSS."""
+    code = f"""
+import resource, time, numpy as np, torch
+from pathlib import Path
+from augment import pipeline
+from augment.config import load_config
+from augment.generate import generate
+cfg = load_config({config!r}, ["publish.output_dir={out / 'job-8px'}",
+                  "base.cache_dir={out / 'cache-8px'}", "generation.num_per_class={n // 10}"])
+splits = pipeline.load_splits(cfg)
+backend = pipeline.backend_for(cfg, splits)
+info = pipeline.run_folder.read_json(Path(cfg.publish.output_dir) / "run.json")
+from augment.backends import BaseModelInfo
+model = backend.load(BaseModelInfo(**info["base"]), adapter=info["adapter"]["path"])
+t0 = time.time()
+generate(cfg.generation, backend, model, splits.train, {str(out / 'stream')!r}, log=lambda m: None)
+print(time.time() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+"""
+    shutil.rmtree(out / "stream", ignore_errors=True)
+    res = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    seconds, rss = (float(v) for v in res.stdout.split()[-2:])
+    shutil.rmtree(out / "stream", ignore_errors=True)
+    return [n, f"{seconds:.0f}", f"{n / seconds:.0f}", f"{rss:.0f}"]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=str(ROOT / "configs" / "digits.yaml"))
+    p.add_argument("--sizes", type=int, nargs="+", default=[8])
+    p.add_argument("--generation-per-class", type=int, default=100)
+    p.add_argument("--stream-n", type=int, default=0, help="also generate this many 8 px samples (peak RSS)")
+    p.add_argument("--out", default="outputs/benchmark/speed")
+    a = p.parse_args()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    import torch
+
+    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads")
+    print_table("Start", ["command", "seconds"], [["augment --help", f"{cli_start():.2f}"]])
+    results = {}
+    for size in a.sizes:
+        res = results[size] = job(a.config, size, out)
+        cfg = res["cfg"]
+        rows = [[k, f"{v:.1f}" if v is not None else "", f"{res['rss'].get(k, 0) / 2**20:.0f}"]
+                for k, v in res["seconds"].items()]
+        rows.append(["**total (no Prefect server)**", f"{res['wall']:.1f}",
+                     f"{max(res['rss'].values()) / 2**20:.0f}"])
+        print_table(f"Default job at {size}x{size}, cold ({a.config})", ["stage", "seconds", "peak RSS (MB)"], rows)
+        s = res["seconds"]
+        thr = [["base pretraining", cfg.base.pretrain_steps, cfg.base.pretrain_batch_size,
+                f"{cfg.base.pretrain_steps * cfg.base.pretrain_batch_size / s['base']:.0f}" if s.get("base") else ""],
+               ["LoRA fine-tuning", cfg.lora.max_train_steps, cfg.lora.train_batch_size,
+                f"{cfg.lora.max_train_steps * cfg.lora.train_batch_size / s['finetune']:.0f}"]]
+        print_table(f"Training throughput at {size}x{size}", ["loop", "steps", "batch", "images/s"], thr)
+        g = res["metrics"]["evaluation"]
+        print(f"\nverdict at {size}px: product {g.get('product_arm')}, gain over best baseline "
+              f"{res['metrics'].get('gain_over_best_baseline', {}).get('mean')}")
+    if 8 in results:
+        print_table("Generation at 8x8 (same fine-tuned model and seeds)",
+                    ["sampler", "samples", "seconds", "samples/s", "class consistency (%)"],
+                    generation_vs_plain(results[8], a.generation_per_class))
+    if a.stream_n and 8 in results:
+        print_table("Streaming generation at 8x8", ["samples", "seconds", "samples/s", "peak RSS (MB)"],
+                    [stream(a.config, a.stream_n, out)])
+
+
+if __name__ == "__main__":
+    main()
