@@ -60,6 +60,18 @@ def _parser() -> argparse.ArgumentParser:
                      "event's payload may carry `overrides: [KEY=VALUE, ...]` for that run")
     srv.add_argument("--limit", type=int, default=1,
                      help="runs of this deployment that may execute at once; more wait in the queue (default 1)")
+    dep = sub.add_parser("deploy", help="register the flow as a deployment of a Prefect work pool (workers run it)")
+    dep.add_argument("config", help="YAML config used as the deployment's default parameters")
+    dep.add_argument("--pool", required=True, help="work pool name, e.g. one made with "
+                     "`prefect work-pool create augment-local --type process`")
+    dep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    dep.add_argument("--name", default=None, help="deployment name (default: the config's name)")
+    dep.add_argument("--cron", default=None, help="cron schedule, e.g. '0 2 * * *'")
+    dep.add_argument("--trigger-event", default=None, help="also run when this Prefect event is emitted")
+    dep.add_argument("--limit", type=int, default=1, help="runs that may execute at once (default 1)")
+    dep.add_argument("--source", default=None,
+                     help="where workers get the code: a git URL, or a folder (default: this checkout)")
+    dep.add_argument("--image", default=None, help="container image for Docker/Kubernetes work pools")
     return p
 
 
@@ -101,6 +113,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"dataset: {out / 'dataset'}  (datasets.load_from_disk or datasets.load_dataset)")
             print(f"report:  {out / 'report.html'}")
             print(f"wall time: {time.time() - t0:.1f} s")
+            return 0
+        if args.command == "deploy":
+            from flows.deployments import deploy
+
+            cfg = load_config(args.config, args.overrides)
+            check_base(cfg.base)
+            dep_id = deploy(cfg, args.pool, name=args.name, cron=args.cron, trigger_event=args.trigger_event,
+                            limit=args.limit, source=args.source, image=args.image)
+            print(f"deployment augment/{args.name or cfg.name} ({dep_id}) on work pool {args.pool!r}; start a worker: "
+                  f"prefect worker start --pool {args.pool}")
             return 0
         if args.command == "serve":
             from flows.deployments import serve

@@ -102,16 +102,19 @@ def generation_vs_plain(res: dict, n_per_class: int) -> list[list]:
     seeds = list(range(len(labels)))
     judge = train_classifier(cfg.filter.quality_classifier, splits.train.images, splits.train.labels, K, seed=0)
 
-    def ours():
+    def ours(gen_cfg=cfg.generation):
         out = []
-        for i in range(0, len(labels), cfg.generation.batch_size):
-            out.append(backend.sample(model, labels[i:i + cfg.generation.batch_size],
-                                      seeds[i:i + cfg.generation.batch_size], cfg.generation))
+        for i in range(0, len(labels), gen_cfg.batch_size):
+            out.append(backend.sample(model, labels[i:i + gen_cfg.batch_size], seeds[i:i + gen_cfg.batch_size],
+                                      gen_cfg))
         return np.concatenate(out)
+
+    bf16 = cfg.generation.model_copy(update={"mixed_precision": "bf16"})
 
     @torch.no_grad()
     def plain():
-        sched = DDIMScheduler.from_config(backend.scheduler.config)
+        # clip_sample off: clipping the guided x_0 prediction (the base's DDPM config asks for it) ruins samples
+        sched = DDIMScheduler.from_config(backend.scheduler.config, clip_sample=False)
         out, w = [], cfg.generation.guidance_scale
         for i in range(0, len(labels), 64):
             y = torch.tensor(labels[i:i + 64])
@@ -127,7 +130,8 @@ def generation_vs_plain(res: dict, n_per_class: int) -> list[list]:
     rows = []
     for name, fn in (("plain diffusers DDIM-50, fp32, two UNet calls per step", plain),
                      (f"augment: {cfg.generation.scheduler}-{cfg.generation.num_inference_steps}, batched guidance, "
-                      f"batch {cfg.generation.batch_size}", ours)):
+                      f"batch {cfg.generation.batch_size}", ours),
+                     ("the same in bf16 autocast (generation.mixed_precision: bf16)", lambda: ours(bf16))):
         t0 = time.time()
         images = fn()
         dt = time.time() - t0
@@ -169,6 +173,8 @@ def main() -> None:
     p.add_argument("--generation-per-class", type=int, default=100)
     p.add_argument("--stream-n", type=int, default=0, help="also generate this many 8 px samples (peak RSS)")
     p.add_argument("--out", default="outputs/benchmark/speed")
+    p.add_argument("--generation-only", action="store_true",
+                   help="only the generation tables, on the 8 px job a previous run of this script left in --out")
     a = p.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -177,7 +183,13 @@ def main() -> None:
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads")
     print_table("Start", ["command", "seconds"], [["augment --help", f"{cli_start():.2f}"]])
     results = {}
-    for size in a.sizes:
+    if a.generation_only:
+        from augment.config import load_config
+
+        run = out / "job-8px"
+        results[8] = {"run": run, "cfg": load_config(a.config, [f"publish.output_dir={run}",
+                                                                f"base.cache_dir={out / 'cache-8px'}"])}
+    for size in ([] if a.generation_only else a.sizes):
         res = results[size] = job(a.config, size, out)
         cfg = res["cfg"]
         rows = [[k, f"{v:.1f}" if v is not None else "", f"{res['rss'].get(k, 0) / 2**20:.0f}"]

@@ -172,3 +172,50 @@ def test_every_served_run_announces_its_dataset(served):
     assert e.resource.id == f"augment.dataset.{(out / 'dataset').resolve()}"
     assert e.payload["job"] == "tiny" and e.payload["rows"]["test"] > 0
     assert e.payload["verdict"] and len(e.payload["config_hash"]) == 16
+
+
+def test_deploy_to_a_process_work_pool_runs_on_a_worker(served):
+    """`augment deploy` to a process work pool; a `prefect worker` pulls the run from the checkout and executes it."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.deployments import run_deployment
+
+    url, _, procs, tmp = served
+    env = {**os.environ, "PREFECT_API_URL": url, "PREFECT_HOME": str(tmp / "prefect-home"), "PYTHONPATH": str(ROOT)}
+    with get_client(sync_client=True) as client:
+        client.create_work_pool(WorkPoolCreate(name="augment-test-pool", type="process"))
+    out = tmp / "pool-run"
+    done = subprocess.run(
+        [sys.executable, "-m", "augment.cli", "deploy", str(ROOT / "configs" / "tiny.yaml"), "--pool",
+         "augment-test-pool", "--name", "tiny-pool", "--set", f"publish.output_dir={out}",
+         "--set", f"base.cache_dir={tmp / 'cache'}"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "augment/tiny-pool" in done.stdout
+    worker_log = open(tmp / "worker.log", "w")
+    procs.append(subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", "augment-test-pool"],
+                                  env=env, stdout=worker_log, stderr=worker_log, cwd=tmp))
+    run = run_deployment("augment/tiny-pool", parameters={"overrides": ["generation.num_per_class=2"]}, timeout=600)
+    assert run.state.is_completed(), f"{run.state}\n{_logs(tmp)}"
+    assert yaml.safe_load((out / "config.yaml").read_text())["generation"]["num_per_class"] == 2
+    assert (out / "dataset" / "augment_publish.json").exists()
+
+
+def test_prefect_yaml_registers_its_deployment(served):
+    """The shipped prefect.yaml works with `prefect deploy`: schedule, queueing limit, partial config, pull step."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+
+    url, _, procs, tmp = served
+    with get_client(sync_client=True) as client:
+        client.create_work_pool(WorkPoolCreate(name="augment-local", type="process"))
+    env = {**os.environ, "PREFECT_API_URL": url, "PREFECT_HOME": str(tmp / "prefect-home"), "PWD": str(ROOT)}
+    done = subprocess.run([sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--name", "digits-nightly"],
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    with get_client(sync_client=True) as client:
+        dep = client.read_deployment_by_name("augment/digits-nightly")
+    assert [s.schedule.cron for s in dep.schedules] == ["0 2 * * *"]
+    assert dep.global_concurrency_limit.limit == 1 and dep.work_pool_name == "augment-local"
+    assert dep.parameters["config"]["name"] == "digits" and dep.parameters["overrides"] == []
+    steps = [s for step in dep.pull_steps for s in step.values()]
+    assert steps and steps[0]["directory"] == str(ROOT)
