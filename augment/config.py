@@ -338,6 +338,28 @@ class PublishConfig(_Section):
     max_shard_rows: int = Field(5000, ge=100, description="Rows per parquet shard.")
 
 
+class RunnerConfig(_Section):
+    """Where the flow's independent units run: downstream trainings (arm x seed) as Prefect tasks on a task runner.
+    Results do not depend on it (tested)."""
+
+    kind: Literal["local", "processes", "dask"] = Field(
+        "local", description="`local`: the evaluation's own process pool (evaluation.workers), no task per unit; "
+        "`processes`: Prefect's ProcessPoolTaskRunner; `dask`: prefect-dask's DaskTaskRunner on a local cluster, "
+        "or on the scheduler at `address` (pip install augment[dask]). No thread runner: torch's random state is "
+        "per process, so trainings in threads of one process would not be reproducible.",
+    )
+    workers: int = Field(0, ge=0, le=1024, description="Workers of a processes/local-dask runner; 0 = one per CPU "
+                         "core. Each training uses one torch thread.")
+    address: str | None = Field(None, description="dask: an existing scheduler, e.g. tcp://10.0.0.5:8786 (its "
+                                "workers must see the run folder's path); None = a local cluster.")
+
+    @model_validator(mode="after")
+    def _address(self) -> "RunnerConfig":
+        if self.address and self.kind != "dask":
+            raise ValueError(f"runner.address is for runner.kind=dask, not {self.kind}")
+        return self
+
+
 class RunConfig(_Section):
     name: str = Field("digits", description="Name of the job.")
     data: DataConfig = Field(default_factory=DataConfig)
@@ -348,16 +370,21 @@ class RunConfig(_Section):
     filter: FilterConfig = Field(default_factory=FilterConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     publish: PublishConfig = Field(default_factory=PublishConfig)
+    runner: RunnerConfig = Field(default_factory=RunnerConfig, description="Where the flow's units run.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Torch device; auto = cuda if available.")
 
     # Where things are written and how many processes do the work change no result: not part of any hash.
-    UNHASHED: ClassVar[tuple] = (("publish", "output_dir"), ("base", "cache_dir"), ("evaluation", "workers"))
+    UNHASHED: ClassVar[tuple] = (("publish", "output_dir"), ("base", "cache_dir"), ("evaluation", "workers"),
+                                 ("runner", None))
 
     def fingerprint(self, *sections: str) -> str:
         """Short hash of the named sections (all when none), for cache keys and provenance."""
         dump = self.model_dump(mode="json")
         for section, key in self.UNHASHED:
-            dump[section].pop(key, None)
+            if key is None:
+                dump.pop(section, None)
+            else:
+                dump[section].pop(key, None)
         picked = {s: dump[s] for s in sections} if sections else dump
         return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
 

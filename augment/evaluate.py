@@ -115,9 +115,7 @@ def _worker_init(cfg: EvaluationConfig, sets: TrainingSets) -> None:
 
 
 def _worker_run(arm: str, recipe: str, seed: int) -> dict:
-    cfg, sets = _WORKER["cfg"], _WORKER["sets"]
-    spec = arm_training_set(arm, sets, recipe)
-    return run_arm(cfg, sets.splits, spec["data"], spec["synthetic"], spec["augment"], seed)
+    return train_unit(_WORKER["cfg"], _WORKER["sets"], arm, recipe, seed)
 
 
 class _Runner:
@@ -139,6 +137,13 @@ class _Runner:
 
     def run(self, arms: list[str], recipe: str, seeds: list[int]) -> dict[str, list[dict]]:
         units = [(a, s) for a in arms for s in seeds]
+        results = self._map(units, recipe)
+        out: dict[str, list[dict]] = {a: [] for a in arms}
+        for (a, _), r in zip(units, results):
+            out[a].append(r)
+        return out
+
+    def _map(self, units: list[tuple[str, int]], recipe: str) -> list[dict]:
         if self.pool is None:
             import torch
 
@@ -159,10 +164,7 @@ class _Runner:
             for f in as_completed(futures):
                 results[futures[f]] = f.result()
                 self._tick()
-        out: dict[str, list[dict]] = {a: [] for a in arms}
-        for (a, _), r in zip(units, results):
-            out[a].append(r)
-        return out
+        return results
 
     def _tick(self) -> None:
         self.done += 1
@@ -172,6 +174,37 @@ class _Runner:
     def close(self) -> None:
         if self.pool is not None:
             self.pool.shutdown()
+
+
+# run_units([(arm, recipe, seed), ...]) -> one result per unit, in order: how an orchestrator (the Prefect flow's
+# task runner: threads, processes, Dask) runs the units instead of the local pool.
+RunUnits = Callable[[list[tuple[str, str, int]]], list[dict]]
+
+
+class _MappedRunner(_Runner):
+    """Hands each phase's units to `run_units` (e.g. Prefect tasks on a task runner)."""
+
+    def __init__(self, run_units: RunUnits, total: int, progress=None):
+        self.run_units, self.progress, self.total, self.done, self.pool = run_units, progress, total, 0, None
+
+    def _map(self, units: list[tuple[str, int]], recipe: str) -> list[dict]:
+        results = self.run_units([(a, recipe, s) for a, s in units])
+        for _ in units:
+            self._tick()
+        return results
+
+
+def train_unit(cfg: EvaluationConfig, sets: TrainingSets, arm: str, recipe: str, seed: int) -> dict:
+    """One downstream training (the unit every runner distributes), on one torch thread."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        spec = arm_training_set(arm, sets, recipe)
+        return run_arm(cfg, sets.splits, spec["data"], spec["synthetic"], spec["augment"], seed)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _val_mean(runs: list[dict]) -> float:
@@ -184,8 +217,14 @@ def _with(recipe: str, part: str) -> str:
 
 
 def evaluate(cfg: EvaluationConfig, sets: TrainingSets, output_dir: str | Path,
-             progress: Callable[[int, int], None] | None = None, log=print) -> Path:
-    """Run the protocol (or the listed arms); writes evaluation/results.json."""
+             progress: Callable[[int, int], None] | None = None, log=print,
+             run_units: RunUnits | None = None) -> Path:
+    """Run the protocol (or the listed arms); writes evaluation/results.json. `run_units` runs each phase's
+    (arm, recipe, seed) units elsewhere (default: this process or a local pool of `cfg.workers`)."""
+
+    def make_runner(total: int) -> _Runner:
+        return _Runner(cfg, sets, total, progress) if run_units is None else _MappedRunner(run_units, total, progress)
+
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     seeds = [cfg.seed + i for i in range(cfg.seeds)]
@@ -199,7 +238,7 @@ def evaluate(cfg: EvaluationConfig, sets: TrainingSets, output_dir: str | Path,
     diag_seeds = seeds[:cfg.diagnostic_seeds] if cfg.diagnostic_seeds else seeds
     if cfg.arms == "auto":
         n_main, n_diag = 2 + 2 * has_pseudo + 2, 2 * cfg.diagnostic_arms + len(sets.ablation)
-        runner = _Runner(cfg, sets, n_main * len(seeds) + n_diag * len(diag_seeds), progress)
+        runner = make_runner(n_main * len(seeds) + n_diag * len(diag_seeds))
         try:
             # 1. The team's recipe: classic augmentation or not, on validation.
             results.update(runner.run(["real", "real+classic"], "real", seeds))
@@ -227,7 +266,7 @@ def evaluate(cfg: EvaluationConfig, sets: TrainingSets, output_dir: str | Path,
     else:
         arms = list(cfg.arms) + [f"filter:{n}" for n in sets.ablation]
         recipe = "real+classic" if cfg.recipe != "none" and "real+classic" in cfg.arms else "real"
-        runner = _Runner(cfg, sets, len(cfg.arms) * len(seeds) + len(sets.ablation) * len(diag_seeds), progress)
+        runner = make_runner(len(cfg.arms) * len(seeds) + len(sets.ablation) * len(diag_seeds))
         try:
             results.update(runner.run([a for a in arms if not a.startswith("filter:")], recipe, seeds))
             if cfg.recipe == "auto" and {"real", "real+classic"} <= set(results):

@@ -254,26 +254,51 @@ def load_filtered(cfg: RunConfig):
 # 7. Evaluate --------------------------------------------------------------------------------------------------
 
 
-def evaluate_stage(cfg: RunConfig, progress: Callable[[int, int], None] | None = None, log=print) -> dict:
-    from augment.evaluate import TrainingSets, evaluate, summarize_results
+def training_sets(cfg: RunConfig):
+    """Everything the downstream trainings read, from the run folder: the splits, the kept and all candidates, the
+    pseudo-labeled pool, and what each filter alone would keep."""
+    from augment.evaluate import TrainingSets
     from augment.filters import decide, load_scored
+
+    splits = load_splits(cfg)
+    cands, table, kept = load_filtered(cfg)
+    pseudo, _ = load_pseudo(cfg, splits)
+    ablation = {}
+    if cfg.evaluation.filter_ablation:
+        scored, _ = load_scored(run_dir(cfg) / "filter")
+        for name in cfg.filter.order:
+            mask, _ = decide(scored, cfg.filter, order=[name])
+            ablation[name] = (cands.images[mask], cands.labels[mask])
+    return TrainingSets(splits, (cands.images[kept], cands.labels[kept]), (cands.images, cands.labels),
+                        (pseudo.images, pseudo.labels) if len(pseudo) else None, ablation)
+
+
+_SETS: dict = {}  # per process: a worker that trains many units of one run reads its sets once
+
+
+def train_unit(cfg: RunConfig, arm: str, recipe: str, seed: int) -> dict:
+    """One downstream training (arm x seed) in any process that sees the run folder: the unit that the flow's
+    task runner (threads, processes, Dask) distributes."""
+    from augment.evaluate import train_unit as train
+
+    key = (str(run_dir(cfg)), _stage_key(cfg, "filter"), _stage_key(cfg, "pseudo"), cfg.fingerprint("filter"))
+    if key not in _SETS:
+        _SETS.clear()
+        _SETS[key] = training_sets(cfg)
+    return train(cfg.evaluation, _SETS[key], arm, recipe, seed)
+
+
+def evaluate_stage(cfg: RunConfig, progress: Callable[[int, int], None] | None = None, log=print,
+                   run_units=None) -> dict:
+    """Downstream trainings; `run_units(units)` runs each phase's (arm, recipe, seed) units elsewhere (the flow
+    passes its task runner's map of `train_unit`)."""
+    from augment.evaluate import evaluate, summarize_results
 
     st = _Stage(cfg, "evaluate", folder="evaluation",
                 upstream=_stage_key(cfg, "filter") + _stage_key(cfg, "pseudo"))
     if not st.reused(log):
         with st.fresh():
-            splits = load_splits(cfg)
-            cands, table, kept = load_filtered(cfg)
-            pseudo, _ = load_pseudo(cfg, splits)
-            ablation = {}
-            if cfg.evaluation.filter_ablation:
-                scored, _ = load_scored(run_dir(cfg) / "filter")
-                for name in cfg.filter.order:
-                    mask, _ = decide(scored, cfg.filter, order=[name])
-                    ablation[name] = (cands.images[mask], cands.labels[mask])
-            sets = TrainingSets(splits, (cands.images[kept], cands.labels[kept]), (cands.images, cands.labels),
-                                (pseudo.images, pseudo.labels) if len(pseudo) else None, ablation)
-            evaluate(cfg.evaluation, sets, st.folder, progress=progress, log=log)
+            evaluate(cfg.evaluation, training_sets(cfg), st.folder, progress=progress, log=log, run_units=run_units)
     summary = summarize_results(json.loads((st.folder / "results.json").read_text()))
     run_folder.write_json(st.folder / "summary.json", summary)
     return summary

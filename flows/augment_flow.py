@@ -8,15 +8,16 @@ annotations then no longer resolve to `RunConfig` ("Augment_FlowModel is not ful
 failed before its first stage. tests/test_serve.py runs a served deployment against a real server.
 """
 
+import os
 import time
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger, task, unmapped
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact
 from prefect.artifacts import update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 
 from augment import pipeline
-from augment.config import RunConfig, apply_overrides, deep_merge, parse_config
+from augment.config import ConfigError, RunConfig, apply_overrides, deep_merge, parse_config
 from augment.report import build_report, headline, key_arms
 
 
@@ -78,6 +79,42 @@ def publish(cfg: RunConfig, base: dict, adapter: dict) -> dict:
 def evaluate(cfg: RunConfig) -> dict:
     progress = _progress(f"{_key(cfg)}-evaluation", "Downstream training runs finished")
     return pipeline.evaluate_stage(cfg, progress=progress, log=_log)
+
+
+@task(cache_policy=NO_CACHE)
+def train_unit(cfg: RunConfig, arm: str, recipe: str, seed: int) -> dict:
+    """One downstream training (arm x seed): the unit the task runner spreads over processes or Dask workers."""
+    return pipeline.train_unit(cfg, arm, recipe, seed)
+
+
+def task_runner(cfg: RunConfig):
+    """The Prefect task runner that `cfg.runner` names (not used for `local`)."""
+    from prefect.task_runners import ProcessPoolTaskRunner
+
+    r = cfg.runner
+    n = r.workers or os.cpu_count() or 1
+    if r.kind == "processes":
+        return ProcessPoolTaskRunner(max_workers=n)
+    try:
+        from prefect_dask import DaskTaskRunner
+    except ImportError:
+        raise ConfigError("runner.kind=dask needs prefect-dask: pip install 'augment[dask]'") from None
+    if r.address:
+        return DaskTaskRunner(address=r.address)
+    return DaskTaskRunner(cluster_kwargs={"n_workers": n, "threads_per_worker": 1, "processes": True})
+
+
+@flow(name="augment-evaluate")
+def evaluate_on_runner(cfg: RunConfig) -> dict:
+    """The evaluation stage with every (arm, seed) training a task on this flow's task runner."""
+    progress = _progress(f"{_key(cfg)}-evaluation", "Downstream training runs finished")
+
+    def run_units(units: list[tuple[str, str, int]]) -> list[dict]:
+        futures = train_unit.map(unmapped(cfg), [u[0] for u in units], [u[1] for u in units],
+                                 [u[2] for u in units])
+        return [f.result() for f in futures]
+
+    return pipeline.evaluate_stage(cfg, progress=progress, log=_log, run_units=run_units)
 
 
 @task(cache_policy=NO_CACHE)
@@ -175,7 +212,11 @@ def augment_flow(config: RunConfig = RunConfig(), overrides: list[str] = []) -> 
         pipeline.record(cfg, None, adapter=adapter)
         generate(cfg, base, adapter)
         filter_candidates(cfg)
-        evaluate(cfg)  # before publishing: it decides whether the pseudo-labeled pool rows are published
+        # before publishing: it decides whether the pseudo-labeled pool rows are published
+        if cfg.runner.kind == "local":
+            evaluate(cfg)
+        else:
+            evaluate_on_runner.with_options(task_runner=task_runner(cfg))(cfg)
         publish(cfg, base, adapter)
         pipeline.record(cfg, None, total_seconds=round(time.time() - t0, 1))
         metrics = report(cfg)

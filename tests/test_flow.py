@@ -240,3 +240,26 @@ def test_a_stage_is_redone_when_what_it_consumes_changes(tiny_cfg):
         assert adapter.stat().st_mtime_ns != stamp
         changed = pipeline.generate_stage(tiny_cfg, base, {**first, "adapter_hash": "another"}, log=quiet)
         assert json.loads((out / "candidates" / "stage.json").read_text())["key"] != key and changed["samples"] > 0
+
+
+@pytest.mark.parametrize("kind", ["processes", "dask"])
+def test_results_do_not_depend_on_the_runner(finished_run, tmp_path, kind):
+    """The downstream trainings as Prefect tasks on a process pool or a local Dask cluster give exactly the local
+    pool's results."""
+    if kind == "dask":
+        pytest.importorskip("prefect_dask")
+    from augment.config import RunnerConfig
+    from flows.augment_flow import augment_flow
+
+    cfg, metrics, run = finished_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns(".augment-run.lock"))
+    shutil.rmtree(copy / "evaluation")  # everything else is reused: only the trainings run again
+    other = cfg.model_copy(update={"publish": cfg.publish.model_copy(update={"output_dir": str(copy)}),
+                                   "runner": RunnerConfig(kind=kind, workers=2)})
+    again = augment_flow(config=other)
+    strip = lambda res: {a: [{k: v for k, v in r.items() if k != "seconds"} for r in rs]  # noqa: E731
+                         for a, rs in res["runs"].items()}
+    mine, theirs = (json.loads((d / "evaluation" / "results.json").read_text()) for d in (copy, run))
+    assert strip(mine) == strip(theirs) and mine["selection"] == theirs["selection"]
+    assert again["gain_over_best_baseline"] == metrics["gain_over_best_baseline"]
