@@ -148,10 +148,10 @@ def backend_for(cfg: RunConfig, splits: Splits):
     return create(cfg.base, splits.class_names, h, c, resolve_device(cfg.device))
 
 
-def base_model(cfg: RunConfig, log=print) -> dict:
+def base_model(cfg: RunConfig, log=print, progress: Callable[[int, int], None] | None = None) -> dict:
     with _Stage(cfg, "base"):
         splits = load_splits(cfg)
-        info = backend_for(cfg, splits).prepare(splits.train, splits.pool, log=log)
+        info = backend_for(cfg, splits).prepare(splits.train, splits.pool, log=log, progress=progress)
     return asdict(info)
 
 
@@ -181,14 +181,14 @@ def load_pseudo(cfg: RunConfig, splits: Splits):
 # 4. Fine-tune -------------------------------------------------------------------------------------------------
 
 
-def finetune_stage(cfg: RunConfig, base: dict, log=print) -> dict:
+def finetune_stage(cfg: RunConfig, base: dict, log=print, progress: Callable[[int, int], None] | None = None) -> dict:
     from augment.finetune import finetune
 
     with _Stage(cfg, "finetune", folder="finetune", upstream=base["fingerprint"]).fresh() as st:
         splits = load_splits(cfg)
         pseudo, _ = load_pseudo(cfg, splits)
         info = finetune(cfg.lora, backend_for(cfg, splits), BaseModelInfo(**base), splits.train, st.folder,
-                        run_config=cfg.model_dump(mode="json"), log=log, pseudo=pseudo)
+                        run_config=cfg.model_dump(mode="json"), log=log, pseudo=pseudo, progress=progress)
     return asdict(info)
 
 

@@ -263,3 +263,18 @@ def test_results_do_not_depend_on_the_runner(finished_run, tmp_path, kind):
     mine, theirs = (json.loads((d / "evaluation" / "results.json").read_text()) for d in (copy, run))
     assert strip(mine) == strip(theirs) and mine["selection"] == theirs["selection"]
     assert again["gain_over_best_baseline"] == metrics["gain_over_best_baseline"]
+
+
+def test_flow_leaves_progress_report_and_summary_artifacts(finished_run):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    cfg, _, run = finished_run
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(like_="augment-tiny-")))
+    kinds = {a.key: a.type for a in arts}
+    for key in ("pretraining", "finetuning", "generation", "evaluation"):
+        assert kinds.get(f"augment-tiny-{key}") == "progress", (key, kinds)
+    assert kinds.get("augment-tiny-summary") == "markdown" and kinds.get("augment-tiny-per-class") == "table"
+    link = next(a for a in arts if a.key == "augment-tiny-report")
+    assert link.type == "link" and (run / "report.html").resolve().as_uri() in link.data

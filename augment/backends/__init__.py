@@ -57,8 +57,9 @@ class Backend(Protocol):
     scheduler: object  # the training noise schedule (a diffusers DDPMScheduler)
     latent_shape: tuple[int, ...]  # per-sample shape in model space, (C, H, W)
 
-    def prepare(self, train: "ImageSet", pool: "ImageSet", log=print) -> BaseModelInfo:
-        """Make or locate the base model (the builtin pixel base is pretrained here, once, cached)."""
+    def prepare(self, train: "ImageSet", pool: "ImageSet", log=print, progress=None) -> BaseModelInfo:
+        """Make or locate the base model (the builtin pixel base is pretrained here, once, cached);
+        `progress(done, total)` follows any training it does."""
 
     def load(self, info: BaseModelInfo, adapter: str | Path | None = None) -> "torch.nn.Module":
         """The base denoiser (train mode off), or with `adapter` the fine-tuned one, merged for fast sampling."""

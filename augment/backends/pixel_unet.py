@@ -34,8 +34,8 @@ LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"]
 class PixelBackend(DiffusionBackend):
     kind = "pixel"
 
-    def prepare(self, train: ImageSet, pool: ImageSet, log=print) -> BaseModelInfo:
-        return prepare_base(self.cfg, train, pool, self.device, log=log)
+    def prepare(self, train: ImageSet, pool: ImageSet, log=print, progress=None) -> BaseModelInfo:
+        return prepare_base(self.cfg, train, pool, self.device, log=log, progress=progress)
 
     def load(self, info: BaseModelInfo, adapter: str | Path | None = None) -> torch.nn.Module:
         unet, self.scheduler = load_base(info, len(self.class_names), self.image_size, self.channels)
@@ -152,7 +152,7 @@ PRETRAIN_FIELDS = {"pretrained", "subfolder", "block_out_channels", "attention_l
 
 
 def prepare_base(cfg: BaseModelConfig, train: ImageSet, pool: ImageSet, device: torch.device,
-                 log=print) -> BaseModelInfo:
+                 log=print, progress=None) -> BaseModelInfo:
     """Return the base model to fine-tune: the user's checkpoint, or the builtin base (pretrained once, cached)."""
     if cfg.pretrained != "builtin":
         fp = hashlib.sha256(f"{cfg.pretrained}:{cfg.subfolder}".encode()
@@ -174,7 +174,8 @@ def prepare_base(cfg: BaseModelConfig, train: ImageSet, pool: ImageSet, device: 
         return BaseModelInfo(str(out), None, desc, key, meta["pretrain_seconds"], meta["final_loss"], reference=desc)
     log(f"base: pretraining builtin base for {cfg.pretrain_steps} steps on {len(images)} images -> {out}")
     t0 = time.time()
-    unet, final_loss = pretrain(cfg, images, device, Path(cfg.cache_dir) / f"base-{key}.partial", log=log)
+    unet, final_loss = pretrain(cfg, images, device, Path(cfg.cache_dir) / f"base-{key}.partial", log=log,
+                                progress=progress)
     seconds = time.time() - t0
     # Publish the cache entry atomically: a killed run never leaves a half-written base that looks finished.
     tmp = Path(cfg.cache_dir) / f"base-{key}.tmp"
@@ -191,7 +192,7 @@ def prepare_base(cfg: BaseModelConfig, train: ImageSet, pool: ImageSet, device: 
 
 
 def pretrain(cfg: BaseModelConfig, images: np.ndarray, device: torch.device, ckpt_dir: Path,
-             log=print, checkpoint_every: int = 500) -> tuple[UNet2DModel, float | None]:
+             log=print, checkpoint_every: int = 500, progress=None) -> tuple[UNet2DModel, float | None]:
     """Unconditional denoising pretraining (every label is the null row 0), through the one training loop."""
     torch.manual_seed(cfg.seed)
     unet = build_unet(cfg, images.shape[1], images.shape[3], num_class_embeds=1).to(device)
@@ -209,6 +210,6 @@ def pretrain(cfg: BaseModelConfig, images: np.ndarray, device: torch.device, ckp
     unet.train()
     spec = LoopSpec("base", cfg.pretrain_steps, min(200, cfg.pretrain_steps // 10 + 1), cfg.seed, checkpoint_every,
                     ema_decay=cfg.ema_decay, mixed_precision=cfg.mixed_precision, loss_window=100)
-    _, final_loss = train_loop(params, opt, step_loss, spec, ckpt_dir, device, log=log)
+    _, final_loss = train_loop(params, opt, step_loss, spec, ckpt_dir, device, log=log, progress=progress)
     unet.eval()
     return unet.cpu(), final_loss

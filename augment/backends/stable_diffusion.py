@@ -47,7 +47,7 @@ class StableDiffusionBackend(DiffusionBackend):
 
     # -- base ---------------------------------------------------------------------------------------------------
 
-    def prepare(self, train: ImageSet, pool: ImageSet, log=print) -> BaseModelInfo:
+    def prepare(self, train: ImageSet, pool: ImageSet, log=print, progress=None) -> BaseModelInfo:
         """Nothing to pretrain: check that the checkpoint is a Stable Diffusion pipeline and fingerprint it."""
         check_base(self.cfg)
         ref, rev = self.cfg.pretrained, self.cfg.revision
