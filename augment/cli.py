@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
             from augment.report import headline
 
             t0 = time.time()
-            metrics = augment_flow(config=cfg)
+            metrics = augment_flow.with_options(retries=0)(config=cfg)
             out = Path(cfg.publish.output_dir)
             print()
             print(headline(metrics).replace("**", ""))

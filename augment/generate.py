@@ -78,6 +78,46 @@ def plan(cfg: GenerationConfig, train: ImageSet, prompts: list[tuple[str, str]] 
     return df
 
 
+def write_plan(cfg: GenerationConfig, backend: "Backend", train: ImageSet, output_dir: str | Path) -> pd.DataFrame:
+    """Plan every sample (plan.parquet) and return the plan; the shards are the units of work."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    df = plan(cfg, train, [backend.prompt(k) for k in range(len(train.class_names))])
+    df.to_parquet(out / "plan.parquet")
+    return df
+
+
+def shard_done(output_dir: str | Path, df: pd.DataFrame, shard: int) -> bool:
+    """True when the shard's file exists and was written for this plan (by this or an earlier, killed run)."""
+    path = Path(output_dir) / f"shard-{shard:05d}.npz"
+    return path.exists() and _shard_plan(path) == _plan_hash(df)
+
+
+def generate_shard(cfg: GenerationConfig, backend: "Backend", model: torch.nn.Module, train: ImageSet,
+                   output_dir: str | Path, df: pd.DataFrame, shard: int,
+                   on_batch: Callable[[int], None] | None = None) -> int:
+    """Generate one shard of the plan into `output_dir/shard-XXXXX.npz` (atomically); returns its size. Any
+    process that sees the folder can do it: every sample's noise comes from its own seed."""
+    out = Path(output_dir)
+    rows = df[df["shard"] == shard]
+    _, h, w, c = train.images.shape
+    images = np.zeros((len(rows), h, w, c), np.uint8)
+    # Same-strength samples share a trajectory length, so they batch together.
+    for strength, group in rows.groupby("strength", sort=True):
+        pos = rows.index.get_indexer(group.index)
+        for i in range(0, len(group), cfg.batch_size):
+            g, p = group.iloc[i:i + cfg.batch_size], pos[i:i + cfg.batch_size]
+            init = train.images[g["source_index"].to_numpy()] if strength < 1.0 else None
+            images[p] = backend.sample(model, g["label"].to_numpy(), g["seed"].tolist(), cfg,
+                                       strength=float(strength), init_images=init)
+            if on_batch:
+                on_batch(len(g))
+    tmp = out / f"shard-{shard:05d}.tmp.npz"
+    np.savez(tmp, images=images, sample_id=rows["sample_id"].to_numpy().astype(str), plan=np.array(_plan_hash(df)))
+    tmp.replace(out / f"shard-{shard:05d}.npz")
+    return len(rows)
+
+
 def generate(
     cfg: GenerationConfig,
     backend: "Backend",
@@ -87,37 +127,30 @@ def generate(
     progress: Callable[[int, int], None] | None = None,
     log=print,
 ) -> Path:
-    """Generate every planned sample into `output_dir/shard-XXXXX.npz`; returns `output_dir`."""
+    """Generate every planned sample into `output_dir/shard-XXXXX.npz`, here; returns `output_dir`."""
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    df = plan(cfg, train, [backend.prompt(k) for k in range(len(train.class_names))])
-    plan_hash = _plan_hash(df)
-    df.to_parquet(out / "plan.parquet")
-    _, h, w, c = train.images.shape
-    total, done, t0 = len(df), 0, time.time()
-    for shard, rows in (df.groupby("shard") if total else []):
-        path = out / f"shard-{shard:05d}.npz"
-        if path.exists() and _shard_plan(path) == plan_hash:  # finished by an earlier (possibly killed) run
-            done += len(rows)
+    df = write_plan(cfg, backend, train, out)
+    total, done, t0 = len(df), [0], time.time()
+
+    def tick(n: int) -> None:
+        done[0] += n
+        if progress:
+            progress(done[0], total)
+
+    for shard in (sorted(df["shard"].unique()) if total else []):
+        if shard_done(out, df, shard):  # finished by an earlier (possibly killed) run
+            done[0] += int((df["shard"] == shard).sum())
             continue
-        images = np.zeros((len(rows), h, w, c), np.uint8)
-        # Same-strength samples share a trajectory length, so they batch together.
-        for strength, group in rows.groupby("strength", sort=True):
-            pos = rows.index.get_indexer(group.index)
-            for i in range(0, len(group), cfg.batch_size):
-                g, p = group.iloc[i:i + cfg.batch_size], pos[i:i + cfg.batch_size]
-                init = train.images[g["source_index"].to_numpy()] if strength < 1.0 else None
-                images[p] = backend.sample(model, g["label"].to_numpy(), g["seed"].tolist(), cfg,
-                                           strength=float(strength), init_images=init)
-                done += len(g)
-                if progress:
-                    progress(done, total)
-        tmp = out / f"shard-{shard:05d}.tmp.npz"
-        np.savez(tmp, images=images, sample_id=rows["sample_id"].to_numpy().astype(str), plan=np.array(plan_hash))
-        tmp.replace(path)
-        log(f"generate: shard {shard} written ({done}/{total}, {time.time() - t0:.0f}s)")
-    (out / "done.json").write_text(json.dumps({"samples": total, "seconds": time.time() - t0}))
+        generate_shard(cfg, backend, model, train, out, df, shard, on_batch=tick)
+        log(f"generate: shard {shard} written ({done[0]}/{total}, {time.time() - t0:.0f}s)")
+    finish(out, total, time.time() - t0)
     return out
+
+
+def finish(output_dir: str | Path, samples: int, seconds: float) -> None:
+    from augment.run import write_json
+
+    write_json(Path(output_dir) / "done.json", {"samples": samples, "seconds": seconds})
 
 
 def _plan_hash(df: pd.DataFrame) -> str:

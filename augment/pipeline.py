@@ -196,17 +196,49 @@ def finetune_stage(cfg: RunConfig, base: dict, log=print, progress: Callable[[in
 
 
 def generate_stage(cfg: RunConfig, base: dict, adapter: dict, progress: Callable[[int, int], None] | None = None,
-                   log=print) -> dict:
-    from augment.generate import generate
+                   log=print, run_shards: Callable[[list[int]], list[int]] | None = None) -> dict:
+    """Generate every planned candidate; `run_shards(shards)` generates the missing shards elsewhere (the flow
+    passes its task runner's map of `generate_unit`), else they are generated here."""
+    from augment import generate as gen
 
     st = _Stage(cfg, "generate", folder="candidates", upstream=adapter["adapter_hash"])
     if not st.reused(log):
         with st.fresh():
             splits = load_splits(cfg)
-            backend = backend_for(cfg, splits)
-            model = backend.load(BaseModelInfo(**base), adapter=adapter["path"])
-            generate(cfg.generation, backend, model, splits.train, st.folder, progress=progress, log=log)
+            if run_shards is None:
+                backend = backend_for(cfg, splits)
+                model = backend.load(BaseModelInfo(**base), adapter=adapter["path"])
+                gen.generate(cfg.generation, backend, model, splits.train, st.folder, progress=progress, log=log)
+            else:
+                t0 = time.time()
+                df = gen.write_plan(cfg.generation, backend_for(cfg, splits), splits.train, st.folder)
+                todo = [int(s) for s in sorted(df["shard"].unique()) if not gen.shard_done(st.folder, df, s)]
+                log(f"generate: {len(todo)} of {df['shard'].nunique()} shards to generate")
+                run_shards(todo)
+                gen.finish(st.folder, len(df), time.time() - t0)
     return json.loads((st.folder / "done.json").read_text())
+
+
+_MODELS: dict = {}  # per process: a worker that generates many shards of one run loads its model once
+
+
+def generate_unit(cfg: RunConfig, base: dict, adapter: dict, shard: int) -> int:
+    """Generate one shard of the run's plan in any process that sees the run folder: the unit that the flow's
+    task runner distributes. Returns the number of samples written."""
+    import pandas as pd
+
+    from augment import generate as gen
+
+    folder = run_dir(cfg) / "candidates"
+    key = (str(run_dir(cfg)), adapter["adapter_hash"], cfg.fingerprint("generation"))
+    if key not in _MODELS:
+        _MODELS.clear()
+        splits = load_splits(cfg)
+        backend = backend_for(cfg, splits)
+        _MODELS[key] = (splits, backend, backend.load(BaseModelInfo(**base), adapter=adapter["path"]))
+    splits, backend, model = _MODELS[key]
+    df = pd.read_parquet(folder / "plan.parquet")
+    return gen.generate_shard(cfg.generation, backend, model, splits.train, folder, df, shard)
 
 
 # 6. Filter ----------------------------------------------------------------------------------------------------

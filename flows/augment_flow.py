@@ -117,6 +117,22 @@ def task_runner(cfg: RunConfig):
     return DaskTaskRunner(cluster_kwargs={"n_workers": n, "threads_per_worker": 1, "processes": True})
 
 
+@task(cache_policy=NO_CACHE)
+def generate_unit(cfg: RunConfig, base: dict, adapter: dict, shard: int) -> int:
+    """One shard of candidates: the generation unit the task runner spreads over processes or Dask workers."""
+    return pipeline.generate_unit(cfg, base, adapter, shard)
+
+
+@flow(name="augment-generate")
+def generate_on_runner(cfg: RunConfig, base: dict, adapter: dict) -> dict:
+    """The generation stage with every shard a task on this flow's task runner."""
+
+    def run_shards(shards: list[int]) -> list[int]:
+        return [f.result() for f in generate_unit.map(unmapped(cfg), unmapped(base), unmapped(adapter), shards)]
+
+    return pipeline.generate_stage(cfg, base, adapter, log=_log, run_shards=run_shards)
+
+
 @flow(name="augment-evaluate")
 def evaluate_on_runner(cfg: RunConfig) -> dict:
     """The evaluation stage with every (arm, seed) training a task on this flow's task runner."""
@@ -209,7 +225,9 @@ def resolve_config(config: RunConfig, overrides: list[str]) -> RunConfig:
     return parse_config(apply_overrides(data, overrides), "flow parameters")
 
 
-@flow(name="augment")
+# A crashed run (a killed worker, an out-of-memory kill, a lost GPU) is retried once; it resumes from every finished
+# stage, fine-tuning checkpoint and generation shard. `augment run` turns retries off (user errors are not retried).
+@flow(name="augment", retries=1, retry_delay_seconds=30)
 def augment_flow(config: RunConfig = RunConfig(), overrides: list[str] = []) -> dict:  # noqa: B006 (Prefect form)
     """Pseudo-label, fine-tune, generate, filter, evaluate and publish; returns the report's metrics (metrics.json).
 
@@ -224,7 +242,10 @@ def augment_flow(config: RunConfig = RunConfig(), overrides: list[str] = []) -> 
         pseudo_label(cfg)
         adapter = finetune(cfg, base)
         pipeline.record(cfg, None, adapter=adapter)
-        generate(cfg, base, adapter)
+        if cfg.runner.kind == "local":
+            generate(cfg, base, adapter)
+        else:
+            generate_on_runner.with_options(task_runner=task_runner(cfg))(cfg, base, adapter)
         filter_candidates(cfg)
         # before publishing: it decides whether the pseudo-labeled pool rows are published
         if cfg.runner.kind == "local":

@@ -7,6 +7,7 @@ import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from augment.cli import main
@@ -244,8 +245,8 @@ def test_a_stage_is_redone_when_what_it_consumes_changes(tiny_cfg):
 
 @pytest.mark.parametrize("kind", ["processes", "dask"])
 def test_results_do_not_depend_on_the_runner(finished_run, tmp_path, kind):
-    """The downstream trainings as Prefect tasks on a process pool or a local Dask cluster give exactly the local
-    pool's results."""
+    """Generation shards and downstream trainings as Prefect tasks on a process pool or a local Dask cluster give
+    the local run's candidates and exactly its results."""
     if kind == "dask":
         pytest.importorskip("prefect_dask")
     from augment.config import RunnerConfig
@@ -254,12 +255,17 @@ def test_results_do_not_depend_on_the_runner(finished_run, tmp_path, kind):
     cfg, metrics, run = finished_run
     copy = tmp_path / "run"
     shutil.copytree(run, copy, ignore=shutil.ignore_patterns(".augment-run.lock"))
-    shutil.rmtree(copy / "evaluation")  # everything else is reused: only the trainings run again
+    for stage in ("candidates", "filter", "evaluation"):  # everything before is reused
+        shutil.rmtree(copy / stage)
     other = cfg.model_copy(update={"publish": cfg.publish.model_copy(update={"output_dir": str(copy)}),
                                    "runner": RunnerConfig(kind=kind, workers=2)})
     again = augment_flow(config=other)
     strip = lambda res: {a: [{k: v for k, v in r.items() if k != "seconds"} for r in rs]  # noqa: E731
                          for a, rs in res["runs"].items()}
+    from augment.generate import load_candidates
+
+    a, b = load_candidates(copy / "candidates"), load_candidates(run / "candidates")
+    assert a.meta.equals(b.meta) and np.array_equal(a.images, b.images)
     mine, theirs = (json.loads((d / "evaluation" / "results.json").read_text()) for d in (copy, run))
     assert strip(mine) == strip(theirs) and mine["selection"] == theirs["selection"]
     assert again["gain_over_best_baseline"] == metrics["gain_over_best_baseline"]
@@ -278,3 +284,31 @@ def test_flow_leaves_progress_report_and_summary_artifacts(finished_run):
     assert kinds.get("augment-tiny-summary") == "markdown" and kinds.get("augment-tiny-per-class") == "table"
     links = [a.data for a in arts if a.key == "augment-tiny-report"]  # every run's version; stored as markdown
     assert any((run / "report.html").resolve().as_uri() in str(d) for d in links), links
+
+
+def test_a_crashed_flow_run_is_retried_and_resumes(tiny_cfg, prefect_harness, monkeypatch):
+    """The flow retries once; the retry reuses every stage that finished before the crash."""
+    from augment import pipeline
+    from flows.augment_flow import augment_flow
+
+    real, calls = pipeline.filter_stage, {"n": 0}
+
+    def crash_once(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("worker lost")
+        return real(*a, **k)
+
+    from augment import generate as gen
+
+    real_generate, generated = gen.generate, {"n": 0}
+
+    def counting_generate(*a, **k):
+        generated["n"] += 1
+        return real_generate(*a, **k)
+
+    monkeypatch.setattr(pipeline, "filter_stage", crash_once)
+    monkeypatch.setattr(gen, "generate", counting_generate)
+    metrics = augment_flow.with_options(retry_delay_seconds=0)(config=tiny_cfg)
+    assert calls["n"] == 2 and metrics["generation"]["generated"] > 0
+    assert generated["n"] == 1  # the retry reused the candidates of the crashed attempt
