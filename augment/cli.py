@@ -60,6 +60,18 @@ def _parser() -> argparse.ArgumentParser:
                      "event's payload may carry `overrides: [KEY=VALUE, ...]` for that run")
     srv.add_argument("--limit", type=int, default=1,
                      help="runs of this deployment that may execute at once; more wait in the queue (default 1)")
+    gen = sub.add_parser("generate", help="draw more samples of a class from a finished run's generator")
+    gen.add_argument("run_dir", help="the run folder (publish.output_dir of a finished run)")
+    gen.add_argument("--class", dest="class_name", required=True, help="class name, as in the dataset's labels")
+    gen.add_argument("-n", type=int, required=True, help="how many samples")
+    gen.add_argument("--seed", type=int, default=0, help="generation seed (the run's generation.seed reproduces "
+                     "its candidates)")
+    gen.add_argument("--out", required=True, help="folder for <class>/<sample_id>.png and provenance.parquet")
+
+    exp = sub.add_parser("export", help="write a finished run's generator as a standalone diffusers checkpoint")
+    exp.add_argument("run_dir")
+    exp.add_argument("out", help="a new or empty folder")
+
     dep = sub.add_parser("deploy", help="register the flow as a deployment of a Prefect work pool (workers run it)")
     dep.add_argument("config", help="YAML config used as the deployment's default parameters")
     dep.add_argument("--pool", required=True, help="work pool name, e.g. one made with "
@@ -113,6 +125,19 @@ def main(argv: list[str] | None = None) -> int:
             print(f"dataset: {out / 'dataset'}  (datasets.load_from_disk or datasets.load_dataset)")
             print(f"report:  {out / 'report.html'}")
             print(f"wall time: {time.time() - t0:.1f} s")
+            return 0
+        if args.command == "generate":
+            from augment.export import generate_more
+
+            table = generate_more(args.run_dir, args.class_name, args.n, args.seed, args.out)
+            print(f"{len(table)} samples of {args.class_name!r} in {Path(args.out) / args.class_name} "
+                  f"(provenance: {Path(args.out) / 'provenance.parquet'})")
+            return 0
+        if args.command == "export":
+            from augment.export import export_model
+
+            out = export_model(args.run_dir, args.out)
+            print(f"diffusers checkpoint and model card in {out}")
             return 0
         if args.command == "deploy":
             from flows.deployments import deploy

@@ -217,3 +217,18 @@ def test_the_adapter_loads_in_a_plain_diffusers_pipeline_and_reproduces_a_sample
     assert set(plain) == set(tuned)  # no LoRA layers left behind
     changed = [k for k in plain if not torch.equal(plain[k], tuned[k])]
     assert changed and all(k.rsplit(".", 2)[-2] in ("to_q", "to_k", "to_v", "0") for k in changed)
+
+
+def test_export_writes_a_pipeline_with_the_lora_fused(sd_run, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from augment.export import export_model
+
+    cfg, _, run = sd_run
+    out = export_model(run, tmp_path / "exported")
+    pipe = StableDiffusionPipeline.from_pretrained(str(out), safety_checker=None)
+    backend = backends.create(cfg.base, ["cat", "dog", "fox"], 32, 3, CPU)
+    tuned = backend.load(backend.prepare(None, None, log=lambda m: None), adapter=run / "finetune" / "adapter")
+    a, b = pipe.unet.state_dict(), tuned.state_dict()
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert "StableDiffusionPipeline.from_pretrained" in (out / "README.md").read_text()

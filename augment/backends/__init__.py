@@ -83,6 +83,12 @@ class Backend(Protocol):
     def save_adapter(self, model: "torch.nn.Module", folder: Path) -> Path:
         """Save the trained adapter in the backend's portable format; returns the weights file."""
 
+    def export(self, model: "torch.nn.Module", folder: Path) -> None:
+        """Write the fine-tuned (merged) model as a standalone diffusers checkpoint into `folder`."""
+
+    def usage(self) -> str:
+        """Markdown: how to load and sample an exported checkpoint without augment (for its model card)."""
+
     def prompt(self, label: int) -> tuple[str, str]:
         """(prompt, negative prompt) of a class, for provenance; ("", "") for a backend without text."""
 

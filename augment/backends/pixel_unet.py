@@ -73,6 +73,22 @@ class PixelBackend(DiffusionBackend):
         model.cpu().save_pretrained(folder)
         return Path(folder) / "adapter_model.safetensors"
 
+    def export(self, model: torch.nn.Module, folder: Path) -> None:
+        model.save_pretrained(Path(folder) / "unet")
+        self.scheduler.save_pretrained(Path(folder) / "scheduler")
+
+    def usage(self) -> str:
+        K = len(self.class_names)
+        return f"""```python
+import torch
+from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, UNet2DModel
+unet = UNet2DModel.from_pretrained("THIS_FOLDER", subfolder="unet")      # class_labels 0..{K - 1}; {K} = no class
+sampler = DPMSolverMultistepScheduler.from_config(DDPMScheduler.from_pretrained("THIS_FOLDER", subfolder="scheduler").config,
+                                                  algorithm_type="dpmsolver++", solver_order=2)
+```
+Per step: `eps = unet(x, t, class_labels=null) + w * (unet(x, t, class_labels=c) - unet(x, t, class_labels=null))`;
+images are in [-1, 1], channels first."""
+
 
 def build_unet(cfg: BaseModelConfig, image_size: int, channels: int, num_class_embeds: int) -> UNet2DModel:
     down = tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in cfg.attention_levels)

@@ -215,6 +215,16 @@ class StableDiffusionBackend(DiffusionBackend):
         (Path(folder) / "README.md").write_text(_adapter_card(self))
         return Path(folder) / "pytorch_lora_weights.safetensors"
 
+    def export(self, model: torch.nn.Module, folder: Path) -> None:
+        self.pipeline(model).save_pretrained(str(folder))
+
+    def usage(self) -> str:
+        return """```python
+from diffusers import StableDiffusionPipeline
+pipe = StableDiffusionPipeline.from_pretrained("THIS_FOLDER")     # the LoRA is fused into the UNet
+image = pipe("a photo of a <class>").images[0]
+```"""
+
 
 def _adapter_card(backend: StableDiffusionBackend) -> str:
     prompts = "\n".join(f"- {n}: `{backend.prompt(k)[0]}`" for k, n in enumerate(backend.class_names))

@@ -1,0 +1,133 @@
+"""Use a finished run's generator elsewhere: more samples on demand, and a standalone diffusers checkpoint.
+
+    augment generate RUN_DIR --class 3 -n 100 --seed 7 --out more/     # an image folder + provenance.parquet
+    augment export RUN_DIR OUT                                         # a diffusers checkpoint + model card
+
+Both read only the run folder (its config.yaml, run.json and adapter) and the base model it names.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from augment import pipeline
+from augment import run as run_folder
+from augment.backends import BaseModelInfo
+from augment.config import RunConfig, parse_config
+from augment.errors import ModelError
+
+
+def load_run(run_dir: str | Path) -> tuple[RunConfig, dict]:
+    """The config and run.json of a finished run folder (the folder may have moved: its path is taken from here)."""
+    run = Path(run_dir)
+    if not (run / "config.yaml").exists() or not (run / "run.json").exists():
+        raise FileNotFoundError(f"{run} is not an augment run folder (no config.yaml / run.json)")
+    cfg = parse_config(yaml.safe_load((run / "config.yaml").read_text()), str(run / "config.yaml"))
+    cfg = cfg.model_copy(update={"publish": cfg.publish.model_copy(update={"output_dir": str(run)})})
+    info = run_folder.read_json(run / "run.json") or {}
+    if "adapter" not in info or not (run / "finetune" / "adapter").exists():
+        raise FileNotFoundError(f"{run} has no fine-tuned adapter yet: run the job to its end first")
+    return cfg, info
+
+
+def _model(cfg: RunConfig, info: dict):
+    splits = pipeline.load_splits(cfg)
+    backend = pipeline.backend_for(cfg, splits)
+    adapter = Path(cfg.publish.output_dir) / "finetune" / "adapter"
+    return splits, backend, backend.load(BaseModelInfo(**info["base"]), adapter=adapter)
+
+
+def generate_more(run_dir: str | Path, class_name: str, n: int, seed: int = 0,
+                  output_dir: str | Path | None = None) -> pd.DataFrame:
+    """Draw `n` new samples of `class_name` from the run's fine-tuned generator, with the run's sampler settings.
+
+    Sample j of class k gets the seed the run's plan would give it under generation seed `seed` (so `--seed` equal
+    to the run's generation.seed reproduces its candidates). With `output_dir`, writes `<class>/<sample_id>.png`
+    and `provenance.parquet` there. Returns the provenance table (with an `image` column of uint8 arrays)."""
+    from PIL import Image
+
+    from augment.generate import sample_seed
+
+    cfg, info = load_run(run_dir)
+    splits, backend, model = _model(cfg, info)
+    names = splits.class_names
+    if class_name not in names:
+        raise ModelError(f"class {class_name!r} is not one of this run's classes: {', '.join(names)}")
+    if n < 1:
+        raise ModelError(f"-n must be at least 1 (got {n})")
+    k = names.index(class_name)
+    seeds = [sample_seed(seed, k, j) for j in range(n)]
+    gen = cfg.generation
+    images = np.concatenate([backend.sample(model, np.full(len(seeds[i:i + gen.batch_size]), k),
+                                            seeds[i:i + gen.batch_size], gen)
+                             for i in range(0, n, gen.batch_size)])
+    prompt, negative = backend.prompt(k)
+    table = pd.DataFrame({
+        "sample_id": [f"more-{seed}-{k}-{j}" for j in range(n)], "label": k, "class": class_name,
+        "seed": np.array(seeds, np.int64), "strength": 1.0, "guidance_scale": gen.guidance_scale,
+        "num_inference_steps": gen.num_inference_steps, "scheduler": gen.scheduler, "prompt": prompt,
+        "negative_prompt": negative, "base_model": info["base"].get("reference") or info["base"]["description"],
+        "adapter_hash": info["adapter"]["adapter_hash"], "config_hash": cfg.fingerprint(),
+    })
+    if output_dir is not None:
+        out = Path(output_dir)
+        (out / class_name).mkdir(parents=True, exist_ok=True)
+        for sid, img in zip(table["sample_id"], images):
+            Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(out / class_name / f"{sid}.png")
+        table.to_parquet(out / "provenance.parquet")
+    return table.assign(image=list(images))
+
+
+def export_model(run_dir: str | Path, output_dir: str | Path) -> Path:
+    """Write the fine-tuned generator as a standalone diffusers checkpoint with a model card: the pixel backend's
+    merged `UNet2DModel` (K + 1 class rows, the last one the null class) and scheduler, or the Stable Diffusion
+    pipeline with the LoRA fused into its UNet. No augment needed to load it."""
+    cfg, info = load_run(run_dir)
+    out = Path(output_dir)
+    if out.exists() and any(out.iterdir()):
+        raise ModelError(f"{out} exists and is not empty; export writes into a new or empty folder")
+    splits, backend, model = _model(cfg, info)
+    backend.export(model, out)
+    metrics = run_folder.read_json(Path(run_dir) / "metrics.json") or {}
+    (out / "README.md").write_text(_model_card(cfg, info, splits.class_names, backend, metrics))
+    return out
+
+
+def _model_card(cfg: RunConfig, info: dict, names: list[str], backend, metrics: dict) -> str:
+    gain = metrics.get("gain_over_best_baseline") or {}
+    verdict = gain.get("verdict", "not evaluated")
+    adapter = info["adapter"]
+    trained = (f"{adapter.get('labeled_images', '?')} labeled images"
+               + (f" and {adapter['pseudo_labeled_images']} pseudo-labeled pool images"
+                  if adapter.get("pseudo_labeled_images") else ""))
+    classes = "\n".join(f"- {k}: {n}" + (f" (prompt `{backend.prompt(k)[0]}`)" if backend.prompt(k)[0] else "")
+                        for k, n in enumerate(names))
+    return f"""---
+library_name: diffusers
+tags: [augment, synthetic-data, lora, {backend.kind}]
+---
+# {cfg.name}: class-conditional generator fine-tuned by augment
+
+Base: {info['base'].get('reference') or info['base']['description']}. LoRA (rank {cfg.lora.rank}, alpha
+{cfg.lora.lora_alpha}, {adapter.get('steps')} steps) trained on {trained} from `{cfg.data.source}`
+(adapter hash `{adapter['adapter_hash']}`, config hash `{cfg.fingerprint()}`), then merged into these weights.
+
+Classes (index: name):
+{classes}
+
+## Use
+{backend.usage()}
+
+Sampling settings of the run: {cfg.generation.scheduler}, {cfg.generation.num_inference_steps} steps, classifier-free
+guidance {cfg.generation.guidance_scale}.
+
+## Evidence and limits
+The run's verdict on its own test split: **{verdict}** (product arm `{metrics.get('product_arm')}`, mean gain over
+the best baseline {gain.get('mean')} with 95% interval [{gain.get('ci_low')}, {gain.get('ci_high')}]). It was
+trained on a small labeled set: samples can be near copies of training images (the run's filter measured this;
+see its report) and are meant as training data for the same task, filtered, not as a general image generator.
+"""
