@@ -68,6 +68,12 @@ def _parser() -> argparse.ArgumentParser:
                      "its candidates)")
     gen.add_argument("--out", required=True, help="folder for <class>/<sample_id>.png and provenance.parquet")
 
+    push = sub.add_parser("push", help="upload a run's dataset (card + parquet shards only) to the Hugging Face Hub")
+    push.add_argument("run_dir")
+    push.add_argument("repo_id", help="a Hub dataset repo, e.g. my-org/augmented-cats (created if needed)")
+    push.add_argument("--to-folder", default=None, help="copy exactly what would be uploaded into this folder instead")
+    push.add_argument("--private", action="store_true", help="create the repo as private")
+
     exp = sub.add_parser("export", help="write a finished run's generator as a standalone diffusers checkpoint")
     exp.add_argument("run_dir")
     exp.add_argument("out", help="a new or empty folder")
@@ -132,6 +138,14 @@ def main(argv: list[str] | None = None) -> int:
             table = generate_more(args.run_dir, args.class_name, args.n, args.seed, args.out)
             print(f"{len(table)} samples of {args.class_name!r} in {Path(args.out) / args.class_name} "
                   f"(provenance: {Path(args.out) / 'provenance.parquet'})")
+            return 0
+        if args.command == "push":
+            from augment.publish import push as push_dataset
+
+            files = push_dataset(Path(args.run_dir) / "dataset", args.repo_id, local_target=args.to_folder,
+                                 private=args.private)
+            print(f"{len(files)} files ({', '.join(files[:3])}{', ...' if len(files) > 3 else ''}) -> "
+                  f"{args.to_folder or 'https://huggingface.co/datasets/' + args.repo_id}")
             return 0
         if args.command == "export":
             from augment.export import export_model

@@ -335,6 +335,8 @@ def parse_arm(name: str) -> frozenset[str]:
 class PublishConfig(_Section):
     output_dir: str = Field("outputs/digits", description="Run folder: dataset, report, intermediate files.")
     dataset_name: str = Field("augmented-digits", description="Name in the dataset card.")
+    license: str = Field("unknown", min_length=1, description="License in the dataset card (a Hub license id such "
+                         "as cc-by-4.0; your images' license decides it).")
     max_shard_rows: int = Field(5000, ge=100, description="Rows per parquet shard.")
 
 

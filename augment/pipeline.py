@@ -351,9 +351,11 @@ def publish_stage(cfg: RunConfig, base: dict, adapter: dict, log=print) -> dict:
         provenance = {"base_model": base.get("reference") or base["description"],
                       "base_fingerprint": base["fingerprint"], "adapter_hash": adapter["adapter_hash"],
                       "config_hash": cfg.fingerprint(), "data_fingerprint": _data_summary(cfg)["fingerprint"]}
+        about = _card_facts(cfg, evaluation)
         key = hashlib.sha256(json.dumps({
             "filter": _stage_key(cfg, "filter"), "pseudo": _stage_key(cfg, "pseudo") if with_pseudo else "",
             "provenance": provenance, "publish": cfg.publish.model_dump(mode="json", exclude={"output_dir"}),
+            "about": about,
         }, sort_keys=True).encode()).hexdigest()[:16]
         done = run_folder.read_json(run_dir(cfg) / "dataset" / "augment_publish.json") or {}
         if done.get("key") == key:
@@ -367,8 +369,34 @@ def publish_stage(cfg: RunConfig, base: dict, adapter: dict, log=print) -> dict:
             pseudo = (pseudo_set, labels.confidence)
         info = publish(splits, cands.images[kept], table[kept].reset_index(drop=True),
                        run_dir(cfg) / "dataset", cfg.publish.dataset_name, provenance, cfg.publish.max_shard_rows,
-                       pseudo=pseudo, key=key)
+                       pseudo=pseudo, key=key, about=about)
     return info
+
+
+def _card_facts(cfg: RunConfig, evaluation: dict) -> dict:
+    """What the dataset card says about how the data was made and what the evaluation found."""
+    decisions = run_folder.read_json(run_dir(cfg) / "filter" / "decisions.json") or {}
+    rejected: dict[str, int] = {}
+    for pc in decisions.get("per_class", []):
+        for reason, n in pc.get("rejected", {}).items():
+            rejected[reason] = rejected.get(reason, 0) + n
+    g, b = cfg.generation, cfg.base
+    how = (f"Source images: `{cfg.data.source}`, {cfg.data.shots_per_class or 'all'} labeled per class. Generator: "
+           f"{b.pretrained if b.pretrained != 'builtin' else 'a pixel-space UNet pretrained on the unlabeled pool'}"
+           f" + LoRA rank {cfg.lora.rank}, {cfg.lora.max_train_steps} steps. Sampling: {g.scheduler}, "
+           f"{g.num_inference_steps} steps, guidance {g.guidance_scale}, strengths {g.strengths}. Filters, in "
+           f"order: {', '.join(cfg.filter.order)}; {decisions.get('generated', 0)} generated, "
+           f"{decisions.get('kept', 0)} kept; rejected: "
+           + (", ".join(f"{r} {n}" for r, n in sorted(rejected.items())) or "none") + ".")
+    gain = evaluation.get("gain_over_best_baseline")
+    if gain:
+        evidence = (f"Downstream classifiers ({cfg.evaluation.seeds} paired seeds, real test split): "
+                    f"`{evaluation.get('product_arm')}` against the best baseline `{evaluation.get('best_baseline')}`: "
+                    f"{100 * gain['mean']:+.1f} points (95% CI [{100 * (gain.get('ci_low') or gain['mean']):+.1f}, "
+                    f"{100 * (gain.get('ci_high') or gain['mean']):+.1f}]), **{gain.get('verdict')}**.")
+    else:
+        evidence = "No downstream comparison was possible (no synthetic sample was kept, or no baseline ran)."
+    return {"license": cfg.publish.license, "how": how, "evidence": evidence}
 
 
 def _data_summary(cfg: RunConfig) -> dict:

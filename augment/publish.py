@@ -104,12 +104,24 @@ def _write_parquet(dd, folder: Path, max_shard_rows: int) -> str:
     return version
 
 
+def _size_category(n: int) -> str:
+    for limit, label in ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M")):
+        if n < limit:
+            return label
+    return "n>1M"
+
+
 def _card(name: str, splits_info: dict, class_names: list[str], provenance: dict, splits: list[str],
-          version: str) -> str:
+          version: str, about: dict | None = None) -> str:
     import yaml
 
+    about = about or {}
     header = {
         "pretty_name": name,
+        "license": about.get("license", "unknown"),
+        "tags": ["synthetic", "data-augmentation", "augment"],
+        "size_categories": [_size_category(sum(v["rows"] for v in splits_info.values()))],
+        "source_datasets": ["original"],
         "task_categories": ["image-classification"],
         "configs": [{"config_name": "default",
                      "data_files": [{"split": s, "path": f"data/{s}-{version}-*.parquet"} for s in splits]}],
@@ -142,6 +154,12 @@ they helped on validation). Synthetic rows carry their provenance: `seed` (regen
 `quality_score` (the quality classifier's p(intended class)), `nn_similarity` (to the nearest real training
 image), `base_model` (with its revision when pinned), `adapter_hash`, `config_hash`.
 
+## How it was made
+{about.get("how", "")}
+
+## Evidence
+{about.get("evidence", "See the run's report.")}
+
 ## Provenance
 {prov}
 
@@ -155,7 +173,7 @@ ds = datasets.load_from_disk("<this folder>")   # or: datasets.load_dataset("<th
 
 def publish(splits: Splits, kept_images: np.ndarray, kept_table: pd.DataFrame, output_dir: str | Path,
             name: str, provenance: dict, max_shard_rows: int = 5000,
-            pseudo: tuple[ImageSet, np.ndarray] | None = None, key: str = "") -> dict:
+            pseudo: tuple[ImageSet, np.ndarray] | None = None, key: str = "", about: dict | None = None) -> dict:
     """Write the DatasetDict; returns row counts per split. `pseudo`: pseudo-labeled pool images and their
     confidences, published in train after the real rows. `key`: the identity of the inputs, recorded in
     augment_publish.json so that an unchanged re-run can keep this dataset."""
@@ -191,7 +209,7 @@ def publish(splits: Splits, kept_images: np.ndarray, kept_table: pd.DataFrame, o
             datasets.enable_progress_bars()
     info = {s: {"rows": len(ds), "synthetic": int(sum(ds["is_synthetic"])),
                 "pseudo_labeled": int(sum(ds["is_pseudo_labeled"]))} for s, ds in dd.items()}
-    (tmp / "README.md").write_text(_card(name, info, splits.class_names, provenance, list(dd), version))
+    (tmp / "README.md").write_text(_card(name, info, splits.class_names, provenance, list(dd), version, about))
     (tmp / "augment_publish.json").write_text(json.dumps({"splits": info, "provenance": provenance,
                                                           "version": version, "key": key}, indent=2))
     if out.exists():
@@ -202,3 +220,31 @@ def publish(splits: Splits, kept_images: np.ndarray, kept_table: pd.DataFrame, o
     else:
         tmp.rename(out)
     return info
+
+
+PUSHED = ("README.md", "data/*.parquet")  # the card and the parquet shards: the arrow copy stays local
+
+
+def push(dataset_dir: str | Path, repo_id: str, local_target: str | Path | None = None, private: bool = False,
+         token: str | None = None) -> list[str]:
+    """Upload a published dataset's card and parquet shards to the Hub dataset repo `repo_id` (created if needed),
+    or copy exactly those files into `local_target` (no network needed). Returns the files sent."""
+    folder = Path(dataset_dir)
+    if not (folder / "README.md").exists() or not list((folder / "data").glob("*.parquet")):
+        raise FileNotFoundError(f"{folder} is not a published augment dataset (no README.md or data/*.parquet)")
+    files = ["README.md"] + sorted(f"data/{p.name}" for p in (folder / "data").glob("*.parquet"))
+    if local_target is not None:
+        target = Path(local_target)
+        (target / "data").mkdir(parents=True, exist_ok=True)
+        for old in (target / "data").glob("*.parquet"):  # a re-push replaces the previous version's shards
+            old.unlink()
+        for f in files:
+            shutil.copyfile(folder / f, target / f)
+        return files
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
+    api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="dataset", allow_patterns=list(PUSHED),
+                      delete_patterns=["data/*.parquet"], commit_message="augment: publish dataset")
+    return files

@@ -69,3 +69,22 @@ def test_export_loads_in_plain_diffusers_and_reproduces_a_sample(finished, capsy
     assert np.abs(to_uint8(x)[0].astype(int) - cands.images[row.name].astype(int)).max() <= 1
     assert main(["export", str(run), str(out)]) == 2  # not into a non-empty folder
     assert "not empty" in capsys.readouterr().err
+
+
+def test_dataset_card_and_push_to_a_local_target(finished, capsys):
+    import datasets
+    import yaml
+
+    cfg, tmp = finished
+    run = pipeline.run_dir(cfg)
+    card = (run / "dataset" / "README.md").read_text()
+    header = yaml.safe_load(card.split("---")[1])
+    assert header["license"] == "unknown" and "synthetic" in header["tags"]
+    assert header["size_categories"] == ["n<1K"] and header["source_datasets"] == ["original"]
+    assert "## How it was made" in card and "generated" in card and "## Evidence" in card
+    assert main(["push", str(run), "me/tiny", "--to-folder", str(tmp / "hub")]) == 0
+    sent = sorted(str(p.relative_to(tmp / "hub")) for p in (tmp / "hub").rglob("*") if p.is_file())
+    assert sent[0] == "README.md" and all(s.startswith("data/") and s.endswith(".parquet") for s in sent[1:])
+    loaded = datasets.load_dataset(str(tmp / "hub"))
+    assert set(loaded) == {"train", "validation", "test"}
+    assert len(loaded["train"]) == len(datasets.load_from_disk(str(run / "dataset"))["train"])
