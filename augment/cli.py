@@ -123,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             from flows.augment_flow import augment_flow
             from augment.report import headline
 
+            _stop_on_sigterm()
             t0 = time.time()
             metrics = augment_flow.with_options(retries=0)(config=cfg)
             out = Path(cfg.publish.output_dir)
@@ -172,7 +173,22 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted: the run folder keeps every finished stage, checkpoint and shard; run the same command "
+              "again to resume", file=sys.stderr)
+        return 130
     return 1
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM (a scheduler or `kill`) stops a run like Ctrl-C: stages stop, the lock is released, the folder is
+    left resumable. Without this the process ignored it."""
+    import signal
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
 
 
 if __name__ == "__main__":

@@ -172,8 +172,8 @@ class _Runner:
             self.progress(self.done, self.total)
 
     def close(self) -> None:
-        if self.pool is not None:
-            self.pool.shutdown()
+        if self.pool is not None:  # on an interrupt, queued trainings are dropped instead of run
+            self.pool.shutdown(cancel_futures=True)
 
 
 # run_units([(arm, recipe, seed), ...]) -> one result per unit, in order: how an orchestrator (the Prefect flow's

@@ -79,3 +79,32 @@ def test_cli_starts_without_torch_and_has_a_version():
     assert out.split() == ["False", "False"]  # `augment --help` / `validate` stay fast
     v = subprocess.run([sys.executable, "-m", "augment.cli", "--version"], capture_output=True, text=True)
     assert v.returncode == 0 and v.stdout.startswith("augment ")
+
+
+def test_sigterm_stops_a_run_which_then_resumes(tmp_path):
+    """`kill` (SIGTERM) stops `augment run` within seconds, like Ctrl-C; the same command then finishes the job."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "augment.cli", "run", TINY, "--output-dir", str(out),
+           "--set", f"base.cache_dir={tmp_path / 'cache'}", "--set", "lora.max_train_steps=3000"]
+    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    t0 = time.time()
+    while not (out / "finetune").exists():  # well inside the flow: fine-tuning has started
+        assert proc.poll() is None and time.time() - t0 < 180, "the run ended before fine-tuning"
+        time.sleep(0.5)
+    time.sleep(2)
+    proc.send_signal(signal.SIGTERM)
+    t1 = time.time()
+    _, err = proc.communicate(timeout=60)
+    assert time.time() - t1 < 30 and proc.returncode == 130, (proc.returncode, err[-2000:])
+    assert "run the same command again to resume" in err
+    done = subprocess.run(cmd[:-2] + ["--set", "lora.max_train_steps=10"], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (out / "dataset").exists()
