@@ -281,6 +281,7 @@ def split(data: ImageSet, cfg: DataConfig) -> Splits:
         parts["validation"] += idx[n_test:n_test + n_val].tolist()
         parts["train"] += idx[n_test + n_val:n_test + n_val + n_train].tolist()
         parts["pool"] += idx[n_test + n_val + n_train:].tolist()
+    _keep_duplicates_together(data, parts)
     if not cfg.use_unlabeled_pool:
         parts["pool"] = []
     pool = rng.permutation(np.asarray(parts["pool"], dtype=np.int64))
@@ -290,6 +291,33 @@ def split(data: ImageSet, cfg: DataConfig) -> Splits:
     pooled = data.subset(np.sort(pool))
     pooled.labels = np.full(len(pooled), -1, dtype=np.int64)  # unlabeled: labels dropped
     return Splits(pool=pooled, **out)
+
+
+def _keep_duplicates_together(data: ImageSet, parts: dict[str, list[int]]) -> None:
+    """Identical images (after loading and resizing) must not straddle splits: a test image whose copy is in train
+    would be scored on what the models learned from. Every copy moves to the most protected split any copy drew
+    (test, then validation, then train, then pool); a dataset without duplicates is split exactly as before. The
+    same image under two labels is an error."""
+    import hashlib
+
+    groups: dict[bytes, list[int]] = {}
+    for i in range(len(data)):
+        groups.setdefault(hashlib.sha1(np.ascontiguousarray(data.images[i]).tobytes()).digest(), []).append(i)
+    where = {i: name for name, idx in parts.items() for i in idx}
+    order = ["test", "validation", "train", "pool"]
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        labels = {int(data.labels[i]) for i in members}
+        if len(labels) > 1:
+            names = ", ".join(f"{data.ids[i]} ({data.class_names[int(data.labels[i])]})" for i in members[:6])
+            raise DataError(f"the same image has different labels: {names}; fix or remove these files")
+        target = min((where[i] for i in members), key=order.index)
+        for i in members:
+            if where[i] != target:
+                parts[where[i]].remove(i)
+                parts[target].append(i)
+                where[i] = target
 
 
 def has_predefined_splits(cfg: DataConfig) -> bool:

@@ -137,3 +137,25 @@ def test_16_bit_images_are_scaled_not_clipped(tmp_path):
     assert Image.open(tmp_path / "dark" / "0.png").mode.startswith("I")
     by_class = {data.class_names[k]: int(data.images[data.labels == k].mean()) for k in range(2)}
     assert by_class == {"dark": round(1000 * 255 / 65535), "bright": round(60000 * 255 / 65535)}
+
+
+def test_duplicate_images_never_straddle_splits_and_conflicting_labels_are_refused(tmp_path):
+    import shutil
+
+    from augment.config import DataConfig
+    from augment.data import DataError, load_images, split
+    from conftest import write_imagefolder
+
+    root = write_imagefolder(tmp_path / "imgs", per_class=12)
+    for i in range(1, 6):  # five extra copies of cat/0.png under other names
+        shutil.copyfile(root / "cat" / "0.png", root / "cat" / f"copy{i}.png")
+    cfg = DataConfig(source=str(root), channels=3, image_size=10, shots_per_class=None, test_fraction=0.3,
+                     val_fraction=0.1)
+    s = split(load_images(cfg), cfg)
+    copies = {"cat/0.png"} | {f"cat/copy{i}.png" for i in range(1, 6)}
+    homes = {name for name, part in (("train", s.train), ("validation", s.validation), ("test", s.test),
+                                     ("pool", s.pool)) if copies & {i.split(":", 1)[-1] for i in part.ids}}
+    assert len(homes) == 1, homes
+    shutil.copyfile(root / "cat" / "1.png", root / "dog" / "stolen.png")
+    with pytest.raises(DataError, match="same image has different labels"):
+        split(load_images(cfg), cfg)
