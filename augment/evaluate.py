@@ -19,7 +19,6 @@ torch thread each; the results do not depend on how many.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Callable

@@ -7,7 +7,6 @@ exactly, and a killed run resumes from the shards already on disk.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass

@@ -19,7 +19,7 @@ TINY = str(ROOT / "configs" / "tiny.yaml")
     (["name.first=x"], "name is not a section"),
     (["base.pretrained=/no/such/checkpoint"], "base.pretrained=/no/such/checkpoint: no such folder"),
     (["base.kind=stable_diffusion"], "base.kind=stable_diffusion needs base.pretrained"),
-    ([f"base.kind=stable_diffusion", f"base.pretrained={ROOT / 'configs'}"], "no model_index.json"),
+    (["base.kind=stable_diffusion", f"base.pretrained={ROOT / 'configs'}"], "no model_index.json"),
     (["base.prompt_template=a {label}"], "base.prompt_template"),
 ])
 def test_bad_values_are_one_line_naming_the_culprit(tmp_path, capsys, overrides, culprit):

@@ -16,7 +16,6 @@ Training latents are encoded once and cached under base.cache_dir by a hash of t
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 import numpy as np
