@@ -12,12 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import yaml
-
 from augment import pipeline
 from augment import run as run_folder
 from augment.backends import BaseModelInfo
-from augment.config import RunConfig, parse_config
+from augment.config import RunConfig, load_config
 from augment.errors import ModelError
 
 
@@ -26,7 +24,7 @@ def load_run(run_dir: str | Path) -> tuple[RunConfig, dict]:
     run = Path(run_dir)
     if not (run / "config.yaml").exists() or not (run / "run.json").exists():
         raise FileNotFoundError(f"{run} is not an augment run folder (no config.yaml / run.json)")
-    cfg = parse_config(yaml.safe_load((run / "config.yaml").read_text()), str(run / "config.yaml"))
+    cfg = load_config(run / "config.yaml")
     cfg = cfg.model_copy(update={"publish": cfg.publish.model_copy(update={"output_dir": str(run)})})
     info = run_folder.read_json(run / "run.json") or {}
     if "adapter" not in info or not (run / "finetune" / "adapter").exists():

@@ -154,12 +154,15 @@ def finish(output_dir: str | Path, samples: int, seconds: float) -> None:
 
 def _plan_hash(df: pd.DataFrame) -> str:
     """Identity of a plan: every sample's id, class, seed, strength and source. A shard written for another plan
-    (another config, or another run in the same folder) is never taken as finished."""
+    (another config, or another run in the same folder) is never taken as finished. Computed once per plan
+    table (kept in its attrs): every shard asks for it, and a 50,000-row plan takes a while to serialise."""
     import hashlib
 
-    cols = ["sample_id", "label", "seed", "strength", "source_index", "guidance_scale", "num_inference_steps",
-            "scheduler", "shard"] + [c for c in ("prompt", "negative_prompt", "eta") if c in df and df[c].any()]
-    return hashlib.sha256(df[cols].to_csv(index=False).encode()).hexdigest()[:16]
+    if "plan_hash" not in df.attrs:
+        cols = ["sample_id", "label", "seed", "strength", "source_index", "guidance_scale", "num_inference_steps",
+                "scheduler", "shard"] + [c for c in ("prompt", "negative_prompt", "eta") if c in df and df[c].any()]
+        df.attrs["plan_hash"] = hashlib.sha256(df[cols].to_csv(index=False).encode()).hexdigest()[:16]
+    return df.attrs["plan_hash"]
 
 
 def _shard_plan(path: Path) -> str | None:

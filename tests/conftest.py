@@ -34,6 +34,19 @@ def write_imagefolder(root: Path, classes=("cat", "dog", "fox"), per_class=8, si
     return root
 
 
+def crash_at(call: int, real):
+    """`real`, except that call number `call` raises KeyboardInterrupt: a run killed in the middle of training."""
+    calls = {"n": 0}
+
+    def wrapped(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == call:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    return wrapped
+
+
 @pytest.fixture(scope="session")
 def prefect_harness():
     """A throwaway Prefect database and server for flow tests."""

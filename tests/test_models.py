@@ -11,6 +11,7 @@ from augment.diffusion import training
 from augment.errors import ModelError
 from augment.finetune import finetune
 from augment.generate import generate, load_candidates, per_class_counts, plan
+from conftest import crash_at
 
 CPU = torch.device("cpu")
 TINY_BASE = dict(block_out_channels=[8, 16], attention_levels=[False, True], norm_num_groups=4,
@@ -66,16 +67,8 @@ def test_builtin_pretraining_is_cached_and_resumes_identically(tmp_path, splits,
     assert again.path == full.path and again.fingerprint == full.fingerprint
     # Interrupted after a checkpoint at step 4, then resumed, must give the same weights.
     real_pretrain = models.pretrain
-    calls = {"n": 0}
-
-    def crashing_loss(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise KeyboardInterrupt
-        return real_loss(*a, **k)
-
     real_loss = training.diffusion_loss
-    monkeypatch.setattr(models, "diffusion_loss", crashing_loss)
+    monkeypatch.setattr(models, "diffusion_loss", crash_at(5, real_loss))
     monkeypatch.setattr(models, "pretrain", lambda *a, **k: real_pretrain(*a, **{**k, "checkpoint_every": 4}))
     cfg_b = cfg.model_copy(update={"cache_dir": str(tmp_path / "b")})
     with pytest.raises(KeyboardInterrupt):
@@ -105,15 +98,8 @@ def test_lora_finetune_saves_adapter_and_resumes_identically(tmp_path, splits, b
     full = finetune(cfg, backend, base, splits.train, tmp_path / "full", log=lambda m: None)
     files = {p.name for p in (tmp_path / "full" / "adapter").iterdir()}
     assert {"adapter_model.safetensors", "adapter_config.json", "training_config.json"} <= files
-    real_loss, calls = finetune_mod.diffusion_loss, {"n": 0}
-
-    def crashing_loss(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise KeyboardInterrupt
-        return real_loss(*a, **k)
-
-    monkeypatch.setattr(finetune_mod, "diffusion_loss", crashing_loss)
+    real_loss = finetune_mod.diffusion_loss
+    monkeypatch.setattr(finetune_mod, "diffusion_loss", crash_at(5, real_loss))
     with pytest.raises(KeyboardInterrupt):
         finetune(cfg, backend, base, splits.train, tmp_path / "resumed", log=lambda m: None)
     assert (tmp_path / "resumed" / "finetune-checkpoint" / "state.pt").exists()

@@ -13,7 +13,7 @@ from augment.backends.stable_diffusion import write_tiny_checkpoint
 from augment.config import BaseModelConfig, GenerationConfig, LoRAConfig, load_config
 from augment.errors import ModelError
 from safetensors.torch import load_file
-from conftest import ROOT, write_imagefolder
+from conftest import ROOT, crash_at, write_imagefolder
 
 CPU = torch.device("cpu")
 CLASSES = ["cat", "dog", "red_fox"]
@@ -28,9 +28,7 @@ def checkpoint(tmp_path_factory):
 def backend(checkpoint, tmp_path_factory):
     cfg = BaseModelConfig(pretrained=str(checkpoint), cache_dir=str(tmp_path_factory.mktemp("cache")),
                           class_prompts={"dog": "a photo of a good dog"}, negative_prompt="blurry")
-    b = backends.create(cfg, CLASSES, 32, 3, CPU)
-    b.info = None
-    return b
+    return backends.create(cfg, CLASSES, 32, 3, CPU)
 
 
 @pytest.fixture(scope="module")
@@ -132,15 +130,8 @@ def test_finetune_with_gradient_checkpointing_and_bf16_resumes_identically(backe
                      mixed_precision="bf16", augment_flip=True)
     full = finetune(cfg, backend, info, train, tmp_path / "full", log=lambda m: None)
     assert full.steps == 4 and np.isfinite(full.final_loss)
-    real_loss, calls = finetune_mod.diffusion_loss, {"n": 0}
-
-    def crashing_loss(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real_loss(*a, **k)
-
-    monkeypatch.setattr(finetune_mod, "diffusion_loss", crashing_loss)
+    real_loss = finetune_mod.diffusion_loss
+    monkeypatch.setattr(finetune_mod, "diffusion_loss", crash_at(3, real_loss))
     with pytest.raises(KeyboardInterrupt):
         finetune(cfg, backend, info, train, tmp_path / "resumed", log=lambda m: None)
     monkeypatch.setattr(finetune_mod, "diffusion_loss", real_loss)
