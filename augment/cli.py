@@ -6,13 +6,15 @@ import argparse
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 
+from augment import progress
 from augment.backends import check_base
 from augment.config import ConfigError, load_config
-from augment.data import DataError, detect_kind
+from augment.data import DataError
 from augment.errors import ModelError
-from augment.run import RunFolderError, check_output_dir
+from augment.run import RunFolderError, using
 
 USER_ERRORS = (ConfigError, DataError, ModelError, RunFolderError, FileNotFoundError)
 
@@ -29,10 +31,20 @@ def _version() -> str:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="augment", description="Synthetic data augmentation with LoRA-tuned diffusion.")
     p.add_argument("--version", action="version", version=f"augment {_version()}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-q", "--quiet", action="store_true",
+                        help="print only warnings, errors and the result (no progress bars, no Prefect log lines)")
+    common.add_argument("--debug", action="store_true", help="show the traceback of an error, not just its message")
+    waits = argparse.ArgumentParser(add_help=False)
+    waits.add_argument("--wait", action="store_true",
+                       help="if another augment process is using the run folder, wait for it instead of failing")
     sub = p.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser(
-        "run", help="run the whole job (fine-tune, generate, filter, publish, evaluate, report) as a Prefect flow",
+    def add(name: str, lock: bool = False, **kw) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[common, waits] if lock else [common], **kw)
+
+    run = add(
+        "run", lock=True, help="run the whole job (fine-tune, generate, filter, publish, evaluate, report) as a Prefect flow",
         description="Run the augment flow on a YAML config. Without PREFECT_API_URL set, Prefect starts a temporary "
         "local server; with it set, the run is recorded on that server. Stages whose inputs did not change since "
         "the last run in the same output_dir are reused.",
@@ -42,14 +54,14 @@ def _parser() -> argparse.ArgumentParser:
                      help="override a config value, e.g. --set generation.guidance_scale=3 (repeatable)")
     run.add_argument("--output-dir", help="shortcut for --set publish.output_dir=DIR")
 
-    rep = sub.add_parser("report", help="rebuild report.html / report.md / metrics.json of a finished run")
+    rep = add("report", lock=True, help="rebuild report.html / report.md / metrics.json of a finished run")
     rep.add_argument("run_dir", help="the run folder (publish.output_dir of the run)")
 
-    val = sub.add_parser("validate", help="check a config and print it with every default filled in")
+    val = add("validate", help="check a config and print it with every default filled in")
     val.add_argument("config")
     val.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
-    srv = sub.add_parser("serve", help="serve the flow as a Prefect deployment (cron schedule and/or run_deployment)")
+    srv = add("serve", help="serve the flow as a Prefect deployment (cron schedule and/or run_deployment)")
     srv.add_argument("config", help="YAML config used as the deployment's default parameters")
     srv.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config value of the deployment's config (repeatable)")
@@ -60,7 +72,7 @@ def _parser() -> argparse.ArgumentParser:
                      "event's payload may carry `overrides: [KEY=VALUE, ...]` for that run")
     srv.add_argument("--limit", type=int, default=1,
                      help="runs of this deployment that may execute at once; more wait in the queue (default 1)")
-    gen = sub.add_parser("generate", help="draw more samples of a class from a finished run's generator")
+    gen = add("generate", lock=True, help="draw more samples of a class from a finished run's generator")
     gen.add_argument("run_dir", help="the run folder (publish.output_dir of a finished run)")
     gen.add_argument("--class", dest="class_name", required=True, help="class name, as in the dataset's labels")
     gen.add_argument("-n", type=int, required=True, help="how many samples")
@@ -68,17 +80,17 @@ def _parser() -> argparse.ArgumentParser:
                      "its candidates)")
     gen.add_argument("--out", required=True, help="folder for <class>/<sample_id>.png and provenance.parquet")
 
-    push = sub.add_parser("push", help="upload a run's dataset (card + parquet shards only) to the Hugging Face Hub")
+    push = add("push", lock=True, help="upload a run's dataset (card + parquet shards only) to the Hugging Face Hub")
     push.add_argument("run_dir")
     push.add_argument("repo_id", help="a Hub dataset repo, e.g. my-org/augmented-cats (created if needed)")
     push.add_argument("--to-folder", default=None, help="copy exactly what would be uploaded into this folder instead")
     push.add_argument("--private", action="store_true", help="create the repo as private")
 
-    exp = sub.add_parser("export", help="write a finished run's generator as a standalone diffusers checkpoint")
+    exp = add("export", lock=True, help="write a finished run's generator as a standalone diffusers checkpoint")
     exp.add_argument("run_dir")
     exp.add_argument("out", help="a new or empty folder")
 
-    dep = sub.add_parser("deploy", help="register the flow as a deployment of a Prefect work pool (workers run it)")
+    dep = add("deploy", help="register the flow as a deployment of a Prefect work pool (workers run it)")
     dep.add_argument("config", help="YAML config used as the deployment's default parameters")
     dep.add_argument("--pool", required=True, help="work pool name, e.g. one made with "
                      "`prefect work-pool create augment-local --type process`")
@@ -97,88 +109,99 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     # This machine may have no internet: no telemetry calls from the temporary Prefect server.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    if args.quiet:  # read when Prefect is first imported, below
+        os.environ["PREFECT_LOGGING_LEVEL"] = "WARNING"
+    os.environ[progress.ENV] = "0" if args.quiet or not sys.stderr.isatty() else "1"
     try:
-        if args.command == "validate":
-            import yaml
-
-            cfg = load_config(args.config, args.overrides)
-            detect_kind(cfg.data)  # a data.source that does not exist is an error here, not an hour later
-            check_base(cfg.base)
-            check_output_dir(cfg.publish.output_dir, cfg.data.source)
-            print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
-            return 0
-        if args.command == "report":
-            from augment.report import build_report, headline
-
-            m = build_report(args.run_dir)
-            print(headline(m).replace("**", ""))
-            print(f"report: {Path(args.run_dir) / 'report.html'}")
-            return 0
-        if args.command == "run":
-            overrides = args.overrides + ([f"publish.output_dir={args.output_dir}"] if args.output_dir else [])
-            cfg = load_config(args.config, overrides)
-            detect_kind(cfg.data)  # refuse before Prefect starts or logs: one line, nothing written
-            check_base(cfg.base)
-            check_output_dir(cfg.publish.output_dir, cfg.data.source)
-            from flows.augment_flow import augment_flow
-            from augment.report import headline
-
-            _stop_on_sigterm()
-            t0 = time.time()
-            metrics = augment_flow.with_options(retries=0)(config=cfg)
-            out = Path(cfg.publish.output_dir)
-            print()
-            print(headline(metrics).replace("**", ""))
-            print(f"dataset: {out / 'dataset'}  (datasets.load_from_disk or datasets.load_dataset)")
-            print(f"report:  {out / 'report.html'}")
-            print(f"wall time: {time.time() - t0:.1f} s")
-            return 0
-        if args.command == "generate":
-            from augment.export import generate_more
-
-            table = generate_more(args.run_dir, args.class_name, args.n, args.seed, args.out)
-            print(f"{len(table)} samples of {args.class_name!r} in {Path(args.out) / args.class_name} "
-                  f"(provenance: {Path(args.out) / 'provenance.parquet'})")
-            return 0
-        if args.command == "push":
-            from augment.publish import push as push_dataset
-
-            files = push_dataset(Path(args.run_dir) / "dataset", args.repo_id, local_target=args.to_folder,
-                                 private=args.private)
-            print(f"{len(files)} files ({', '.join(files[:3])}{', ...' if len(files) > 3 else ''}) -> "
-                  f"{args.to_folder or 'https://huggingface.co/datasets/' + args.repo_id}")
-            return 0
-        if args.command == "export":
-            from augment.export import export_model
-
-            out = export_model(args.run_dir, args.out)
-            print(f"diffusers checkpoint and model card in {out}")
-            return 0
-        if args.command == "deploy":
-            from flows.deployments import deploy
-
-            cfg = load_config(args.config, args.overrides)
-            check_base(cfg.base)
-            dep_id = deploy(cfg, args.pool, name=args.name, cron=args.cron, trigger_event=args.trigger_event,
-                            limit=args.limit, source=args.source, image=args.image)
-            print(f"deployment augment/{args.name or cfg.name} ({dep_id}) on work pool {args.pool!r}; start a worker: "
-                  f"prefect worker start --pool {args.pool}")
-            return 0
-        if args.command == "serve":
-            from flows.deployments import serve
-
-            serve(load_config(args.config, args.overrides), name=args.name, cron=args.cron,
-                  trigger_event=args.trigger_event, limit=args.limit)
-            return 0
+        return _command(args)
     except USER_ERRORS as err:
+        if args.debug:
+            traceback.print_exc()
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: the run folder keeps every finished stage, checkpoint and shard; run the same command "
               "again to resume", file=sys.stderr)
         return 130
-    return 1
 
+
+def _command(args: argparse.Namespace) -> int:
+    from augment.pipeline import preflight
+
+    say = (lambda *a: None) if args.quiet else print  # the result lines of run/report are printed even when quiet
+    if args.command == "validate":
+        import yaml
+
+        cfg = load_config(args.config, args.overrides)
+        preflight(cfg)  # the data loads, the base and output folder are usable: errors here, not an hour later
+        print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
+        return 0
+    if args.command == "report":
+        from augment.report import build_report, headline
+
+        with using(args.run_dir, wait=args.wait):
+            m = build_report(args.run_dir)
+        print(headline(m).replace("**", ""))
+        print(f"report: {Path(args.run_dir) / 'report.html'}")
+        return 0
+    if args.command == "run":
+        overrides = args.overrides + ([f"publish.output_dir={args.output_dir}"] if args.output_dir else [])
+        cfg = load_config(args.config, overrides)
+        preflight(cfg)  # refuse before Prefect starts or logs: one line, nothing written
+        from flows.augment_flow import augment_flow
+        from augment.report import headline
+
+        _stop_on_sigterm()
+        t0 = time.time()
+        metrics = augment_flow.with_options(retries=0)(config=cfg, wait=args.wait)
+        out = Path(cfg.publish.output_dir)
+        say()
+        print(headline(metrics).replace("**", ""))
+        print(f"dataset: {out / 'dataset'}  (datasets.load_from_disk or datasets.load_dataset)")
+        print(f"report:  {out / 'report.html'}")
+        print(f"wall time: {time.time() - t0:.1f} s")
+        return 0
+    if args.command == "generate":
+        from augment.export import generate_more
+
+        with using(args.run_dir, wait=args.wait):
+            table = generate_more(args.run_dir, args.class_name, args.n, args.seed, args.out)
+        print(f"{len(table)} samples of {args.class_name!r} in {Path(args.out) / args.class_name} "
+              f"(provenance: {Path(args.out) / 'provenance.parquet'})")
+        return 0
+    if args.command == "push":
+        from augment.publish import push as push_dataset
+
+        with using(args.run_dir, wait=args.wait):
+            files = push_dataset(Path(args.run_dir) / "dataset", args.repo_id, local_target=args.to_folder,
+                                 private=args.private)
+        print(f"{len(files)} files ({', '.join(files[:3])}{', ...' if len(files) > 3 else ''}) -> "
+              f"{args.to_folder or 'https://huggingface.co/datasets/' + args.repo_id}")
+        return 0
+    if args.command == "export":
+        from augment.export import export_model
+
+        with using(args.run_dir, wait=args.wait):
+            out = export_model(args.run_dir, args.out)
+        print(f"diffusers checkpoint and model card in {out}")
+        return 0
+    if args.command == "deploy":
+        from flows.deployments import deploy
+
+        cfg = load_config(args.config, args.overrides)
+        check_base(cfg.base)
+        dep_id = deploy(cfg, args.pool, name=args.name, cron=args.cron, trigger_event=args.trigger_event,
+                        limit=args.limit, source=args.source, image=args.image)
+        print(f"deployment augment/{args.name or cfg.name} ({dep_id}) on work pool {args.pool!r}; start a worker: "
+              f"prefect worker start --pool {args.pool}")
+        return 0
+    if args.command == "serve":
+        from flows.deployments import serve
+
+        serve(load_config(args.config, args.overrides), name=args.name, cron=args.cron,
+              trigger_event=args.trigger_event, limit=args.limit)
+        return 0
+    return 1
 
 def _stop_on_sigterm() -> None:
     """SIGTERM (a scheduler or `kill`) stops a run like Ctrl-C: stages stop, the lock is released, the folder is

@@ -325,10 +325,40 @@ def has_predefined_splits(cfg: DataConfig) -> bool:
     return detect_kind(cfg) == "imagefolder" and (root / "train").is_dir() and (root / "test").is_dir()
 
 
-def make_splits(cfg: DataConfig) -> Splits:
+_KEPT: list = []  # (key, Splits) loaded by `make_splits(keep=True)`, for the next call: see make_splits
+
+
+def _source_stamp(cfg: DataConfig) -> str | None:
+    """What a local source looks like on disk (every file's path, size and mtime): cheap to list, and it changes
+    when any image is added, removed or rewritten. None for a hub dataset (nothing local to compare)."""
+    if cfg.source == "sklearn-digits":
+        return ""
+    root = Path(cfg.source)
+    if not root.exists():
+        return None
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    return json.dumps([(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files])
+
+
+def make_splits(cfg: DataConfig, keep: bool = False) -> Splits:
     """Load and split. An image folder with train/ and test/ subfolders (optionally validation/ and pool/) keeps
     its own test split; validation is then drawn from train unless given, and the unused part of train joins the
-    unlabeled pool."""
+    unlabeled pool.
+
+    `keep=True` (the check before a run starts: a data error is then one line and nothing is written) holds the
+    result for the next call with the same data config and unchanged files (the run's data stage), so the images
+    are read once; that call releases it."""
+    stamp = _source_stamp(cfg)
+    key = (cfg.model_dump_json(), stamp)
+    if _KEPT and _KEPT[0][0] == key and stamp is not None:
+        splits = _KEPT[0][1]
+    else:
+        splits = _make_splits(cfg)
+    _KEPT[:] = [(key, splits)] if keep else []
+    return splits
+
+
+def _make_splits(cfg: DataConfig) -> Splits:
     if not has_predefined_splits(cfg):
         return split(load_images(cfg), cfg)
     root = Path(cfg.source)

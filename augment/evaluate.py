@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -177,7 +177,7 @@ class _Runner:
 
 # run_units([(arm, recipe, seed), ...]) -> one result per unit, in order: how an orchestrator (the Prefect flow's
 # task runner: threads, processes, Dask) runs the units instead of the local pool.
-RunUnits = Callable[[list[tuple[str, str, int]]], list[dict]]
+RunUnits = Callable[[list[tuple[str, str, int]]], Iterable[dict]]
 
 
 class _MappedRunner(_Runner):
@@ -187,8 +187,9 @@ class _MappedRunner(_Runner):
         self.run_units, self.progress, self.total, self.done, self.pool = run_units, progress, total, 0, None
 
     def _map(self, units: list[tuple[str, int]], recipe: str) -> list[dict]:
-        results = self.run_units([(a, recipe, s) for a, s in units])
-        for _ in units:
+        results = []
+        for r in self.run_units([(a, recipe, s) for a, s in units]):  # results in order, as they finish
+            results.append(r)
             self._tick()
         return results
 

@@ -24,7 +24,7 @@ import json
 import shutil
 import time
 from contextlib import contextmanager
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -49,13 +49,25 @@ def run_dir(cfg: RunConfig) -> Path:
     return Path(cfg.publish.output_dir)
 
 
+def preflight(cfg: RunConfig) -> None:
+    """Every check that needs no run folder: the data loads and splits (kept in memory for the data stage), the
+    base checkpoint exists, the output folder may be used. A user error raises here, before anything is written."""
+    from augment.backends import check_base
+
+    run_folder.check_output_dir(cfg.publish.output_dir, cfg.data.source)
+    check_base(cfg.base)
+    make_splits(cfg.data, keep=True)
+
+
 @contextmanager
 def started(cfg: RunConfig, wait: bool = False):
-    """Claim the run folder (refusing one that is not ours), hold its lock, and save the config in it.
+    """Check the inputs (`preflight`), claim the run folder (refusing one that is not ours), hold its lock (or wait
+    for it), and save the config in it.
 
     Every entry point (the flow, the CLI, a notebook) runs the stages inside this block."""
     from augment.report import save_config
 
+    preflight(cfg)
     out = run_folder.claim(cfg.publish.output_dir, cfg.data.source, cfg.name)
     with run_folder.lock(out, wait=wait):
         save_config(cfg, out)
@@ -196,9 +208,10 @@ def finetune_stage(cfg: RunConfig, base: dict, log=print, progress: Callable[[in
 
 
 def generate_stage(cfg: RunConfig, base: dict, adapter: dict, progress: Callable[[int, int], None] | None = None,
-                   log=print, run_shards: Callable[[list[int]], list[int]] | None = None) -> dict:
+                   log=print, run_shards: Callable[[list[int]], Iterable[int]] | None = None) -> dict:
     """Generate every planned candidate; `run_shards(shards)` generates the missing shards elsewhere (the flow
-    passes its task runner's map of `generate_unit`), else they are generated here."""
+    passes its task runner's map of `generate_unit`) and yields each shard's sample count in order as it
+    finishes, else they are generated here."""
     from augment import generate as gen
 
     st = _Stage(cfg, "generate", folder="candidates", upstream=adapter["adapter_hash"])
@@ -214,7 +227,11 @@ def generate_stage(cfg: RunConfig, base: dict, adapter: dict, progress: Callable
                 df = gen.write_plan(cfg.generation, backend_for(cfg, splits), splits.train, st.folder)
                 todo = [int(s) for s in sorted(df["shard"].unique()) if not gen.shard_done(st.folder, df, s)]
                 log(f"generate: {len(todo)} of {df['shard'].nunique()} shards to generate")
-                run_shards(todo)
+                done = len(df) - int(df["shard"].isin(todo).sum())
+                for n in run_shards(todo):
+                    done += n
+                    if progress:
+                        progress(done, len(df))
                 gen.finish(st.folder, len(df), time.time() - t0)
     return json.loads((st.folder / "done.json").read_text())
 
@@ -413,24 +430,29 @@ def versions() -> dict:
             "datasets": datasets.__version__, "numpy": np.__version__}
 
 
-def run(cfg: RunConfig, log=print, on_stage: Callable[[str | None], None] | None = None) -> dict:
+def run(cfg: RunConfig, log=print, on_stage: Callable[[str | None], None] | None = None, wait: bool = False) -> dict:
     """Every stage in the flow's order, without Prefect (notebooks, benchmarks); returns the report's metrics.
     `on_stage(name)` is called as each stage starts, and with None at the end."""
     from augment.report import build_report
 
+    from augment import progress
+
+    def bar(name: str, unit: str):
+        return progress.terminal_bar(name, unit) if progress.enabled() else None
+
     mark = on_stage or (lambda name: None)
     t0 = time.time()
-    with started(cfg):
+    with started(cfg, wait=wait):
         record(cfg, None, versions=versions())
         mark("data"); prepare_data(cfg)
-        mark("base"); base = base_model(cfg, log=log)
+        mark("base"); base = base_model(cfg, log=log, progress=bar("base pretraining", "step"))
         record(cfg, None, base=base)
         mark("pseudo"); pseudo_stage(cfg, log=log)
-        mark("finetune"); adapter = finetune_stage(cfg, base, log=log)
+        mark("finetune"); adapter = finetune_stage(cfg, base, log=log, progress=bar("fine-tuning", "step"))
         record(cfg, None, adapter=adapter)
-        mark("generate"); generate_stage(cfg, base, adapter, log=log)
+        mark("generate"); generate_stage(cfg, base, adapter, log=log, progress=bar("generation", "sample"))
         mark("filter"); filter_stage(cfg, log=log)
-        mark("evaluate"); evaluate_stage(cfg, log=log)
+        mark("evaluate"); evaluate_stage(cfg, log=log, progress=bar("evaluation", "training"))
         mark("publish"); publish_stage(cfg, base, adapter, log=log)
         record(cfg, None, total_seconds=round(time.time() - t0, 1))
         mark("report"); metrics = build_report(run_dir(cfg))

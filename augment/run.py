@@ -123,6 +123,17 @@ def lock(output_dir: str | Path, wait: bool = False):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+@contextlib.contextmanager
+def using(run_dir: str | Path, wait: bool = False):
+    """Hold a finished run folder's lock while reading or rewriting it (`augment report`, `generate`, `export`):
+    never while a run is writing it. A folder augment did not create is refused, and no lock file is left in it."""
+    if not is_ours(run_dir):
+        raise RunFolderError(f"{run_dir} is not an augment run folder (no {MARKER}); give the publish.output_dir "
+                             "of a run")
+    with lock(run_dir, wait=wait):
+        yield Path(run_dir)
+
+
 def load_state(path: str | Path, map_location=None, log=print) -> dict | None:
     """Load a resume checkpoint with `torch.load(weights_only=True)`: tensors and plain Python values only, never
     arbitrary pickled objects (a planted file in a run folder or cache must not run code). A checkpoint that is

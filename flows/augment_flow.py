@@ -18,7 +18,7 @@ from prefect.artifacts import create_table_artifact
 from prefect.artifacts import update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 
-from augment import pipeline
+from augment import pipeline, progress
 from augment.config import ConfigError, RunConfig, apply_overrides, deep_merge, parse_config
 from augment.report import build_report, headline, key_arms
 
@@ -27,9 +27,9 @@ def _log(message: str) -> None:
     get_run_logger().info(message)
 
 
-def _progress(key: str, description: str):
+def _progress(key: str, description: str, bar: str, unit: str):
     """A callback(done, total) that keeps a Prefect progress artifact up to date (created on the first call, so a
-    reused stage leaves none behind)."""
+    reused stage leaves none behind), and draws a terminal bar `bar` when `augment run` asked for one."""
     artifact, last = [], [-1]
 
     def update(done: int, total: int) -> None:
@@ -41,7 +41,15 @@ def _progress(key: str, description: str):
             else:
                 update_progress_artifact(artifact_id=artifact[0], progress=pct)
 
-    return update
+    return progress.both(update, progress.terminal_bar(bar, unit) if progress.enabled() else None)
+
+
+def _generation_progress(cfg: RunConfig):
+    return _progress(f"{_key(cfg)}-generation", "Candidates generated", "generation", "sample")
+
+
+def _evaluation_progress(cfg: RunConfig):
+    return _progress(f"{_key(cfg)}-evaluation", "Downstream training runs finished", "evaluation", "training")
 
 
 @task(cache_policy=NO_CACHE)
@@ -51,7 +59,8 @@ def load_data(cfg: RunConfig) -> dict:
 
 @task(cache_policy=NO_CACHE)
 def base_model(cfg: RunConfig) -> dict:
-    return pipeline.base_model(cfg, log=_log, progress=_progress(f"{_key(cfg)}-pretraining", "Base pretraining steps"))
+    return pipeline.base_model(cfg, log=_log, progress=_progress(f"{_key(cfg)}-pretraining", "Base pretraining steps",
+                                                                 "base pretraining", "step"))
 
 
 @task(cache_policy=NO_CACHE)
@@ -62,13 +71,13 @@ def pseudo_label(cfg: RunConfig) -> dict:
 @task(cache_policy=NO_CACHE)
 def finetune(cfg: RunConfig, base: dict) -> dict:
     return pipeline.finetune_stage(cfg, base, log=_log,
-                                   progress=_progress(f"{_key(cfg)}-finetuning", "LoRA fine-tuning steps"))
+                                   progress=_progress(f"{_key(cfg)}-finetuning", "LoRA fine-tuning steps",
+                                                       "fine-tuning", "step"))
 
 
 @task(cache_policy=NO_CACHE)
 def generate(cfg: RunConfig, base: dict, adapter: dict) -> dict:
-    progress = _progress(f"{_key(cfg)}-generation", "Candidates generated")
-    return pipeline.generate_stage(cfg, base, adapter, progress=progress, log=_log)
+    return pipeline.generate_stage(cfg, base, adapter, progress=_generation_progress(cfg), log=_log)
 
 
 @task(cache_policy=NO_CACHE)
@@ -83,8 +92,7 @@ def publish(cfg: RunConfig, base: dict, adapter: dict) -> dict:
 
 @task(cache_policy=NO_CACHE)
 def evaluate(cfg: RunConfig) -> dict:
-    progress = _progress(f"{_key(cfg)}-evaluation", "Downstream training runs finished")
-    return pipeline.evaluate_stage(cfg, progress=progress, log=_log)
+    return pipeline.evaluate_stage(cfg, progress=_evaluation_progress(cfg), log=_log)
 
 
 @task(cache_policy=NO_CACHE)
@@ -127,23 +135,25 @@ def generate_unit(cfg: RunConfig, base: dict, adapter: dict, shard: int) -> int:
 def generate_on_runner(cfg: RunConfig, base: dict, adapter: dict) -> dict:
     """The generation stage with every shard a task on this flow's task runner."""
 
-    def run_shards(shards: list[int]) -> list[int]:
-        return [f.result() for f in generate_unit.map(unmapped(cfg), unmapped(base), unmapped(adapter), shards)]
+    def run_shards(shards: list[int]):
+        for f in generate_unit.map(unmapped(cfg), unmapped(base), unmapped(adapter), shards):
+            yield f.result()
 
-    return pipeline.generate_stage(cfg, base, adapter, log=_log, run_shards=run_shards)
+    return pipeline.generate_stage(cfg, base, adapter, progress=_generation_progress(cfg), log=_log,
+                                   run_shards=run_shards)
 
 
 @flow(name="augment-evaluate")
 def evaluate_on_runner(cfg: RunConfig) -> dict:
     """The evaluation stage with every (arm, seed) training a task on this flow's task runner."""
-    progress = _progress(f"{_key(cfg)}-evaluation", "Downstream training runs finished")
 
-    def run_units(units: list[tuple[str, str, int]]) -> list[dict]:
+    def run_units(units: list[tuple[str, str, int]]):
         futures = train_unit.map(unmapped(cfg), [u[0] for u in units], [u[1] for u in units],
                                  [u[2] for u in units])
-        return [f.result() for f in futures]
+        for f in futures:
+            yield f.result()
 
-    return pipeline.evaluate_stage(cfg, progress=progress, log=_log, run_units=run_units)
+    return pipeline.evaluate_stage(cfg, progress=_evaluation_progress(cfg), log=_log, run_units=run_units)
 
 
 @task(cache_policy=NO_CACHE)
@@ -228,13 +238,15 @@ def resolve_config(config: RunConfig, overrides: list[str]) -> RunConfig:
 # A crashed run (a killed worker, an out-of-memory kill, a lost GPU) is retried once; it resumes from every finished
 # stage, fine-tuning checkpoint and generation shard. `augment run` turns retries off (user errors are not retried).
 @flow(name="augment", retries=1, retry_delay_seconds=30)
-def augment_flow(config: RunConfig = RunConfig(), overrides: list[str] = []) -> dict:  # noqa: B006 (Prefect form)
+def augment_flow(config: RunConfig = RunConfig(), overrides: list[str] = [],  # noqa: B006 (Prefect form)
+                 wait: bool = False) -> dict:
     """Pseudo-label, fine-tune, generate, filter, evaluate and publish; returns the report's metrics (metrics.json).
 
-    `overrides`: `section.key=value` strings applied on top of `config`, e.g. `["data.source=/data/new"]`."""
+    `overrides`: `section.key=value` strings applied on top of `config`, e.g. `["data.source=/data/new"]`.
+    `wait`: when another run holds the output folder, wait for it to finish instead of failing."""
     t0 = time.time()
     cfg = resolve_config(config, overrides)
-    with pipeline.started(cfg):
+    with pipeline.started(cfg, wait=wait):
         pipeline.record(cfg, None, versions=pipeline.versions())
         load_data(cfg)
         base = base_model(cfg)
