@@ -32,6 +32,7 @@ from augment.classifier import TrainedClassifier, train_classifier
 from augment.config import FilterConfig
 from augment.data import ImageSet
 from augment.generate import Candidates
+from augment.run import write_json
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -236,7 +237,7 @@ def save_outcome(s: Scored, kept: np.ndarray, reason: np.ndarray, cands: Candida
     out.mkdir(parents=True, exist_ok=True)
     table = s.table.assign(kept=kept, reason=reason.astype(str))
     table.to_parquet(out / "scores.parquet")
-    (out / "summary.json").write_text(json.dumps(s.summary))
+    write_json(out / "summary.json", s.summary)
     np.save(out / "features.npy", s.features)
     for i in np.flatnonzero(~kept):
         d = out / "rejected" / reason[i]

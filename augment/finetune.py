@@ -23,6 +23,7 @@ from augment.backends import Backend, BaseModelInfo
 from augment.config import LoRAConfig
 from augment.data import ImageSet
 from augment.diffusion import LoopSpec, diffusion_loss, train_loop
+from augment.run import write_json
 
 
 @dataclass
@@ -36,7 +37,7 @@ class AdapterInfo:
     pseudo_labeled_images: int = 0
 
     def save(self, path: Path) -> None:
-        path.write_text(json.dumps(asdict(self), indent=2))
+        write_json(path, asdict(self))
 
     @classmethod
     def load(cls, path: Path) -> "AdapterInfo":

@@ -143,7 +143,7 @@ def prepare_data(cfg: RunConfig) -> dict:
         splits = make_splits(cfg.data)
         splits.save(folder / "splits.npz")
         summary = {**splits.summary(), "fingerprint": data_fingerprint(splits), "source": cfg.data.source}
-        (folder / "summary.json").write_text(json.dumps(summary, indent=2))
+        run_folder.write_json(folder / "summary.json", summary)
     return summary
 
 
@@ -283,7 +283,7 @@ def filter_stage(cfg: RunConfig, log=print) -> dict:
                               "rejected": {r: int(n) for r, n in rows.loc[~rows["kept"], "reason"].value_counts().items()}})
         summary = {"generated": int(len(table)), "kept": int(kept.sum()), "order": list(cfg.filter.order),
                    "per_class": per_class}
-        (st.folder / "decisions.json").write_text(json.dumps(summary, indent=2))
+        run_folder.write_json(st.folder / "decisions.json", summary)
         log(f"filter: kept {summary['kept']} of {summary['generated']}")
     return summary
 

@@ -21,7 +21,7 @@ from augment.config import RunConfig, parse_config
 from augment.data import Splits
 from augment.generate import load_candidates
 from augment import plots
-from augment.run import read_json, write_json
+from augment.run import read_json, write_json, write_text
 
 SCHEMA_VERSION = 1
 
@@ -427,9 +427,7 @@ def build_report(run_dir: str | Path) -> dict:
         write_json(assets / "figures.json", {"key": _figures_key(run, m), "names": sorted(figs)})
     md, page = render(m, figs)
     for name, text in (("metrics.json", json.dumps(m, indent=2)), ("report.md", md), ("report.html", page)):
-        tmp = run / f".{name}.tmp"
-        tmp.write_text(text)
-        tmp.replace(run / name)
+        write_text(run / name, text)
     return m
 
 
@@ -463,4 +461,4 @@ def _reused_figures(run: Path, m: dict) -> dict[str, bytes] | None:
 
 def save_config(cfg: RunConfig, run_dir: str | Path) -> None:
     Path(run_dir).mkdir(parents=True, exist_ok=True)
-    (Path(run_dir) / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    write_text(Path(run_dir) / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

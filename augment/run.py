@@ -27,12 +27,17 @@ class RunFolderError(ValueError):
     """An output folder augment must not write to, or one that another run is using."""
 
 
-def write_json(path: str | Path, obj, indent: int | None = 2) -> None:
-    """Write JSON atomically: readers see the old file or the new one, never a torn one."""
+def write_text(path: str | Path, text: str) -> None:
+    """Write a file atomically: readers see the old file or the new one, never a torn one."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=indent))
+    tmp.write_text(text)
     tmp.replace(path)
+
+
+def write_json(path: str | Path, obj, indent: int | None = 2) -> None:
+    """Write JSON atomically (`write_text`)."""
+    write_text(path, json.dumps(obj, indent=indent))
 
 
 def read_json(path: str | Path, default=None):
