@@ -14,7 +14,7 @@ from augment.backends import check_base
 from augment.config import ConfigError, load_config
 from augment.data import DataError
 from augment.errors import ModelError
-from augment.run import RunFolderError, using
+from augment.run import RunFolderError, claim, lock, using
 
 USER_ERRORS = (ConfigError, DataError, ModelError, RunFolderError, FileNotFoundError)
 
@@ -153,7 +153,9 @@ def _command(args: argparse.Namespace) -> int:
 
         _stop_on_sigterm()
         t0 = time.time()
-        metrics = augment_flow.with_options(retries=0)(config=cfg, wait=args.wait)
+        # the lock before Prefect starts: a folder in use is one line, not a crashed flow run
+        with lock(claim(cfg.publish.output_dir, cfg.data.source, cfg.name), wait=args.wait):
+            metrics = augment_flow.with_options(retries=0)(config=cfg, wait=args.wait)
         out = Path(cfg.publish.output_dir)
         say()
         print(headline(metrics).replace("**", ""))

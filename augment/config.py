@@ -392,13 +392,16 @@ class RunConfig(_Section):
 
 
 def _format_errors(err: ValidationError, origin: str) -> str:
-    lines = [f"invalid configuration in {origin}:"]
+    """One line for one error; a list, one line each, for several."""
+    problems = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "(top level)"
         msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
         value = "" if e["type"] == "extra_forbidden" else f" (got {e.get('input')!r})"
-        lines.append(f"  {key}: {msg}{value}")
-    return "\n".join(lines)
+        problems.append(f"{key}: {msg}{value}")
+    if len(problems) == 1:
+        return f"invalid configuration in {origin}: {problems[0]}"
+    return "\n".join([f"invalid configuration in {origin}:"] + [f"  {p}" for p in problems])
 
 
 def parse_config(data: dict, origin: str = "<dict>") -> RunConfig:
@@ -447,7 +450,9 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"{path} is not valid YAML{where}: {getattr(err, 'problem', None) or err}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping of sections, got {type(data).__name__}")
     return parse_config(apply_overrides(data, overrides), str(path))

@@ -102,12 +102,24 @@ def require_ours(folder: str | Path) -> None:
                              "create it")
 
 
+_HELD: dict[Path, int] = {}  # lock files this process holds, and how many nested `lock` blocks hold each
+
+
 @contextlib.contextmanager
 def lock(output_dir: str | Path, wait: bool = False):
-    """Hold the run folder's exclusive lock; a second holder gets RunFolderError (or waits, with wait=True)."""
+    """Hold the run folder's exclusive lock; another process gets RunFolderError (or waits, with wait=True).
+    Re-entrant within a process: `augment run` takes it before Prefect starts, and the flow's own `started`
+    block then holds it too."""
     import fcntl
 
-    path = Path(output_dir) / LOCK
+    path = (Path(output_dir) / LOCK).resolve()
+    if path in _HELD:
+        _HELD[path] += 1
+        try:
+            yield
+        finally:
+            _HELD[path] -= 1
+        return
     with open(path, "a+") as fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
@@ -120,9 +132,11 @@ def lock(output_dir: str | Path, wait: bool = False):
         fh.truncate()
         fh.write(f"pid {os.getpid()} on {socket.gethostname()}")
         fh.flush()
+        _HELD[path] = 1
         try:
             yield
         finally:
+            del _HELD[path]
             fh.seek(0)
             fh.truncate()
             fcntl.flock(fh, fcntl.LOCK_UN)

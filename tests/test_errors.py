@@ -5,31 +5,128 @@ import pytest
 from PIL import Image
 
 from augment.cli import main
-from conftest import NO_CANDIDATES_PROVENANCE, ROOT, no_candidates
+from pathlib import Path
+
+from conftest import NO_CANDIDATES_PROVENANCE, ROOT, no_candidates, write_imagefolder
 
 TINY = str(ROOT / "configs" / "tiny.yaml")
 
 
-@pytest.mark.parametrize("overrides, culprit", [
-    (["data.source="], "data.source"),                                  # empty: used to train on the cwd
-    (["data.source=/no/such/folder/"], "/no/such/folder/"),
-    (["generation.strengths=[0.5"], "generation.strengths=[0.5"),       # YAML error inside --set
-    (["lora.rank=0"], "lora.rank"),
-    (["evaluation.arms=[real, real+jitter]"], "real+jitter"),
-    (["name.first=x"], "name is not a section"),
-    (["base.pretrained=/no/such/checkpoint"], "base.pretrained=/no/such/checkpoint: no such folder"),
-    (["base.kind=stable_diffusion"], "base.kind=stable_diffusion needs base.pretrained"),
-    (["base.kind=stable_diffusion", f"base.pretrained={ROOT / 'configs'}"], "no model_index.json"),
-    (["base.prompt_template=a {label}"], "base.prompt_template"),
-])
-def test_bad_values_are_one_line_naming_the_culprit(tmp_path, capsys, overrides, culprit):
-    args = ["run", TINY, "--output-dir", str(tmp_path / "out")]
-    for o in overrides:
-        args += ["--set", o]
+def _folder(u: Path, per_class: int = 12, classes=("cat", "dog", "fox")) -> str:
+    write_imagefolder(u / "imgs", classes=classes, per_class=per_class)
+    return str(u / "imgs")
+
+
+def _manifest(u: Path, rows: list[tuple[str, str]] | None = None, columns=("path", "label")) -> str:
+    import pandas as pd
+
+    src = Path(_folder(u))
+    rows = rows if rows is not None else [(str(p.relative_to(src)), p.parent.name) for p in sorted(src.rglob("*.png"))]
+    pd.DataFrame(rows, columns=list(columns)).to_csv(src / "labels.csv", index=False)
+    return str(src / "labels.csv")
+
+
+def _corrupt(u: Path) -> str:
+    src = _folder(u)
+    (Path(src) / "dog" / "3.png").write_bytes(b"not a png")
+    return src
+
+
+def _duplicate_label(u: Path) -> str:
+    src = _folder(u)
+    (Path(src) / "fox" / "dup.png").write_bytes((Path(src) / "cat" / "0.png").read_bytes())
+    return src
+
+
+def _escaping_symlink(u: Path) -> str:
+    src = _folder(u)
+    Image.fromarray(np.zeros((10, 10, 3), np.uint8)).save(u / "secret.png")
+    (Path(src) / "cat" / "link.png").symlink_to(u / "secret.png")
+    return src
+
+
+def _split_mismatch(u: Path) -> str:
+    write_imagefolder(u / "sp" / "train", classes=("cat", "dog"), per_class=12)
+    write_imagefolder(u / "sp" / "test", classes=("cat", "cow"), per_class=3)
+    return str(u / "sp")
+
+
+def _config_file(u: Path, text: str) -> str:
+    (u / "job.yaml").write_text(text)
+    return str(u / "job.yaml")
+
+
+# Every bad input a user has sent us: (setup(U) -> data.source or None, extra arguments, what the one line names).
+# `{src}` in an argument is the setup's return value; `{U}` the user's folder.
+BAD_INPUTS = {
+    "empty source": (None, ["--set", "data.source="], "data.source"),
+    "missing source": (None, ["--set", "data.source=/no/such/folder/"], "/no/such/folder/"),
+    "yaml error in --set": (None, ["--set", "generation.strengths=[0.5"], "generation.strengths=[0.5"),
+    "out of bounds": (None, ["--set", "lora.rank=0"], "lora.rank"),
+    "image size bound": (None, ["--set", "data.image_size=3"], "data.image_size"),
+    "unknown arm": (None, ["--set", "evaluation.arms=[real, real+jitter]"], "real+jitter"),
+    "not a section": (None, ["--set", "name.first=x"], "name is not a section"),
+    "unknown key": (None, ["--set", "generation.guidance=3"], "generation.guidance"),
+    "wrong type": (None, ["--set", "generation.num_per_class=many"], "generation.num_per_class"),
+    "missing base": (None, ["--set", "base.pretrained=/no/such/checkpoint"], "/no/such/checkpoint: no such folder"),
+    "sd without base": (None, ["--set", "base.kind=stable_diffusion"], "base.kind=stable_diffusion needs"),
+    "sd not a pipeline": (None, ["--set", "base.kind=stable_diffusion", "--set", f"base.pretrained={ROOT / 'configs'}"],
+                          "no model_index.json"),
+    "prompt template": (None, ["--set", "base.prompt_template=a {label}"], "base.prompt_template"),
+    "config not found": (None, ["CONFIG={U}/nope.yaml"], "nope.yaml"),
+    "config yaml syntax": (lambda u: _config_file(u, "data: [unclosed\n"), ["CONFIG={src}"], "job.yaml"),
+    "config not a mapping": (lambda u: _config_file(u, "- a\n- b\n"), ["CONFIG={src}"], "job.yaml"),
+    "corrupt image": (_corrupt, [], "dog/3.png"),
+    "too few images": (lambda u: _folder(u, per_class=3), [], "class 'cat' has only 3 images"),
+    "one class": (lambda u: _folder(u, classes=("cat",)), [], "need at least 2 classes"),
+    "empty class folder": (lambda u: (Path(_folder(u)) / "emu").mkdir() or str(u / "imgs"), [], "emu"),
+    "no class folders": (lambda u: (u / "flat").mkdir() or str(u / "flat"), [], "has no class subfolders"),
+    "same image two labels": (_duplicate_label, [], "different labels"),
+    "symlink out of the data": (_escaping_symlink, [], "link.png"),
+    "manifest without label column": (lambda u: _manifest(u, columns=("path", "class")), [], "no column 'label'"),
+    "manifest missing file": (lambda u: _manifest(u, [("cat/0.png", "cat"), ("cat/99.png", "cat")]), [],
+                              "row 3: image file not found"),
+    "manifest path outside": (lambda u: _manifest(u, [("../../etc/hostname.png", "cat")] * 2), [], "row 2"),
+    "manifest missing label": (lambda u: _manifest(u, [("cat/0.png", "cat"), ("cat/1.png", None)] * 12), [],
+                               "missing label"),
+    "split class mismatch": (_split_mismatch, [], "the class folders must match"),
+    "output inside data": (_folder, ["--output-dir", "{src}/cat/out"], "lies inside data.source"),
+    "output contains data": (_folder, ["--output-dir", "{U}"], "contains data.source"),
+    "output is a file": (_folder, ["--output-dir", "{src}/../notes.txt"], "is a file"),
+    "foreign non-empty output": (lambda u: (u / "mine").mkdir() or (u / "mine" / "a.txt").write_text("x") and None,
+                                 ["--output-dir", "{U}/mine"], "not empty and was not created by augment"),
+}
+
+
+def _snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_is_one_line_naming_the_culprit_and_changes_nothing(tmp_path, capsys, case):
+    setup, extra, culprit = BAD_INPUTS[case]
+    u = tmp_path / "U"
+    u.mkdir()
+    (u / "notes.txt").write_text("the user's own file")
+    src = setup(u) if setup else None
+    before = _snapshot(u)
+    fill = lambda a: a.replace("{src}", str(src)).replace("{U}", str(u))  # noqa: E731
+    config = next((fill(a)[7:] for a in extra if a.startswith("CONFIG=")), TINY)
+    args = ["run", config, "--set", f"base.cache_dir={tmp_path / 'cache'}"]
+    if src is not None and not case.startswith("config"):
+        args += ["--set", f"data.source={src}"]
+    if "--output-dir" not in extra:
+        args += ["--output-dir", str(tmp_path / "out")]
+    args += [fill(a) for a in extra if not a.startswith("CONFIG=")]
     assert main(args) == 2
-    err = capsys.readouterr().err.strip()
-    assert culprit in err and "Traceback" not in err
-    assert not (tmp_path / "out").exists()  # nothing written
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and culprit in err[0], err
+    assert _snapshot(u) == before  # no user file changed
+    assert not (tmp_path / "out").exists()  # and no run folder was made
+
+
+def test_the_bad_input_table_is_long_enough():
+    assert len(BAD_INPUTS) >= 25
 
 
 def test_decompression_bomb_is_a_data_error(tmp_path, monkeypatch):

@@ -99,11 +99,54 @@ def test_torn_or_foreign_state_files_are_rebuilt(tiny_cfg):
         assert json.loads((out / "run.json").read_text())["total_seconds"] == 2.0
 
 
-def test_second_run_on_the_same_folder_is_refused_while_the_first_holds_it(tiny_cfg):
-    with pipeline.started(tiny_cfg) as out:
+HOLDER = """
+import sys, time
+from augment import run
+with run.lock(sys.argv[1]):
+    print("held", flush=True)
+    time.sleep(float(sys.argv[2]))
+    open(sys.argv[1] + "/done-holding", "w").close()
+"""
+
+
+def _hold(folder: Path, seconds: float):
+    """Another process holding the run folder's lock for `seconds` (returned once it holds it)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(folder), str(seconds)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_a_second_run_on_a_folder_in_use_is_refused_or_waits(tiny_cfg, tmp_path, capsys):
+    out = run_folder.claim(tiny_cfg.publish.output_dir)
+    holder = _hold(out, 60)
+    try:
         with pytest.raises(run_folder.RunFolderError, match="in use by pid"):
             with pipeline.started(tiny_cfg):
                 pass
-    with pipeline.started(tiny_cfg):  # released when the first run ends
-        pass
+        # the commands: one line, exit 2, before Prefect starts
+        for args in (["run", TINY, "--output-dir", str(out), "--set", f"base.cache_dir={tmp_path / 'c'}"],
+                     ["report", str(out)], ["export", str(out), str(tmp_path / "exp")],
+                     ["generate", str(out), "--class", "1", "-n", "2", "--out", str(tmp_path / "more")]):
+            assert main(args) == 2, args
+            assert "is in use by pid" in one_error_line(capsys)
+    finally:
+        holder.kill()
+        holder.wait()
+    with pipeline.started(tiny_cfg):  # the kernel released it when the holder died (no stale lock)
+        with pipeline.started(tiny_cfg):  # and it is re-entrant within one process (the CLI, then the flow)
+            pass
+    holder = _hold(out, 2)
+    with run_folder.lock(out, wait=True):  # --wait: blocks until the holder has finished
+        assert (out / "done-holding").exists()
+    holder.wait()
     assert run_folder.is_ours(out)
+
+
+def test_commands_refuse_a_folder_that_is_not_a_run(tmp_path, capsys):
+    (tmp_path / "mine").mkdir()
+    assert main(["report", str(tmp_path / "mine")]) == 2
+    assert "is not an augment run folder" in one_error_line(capsys)
+    assert not any((tmp_path / "mine").iterdir())  # not even a lock file
