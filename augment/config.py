@@ -54,6 +54,12 @@ class DataConfig(_Section):
         False, description="Allow manifest paths and image-folder symlinks that resolve outside the data folder "
         "(the manifest's folder or the image folder's root).",
     )
+    cross_split_duplicates: Literal["report", "drop"] = Field(
+        "report", description="An image in train, validation or the pool identical to one in a more protected split "
+        "(test, then validation) can only come from your own train/test folders (a random split keeps copies "
+        "together). `report`: named in the report, which then warns that test accuracy may be inflated; `drop`: "
+        "removed from the less protected split.",
+    )
     seed: int = Field(0, ge=0, description="Seed for the splits and few-shot sampling.")
 
     @model_validator(mode="after")

@@ -53,6 +53,9 @@ class Splits:
     validation: ImageSet
     test: ImageSet
     pool: ImageSet  # unlabeled: labels are -1
+    # images identical to one in a more protected split: {"split", "id", "copy_of"}; see cross_split_duplicates
+    duplicates: list[dict] = field(default_factory=list)
+    duplicates_action: str = "report"
 
     @property
     def class_names(self) -> list[str]:
@@ -86,6 +89,8 @@ class Splits:
             "image_shape": list(self.train.images.shape[1:]),
             **{f"{n}_size": len(getattr(self, n)) for n in ("train", "validation", "test", "pool")},
             **{f"{n}_class_counts": getattr(self, n).class_counts() for n in ("train", "validation", "test")},
+            "duplicates_across_splits": {"count": len(self.duplicates), "action": self.duplicates_action,
+                                         "examples": self.duplicates[:20]},
         }
 
 
@@ -293,18 +298,55 @@ def split(data: ImageSet, cfg: DataConfig) -> Splits:
     return Splits(pool=pooled, **out)
 
 
+PROTECTION = ("test", "validation", "train", "pool")  # a copy belongs to the first split that holds one
+
+
+def _digest(image: np.ndarray) -> bytes:
+    import hashlib
+
+    return hashlib.sha1(np.ascontiguousarray(image).tobytes()).digest()
+
+
+def cross_split_duplicates(splits: Splits, action: str) -> Splits:
+    """Find images identical (after loading and resizing) to one in a more protected split: a train or pool image
+    that is also in test is scored on what the models learned from. `action="drop"` removes them from the less
+    protected split (a class must keep a labeled train image); `"report"` only records them."""
+    seen: dict[bytes, tuple[str, str]] = {}  # digest -> (split, id) of its most protected copy
+    found: list[dict] = []
+    keep: dict[str, np.ndarray] = {}
+    for name in PROTECTION:
+        s: ImageSet = getattr(splits, name)
+        mask = np.ones(len(s), bool)
+        digests = [_digest(img) for img in s.images]
+        for i, d in enumerate(digests):
+            if d in seen and seen[d][0] != name:
+                found.append({"split": name, "id": s.ids[i], "copy_of": f"{seen[d][0]}: {seen[d][1]}"})
+                mask[i] = False
+        for i, d in enumerate(digests):
+            seen.setdefault(d, (name, s.ids[i]))
+        keep[name] = mask
+    splits.duplicates, splits.duplicates_action = found, action
+    if action == "drop" and found:
+        for name in PROTECTION:
+            s = getattr(splits, name)
+            setattr(splits, name, s.subset(np.flatnonzero(keep[name])))
+        lost = [c for c, n in zip(splits.class_names, splits.train.class_counts()) if n == 0]
+        if lost:
+            raise DataError(f"data.cross_split_duplicates=drop leaves class {lost[0]!r} without a labeled train image: "
+                            "every train image of it is also in test or validation")
+    return splits
+
+
 def _keep_duplicates_together(data: ImageSet, parts: dict[str, list[int]]) -> None:
     """Identical images (after loading and resizing) must not straddle splits: a test image whose copy is in train
     would be scored on what the models learned from. Every copy moves to the most protected split any copy drew
     (test, then validation, then train, then pool); a dataset without duplicates is split exactly as before. The
     same image under two labels is an error."""
-    import hashlib
-
     groups: dict[bytes, list[int]] = {}
     for i in range(len(data)):
-        groups.setdefault(hashlib.sha1(np.ascontiguousarray(data.images[i]).tobytes()).digest(), []).append(i)
+        groups.setdefault(_digest(data.images[i]), []).append(i)
     where = {i: name for name, idx in parts.items() for i in idx}
-    order = ["test", "validation", "train", "pool"]
+    order = list(PROTECTION)
     for members in groups.values():
         if len(members) < 2:
             continue
@@ -353,7 +395,7 @@ def make_splits(cfg: DataConfig, keep: bool = False) -> Splits:
     if _KEPT and _KEPT[0][0] == key and stamp is not None:
         splits = _KEPT[0][1]
     else:
-        splits = _make_splits(cfg)
+        splits = cross_split_duplicates(_make_splits(cfg), cfg.cross_split_duplicates)
     _KEPT[:] = [(key, splits)] if keep else []
     return splits
 
@@ -385,6 +427,7 @@ def _make_splits(cfg: DataConfig) -> Splits:
         parts["validation"] += idx[:n_val].tolist()
         parts["train"] += idx[n_val:n_val + n_train].tolist()
         parts["pool"] += idx[n_val + n_train:].tolist()
+    _keep_duplicates_together(train, parts)  # copies inside your train folder stay in one part of it
     sub = {n: train.subset(np.sort(np.asarray(v, dtype=np.int64))) for n, v in parts.items()}
     pools = [sub["pool"]] if cfg.use_unlabeled_pool else []
     if cfg.use_unlabeled_pool and (root / "pool").is_dir():

@@ -277,6 +277,15 @@ def sections(m: dict) -> list[tuple[str, str, list[tuple[list[str], list[list]]]
                f"images (per class: {ps.get('per_class')}). These images also trained the generator when "
                "lora.use_pseudo_labeled is on.") if ps else "No pseudo-labeling stage in this run."
     verdict = headline(m) + (" " + next_step(m) if next_step(m) else "")
+    dup = data.get("duplicates_across_splits") or {}
+    dup_rows = [[d["split"], d["id"], d["copy_of"]] for d in dup.get("examples", [])]
+    dup_text = ""
+    if dup.get("count"):
+        dup_text = (f" **{dup['count']} image(s) in a less protected split are identical to one in test or "
+                    "validation** (your own split folders; the first are listed below): " +
+                    ("they were removed from it (data.cross_split_duplicates: drop)." if dup["action"] == "drop" else
+                     "they were left in place, so every arm's test accuracy may be inflated; set "
+                     "data.cross_split_duplicates: drop to remove them."))
     return [
         ("Verdict", verdict, [(["comparison", "Δ accuracy (pts)", "95% CI", "p", "verdict", "Δ macro-F1 (pts)"],
                                gain_rows)], []),
@@ -313,9 +322,10 @@ def sections(m: dict) -> list[tuple[str, str, list[tuple[list[str], list[list]]]
         ("Data and test split",
          f"Test split: {data['test_size']} real images, held out from fine-tuning, filtering and model selection. "
          f"Labeled train: {data['train_size']}, validation: {data['validation_size']}, unlabeled pool: "
-         f"{data['pool_size']}.", [(["class", "train", "validation", "test"], test_rows),
-                                   (["published split", "rows", "synthetic", "pseudo-labeled", "real labeled"],
-                                    ds_rows)], []),
+         f"{data['pool_size']}." + dup_text,
+         [(["class", "train", "validation", "test"], test_rows),
+          (["published split", "rows", "synthetic", "pseudo-labeled", "real labeled"], ds_rows)]
+         + ([(["split", "image", "identical to"], dup_rows)] if dup_rows else []), []),
         ("Run facts", "", [(["fact", "value"], facts)], []),
     ]
 

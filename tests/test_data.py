@@ -159,3 +159,40 @@ def test_duplicate_images_never_straddle_splits_and_conflicting_labels_are_refus
     shutil.copyfile(root / "cat" / "1.png", root / "dog" / "stolen.png")
     with pytest.raises(DataError, match="same image has different labels"):
         split(load_images(cfg), cfg)
+
+
+def test_copies_across_your_own_train_and_test_folders_are_reported_or_dropped(tmp_path):
+    import shutil
+
+    from augment.data import make_splits
+    from augment.report import sections
+
+    root = tmp_path / "sp"
+    write_imagefolder(root / "train", per_class=12, seed=1)
+    write_imagefolder(root / "test", per_class=4, seed=2)
+    shutil.copyfile(root / "test" / "dog" / "2.png", root / "train" / "dog" / "leak.png")  # a test image in train
+    cfg = DataConfig(source=str(root), channels=3, image_size=10, shots_per_class=None, val_fraction=0.1)
+    s = make_splits(cfg)
+    assert [(d["id"], d["copy_of"]) for d in s.duplicates] == [("train/dog/leak.png", "test: test/dog/2.png")]
+    assert s.summary()["duplicates_across_splits"]["count"] == 1
+    in_train = [i for part in (s.train, s.validation, s.pool) for i in part.ids]
+    assert "train/dog/leak.png" in in_train  # report only: left where it was
+    dropped = make_splits(cfg.model_copy(update={"cross_split_duplicates": "drop"}))
+    assert "train/dog/leak.png" not in [i for p in (dropped.train, dropped.validation, dropped.pool) for i in p.ids]
+    assert len(dropped.test) == len(s.test) == 12
+
+
+def test_the_report_warns_of_copies_between_your_train_and_test_folders(tiny_cfg, tmp_path):
+    import shutil
+
+    from augment import pipeline
+
+    root = tmp_path / "sp"
+    write_imagefolder(root / "train", per_class=14, seed=1)
+    write_imagefolder(root / "test", per_class=4, seed=2)
+    shutil.copyfile(root / "test" / "fox" / "1.png", root / "train" / "fox" / "leak.png")
+    cfg = tiny_cfg.model_copy(update={"data": tiny_cfg.data.model_copy(update={"source": str(root), "channels": 3})})
+    metrics = pipeline.run(cfg, log=lambda *a: None)
+    assert metrics["data"]["duplicates_across_splits"]["count"] == 1
+    md = (tmp_path / "run" / "report.md").read_text()
+    assert "1 image(s) in a less protected split are identical to one in test" in md and "train/fox/leak.png" in md
