@@ -29,9 +29,12 @@ def _literal(fn):
     return wrapper
 
 
+DPI = 110
+
+
 def _png(fig) -> bytes:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight")
     plt.close(fig)
     return buf.getvalue()
 
@@ -113,24 +116,27 @@ def histogram_plot(groups: dict[str, np.ndarray], xlabel: str, threshold: float 
 
 
 @_literal
-def image_grid(rows: list[tuple[str, np.ndarray, list[str] | None]], cell: int = 28) -> bytes:
-    """Rows of images (uint8 NHWC), each with a row label and optional per-image captions."""
+def image_grid(rows: list[tuple[str, np.ndarray, list[str] | None]], cell: int = 64) -> bytes:
+    """Rows of images (uint8 NHWC), each with a row label and optional per-image captions. Each image is drawn
+    `cell` points wide (about 1.8 `cell` pixels): small images are upscaled with nearest-neighbour, so an 8x8
+    digit shows its pixels instead of a blur; larger ones are downscaled with antialiasing."""
     cols = max((len(r[1]) for r in rows), default=1) or 1
     has_caps = any(r[2] for r in rows)
     fig, axes = plt.subplots(len(rows), cols + 1,
                              figsize=((cols + 1) * cell / 60, len(rows) * cell / 60 * (1.25 if has_caps else 1)))
     axes = np.atleast_2d(axes)
+    pixels = cell / 60 * DPI  # drawn size of one image
     for r, (label, imgs, caps) in enumerate(rows):
         for c in range(cols + 1):
             ax = axes[r, c]
             ax.axis("off")
             if c == 0:
-                ax.text(1.0, 0.5, label, ha="right", va="center", fontsize=7, transform=ax.transAxes)
+                ax.text(1.0, 0.5, label, ha="right", va="center", fontsize=max(7, cell // 7), transform=ax.transAxes)
             elif c - 1 < len(imgs):
                 img = imgs[c - 1]
                 ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=255,
-                          interpolation="nearest")
+                          interpolation="nearest" if img.shape[0] <= pixels else "antialiased")
                 if caps:
-                    ax.set_title(caps[c - 1], fontsize=5, pad=1)
+                    ax.set_title(caps[c - 1], fontsize=max(5, cell // 10), pad=1)
     fig.subplots_adjust(wspace=0.05, hspace=0.25 if has_caps else 0.05)
     return _png(fig)

@@ -141,7 +141,7 @@ def _md_table(header: list[str], rows: list[list]) -> str:
 def _html_table(header: list[str], rows: list[list]) -> str:
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    return f"<div class='scroll'><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>"
 
 
 def headline(m: dict) -> str:
@@ -367,13 +367,14 @@ def figures(run: Path, m: dict) -> dict[str, bytes]:
         rej_rows.append((c, cands.images[rr], [str(x).replace("_", " ") for x in table["reason"].to_numpy()[rr]]))
     figs["grid_real"] = plots.image_grid(real_rows)
     figs["grid_kept"] = plots.image_grid(kept_rows)
-    figs["grid_rejected"] = plots.image_grid(rej_rows)
+    if any(len(r[1]) for r in rej_rows):  # nothing rejected: no grid of empty rows
+        figs["grid_rejected"] = plots.image_grid(rej_rows)
     top = table[kept].nlargest(10, "nn_similarity")
     index = {i: n for n, i in enumerate(splits.train.ids)}
     pairs = [("synthetic", cands.images[top.index.to_numpy()], [f"{s:.3f}" for s in top["nn_similarity"]]),
              ("nearest real", splits.train.images[[index[i] for i in top["nn_train_id"]]] if len(top) else
               splits.train.images[:0], None)]
-    figs["nn_pairs"] = plots.image_grid(pairs, cell=40)
+    figs["nn_pairs"] = plots.image_grid(pairs, cell=72)
     return figs
 
 
@@ -392,7 +393,10 @@ margin-top:1.8em}table{border-collapse:collapse;margin:.8em 0;font-size:.9em}th,
 padding:.3em .6em;text-align:right}th{background:#f5f5f5}td:first-child,th:first-child{text-align:left}
 figure{margin:1em 0}figcaption{font-size:.85em;color:#555}img{max-width:100%}.verdict{font-size:1.15em;
 background:#f4f8f4;border-left:4px solid #2ca02c;padding:.7em 1em}.verdict.loss{background:#fbf3f3;
-border-left-color:#d62728}.verdict.none{background:#f6f6f6;border-left-color:#888}.muted{color:#777;font-size:.85em}"""
+border-left-color:#d62728}.verdict.none{background:#f6f6f6;border-left-color:#888}.muted{color:#777;font-size:.85em;
+overflow-wrap:anywhere}.scroll{overflow-x:auto;-webkit-overflow-scrolling:touch}
+@media (max-width:600px){body{margin:1em auto;padding:0 .6em;font-size:15px}table{font-size:.78em}
+th,td{padding:.25em .4em}.verdict{font-size:1.05em;padding:.6em .7em}h2{font-size:1.25em}}"""
 
 
 def render(m: dict, figs: dict[str, bytes], assets: str = "report_assets") -> tuple[str, str]:
@@ -419,7 +423,8 @@ def render(m: dict, figs: dict[str, bytes], assets: str = "report_assets") -> tu
                 body.append(f"<figure><img alt='{CAPTIONS[f]}' src='data:image/png;base64,{b64}'>"
                             f"<figcaption>{CAPTIONS[f]}</figcaption></figure>")
     page = (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>augment report: "
-            f"{html.escape(m['run']['name'])}</title><style>{CSS}</style></head><body>{''.join(body)}</body></html>")
+            f"{html.escape(m['run']['name'])}</title><meta name='viewport' content='width=device-width, initial-scale=1'>"
+            f"<style>{CSS}</style></head><body>{''.join(body)}</body></html>")
     return "\n".join(md), page
 
 
@@ -450,11 +455,15 @@ def _ablation_seeds(ev: dict, arms: dict, product: str | None) -> str:
             f"filters: all {n_all} seeds, so compare intervals, not the last digit.")
 
 
+FIGURES_VERSION = 2  # bump when the figures' drawing changes, so that reports of earlier runs redraw them
+
+
 def _figures_key(run: Path, m: dict) -> str:
     """What the figures show: every metric but the run's timings, and the filtered candidates they sample."""
     shown = {k: v for k, v in m.items() if k != "run"}
     filt = (read_json(run / "filter" / "stage.json") or {}).get("key", "")
-    return hashlib.sha256(json.dumps([shown, filt], sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps([shown, filt, FIGURES_VERSION], sort_keys=True,
+                                     default=str).encode()).hexdigest()[:16]
 
 
 def _reused_figures(run: Path, m: dict) -> dict[str, bytes] | None:

@@ -1,5 +1,6 @@
 """End to end: a real Prefect flow run on the tiny config, a real datasets round trip, the report, the CLI."""
 
+import html
 import json
 import re
 import shutil
@@ -155,17 +156,38 @@ def test_report_command_rebuilds_without_recomputing(finished_run, capsys):
     assert "paired difference" in capsys.readouterr().out
 
 
-def test_report_renders_in_headless_chromium(finished_run, tmp_path):
+MEASURE = """<script>addEventListener('load', () => {
+  const imgs = [...document.images].filter(i => i.alt.includes('per class') && i.alt.includes('images'));
+  document.title = JSON.stringify({page: document.documentElement.scrollWidth, view: innerWidth,
+    grid: imgs.map(i => i.getBoundingClientRect().width), body: document.body.getBoundingClientRect().width});
+});</script>"""
+
+
+@pytest.mark.parametrize("width", [500, 1280])  # phone-sized (headless Chromium's narrowest window) and desktop
+def test_report_renders_in_headless_chromium(finished_run, tmp_path, width):
+    """The report at phone and desktop widths: nothing wider than the screen (wide tables scroll inside their own
+    box), and the sample grids drawn large enough to see (8x8 digits are upscaled, not left as 8-pixel stamps)."""
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         pytest.skip("chromium is not installed (.ci/run installs it)")
     _, _, run = finished_run
+    flags = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+             "--disable-component-update", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
+             f"--window-size={width},2000"]
     png = tmp_path / "shot.png"
-    subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                    "--disable-component-update", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
-                    f"--screenshot={png}", "--window-size=1100,3000", (run / "report.html").as_uri()],
-                   check=True, capture_output=True, timeout=120)
+    subprocess.run(flags + [f"--screenshot={png}", (run / "report.html").as_uri()], check=True, capture_output=True,
+                   timeout=120)
     assert png.stat().st_size > 20_000  # a rendered page with figures, not a blank one
+    probe = tmp_path / "probe.html"  # the same page with a script that measures it
+    probe.write_text((run / "report.html").read_text().replace("</body>", MEASURE + "</body>"))
+    dom = subprocess.run(flags + ["--dump-dom", "--virtual-time-budget=5000", probe.as_uri()], check=True,
+                         capture_output=True, text=True, timeout=120).stdout
+    got = json.loads(html.unescape(re.search(r"<title>(.*?)</title>", dom, re.S).group(1)))
+    assert got["page"] <= got["view"], got  # no sideways scrolling of the whole page
+    assert len(got["grid"]) >= 2 and min(got["grid"]) >= min(300, 0.9 * got["body"]), got
+    # each image of the kept-sample grid is drawn at least 5x its 8 pixels on a desktop
+    if width >= 1000:
+        assert min(got["grid"]) >= 400
 
 
 def test_cli_reports_user_errors_clearly(tmp_path, capsys):
