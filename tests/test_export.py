@@ -71,6 +71,41 @@ def test_export_loads_in_plain_diffusers_and_reproduces_a_sample(finished, capsy
     assert "not empty" in capsys.readouterr().err
 
 
+def test_adapter_loads_with_plain_peft_and_the_run_folder_travels(finished, tmp_path, capsys):
+    """The adapter names and carries its base: plain diffusers + peft load it, and a run folder copied elsewhere
+    (no base cache there) still samples."""
+    import json
+    import shutil
+
+    from diffusers import UNet2DModel
+    from peft import PeftModel
+
+    cfg, tmp = finished
+    adapter = pipeline.run_dir(cfg) / "finetune" / "adapter"
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == "base"
+    card = (adapter / "README.md").read_text()
+    assert "More Information Needed" not in card and "PeftModel.from_pretrained" in card
+    unet = PeftModel.from_pretrained(UNet2DModel.from_pretrained(adapter / "base"), str(adapter)).merge_and_unload()
+    from augment.export import _model, load_run
+
+    ours = _model(*load_run(pipeline.run_dir(cfg)))[2]  # what augment generates with
+    theirs = dict(unet.state_dict())
+    assert all(torch.equal(v, theirs[k]) for k, v in ours.state_dict().items())
+    moved = tmp_path / "moved"
+    shutil.copytree(pipeline.run_dir(cfg), moved)
+    cache = tmp / "cache"
+    shutil.move(cache, tmp_path / "cache-away")  # the machine it moved to has no base cache
+    try:
+        assert main(["generate", str(moved), "--class", "3", "-n", "4", "--seed", str(cfg.generation.seed),
+                     "--out", str(tmp_path / "more")]) == 0
+    finally:
+        shutil.move(tmp_path / "cache-away", cache)
+    before = pd.read_parquet(tmp / "more" / "provenance.parquet") if (tmp / "more").exists() else None
+    after = pd.read_parquet(tmp_path / "more" / "provenance.parquet")
+    assert len(after) == 4 and (before is None or after["seed"].tolist() == before["seed"].tolist())
+    capsys.readouterr()
+
+
 def test_dataset_card_and_push_to_a_local_target(finished, capsys):
     import datasets
     import yaml

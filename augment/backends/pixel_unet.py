@@ -38,6 +38,12 @@ class PixelBackend(DiffusionBackend):
         return prepare_base(self.cfg, train, pool, self.device, log=log, progress=progress)
 
     def load(self, info: BaseModelInfo, adapter: str | Path | None = None) -> torch.nn.Module:
+        """The base UNet, or with `adapter` the fine-tuned one (LoRA merged). An adapter folder carries its own
+        copy of the base (`base/`), so a run folder copied to another machine samples without the base cache."""
+        if adapter is not None and (Path(adapter) / "base" / "config.json").is_file():
+            info = BaseModelInfo(**{**vars(info), "path": str(Path(adapter) / "base"), "subfolder": None,
+                                    "revision": None})
+        self.info = info
         unet, self.scheduler = load_base(info, len(self.class_names), self.image_size, self.channels)
         if adapter is None:
             return unet
@@ -70,8 +76,49 @@ class PixelBackend(DiffusionBackend):
                        {"params": emb, "lr": cfg.class_embedding_learning_rate, "weight_decay": 0.0}]
 
     def save_adapter(self, model: torch.nn.Module, folder: Path) -> Path:
+        """The adapter in peft's format, plus what plain diffusers + peft need to use it: `base/`, the base UNet
+        with its K + 1 class rows (what the adapter was trained on) and its scheduler, named in
+        adapter_config.json, and a model card saying how to load it."""
+        folder = Path(folder)
         model.cpu().save_pretrained(folder)
-        return Path(folder) / "adapter_model.safetensors"
+        base, scheduler = load_base(self.info, len(self.class_names), self.image_size, self.channels)
+        base.save_pretrained(folder / "base")
+        scheduler.save_pretrained(folder / "base" / "scheduler")
+        config = json.loads((folder / "adapter_config.json").read_text())
+        config["base_model_name_or_path"] = "base"  # relative to the adapter folder: it travels with it
+        (folder / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        (folder / "README.md").write_text(self._adapter_card(model))
+        return folder / "adapter_model.safetensors"
+
+    def _adapter_card(self, model: torch.nn.Module) -> str:
+        K = len(self.class_names)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        classes = ", ".join(f"{k} = {n}" for k, n in enumerate(self.class_names))
+        return f"""---
+library_name: peft
+tags: [lora, diffusers, augment, synthetic-data]
+---
+# LoRA adapter for a class-conditional pixel diffusion UNet
+
+Fine-tuned by augment on a small labeled image set ({self.channels}-channel, {self.image_size}x{self.image_size}
+pixels) to generate synthetic training images per class. Base: {self.info.reference or self.info.description};
+a copy of it (with the class embedding the adapter was trained on: rows 0..{K - 1} are the classes, row {K} is
+"no class" for classifier-free guidance) is in `base/`. {trainable:,} trainable parameters (LoRA on attention
+projections and resnet convolutions, the class embedding in full).
+
+Class labels: {classes}.
+
+```python
+from diffusers import UNet2DModel
+from peft import PeftModel
+base = UNet2DModel.from_pretrained("THIS_FOLDER/base")
+unet = PeftModel.from_pretrained(base, "THIS_FOLDER").merge_and_unload()   # a plain UNet2DModel
+```
+Sample with the scheduler in `base/scheduler` and classifier-free guidance (label {K} = unconditional); images
+are in [-1, 1], channels first. `training_config.json` lists the configuration and the ids of every image the
+adapter learned from. Intended use: augmenting the training set of a classifier for these classes; it has seen
+very few images, so check its samples (augment's report does) before trusting them.
+"""
 
     def export(self, model: torch.nn.Module, folder: Path) -> None:
         model.save_pretrained(Path(folder) / "unet")
