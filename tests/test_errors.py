@@ -205,3 +205,38 @@ def test_sigterm_stops_a_run_which_then_resumes(tmp_path):
                           timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert (out / "dataset").exists()
+
+
+def test_debug_adds_the_traceback(tmp_path, capsys):
+    args = ["run", TINY, "--output-dir", str(tmp_path / "out"), "--set", "data.source=/no/such/folder/"]
+    assert main(args + ["--debug"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.strip().splitlines()[-1].startswith("error: ")
+
+
+def test_progress_bar_shows_rate_and_time_left():
+    import io
+
+    from augment.progress import terminal_bar
+
+    out = io.StringIO()
+    bar = terminal_bar("fine-tuning", "step", file=out)
+    for step in range(1, 101):
+        bar(step, 100)
+    text = out.getvalue()
+    assert "fine-tuning" in text and "100/100" in text and "step/s" in text and "<" in text  # elapsed<left
+
+
+def test_quiet_run_prints_only_the_result(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "augment.cli", "run", TINY, "--quiet", "--output-dir", str(tmp_path / "out"),
+           "--set", f"base.cache_dir={tmp_path / 'cache'}"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.strip().splitlines()
+    assert len(lines) == 4 and lines[1].startswith("dataset: ") and lines[3].startswith("wall time: "), lines
+    assert "INFO" not in done.stderr and "Traceback" not in done.stderr, done.stderr[-2000:]
