@@ -44,7 +44,8 @@ def _parser() -> argparse.ArgumentParser:
         return sub.add_parser(name, parents=[common, waits] if lock else [common], **kw)
 
     run = add(
-        "run", lock=True, help="run the whole job (fine-tune, generate, filter, publish, evaluate, report) as a Prefect flow",
+        "run", lock=True,
+        help="run the whole job (fine-tune, generate, filter, publish, evaluate, report) as a Prefect flow",
         description="Run the augment flow on a YAML config. Without PREFECT_API_URL set, Prefect starts a temporary "
         "local server; with it set, the run is recorded on that server. Stages whose inputs did not change since "
         "the last run in the same output_dir are reused.",
@@ -204,6 +205,7 @@ def _command(args: argparse.Namespace) -> int:
               trigger_event=args.trigger_event, limit=args.limit)
         return 0
     return 1
+
 
 def _stop_on_sigterm() -> None:
     """SIGTERM (a scheduler or `kill`) stops a run like Ctrl-C: stages stop, the lock is released, the folder is

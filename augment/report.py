@@ -423,7 +423,8 @@ def render(m: dict, figs: dict[str, bytes], assets: str = "report_assets") -> tu
                 body.append(f"<figure><img alt='{CAPTIONS[f]}' src='data:image/png;base64,{b64}'>"
                             f"<figcaption>{CAPTIONS[f]}</figcaption></figure>")
     page = (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>augment report: "
-            f"{html.escape(m['run']['name'])}</title><meta name='viewport' content='width=device-width, initial-scale=1'>"
+            f"{html.escape(m['run']['name'])}</title>"
+            "<meta name='viewport' content='width=device-width, initial-scale=1'>"
             f"<style>{CSS}</style></head><body>{''.join(body)}</body></html>")
     return "\n".join(md), page
 

@@ -165,7 +165,6 @@ def test_copies_across_your_own_train_and_test_folders_are_reported_or_dropped(t
     import shutil
 
     from augment.data import make_splits
-    from augment.report import sections
 
     root = tmp_path / "sp"
     write_imagefolder(root / "train", per_class=12, seed=1)

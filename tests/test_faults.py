@@ -18,7 +18,8 @@ import pytest
 from conftest import ROOT
 
 OVERRIDES = ["generation.num_per_class=8", "filter.min_confidence=0.0",
-             "filter.order=[memorization, near_duplicates]", "lora.max_train_steps=12", "lora.checkpointing_steps=5", "base.pretrain_steps=30"]
+             "filter.order=[memorization, near_duplicates]", "lora.max_train_steps=12", "lora.checkpointing_steps=5",
+             "base.pretrain_steps=30"]
 
 DRIVER = r'''
 import os, signal, sys
