@@ -54,6 +54,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config value, e.g. --set generation.guidance_scale=3 (repeatable)")
     run.add_argument("--output-dir", help="shortcut for --set publish.output_dir=DIR")
+    run.add_argument("--force", action="store_true",
+                     help="run the flow even when the run folder already holds a finished run of the same config and "
+                     "data (its stages are still reused)")
 
     rep = add("report", lock=True, help="rebuild report.html / report.md / metrics.json of a finished run")
     rep.add_argument("run_dir", help="the run folder (publish.output_dir of the run)")
@@ -127,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _command(args: argparse.Namespace) -> int:
-    from augment.pipeline import preflight
+    from augment.pipeline import finished, preflight
 
     say = (lambda *a: None) if args.quiet else print  # the result lines of run/report are printed even when quiet
     if args.command == "validate":
@@ -148,16 +151,27 @@ def _command(args: argparse.Namespace) -> int:
     if args.command == "run":
         overrides = args.overrides + ([f"publish.output_dir={args.output_dir}"] if args.output_dir else [])
         cfg = load_config(args.config, overrides)
+        t0 = time.time()
         preflight(cfg)  # refuse before Prefect starts or logs: one line, nothing written
+        out = Path(cfg.publish.output_dir)
+        done = None if args.force else finished(cfg)
+        if done is not None:
+            from augment.report import headline
+
+            print(f"nothing changed since the last run in {out}: every stage, the dataset and the report are current "
+                  "(--force runs the flow anyway)", file=sys.stderr)
+            print(headline(done).replace("**", ""))
+            print(f"dataset: {out / 'dataset'}  (datasets.load_from_disk or datasets.load_dataset)")
+            print(f"report:  {out / 'report.html'}")
+            print(f"wall time: {time.time() - t0:.1f} s")
+            return 0
         from flows.augment_flow import augment_flow
         from augment.report import headline
 
         _stop_on_sigterm()
-        t0 = time.time()
         # the lock before Prefect starts: a folder in use is one line, not a crashed flow run
         with lock(claim(cfg.publish.output_dir, cfg.data.source, cfg.name), wait=args.wait):
             metrics = augment_flow.with_options(retries=0)(config=cfg, wait=args.wait)
-        out = Path(cfg.publish.output_dir)
         say()
         print(headline(metrics).replace("**", ""))
         print(f"dataset: {out / 'dataset'}  (datasets.load_from_disk or datasets.load_dataset)")

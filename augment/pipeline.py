@@ -59,6 +59,31 @@ def preflight(cfg: RunConfig) -> None:
     make_splits(cfg.data, keep=True)
 
 
+def _finished_key(cfg: RunConfig) -> str | None:
+    """What a finished run's outputs depend on: the whole config (paths and runner excluded) and the data as
+    loaded. None when the base is outside augment's control (a checkpoint that may change under the same path)."""
+    if cfg.base.pretrained != "builtin":
+        return None
+    return f"{cfg.fingerprint()}-{data_fingerprint(make_splits(cfg.data, keep=True))}"
+
+
+def finished(cfg: RunConfig) -> dict | None:
+    """The metrics of the run folder's last run when it finished with this config and these data, and its dataset
+    and report are still there: nothing to do (`augment run` then returns in about a second, without Prefect)."""
+    out = run_dir(cfg)
+    key = _finished_key(cfg) if (out / "run.json").is_file() else None
+    if key is None or (run_folder.read_json(out / "run.json") or {}).get("finished_key") != key:
+        return None
+    if not all((out / f).is_file() for f in ("metrics.json", "report.html", "dataset/augment_publish.json")):
+        return None
+    return run_folder.read_json(out / "metrics.json")
+
+
+def mark_finished(cfg: RunConfig, done: bool = True) -> None:
+    """Record (or, as a run starts, clear) that the run folder holds a complete run of this config."""
+    record(cfg, None, finished_key=_finished_key(cfg) if done else None)
+
+
 @contextmanager
 def started(cfg: RunConfig, wait: bool = False):
     """Check the inputs (`preflight`), claim the run folder (refusing one that is not ours), hold its lock (or wait
@@ -443,6 +468,7 @@ def run(cfg: RunConfig, log=print, on_stage: Callable[[str | None], None] | None
     mark = on_stage or (lambda name: None)
     t0 = time.time()
     with started(cfg, wait=wait):
+        mark_finished(cfg, False)
         record(cfg, None, versions=versions())
         mark("data"); prepare_data(cfg)
         mark("base"); base = base_model(cfg, log=log, progress=bar("base pretraining", "step"))
@@ -456,5 +482,6 @@ def run(cfg: RunConfig, log=print, on_stage: Callable[[str | None], None] | None
         mark("publish"); publish_stage(cfg, base, adapter, log=log)
         record(cfg, None, total_seconds=round(time.time() - t0, 1))
         mark("report"); metrics = build_report(run_dir(cfg))
+        mark_finished(cfg)
     mark(None)
     return metrics

@@ -247,6 +247,7 @@ def augment_flow(config: RunConfig = RunConfig(), overrides: list[str] = [],  # 
     t0 = time.time()
     cfg = resolve_config(config, overrides)
     with pipeline.started(cfg, wait=wait):
+        pipeline.mark_finished(cfg, False)
         pipeline.record(cfg, None, versions=pipeline.versions())
         load_data(cfg)
         base = base_model(cfg)
@@ -267,5 +268,6 @@ def augment_flow(config: RunConfig = RunConfig(), overrides: list[str] = [],  # 
         publish(cfg, base, adapter)
         pipeline.record(cfg, None, total_seconds=round(time.time() - t0, 1))
         metrics = report(cfg)
+        pipeline.mark_finished(cfg)
     announce(cfg, metrics)
     return metrics

@@ -334,3 +334,27 @@ def test_a_crashed_flow_run_is_retried_and_resumes(tiny_cfg, prefect_harness, mo
     metrics = augment_flow.with_options(retry_delay_seconds=0)(config=tiny_cfg)
     assert calls["n"] == 2 and metrics["generation"]["generated"] > 0
     assert generated["n"] == 1  # the retry reused the candidates of the crashed attempt
+
+
+def test_rerunning_a_finished_job_returns_at_once(finished_run, capsys):
+    """`augment run` on a folder holding a finished run of the same config and data does not start the flow."""
+    from augment import pipeline
+    from conftest import ROOT
+
+    cfg, metrics, run = finished_run
+    before = (run / "run.json").read_bytes()
+    args = ["run", str(ROOT / "configs" / "tiny.yaml"), "--output-dir", str(run),
+            "--set", f"base.cache_dir={cfg.base.cache_dir}", "--set", "generation.num_per_class=8",
+            "--set", "filter.min_confidence=0.0", "--set", "filter.order=[memorization, near_duplicates]"]
+    assert main(args) == 0
+    out, err = capsys.readouterr()
+    assert "nothing changed since the last run" in err and "paired difference" in out
+    assert (run / "run.json").read_bytes() == before  # no stage ran, nothing was recorded
+    changed = cfg.model_copy(update={"data": cfg.data.model_copy(update={"seed": cfg.data.seed + 1})})
+    assert pipeline.finished(changed) is None  # other data: the flow runs
+    assert pipeline.finished(cfg) is not None
+    (run / "report.html").rename(run / "report.html.away")  # a deleted output is rebuilt by the flow
+    try:
+        assert pipeline.finished(cfg) is None
+    finally:
+        (run / "report.html.away").rename(run / "report.html")
