@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from augment.config import ClassifierConfig
-from augment.diffusion import to_tensor, to_uint8
+from augment.diffusion import autocast, to_tensor, to_uint8
 
 
 class SmallCNN(nn.Module):
@@ -74,20 +74,42 @@ def resize(images: np.ndarray, size: int | None, chunk: int = 256) -> np.ndarray
     return np.concatenate(out)
 
 
+def _bf16_native() -> bool:
+    """Whether this CPU computes bf16 in hardware (AVX-512 bf16 / AMX); emulated bf16 would be slower."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def precision(cfg: ClassifierConfig, image_size: int) -> str:
+    """The precision a CNN trains and predicts in: `cfg.mixed_precision`, with `auto` resolved by image size."""
+    if cfg.mixed_precision != "auto":
+        return cfg.mixed_precision
+    return "bf16" if image_size >= 16 and _bf16_native() else "no"
+
+
+def _inputs(images: np.ndarray) -> torch.Tensor:
+    """[-1, 1] float NCHW in channels_last memory order: oneDNN's fast path for convolutions on the CPU (measured:
+    a 16 px training step 36 -> 28 ms in fp32, same numbers up to summation order)."""
+    return to_tensor(images).contiguous(memory_format=torch.channels_last)
+
+
 @dataclass
 class TrainedClassifier:
     kind: str
     model: object
     num_classes: int
     image_size: int | None = None  # inputs are resized to this (ClassifierConfig.image_size)
+    mixed_precision: str = "no"
 
     def predict_proba(self, images: np.ndarray, batch_size: int = 1024) -> np.ndarray:
         images = resize(images, self.image_size)
         if self.kind != "cnn":
             return self.model.predict_proba(_flat(images))
         self.model.eval()
-        with torch.no_grad():
-            out = [F.softmax(self.model(to_tensor(images[i:i + batch_size])), dim=1)
+        with torch.no_grad(), autocast(torch.device("cpu"), self.mixed_precision):
+            out = [F.softmax(self.model(_inputs(images[i:i + batch_size])).float(), dim=1)
                    for i in range(0, len(images), batch_size)]
         return torch.cat(out).numpy() if out else np.zeros((0, self.num_classes), np.float32)
 
@@ -97,8 +119,9 @@ class TrainedClassifier:
         if self.kind != "cnn":
             return _flat(images)
         self.model.eval()
-        with torch.no_grad():
-            out = [self.model.features(to_tensor(images[i:i + batch_size])) for i in range(0, len(images), batch_size)]
+        with torch.no_grad(), autocast(torch.device("cpu"), self.mixed_precision):
+            out = [self.model.features(_inputs(images[i:i + batch_size])).float()
+                   for i in range(0, len(images), batch_size)]
         return torch.cat(out).numpy() if out else np.zeros((0, self.model.feature_dim), np.float32)
 
 
@@ -136,7 +159,10 @@ def train_classifier(
     if not pools:
         raise ValueError("train_classifier: no training images")
     p_syn = synthetic_prob if len(pools) == 2 else (1.0 if not len(images) else 0.0)
-    model = SmallCNN(pools[0][0].shape[1], num_classes, pools[0][0].shape[2], cfg.width, cfg.dropout)
+    size = pools[0][0].shape[2]
+    mixed = precision(cfg, size)
+    model = SmallCNN(pools[0][0].shape[1], num_classes, size, cfg.width, cfg.dropout)
+    model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.learning_rate, total_steps=cfg.steps, pct_start=0.15)
     model.train()
@@ -152,12 +178,14 @@ def train_classifier(
         x, y = torch.cat(xs), torch.cat(ys)
         if augment:
             x = classic_augment(x, gen, flip)
-        loss = F.cross_entropy(model(x), y, label_smoothing=0.05)
+        with autocast(x.device, mixed):
+            logits = model(x.contiguous(memory_format=torch.channels_last))
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=0.05)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step(); sched.step()
     model.eval()
-    return TrainedClassifier("cnn", model, num_classes, cfg.image_size)
+    return TrainedClassifier("cnn", model, num_classes, cfg.image_size, mixed)
 
 
 def _train_sklearn(cfg, images, labels, num_classes, seed, augment, flip, synthetic, synthetic_prob):

@@ -222,6 +222,12 @@ class ClassifierConfig(_Section):
         None, ge=4, le=1024, description="Train and predict on images resized to this size (e.g. 64 for 512 px "
         "photos, so that CPU training stays practical); None = the data's size.",
     )
+    mixed_precision: Literal["auto", "no", "bf16"] = Field(
+        "auto", description="CNN precision. `auto`: bf16 autocast for images of 16 px and more where the CPU "
+        "computes bf16 natively, fp32 below. Measured on 2 cores (10 seeds, real+classic on digits): 16 px 1.31x "
+        "faster, accuracy -0.11 pts (95% CI +-0.24); 8 px only 1.09x, so it stays fp32. Weights and the optimizer "
+        "stay fp32.",
+    )
 
 
 class PseudoConfig(_Section):

@@ -1,5 +1,5 @@
-"""The README's code runs: every Python block of "Load the result" and "Use the dataset elsewhere", on a dataset
-that `augment run` (the command, with one evaluation seed) just published."""
+"""The README's code runs: every Python block of "Load the result", "Use the dataset elsewhere" and "Use the model
+elsewhere", on a run that `augment run` (the command, with one evaluation seed) just finished."""
 
 import re
 
@@ -8,7 +8,7 @@ import pytest
 from augment.cli import main
 from conftest import ROOT
 
-SECTIONS = ("## Load the result", "## Use the dataset elsewhere")
+SECTIONS = ("## Load the result", "## Use the dataset elsewhere", "## Use the model elsewhere")
 
 
 def _blocks(section: str) -> list[str]:
@@ -50,5 +50,8 @@ def test_readme_code_runs_on_a_published_dataset(published, section, monkeypatch
         assert 0.0 <= scope["accuracy"] <= 1.0 and len(scope["df"]) == len(scope["ds"]["train"])
         written = list((published / "augmented-digits").rglob("*.png"))
         assert len(written) == len(scope["ds"]["train"]) and any(p.name.startswith("syn-") for p in written)
+    elif section == "## Use the model elsewhere":
+        assert len(scope["more"]) == 50 and len(list((published / "more-threes" / "3").glob("*.png"))) == 50
+        assert tuple(scope["images"].shape) == (16, 1, 8, 8) and scope["images"].float().std() > 0
     else:
         assert next(iter(scope["loader"]))["label"].dtype.is_floating_point is False
