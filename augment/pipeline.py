@@ -59,19 +59,19 @@ def preflight(cfg: RunConfig) -> None:
     make_splits(cfg.data, keep=True)
 
 
-def _finished_key(cfg: RunConfig) -> str | None:
-    """What a finished run's outputs depend on: the whole config (paths and runner excluded) and the data as
-    loaded. None when the base is outside augment's control (a checkpoint that may change under the same path)."""
-    if cfg.base.pretrained != "builtin":
-        return None
-    return f"{cfg.fingerprint()}-{data_fingerprint(make_splits(cfg.data, keep=True))}"
+def _finished_key(cfg: RunConfig, data: str) -> str | None:
+    """What a finished run's outputs depend on: the whole config (paths and runner excluded) and the data's
+    fingerprint. None when the base is outside augment's control (a checkpoint that may change under its path)."""
+    return None if cfg.base.pretrained != "builtin" else f"{cfg.fingerprint()}-{data}"
 
 
 def finished(cfg: RunConfig) -> dict | None:
     """The metrics of the run folder's last run when it finished with this config and these data, and its dataset
     and report are still there: nothing to do (`augment run` then returns in about a second, without Prefect)."""
     out = run_dir(cfg)
-    key = _finished_key(cfg) if (out / "run.json").is_file() else None
+    if not (out / "run.json").is_file() or cfg.base.pretrained != "builtin":
+        return None
+    key = _finished_key(cfg, data_fingerprint(make_splits(cfg.data, keep=True)))  # the data as it is now
     if key is None or (run_folder.read_json(out / "run.json") or {}).get("finished_key") != key:
         return None
     if not all((out / f).is_file() for f in ("metrics.json", "report.html", "dataset/augment_publish.json")):
@@ -81,7 +81,7 @@ def finished(cfg: RunConfig) -> dict | None:
 
 def mark_finished(cfg: RunConfig, done: bool = True) -> None:
     """Record (or, as a run starts, clear) that the run folder holds a complete run of this config."""
-    record(cfg, None, finished_key=_finished_key(cfg) if done else None)
+    record(cfg, None, finished_key=_finished_key(cfg, _data_summary(cfg)["fingerprint"]) if done else None)
 
 
 @contextmanager
