@@ -295,7 +295,7 @@ def split(data: ImageSet, cfg: DataConfig) -> Splits:
     out = {n: data.subset(np.sort(np.asarray(v, dtype=np.int64))) for n, v in parts.items() if n != "pool"}
     pooled = data.subset(np.sort(pool))
     pooled.labels = np.full(len(pooled), -1, dtype=np.int64)  # unlabeled: labels dropped
-    return Splits(pool=pooled, **out)
+    return Splits(pool=pooled, duplicates_action=cfg.cross_split_duplicates, **out)
 
 
 PROTECTION = ("test", "validation", "train", "pool")  # a copy belongs to the first split that holds one
@@ -395,7 +395,7 @@ def make_splits(cfg: DataConfig, keep: bool = False) -> Splits:
     if _KEPT and _KEPT[0][0] == key and stamp is not None:
         splits = _KEPT[0][1]
     else:
-        splits = cross_split_duplicates(_make_splits(cfg), cfg.cross_split_duplicates)
+        splits = _make_splits(cfg)
     _KEPT[:] = [(key, splits)] if keep else []
     return splits
 
@@ -446,7 +446,9 @@ def _make_splits(cfg: DataConfig) -> Splits:
         pool = pool.subset(np.sort(rng.permutation(len(pool))[: cfg.max_pool_size]))
     pool.labels = np.full(len(pool), -1, np.int64)
     validation = load("validation") if given_val else sub["validation"]
-    return Splits(train=sub["train"], validation=validation, test=test, pool=pool)
+    # only here can copies straddle splits: a random split keeps them together (_keep_duplicates_together)
+    return cross_split_duplicates(Splits(train=sub["train"], validation=validation, test=test, pool=pool),
+                                  cfg.cross_split_duplicates)
 
 
 def data_fingerprint(splits: Splits) -> str:

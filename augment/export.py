@@ -68,7 +68,7 @@ def generate_more(run_dir: str | Path, class_name: str, n: int, seed: int = 0,
         "sample_id": [f"more-{seed}-{k}-{j}" for j in range(n)], "label": k, "class": class_name,
         "seed": np.array(seeds, np.int64), "strength": 1.0, "guidance_scale": gen.guidance_scale,
         "num_inference_steps": gen.num_inference_steps, "scheduler": gen.scheduler, "prompt": prompt,
-        "negative_prompt": negative, "base_model": info["base"].get("reference") or info["base"]["description"],
+        "negative_prompt": negative, "base_model": BaseModelInfo(**info["base"]).name,
         "adapter_hash": info["adapter"]["adapter_hash"], "config_hash": cfg.fingerprint(),
     })
     if output_dir is not None:
@@ -110,7 +110,7 @@ tags: [augment, synthetic-data, lora, {backend.kind}]
 ---
 # {cfg.name}: class-conditional generator fine-tuned by augment
 
-Base: {info['base'].get('reference') or info['base']['description']}. LoRA (rank {cfg.lora.rank}, alpha
+Base: {BaseModelInfo(**info['base']).name}. LoRA (rank {cfg.lora.rank}, alpha
 {cfg.lora.lora_alpha}, {adapter.get('steps')} steps) trained on {trained} from `{cfg.data.source}`
 (adapter hash `{adapter['adapter_hash']}`, config hash `{cfg.fingerprint()}`), then merged into these weights.
 

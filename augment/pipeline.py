@@ -69,7 +69,7 @@ def finished(cfg: RunConfig) -> dict | None:
     """The metrics of the run folder's last run when it finished with this config and these data, and its dataset
     and report are still there: nothing to do (`augment run` then returns in about a second, without Prefect)."""
     out = run_dir(cfg)
-    if not (out / "run.json").is_file() or cfg.base.pretrained != "builtin":
+    if not (out / "run.json").is_file() or _finished_key(cfg, "") is None:
         return None
     key = _finished_key(cfg, data_fingerprint(make_splits(cfg.data, keep=True)))  # the data as it is now
     if key is None or (run_folder.read_json(out / "run.json") or {}).get("finished_key") != key:
@@ -390,7 +390,7 @@ def publish_stage(cfg: RunConfig, base: dict, adapter: dict, log=print) -> dict:
     with _Stage(cfg, "publish"):
         evaluation = run_folder.read_json(run_dir(cfg) / "evaluation" / "summary.json", {})
         with_pseudo = "pseudo" in (evaluation.get("product_recipe") or "").split("+")
-        provenance = {"base_model": base.get("reference") or base["description"],
+        provenance = {"base_model": BaseModelInfo(**base).name,
                       "base_fingerprint": base["fingerprint"], "adapter_hash": adapter["adapter_hash"],
                       "config_hash": cfg.fingerprint(), "data_fingerprint": _data_summary(cfg)["fingerprint"]}
         about = _card_facts(cfg, evaluation)
@@ -460,10 +460,7 @@ def run(cfg: RunConfig, log=print, on_stage: Callable[[str | None], None] | None
     `on_stage(name)` is called as each stage starts, and with None at the end."""
     from augment.report import build_report
 
-    from augment import progress
-
-    def bar(name: str, unit: str):
-        return progress.terminal_bar(name, unit) if progress.enabled() else None
+    from augment.progress import stage_bar as bar
 
     mark = on_stage or (lambda name: None)
     t0 = time.time()

@@ -38,6 +38,11 @@ def terminal_bar(description: str, unit: str = "step", file=None) -> Callable[[i
     return update
 
 
+def stage_bar(description: str, unit: str = "step") -> Callable[[int, int], None] | None:
+    """A `terminal_bar` when `augment run` asked for bars, else None (no bar)."""
+    return terminal_bar(description, unit) if enabled() else None
+
+
 def both(*callbacks: Callable[[int, int], None] | None) -> Callable[[int, int], None]:
     """One progress callback that forwards to several."""
     live = [c for c in callbacks if c is not None]

@@ -41,7 +41,7 @@ def _progress(key: str, description: str, bar: str, unit: str):
             else:
                 update_progress_artifact(artifact_id=artifact[0], progress=pct)
 
-    return progress.both(update, progress.terminal_bar(bar, unit) if progress.enabled() else None)
+    return progress.both(update, progress.stage_bar(bar, unit))
 
 
 def _generation_progress(cfg: RunConfig):

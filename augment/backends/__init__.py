@@ -48,6 +48,11 @@ class BaseModelInfo:
     revision: str | None = None
     reference: str = ""  # what a published row names as its base: a builtin base's description, or ref[@revision]
 
+    @property
+    def name(self) -> str:
+        """How provenance, cards and generated rows name this base."""
+        return self.reference or self.description
+
 
 class Backend(Protocol):
     """The protocol every backend implements (see pixel_unet.py and stable_diffusion.py)."""

@@ -101,7 +101,7 @@ tags: [lora, diffusers, augment, synthetic-data]
 # LoRA adapter for a class-conditional pixel diffusion UNet
 
 Fine-tuned by augment on a small labeled image set ({self.channels}-channel, {self.image_size}x{self.image_size}
-pixels) to generate synthetic training images per class. Base: {self.info.reference or self.info.description};
+pixels) to generate synthetic training images per class. Base: {self.info.name};
 a copy of it (with the class embedding the adapter was trained on: rows 0..{K - 1} are the classes, row {K} is
 "no class" for classifier-free guidance) is in `base/`. {trainable:,} trainable parameters (LoRA on attention
 projections and resnet convolutions, the class embedding in full).
