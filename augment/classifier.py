@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from augment.config import ClassifierConfig
 from augment.diffusion import autocast, to_tensor, to_uint8
+from augment.diffusion.tensors import bf16_native
 
 
 class SmallCNN(nn.Module):
@@ -74,19 +75,11 @@ def resize(images: np.ndarray, size: int | None, chunk: int = 256) -> np.ndarray
     return np.concatenate(out)
 
 
-def _bf16_native() -> bool:
-    """Whether this CPU computes bf16 in hardware (AVX-512 bf16 / AMX); emulated bf16 would be slower."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
 def precision(cfg: ClassifierConfig, image_size: int) -> str:
     """The precision a CNN trains and predicts in: `cfg.mixed_precision`, with `auto` resolved by image size."""
     if cfg.mixed_precision != "auto":
         return cfg.mixed_precision
-    return "bf16" if image_size >= 16 and _bf16_native() else "no"
+    return "bf16" if image_size >= 16 and bf16_native() else "no"
 
 
 def _inputs(images: np.ndarray) -> torch.Tensor:

@@ -10,12 +10,21 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from augment.backends import NAMES as BACKEND_NAMES
+
+
+def _no_is_no(value):
+    """YAML reads a bare `no` (in a file or a --set override) as False; for a precision it means "no"."""
+    return "no" if value is False else value
+
+
+Precision = Annotated[Literal["no", "bf16"], BeforeValidator(_no_is_no)]
+AutoPrecision = Annotated[Literal["auto", "no", "bf16"], BeforeValidator(_no_is_no)]
 
 
 class ConfigError(ValueError):
@@ -95,9 +104,16 @@ class BaseModelConfig(_Section):
     gradient_checkpointing: bool = Field(
         False, description="Stable Diffusion: recompute UNet activations in the backward pass (less memory).",
     )
-    block_out_channels: list[int] = Field([32, 64], min_length=1, max_length=4, description="Builtin UNet widths.")
-    attention_levels: list[bool] = Field(
-        [False, True], min_length=1, max_length=4, description="Which levels of the builtin UNet have attention."
+    block_out_channels: Literal["auto"] | list[int] = Field(
+        "auto", min_length=1, max_length=4,
+        description="Builtin UNet widths, one per level. `auto`: one level per halving of the image side down to "
+        "4-7 px (8 px: 2 levels, 16 and 28 px: 3, 32 px and up: 4), 64 channels at the bottom, halved per level "
+        "above (at least 16): [32, 64] at 8 px, [16, 32, 64] at 16 and 28 px, so a step costs about the same "
+        "per image at every size.",
+    )
+    attention_levels: Literal["auto"] | list[bool] = Field(
+        "auto", min_length=1, max_length=4,
+        description="Which levels of the builtin UNet have attention. `auto`: the bottom level only.",
     )
     layers_per_block: int = Field(1, ge=1, le=4, description="Resnet layers per UNet level.")
     norm_num_groups: int = Field(8, ge=1, le=64, description="GroupNorm groups (must divide every width).")
@@ -106,12 +122,12 @@ class BaseModelConfig(_Section):
         "squaredcos_cap_v2", description="Noise schedule of the builtin base (a checkpoint brings its own)."
     )
     num_train_timesteps: int = Field(1000, ge=10, le=4000, description="Diffusion timesteps.")
-    pretrain_steps: int = Field(3000, ge=0, le=1_000_000, description="Optimizer steps of builtin pretraining.")
+    pretrain_steps: int = Field(1500, ge=0, le=1_000_000, description="Optimizer steps of builtin pretraining.")
     pretrain_batch_size: int = Field(64, ge=1, le=4096, description="Batch size of builtin pretraining.")
     learning_rate: float = Field(2e-3, gt=0, le=1.0, description="Peak learning rate of builtin pretraining.")
     ema_decay: float | None = Field(0.999, gt=0, lt=1, description="EMA of the base weights; None = off.")
     snr_gamma: float | None = Field(5.0, gt=0, description="Min-SNR loss weighting gamma; None = plain MSE.")
-    mixed_precision: Literal["no", "bf16"] = Field("no", description="bf16 autocast (CPU AMX or GPU).")
+    mixed_precision: Precision = Field("no", description="bf16 autocast (CPU AMX or GPU).")
     cache_dir: str = Field("outputs/.cache", description="Where pretrained builtin bases are cached.")
     seed: int = Field(0, ge=0, description="Seed of initialization and noise draws.")
 
@@ -124,9 +140,11 @@ class BaseModelConfig(_Section):
             self.prompt_template.format(name="x")
         except (KeyError, IndexError, ValueError) as err:
             raise ValueError(f"base.prompt_template {self.prompt_template!r} must use only {{name}}: {err}") from None
-        if len(self.attention_levels) != len(self.block_out_channels):
+        if "auto" not in (self.attention_levels, self.block_out_channels) and \
+                len(self.attention_levels) != len(self.block_out_channels):
             raise ValueError("base.attention_levels must have one entry per base.block_out_channels entry")
-        bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
+        bad = [c for c in self.block_out_channels if c % self.norm_num_groups] \
+            if self.block_out_channels != "auto" else []
         if bad:
             raise ValueError(f"base.norm_num_groups={self.norm_num_groups} must divide every width; not {bad}")
         return self
@@ -144,7 +162,7 @@ class LoRAConfig(_Section):
     train_class_embedding: bool = Field(
         True, description="Pixel backend: train the class embedding in full (peft modules_to_save)."
     )
-    mixed_precision: Literal["no", "bf16"] = Field("no", description="bf16 autocast while fine-tuning.")
+    mixed_precision: Precision = Field("no", description="bf16 autocast while fine-tuning.")
     max_train_steps: int = Field(1600, ge=0, le=1_000_000, description="Fine-tuning optimizer steps.")
     train_batch_size: int = Field(32, ge=1, le=4096, description="Fine-tuning batch size.")
     learning_rate: float = Field(5e-3, gt=0, le=1.0, description="Fine-tuning learning rate of the LoRA factors.")
@@ -189,7 +207,10 @@ class GenerationConfig(_Section):
     )
     batch_size: int = Field(256, ge=1, le=65536, description="Samples per UNet batch.")
     shard_size: int = Field(500, ge=1, description="Samples per shard file on disk.")
-    mixed_precision: Literal["no", "bf16"] = Field("no", description="bf16 autocast while sampling.")
+    mixed_precision: AutoPrecision = Field(
+        "auto", description="bf16 autocast while sampling. `auto`: bf16 where the device computes it natively (a "
+        "GPU with bf16, a CPU with AVX-512 bf16/AMX), else fp32.",
+    )
     seed: int = Field(0, ge=0, description="Base seed; every sample's own seed derives from it.")
 
     @model_validator(mode="after")
@@ -222,7 +243,7 @@ class ClassifierConfig(_Section):
         None, ge=4, le=1024, description="Train and predict on images resized to this size (e.g. 64 for 512 px "
         "photos, so that CPU training stays practical); None = the data's size.",
     )
-    mixed_precision: Literal["auto", "no", "bf16"] = Field(
+    mixed_precision: AutoPrecision = Field(
         "auto", description="CNN precision. `auto`: bf16 autocast for images of 16 px and more where the CPU "
         "computes bf16 natively, fp32 below. Measured on 2 cores (10 seeds, real+classic on digits): 16 px 1.31x "
         "faster, accuracy -0.11 pts (95% CI +-0.24); 8 px only 1.09x, so it stays fp32. Weights and the optimizer "
@@ -296,8 +317,9 @@ class EvaluationConfig(_Section):
         "filter alone): the first N of `seeds`; the verdict's arms always get all of them. None = all.",
     )
     model: ClassifierConfig = Field(
-        default_factory=lambda: ClassifierConfig(augment=False),
-        description="Downstream classifier; `augment` is ignored (arms with `classic` switch augmentation on).",
+        default_factory=lambda: ClassifierConfig(augment=False, steps=400),
+        description="Downstream classifier; `augment` is ignored (arms with `classic` switch augmentation on). "
+        "It trains 400 steps by default (the filter's and the pseudo-labeler's CNNs 600; README, Speed).",
     )
     synthetic_prob: float = Field(
         0.5, gt=0, le=1, description="Mixing: each training example is synthetic with this probability "
@@ -312,8 +334,9 @@ class EvaluationConfig(_Section):
         True, description="Also train on the synthetic sets that each filter alone would keep (with the recipe).",
     )
     diagnostic_arms: bool = Field(
-        True, description="Also train on unfiltered synthetic data (what the filter is worth) and on synthetic "
-        "data only (the Classification Accuracy Score).",
+        True, description="Also train on unfiltered synthetic data (what the filter is worth), on synthetic "
+        "data only (the Classification Accuracy Score) and the plain pair that is not the recipe's (real+synthetic "
+        "when the recipe is real+classic, and the reverse), on `diagnostic_seeds` seeds.",
     )
     workers: int = Field(
         0, ge=0, le=256, description="Parallel training processes (one torch thread each); 0 = one per CPU core, "

@@ -7,7 +7,7 @@ The protocol (DESIGN.md, evidence rules):
   synthetic images too.
 - Beside it stand the cheap alternatives that use the same information: real, real+classic and the recipe plus
   the pseudo-labeled pool. Both plain pairs (real+synthetic vs real, real+classic+synthetic vs real+classic) are
-  always run.
+  always run: the recipe's own pair with every seed, the other one (which decides nothing) as a diagnostic.
 - Every run is scored on validation and on the reported split; every choice (recipe, pseudo) reads validation
   only. Seeds are shared across arms (seed s initializes and orders every arm's run the same way), so differences
   between arms are paired by seed.
@@ -237,7 +237,7 @@ def evaluate(cfg: EvaluationConfig, sets: TrainingSets, output_dir: str | Path,
     # they train on the first `diagnostic_seeds` seeds only.
     diag_seeds = seeds[:cfg.diagnostic_seeds] if cfg.diagnostic_seeds else seeds
     if cfg.arms == "auto":
-        n_main, n_diag = 2 + 2 * has_pseudo + 2, 2 * cfg.diagnostic_arms + len(sets.ablation)
+        n_main, n_diag = 3 + 2 * has_pseudo, 3 * cfg.diagnostic_arms + len(sets.ablation)
         runner = make_runner(n_main * len(seeds) + n_diag * len(diag_seeds))
         try:
             # 1. The team's recipe: classic augmentation or not, on validation.
@@ -253,12 +253,15 @@ def evaluate(cfg: EvaluationConfig, sets: TrainingSets, output_dir: str | Path,
                                        "in_recipe": bool(helps)}
                 if helps:
                     product_recipe = _with(recipe, "pseudo")
-            # 3. Synthetic data on top of each; unfiltered, synthetic only, and each filter alone.
-            arms = ["real+synthetic", "real+classic+synthetic"]
+            # 3. Synthetic data on top of the recipe, with and without the pool; as diagnostics the other plain
+            # pair, unfiltered synthetic, synthetic only and each filter alone.
+            arms = [_with(recipe, "synthetic")]
             if has_pseudo:
                 arms.append(_with(_with(recipe, "pseudo"), "synthetic"))
             results.update(runner.run(arms, product_recipe, seeds))
-            diagnostic = [_with(product_recipe, "synthetic_unfiltered"), "synthetic"] if cfg.diagnostic_arms else []
+            other = "real+synthetic" if recipe == "real+classic" else "real+classic+synthetic"
+            diagnostic = ([other, _with(product_recipe, "synthetic_unfiltered"), "synthetic"]
+                          if cfg.diagnostic_arms else [])
             results.update(runner.run(diagnostic + [f"filter:{n}" for n in sets.ablation], product_recipe, diag_seeds))
         finally:
             runner.close()

@@ -91,11 +91,12 @@ def export_model(run_dir: str | Path, output_dir: str | Path) -> Path:
     splits, backend, model = _model(cfg, info)
     backend.export(model, out)
     metrics = run_folder.read_json(Path(run_dir) / "metrics.json") or {}
-    (out / "README.md").write_text(_model_card(cfg, info, splits.class_names, backend, metrics))
+    (out / "README.md").write_text(_model_card(cfg, info, splits.class_names, backend, metrics,
+                                               pipeline.sampling_precision(run_dir, cfg)))
     return out
 
 
-def _model_card(cfg: RunConfig, info: dict, names: list[str], backend, metrics: dict) -> str:
+def _model_card(cfg: RunConfig, info: dict, names: list[str], backend, metrics: dict, precision: str) -> str:
     gain = metrics.get("gain_over_best_baseline") or {}
     verdict = gain.get("verdict", "not evaluated")
     adapter = info["adapter"]
@@ -121,7 +122,8 @@ Classes (index: name):
 {backend.usage()}
 
 Sampling settings of the run: {cfg.generation.scheduler}, {cfg.generation.num_inference_steps} steps, classifier-free
-guidance {cfg.generation.guidance_scale}.
+guidance {cfg.generation.guidance_scale}, {precision} (a sample is reproduced exactly in the same precision: run
+the UNet under `torch.autocast("cpu", dtype=torch.bfloat16)` when it says bf16).
 
 ## Evidence and limits
 The run's verdict on its own test split: **{verdict}** (product arm `{metrics.get('product_arm')}`, mean gain over

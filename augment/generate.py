@@ -19,6 +19,7 @@ import torch
 
 from augment.config import GenerationConfig
 from augment.data import ImageSet
+from augment.diffusion.tensors import resolve_precision
 
 if TYPE_CHECKING:  # pragma: no cover
     from augment.backends import Backend
@@ -142,14 +143,16 @@ def generate(
             continue
         generate_shard(cfg, backend, model, train, out, df, shard, on_batch=tick)
         log(f"generate: shard {shard} written ({done[0]}/{total}, {time.time() - t0:.0f}s)")
-    finish(out, total, time.time() - t0)
+    finish(out, total, time.time() - t0, resolve_precision(backend.device, cfg.mixed_precision))
     return out
 
 
-def finish(output_dir: str | Path, samples: int, seconds: float) -> None:
+def finish(output_dir: str | Path, samples: int, seconds: float, precision: str) -> None:
+    """Mark the candidates complete; `precision` is the sampling precision `generation.mixed_precision` resolved
+    to on this machine ("no" = fp32, "bf16"), which reproducing a sample exactly needs."""
     from augment.run import write_json
 
-    write_json(Path(output_dir) / "done.json", {"samples": samples, "seconds": seconds})
+    write_json(Path(output_dir) / "done.json", {"samples": samples, "seconds": seconds, "precision": precision})
 
 
 def _plan_hash(df: pd.DataFrame) -> str:

@@ -238,6 +238,7 @@ def generate_stage(cfg: RunConfig, base: dict, adapter: dict, progress: Callable
     passes its task runner's map of `generate_unit`) and yields each shard's sample count in order as it
     finishes, else they are generated here."""
     from augment import generate as gen
+    from augment.diffusion.tensors import resolve_precision
 
     st = _Stage(cfg, "generate", folder="candidates", upstream=adapter["adapter_hash"])
     if not st.reused(log):
@@ -249,7 +250,8 @@ def generate_stage(cfg: RunConfig, base: dict, adapter: dict, progress: Callable
                 gen.generate(cfg.generation, backend, model, splits.train, st.folder, progress=progress, log=log)
             else:
                 t0 = time.time()
-                df = gen.write_plan(cfg.generation, backend_for(cfg, splits), splits.train, st.folder)
+                backend = backend_for(cfg, splits)
+                df = gen.write_plan(cfg.generation, backend, splits.train, st.folder)
                 todo = [int(s) for s in sorted(df["shard"].unique()) if not gen.shard_done(st.folder, df, s)]
                 log(f"generate: {len(todo)} of {df['shard'].nunique()} shards to generate")
                 done = len(df) - int(df["shard"].isin(todo).sum())
@@ -257,7 +259,8 @@ def generate_stage(cfg: RunConfig, base: dict, adapter: dict, progress: Callable
                     done += n
                     if progress:
                         progress(done, len(df))
-                gen.finish(st.folder, len(df), time.time() - t0)
+                gen.finish(st.folder, len(df), time.time() - t0,
+                           resolve_precision(backend.device, cfg.generation.mixed_precision))
     return json.loads((st.folder / "done.json").read_text())
 
 
@@ -415,6 +418,15 @@ def publish_stage(cfg: RunConfig, base: dict, adapter: dict, log=print) -> dict:
     return info
 
 
+def sampling_precision(run: Path, cfg: RunConfig) -> str:
+    """The precision the candidates of the run folder `run` were sampled in, as its generate stage recorded it:
+    "fp32" or "bf16" (`generation.mixed_precision: auto` resolves per machine; runs from before the record
+    sampled in fp32 unless bf16 was asked for)."""
+    done = run_folder.read_json(Path(run) / "candidates" / "done.json") or {}
+    precision = done.get("precision") or ("bf16" if cfg.generation.mixed_precision == "bf16" else "no")
+    return "bf16" if precision == "bf16" else "fp32"
+
+
 def _card_facts(cfg: RunConfig, evaluation: dict) -> dict:
     """What the dataset card says about how the data was made and what the evaluation found."""
     decisions = run_folder.read_json(run_dir(cfg) / "filter" / "decisions.json") or {}
@@ -426,7 +438,8 @@ def _card_facts(cfg: RunConfig, evaluation: dict) -> dict:
     how = (f"Source images: `{cfg.data.source}`, {cfg.data.shots_per_class or 'all'} labeled per class. Generator: "
            f"{b.pretrained if b.pretrained != 'builtin' else 'a pixel-space UNet pretrained on the unlabeled pool'}"
            f" + LoRA rank {cfg.lora.rank}, {cfg.lora.max_train_steps} steps. Sampling: {g.scheduler}, "
-           f"{g.num_inference_steps} steps, guidance {g.guidance_scale}, strengths {g.strengths}. Filters, in "
+           f"{g.num_inference_steps} steps, {sampling_precision(run_dir(cfg), cfg)}, guidance {g.guidance_scale}, strengths "
+           f"{g.strengths}. Filters, in "
            f"order: {', '.join(cfg.filter.order)}; {decisions.get('generated', 0)} generated, "
            f"{decisions.get('kept', 0)} kept; rejected: "
            + (", ".join(f"{r} {n}" for r, n in sorted(rejected.items())) or "none") + ".")

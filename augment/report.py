@@ -57,6 +57,8 @@ def memorization_stats(sims: np.ndarray, reference: np.ndarray, threshold: float
 
 def collect_metrics(run: Path) -> dict:
     """Assemble metrics.json from the run folder."""
+    from augment.pipeline import sampling_precision
+
     cfg = parse_config(yaml.safe_load((run / "config.yaml").read_text()), str(run / "config.yaml"))
     data = _read(run, "data/summary.json")
     decisions = _read(run, "filter/decisions.json")
@@ -91,6 +93,7 @@ def collect_metrics(run: Path) -> dict:
         "generation": {"generated": decisions["generated"], "kept": decisions["kept"],
                        "per_class": decisions["per_class"], "scheduler": cfg.generation.scheduler,
                        "num_inference_steps": cfg.generation.num_inference_steps,
+                       "precision": sampling_precision(run, cfg),
                        "guidance_scale": cfg.generation.guidance_scale, "strengths": cfg.generation.strengths},
         "filter": {"order": decisions["order"], "quality_classifier": fsum["quality_classifier"],
                    "alia_thresholds": fsum["alia_thresholds"], "alia_oof_accuracy": fsum["alia_oof_accuracy"],
@@ -245,7 +248,8 @@ def sections(m: dict) -> list[tuple[str, str, list[tuple[list[str], list[list]]]
              ["base fingerprint", run["base_model"].get("fingerprint", "")],
              ["adapter hash", run["adapter"].get("adapter_hash", "")],
              ["data fingerprint", data["fingerprint"]], ["evaluation seeds", ", ".join(map(str, run["evaluation_seeds"]))],
-             ["sampler", f"{gen['scheduler']}, {gen['num_inference_steps']} steps, guidance {gen['guidance_scale']}, "
+             ["sampler", f"{gen['scheduler']}, {gen['num_inference_steps']} steps, {gen.get('precision', 'fp32')}, "
+                         f"guidance {gen['guidance_scale']}, "
                          f"strengths {gen['strengths']}"],
              ["downstream model", f"{ev['model']}, synthetic share per batch {ev['synthetic_prob']}"]]
     facts += [[f"{k} version", v] for k, v in run["versions"].items()]

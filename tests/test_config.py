@@ -29,7 +29,9 @@ def test_cross_field_checks():
     with pytest.raises(ConfigError, match=r"strengths must lie in \(0, 1\]"):
         parse_config({"generation": {"strengths": [0.5, 1.5]}})
     with pytest.raises(ConfigError, match="attention_levels"):
-        parse_config({"base": {"block_out_channels": [8, 16, 32]}})
+        parse_config({"base": {"block_out_channels": [8, 16, 32], "attention_levels": [False, True]}})
+    with pytest.raises(ConfigError, match="must divide every width"):
+        parse_config({"base": {"block_out_channels": [12, 16], "norm_num_groups": 8}})
 
 
 def test_overrides_and_bad_files(tmp_path):
@@ -37,6 +39,12 @@ def test_overrides_and_bad_files(tmp_path):
     p.write_text("name: x\n")
     cfg = load_config(p, ["generation.guidance_scale=3.5", "filter.min_confidence=1/K"])
     assert cfg.generation.guidance_scale == 3.5 and cfg.filter.min_confidence == "1/K"
+    # YAML reads a bare `no` as False: a precision still takes it, in a file and in an override
+    p.write_text("generation: {mixed_precision: no}\nlora: {mixed_precision: no}\n")
+    cfg = load_config(p, ["evaluation.model.mixed_precision=no", "base.mixed_precision=no"])
+    assert (cfg.generation.mixed_precision, cfg.lora.mixed_precision, cfg.evaluation.model.mixed_precision,
+            cfg.base.mixed_precision) == ("no", "no", "no", "no")
+    p.write_text("name: x\n")
     with pytest.raises(ConfigError, match="must look like"):
         load_config(p, ["nonsense"])
     with pytest.raises(ConfigError, match="not found"):

@@ -126,7 +126,9 @@ def test_diagnostic_arms_train_on_the_first_seeds_only(splits, tmp_path):
     cfg = EvaluationConfig(seeds=3, diagnostic_seeds=2, model=ClassifierConfig(width=8, steps=20, augment=False),
                            workers=1)
     res = json.loads(evaluate(cfg, _sets(splits), tmp_path, log=lambda m: None).read_text())
-    diagnostic = {a for a in res["runs"] if a.startswith("filter:") or a == "synthetic" or "unfiltered" in a}
+    other = "real+synthetic" if res["recipe"] == "real+classic" else "real+classic+synthetic"  # not the recipe's pair
+    diagnostic = {a for a in res["runs"] if a.startswith("filter:") or a in ("synthetic", other) or "unfiltered" in a}
+    assert other in diagnostic
     assert diagnostic and all(len(res["runs"][a]) == 2 for a in diagnostic)
     assert all(len(rs) == 3 for a, rs in res["runs"].items() if a not in diagnostic)
     s = summarize_results(res)

@@ -64,8 +64,11 @@ def test_export_loads_in_plain_diffusers_and_reproduces_a_sample(finished, capsy
     def denoise(x, t, y):
         return unet(x, t, class_labels=y).sample
 
+    precision = pipeline.sampling_precision(run, cfg)  # the card says which; the run sampled in it
+    assert f"{precision} (a sample is reproduced exactly" in card
     x = sample(denoise, scheduler, torch.tensor([int(row["label"])]), [int(row["seed"])], K, (1, 8, 8),
-               scheduler=g.scheduler, num_inference_steps=g.num_inference_steps, guide=classifier_free(g.guidance_scale))
+               scheduler=g.scheduler, num_inference_steps=g.num_inference_steps, guide=classifier_free(g.guidance_scale),
+               mixed_precision="bf16" if precision == "bf16" else "no")
     assert np.abs(to_uint8(x)[0].astype(int) - cands.images[row.name].astype(int)).max() <= 1
     assert main(["export", str(run), str(out)]) == 2  # not into a non-empty folder
     assert "not empty" in capsys.readouterr().err

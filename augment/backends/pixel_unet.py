@@ -137,14 +137,33 @@ Per step: `eps = unet(x, t, class_labels=null) + w * (unet(x, t, class_labels=c)
 images are in [-1, 1], channels first."""
 
 
+def unet_layout(cfg: BaseModelConfig, image_size: int) -> tuple[list[int], list[bool]]:
+    """The builtin UNet's widths and attention levels at this image size, resolving `auto` (see the config)."""
+    widths, attention = cfg.block_out_channels, cfg.attention_levels
+    if widths == "auto":
+        levels, side = 1, image_size
+        if attention != "auto":
+            levels = len(attention)
+        else:
+            while levels < 4 and side % 2 == 0 and side // 2 >= 4:
+                levels, side = levels + 1, side // 2
+        floor = max(16, cfg.norm_num_groups)
+        widths = [max(floor, 64 >> (levels - 1 - i)) for i in range(levels)]
+        widths = [-(-w // cfg.norm_num_groups) * cfg.norm_num_groups for w in widths]  # divisible by the groups
+    if attention == "auto":
+        attention = [False] * (len(widths) - 1) + [True]
+    return list(widths), list(attention)
+
+
 def build_unet(cfg: BaseModelConfig, image_size: int, channels: int, num_class_embeds: int) -> UNet2DModel:
-    down = tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in cfg.attention_levels)
-    up = tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(cfg.attention_levels))
+    widths, attention = unet_layout(cfg, image_size)
+    down = tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attention)
+    up = tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention))
     if image_size % (2 ** (len(down) - 1)):
         raise ModelError(f"data.image_size={image_size} must be divisible by 2^(levels-1) = {2 ** (len(down) - 1)}")
     return UNet2DModel(
         sample_size=image_size, in_channels=channels, out_channels=channels,
-        layers_per_block=cfg.layers_per_block, block_out_channels=tuple(cfg.block_out_channels),
+        layers_per_block=cfg.layers_per_block, block_out_channels=tuple(widths),
         down_block_types=down, up_block_types=up, norm_num_groups=cfg.norm_num_groups,
         attention_head_dim=8, num_class_embeds=num_class_embeds,
     )
@@ -202,8 +221,13 @@ def load_base(info: BaseModelInfo, num_classes: int, image_size: int, channels: 
     return with_class_embedding(unet, num_classes), scheduler
 
 
+# Bumped when the pretraining itself changes (2: the EMA's decay warmup), so cached bases are not reused.
+PRETRAIN_RECIPE = 2
+
+
 def _pretrain_key(cfg: BaseModelConfig, images: np.ndarray) -> str:
     h = hashlib.sha256(images.tobytes())
+    h.update(f"recipe {PRETRAIN_RECIPE}".encode())
     h.update(json.dumps(cfg.model_dump(mode="json", include=PRETRAIN_FIELDS), sort_keys=True).encode())
     return h.hexdigest()[:16]
 
@@ -229,7 +253,7 @@ def prepare_base(cfg: BaseModelConfig, train: ImageSet, pool: ImageSet, device: 
     images = images[np.lexsort(images.reshape(len(images), -1).T[::-1])]
     key = _pretrain_key(cfg, images)
     out = Path(cfg.cache_dir) / f"base-{key}"
-    desc = (f"builtin UNet {cfg.block_out_channels}, pretrained {cfg.pretrain_steps} steps on "
+    desc = (f"builtin UNet {unet_layout(cfg, images.shape[1])[0]}, pretrained {cfg.pretrain_steps} steps on "
             f"{len(images)} unlabeled images")
     if (out / "base.json").exists():
         meta = json.loads((out / "base.json").read_text())

@@ -46,7 +46,9 @@ def diffusion_loss(denoise: Denoise, scheduler, x0: torch.Tensor, generator: tor
 
 
 class EMA:
-    """Exponential moving average of a set of parameters (kept in fp32)."""
+    """Exponential moving average of a set of parameters (kept in fp32), with diffusers' decay warmup: step t
+    averages with decay min(decay, (1 + t) / (10 + t)), so the random initialization does not linger in the
+    average (with a constant 0.999 it still weighed 0.999^3000 = 5% after 3,000 steps, 22% after 1,500)."""
 
     def __init__(self, params, decay: float):
         self.params = [p for p in params]
@@ -54,9 +56,10 @@ class EMA:
         self.decay = decay
 
     @torch.no_grad()
-    def update(self) -> None:
-        for s, p in zip(self.shadow, self.params):
-            s.lerp_(p.detach().float(), 1.0 - self.decay)
+    def update(self, step: int) -> None:
+        """Average in the parameters after optimizer step `step` (1-based)."""
+        decay = min(self.decay, (1 + step) / (10 + step))
+        torch._foreach_lerp_(self.shadow, [p.detach().float() for p in self.params], 1.0 - decay)
 
     @torch.no_grad()
     def copy_to(self) -> None:
@@ -143,7 +146,7 @@ def train_loop(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, spec.clip_norm)
         opt.step(); sched.step(); step += 1
-        if ema: ema.update()
+        if ema: ema.update(step)
         losses.append(loss.item())
         if progress:
             progress(step, spec.steps)
