@@ -1,7 +1,7 @@
 """Speed and memory of the default job, stage by stage, and of generation against a plain diffusers loop.
 
     python benchmarks/speed.py                    # the default job (8 px), cold: empty cache and run folder
-    python benchmarks/speed.py --sizes 8 16 28    # also the 16 and 28 px variants (the 28 px one takes hours)
+    python benchmarks/speed.py --sizes 8 16 28    # also the 16 and 28 px variants (about 35 minutes in all)
     python benchmarks/speed.py --stream-n 50000   # peak RSS of generating 50,000 samples at 8 px
 
 Stages run in this process through `augment.pipeline.run` (the flow's order, without Prefect's server, which
