@@ -202,7 +202,12 @@ def sections(m: dict) -> list[tuple[str, str, list[tuple[list[str], list[list]]]
                          " ".join(_pct(x) for x in v["per_seed_accuracy"])])
     product = ev.get("product_arm")
 
+    n_seeds = len(m["run"]["evaluation_seeds"])
+
     def gain_row(label: str, d: dict, f1: dict | None) -> list:
+        n = len(d.get("differences") or [])
+        if 0 < n < n_seeds:  # a diagnostic arm, trained on the first evaluation.diagnostic_seeds seeds
+            label += f" [diagnostic: {n} of {n_seeds} seeds]"
         return [label, f"{100 * d['mean']:+.1f}",
                 "n/a" if d["ci_low"] is None else f"[{100 * d['ci_low']:+.1f}, {100 * d['ci_high']:+.1f}]",
                 "n/a" if d["p_value"] is None else f"{d['p_value']:.3g}", d["verdict"],

@@ -35,6 +35,8 @@ def finished_run(tmp_path_factory, prefect_harness):
         f"publish.output_dir={tmp / 'run'}", f"base.cache_dir={tmp / 'cache'}",
         # enough candidates and a lenient judge so that some synthetic rows are published
         "generation.num_per_class=8", "filter.min_confidence=0.0", "filter.order=[memorization, near_duplicates]",
+        # diagnostic arms on fewer seeds than the verdict's, as in the default job
+        "evaluation.seeds=3", "evaluation.diagnostic_seeds=2",
     ])
     metrics = augment_flow(config=cfg)
     return cfg, metrics, Path(cfg.publish.output_dir)
@@ -76,9 +78,11 @@ def test_metrics_schema_and_report(finished_run):
     product, recipe = ev["product_arm"], ev["product_recipe"]
     assert product == recipe + "+synthetic" == on_disk["product_arm"] == gain["product_arm"]
     assert ev["selection"]["recipe"]["chosen"] in ("real", "real+classic")
-    for arm in ("real", "real+classic", "real+synthetic", "real+classic+synthetic", product,
-                recipe + "+synthetic_unfiltered", "synthetic"):
+    other = "real+synthetic" if ev["recipe"] == "real+classic" else "real+classic+synthetic"  # not the recipe's
+    for arm in ("real", "real+classic", ev["recipe"] + "+synthetic", product):
         assert len(ev["arms"][arm]["per_seed_accuracy"]) == cfg.evaluation.seeds
+    for arm in (other, recipe + "+synthetic_unfiltered", "synthetic"):
+        assert len(ev["arms"][arm]["per_seed_accuracy"]) == cfg.evaluation.diagnostic_seeds
     assert on_disk["pseudo"]["count"] > 0  # the tiny config's lenient labeler labels some pool images
     pseudo_arm = ev["selection"]["recipe"]["chosen"] + "+pseudo"
     assert pseudo_arm in ev["baselines"] and pseudo_arm + "+synthetic" in ev["arms"]
@@ -99,6 +103,7 @@ def test_metrics_schema_and_report(finished_run):
     assert f"{metrics['data']['test_size']} real images" in md
     assert "## How the recipe was chosen (validation only)" in md and "## Pseudo-labels" in md
     assert f"{product} − {best} (best baseline)" in md
+    assert "(what synthetic data adds) [diagnostic: 2 of 3 seeds]" in md  # a row on fewer seeds says so
 
 
 def test_rerun_reuses_every_expensive_stage(finished_run):
@@ -345,7 +350,8 @@ def test_rerunning_a_finished_job_returns_at_once(finished_run, capsys):
     before = (run / "run.json").read_bytes()
     args = ["run", str(ROOT / "configs" / "tiny.yaml"), "--output-dir", str(run),
             "--set", f"base.cache_dir={cfg.base.cache_dir}", "--set", "generation.num_per_class=8",
-            "--set", "filter.min_confidence=0.0", "--set", "filter.order=[memorization, near_duplicates]"]
+            "--set", "filter.min_confidence=0.0", "--set", "filter.order=[memorization, near_duplicates]",
+            "--set", "evaluation.seeds=3", "--set", "evaluation.diagnostic_seeds=2"]
     assert main(args) == 0
     out, err = capsys.readouterr()
     assert "nothing changed since the last run" in err and "paired difference" in out
