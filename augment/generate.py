@@ -143,16 +143,18 @@ def generate(
             continue
         generate_shard(cfg, backend, model, train, out, df, shard, on_batch=tick)
         log(f"generate: shard {shard} written ({done[0]}/{total}, {time.time() - t0:.0f}s)")
-    finish(out, total, time.time() - t0, resolve_precision(backend.device, cfg.mixed_precision))
+    finish(out, total, time.time() - t0, cfg, backend.device)
     return out
 
 
-def finish(output_dir: str | Path, samples: int, seconds: float, precision: str) -> None:
-    """Mark the candidates complete; `precision` is the sampling precision `generation.mixed_precision` resolved
-    to on this machine ("no" = fp32, "bf16"), which reproducing a sample exactly needs."""
+def finish(output_dir: str | Path, samples: int, seconds: float, cfg: GenerationConfig,
+           device: torch.device) -> None:
+    """Mark the candidates complete, with the precision `cfg.mixed_precision` resolved to on `device` ("no" = fp32,
+    "bf16"): reproducing a sample exactly needs it."""
     from augment.run import write_json
 
-    write_json(Path(output_dir) / "done.json", {"samples": samples, "seconds": seconds, "precision": precision})
+    write_json(Path(output_dir) / "done.json", {"samples": samples, "seconds": seconds,
+                                                "precision": resolve_precision(device, cfg.mixed_precision)})
 
 
 def _plan_hash(df: pd.DataFrame) -> str:

@@ -238,7 +238,6 @@ def generate_stage(cfg: RunConfig, base: dict, adapter: dict, progress: Callable
     passes its task runner's map of `generate_unit`) and yields each shard's sample count in order as it
     finishes, else they are generated here."""
     from augment import generate as gen
-    from augment.diffusion.tensors import resolve_precision
 
     st = _Stage(cfg, "generate", folder="candidates", upstream=adapter["adapter_hash"])
     if not st.reused(log):
@@ -259,8 +258,7 @@ def generate_stage(cfg: RunConfig, base: dict, adapter: dict, progress: Callable
                     done += n
                     if progress:
                         progress(done, len(df))
-                gen.finish(st.folder, len(df), time.time() - t0,
-                           resolve_precision(backend.device, cfg.generation.mixed_precision))
+                gen.finish(st.folder, len(df), time.time() - t0, cfg.generation, backend.device)
     return json.loads((st.folder / "done.json").read_text())
 
 
@@ -423,8 +421,7 @@ def sampling_precision(run: Path, cfg: RunConfig) -> str:
     "fp32" or "bf16" (`generation.mixed_precision: auto` resolves per machine; runs from before the record
     sampled in fp32 unless bf16 was asked for)."""
     done = run_folder.read_json(Path(run) / "candidates" / "done.json") or {}
-    precision = done.get("precision") or ("bf16" if cfg.generation.mixed_precision == "bf16" else "no")
-    return "bf16" if precision == "bf16" else "fp32"
+    return "bf16" if done.get("precision", cfg.generation.mixed_precision) == "bf16" else "fp32"
 
 
 def _card_facts(cfg: RunConfig, evaluation: dict) -> dict:
@@ -438,10 +435,9 @@ def _card_facts(cfg: RunConfig, evaluation: dict) -> dict:
     how = (f"Source images: `{cfg.data.source}`, {cfg.data.shots_per_class or 'all'} labeled per class. Generator: "
            f"{b.pretrained if b.pretrained != 'builtin' else 'a pixel-space UNet pretrained on the unlabeled pool'}"
            f" + LoRA rank {cfg.lora.rank}, {cfg.lora.max_train_steps} steps. Sampling: {g.scheduler}, "
-           f"{g.num_inference_steps} steps, {sampling_precision(run_dir(cfg), cfg)}, guidance {g.guidance_scale}, strengths "
-           f"{g.strengths}. Filters, in "
-           f"order: {', '.join(cfg.filter.order)}; {decisions.get('generated', 0)} generated, "
-           f"{decisions.get('kept', 0)} kept; rejected: "
+           f"{g.num_inference_steps} steps, {sampling_precision(run_dir(cfg), cfg)}, guidance {g.guidance_scale}, "
+           f"strengths {g.strengths}. Filters, in order: {', '.join(cfg.filter.order)}; "
+           f"{decisions.get('generated', 0)} generated, {decisions.get('kept', 0)} kept; rejected: "
            + (", ".join(f"{r} {n}" for r, n in sorted(rejected.items())) or "none") + ".")
     gain = evaluation.get("gain_over_best_baseline")
     if gain:
