@@ -122,8 +122,8 @@ class BaseModelConfig(_Section):
         "squaredcos_cap_v2", description="Noise schedule of the builtin base (a checkpoint brings its own)."
     )
     num_train_timesteps: int = Field(1000, ge=10, le=4000, description="Diffusion timesteps.")
-    pretrain_steps: int = Field(1500, ge=0, le=1_000_000, description="Optimizer steps of builtin pretraining.")
-    pretrain_batch_size: int = Field(32, ge=1, le=4096, description="Batch size of builtin pretraining.")
+    pretrain_steps: int = Field(750, ge=0, le=1_000_000, description="Optimizer steps of builtin pretraining.")
+    pretrain_batch_size: int = Field(64, ge=1, le=4096, description="Batch size of builtin pretraining.")
     learning_rate: float = Field(2e-3, gt=0, le=1.0, description="Peak learning rate of builtin pretraining.")
     ema_decay: float | None = Field(0.999, gt=0, lt=1, description="EMA of the base weights; None = off.")
     snr_gamma: float | None = Field(5.0, gt=0, description="Min-SNR loss weighting gamma; None = plain MSE.")
@@ -163,8 +163,8 @@ class LoRAConfig(_Section):
         True, description="Pixel backend: train the class embedding in full (peft modules_to_save)."
     )
     mixed_precision: Precision = Field("no", description="bf16 autocast while fine-tuning.")
-    max_train_steps: int = Field(1600, ge=0, le=1_000_000, description="Fine-tuning optimizer steps.")
-    train_batch_size: int = Field(16, ge=1, le=4096, description="Fine-tuning batch size.")
+    max_train_steps: int = Field(800, ge=0, le=1_000_000, description="Fine-tuning optimizer steps.")
+    train_batch_size: int = Field(32, ge=1, le=4096, description="Fine-tuning batch size.")
     learning_rate: float = Field(5e-3, gt=0, le=1.0, description="Fine-tuning learning rate of the LoRA factors.")
     class_embedding_learning_rate: float = Field(
         1e-1, gt=0, le=10.0, description="Learning rate of the fully trained class embedding."
