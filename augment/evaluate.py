@@ -19,6 +19,7 @@ torch thread each; the results do not depend on how many.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -117,12 +118,29 @@ def _worker_run(arm: str, recipe: str, seed: int) -> dict:
     return train_unit(_WORKER["cfg"], _WORKER["sets"], arm, recipe, seed)
 
 
-class _Runner:
-    """Runs (arm, seed) units in this process or in a pool of spawned workers with one torch thread each."""
+def training_key(spec: dict) -> str:
+    """A digest of everything a downstream training reads besides its seed (the arm_training_set spec)."""
+    h = hashlib.sha256(b"augment" if spec["augment"] else b"plain")
+    for part in (spec["data"], spec["synthetic"]):
+        for a in (part if part is not None else ()):
+            a = np.ascontiguousarray(a)
+            h.update(f"{a.dtype}{a.shape}".encode())
+            h.update(a.tobytes())
+        h.update(b"|")
+    return h.hexdigest()
 
-    def __init__(self, cfg: EvaluationConfig, sets: TrainingSets, total: int, progress=None):
-        self.cfg, self.sets, self.progress = cfg, sets, progress
-        self.total, self.done = total, 0
+
+class _Runner:
+    """Runs (arm, seed) units in this process or in a pool of spawned workers with one torch thread each.
+
+    `key(arm, recipe)` names what an arm trains on: a unit whose key and seed equal one already trained (a filter
+    that alone keeps exactly what the whole chain keeps, or nothing less than all candidates) is not trained again;
+    its result is the earlier one's, marked `same_training_as`. A training is a deterministic function of its
+    inputs and seed, so the numbers are the ones a second training would give."""
+
+    def __init__(self, cfg: EvaluationConfig, sets: TrainingSets, total: int, progress=None, key=None):
+        self.cfg, self.sets, self.progress, self.key = cfg, sets, progress, key
+        self.total, self.done, self.trained = total, 0, {}
         self.workers = cfg.workers or (os.cpu_count() or 1)
         self.pool = None
         if self.workers > 1:
@@ -135,11 +153,22 @@ class _Runner:
             _worker_init(cfg, sets)  # one torch thread here too, so results match the pool's exactly
 
     def run(self, arms: list[str], recipe: str, seeds: list[int]) -> dict[str, list[dict]]:
-        units = [(a, s) for a in arms for s in seeds]
-        results = self._map(units, recipe)
+        keys = {a: self.key(a, recipe) if self.key else f"{a} {recipe}" for a in arms}
+        units, todo = [], set()
+        for a in arms:
+            for s in seeds:
+                if (keys[a], s) not in self.trained and (keys[a], s) not in todo:
+                    units.append((a, s))
+                    todo.add((keys[a], s))
+        for (a, s), r in zip(units, self._map(units, recipe)):
+            self.trained[(keys[a], s)] = (a, r)
         out: dict[str, list[dict]] = {a: [] for a in arms}
-        for (a, _), r in zip(units, results):
-            out[a].append(r)
+        for a in arms:
+            for s in seeds:
+                source, r = self.trained[(keys[a], s)]
+                out[a].append(r if source == a else {**r, "same_training_as": source})
+        for _ in range(len(arms) * len(seeds) - len(units)):
+            self._tick()
         return out
 
     def _map(self, units: list[tuple[str, int]], recipe: str) -> list[dict]:
@@ -183,8 +212,9 @@ RunUnits = Callable[[list[tuple[str, str, int]]], Iterable[dict]]
 class _MappedRunner(_Runner):
     """Hands each phase's units to `run_units` (e.g. Prefect tasks on a task runner)."""
 
-    def __init__(self, run_units: RunUnits, total: int, progress=None):
-        self.run_units, self.progress, self.total, self.done, self.pool = run_units, progress, total, 0, None
+    def __init__(self, run_units: RunUnits, total: int, progress=None, key=None):
+        self.run_units, self.progress, self.key, self.pool = run_units, progress, key, None
+        self.total, self.done, self.trained = total, 0, {}
 
     def _map(self, units: list[tuple[str, int]], recipe: str) -> list[dict]:
         results = []
@@ -222,8 +252,17 @@ def evaluate(cfg: EvaluationConfig, sets: TrainingSets, output_dir: str | Path,
     """Run the protocol (or the listed arms); writes evaluation/results.json. `run_units` runs each phase's
     (arm, recipe, seed) units elsewhere (default: this process or a local pool of `cfg.workers`)."""
 
+    keys: dict[tuple[str, str], str] = {}
+
+    def key(arm: str, recipe: str) -> str:
+        if (arm, recipe) not in keys:
+            keys[arm, recipe] = training_key(arm_training_set(arm, sets, recipe))
+        return keys[arm, recipe]
+
     def make_runner(total: int) -> _Runner:
-        return _Runner(cfg, sets, total, progress) if run_units is None else _MappedRunner(run_units, total, progress)
+        if run_units is None:
+            return _Runner(cfg, sets, total, progress, key)
+        return _MappedRunner(run_units, total, progress, key)
 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -133,3 +133,30 @@ def test_diagnostic_arms_train_on_the_first_seeds_only(splits, tmp_path):
     assert all(len(rs) == 3 for a, rs in res["runs"].items() if a not in diagnostic)
     s = summarize_results(res)
     assert len(s["filter_gain"]["differences"]) == 2 and len(s["gain_over_best_baseline"]["differences"]) == 3
+
+
+def test_a_training_repeated_under_another_arm_name_runs_once(splits, tmp_path, monkeypatch):
+    import augment.evaluate as ev
+
+    sets = _sets(splits)
+    # one filter alone keeps what the chain keeps, another keeps every candidate, a third keeps its own subset
+    sets.ablation = {"class_consistency": sets.kept, "memorization": sets.unfiltered,
+                     "alia": (sets.kept[0][:25], sets.kept[1][:25])}
+    trained = []
+    real_train_unit = ev.train_unit
+    monkeypatch.setattr(ev, "train_unit", lambda *a: trained.append(a[2:]) or real_train_unit(*a))
+    cfg = EvaluationConfig(seeds=3, diagnostic_seeds=2, model=ClassifierConfig(width=8, steps=20, augment=False),
+                           workers=1)
+    res = json.loads(evaluate(cfg, sets, tmp_path, log=lambda m: None).read_text())
+    runs, product = res["runs"], res["product_arm"]
+    unfiltered = f"{res['product_recipe']}+synthetic_unfiltered"
+    # the same numbers as the arm that trained on the same set with the same seeds, and said so
+    assert [r["accuracy"] for r in runs["filter:class_consistency"]] == [r["accuracy"] for r in runs[product][:2]]
+    assert [r["accuracy"] for r in runs["filter:memorization"]] == [r["accuracy"] for r in runs[unfiltered]]
+    assert {r["same_training_as"] for r in runs["filter:class_consistency"]} == {product}
+    assert {r["same_training_as"] for r in runs["filter:memorization"]} == {unfiltered}
+    assert all("same_training_as" not in r for a in runs if a not in ("filter:class_consistency",
+                                                                     "filter:memorization") for r in runs[a])
+    # every other unit trained once: the two repeated arms' 2 seeds each were not trained again
+    assert len(trained) == sum(len(rs) for rs in runs.values()) - 4
+    assert len({(arm, recipe, seed) for arm, recipe, seed in trained}) == len(trained)
