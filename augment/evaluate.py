@@ -14,7 +14,8 @@ The protocol (DESIGN.md, evidence rules):
 
 Arms are names joined with `+` (`real+classic+pseudo+synthetic`); `filter:<name>` arms train the product recipe on
 the synthetic set that one filter alone keeps. Runs are independent units, spread over worker processes with one
-torch thread each; the results do not depend on how many.
+torch thread each; the results do not depend on how many. A unit with the same training set and seed as one already
+trained (a filter that alone keeps what the chain keeps) reuses its result instead of training again.
 """
 
 from __future__ import annotations
