@@ -135,13 +135,13 @@ class _Runner:
     """Runs (arm, seed) units in this process or in a pool of spawned workers with one torch thread each.
 
     `key(arm, recipe)` names what an arm trains on: a unit whose key and seed equal one already trained (a filter
-    that alone keeps exactly what the whole chain keeps, or nothing less than all candidates) is not trained again;
-    its result is the earlier one's, marked `same_training_as`. A training is a deterministic function of its
+    that alone keeps exactly what the whole chain keeps, or every candidate) is not trained again; its result is
+    the earlier one's, marked `same_training_as`. A training is a deterministic function of its
     inputs and seed, so the numbers are the ones a second training would give."""
 
     def __init__(self, cfg: EvaluationConfig, sets: TrainingSets, total: int, progress=None, key=None):
-        self.cfg, self.sets, self.progress, self.key = cfg, sets, progress, key
-        self.total, self.done, self.trained = total, 0, {}
+        self.cfg, self.sets = cfg, sets
+        self._track(total, progress, key)
         self.workers = cfg.workers or (os.cpu_count() or 1)
         self.pool = None
         if self.workers > 1:
@@ -152,6 +152,9 @@ class _Runner:
                                             initializer=_worker_init, initargs=(cfg, sets))
         else:
             _worker_init(cfg, sets)  # one torch thread here too, so results match the pool's exactly
+
+    def _track(self, total: int, progress, key) -> None:
+        self.total, self.done, self.progress, self.key, self.trained = total, 0, progress, key, {}
 
     def run(self, arms: list[str], recipe: str, seeds: list[int]) -> dict[str, list[dict]]:
         keys = {a: self.key(a, recipe) if self.key else f"{a} {recipe}" for a in arms}
@@ -214,8 +217,8 @@ class _MappedRunner(_Runner):
     """Hands each phase's units to `run_units` (e.g. Prefect tasks on a task runner)."""
 
     def __init__(self, run_units: RunUnits, total: int, progress=None, key=None):
-        self.run_units, self.progress, self.key, self.pool = run_units, progress, key, None
-        self.total, self.done, self.trained = total, 0, {}
+        self.run_units, self.pool = run_units, None
+        self._track(total, progress, key)
 
     def _map(self, units: list[tuple[str, int]], recipe: str) -> list[dict]:
         results = []
