@@ -465,7 +465,7 @@ def _ablation_seeds(ev: dict, arms: dict, product: str | None) -> str:
             f"filters: all {n_all} seeds, so compare intervals, not the last digit.")
 
 
-FIGURES_VERSION = 2  # bump when the figures' drawing changes, so that reports of earlier runs redraw them
+FIGURES_VERSION = 3  # bump when the figures' drawing changes, so that reports of earlier runs redraw them
 
 
 def _figures_key(run: Path, m: dict) -> str:
