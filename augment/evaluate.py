@@ -139,7 +139,8 @@ class _Runner:
     the earlier one's, marked `same_training_as`. A training is a deterministic function of its
     inputs and seed, so the numbers are the ones a second training would give."""
 
-    def __init__(self, cfg: EvaluationConfig, sets: TrainingSets, total: int, progress=None, key=None):
+    def __init__(self, cfg: EvaluationConfig, sets: TrainingSets, total: int, key: Callable[[str, str], str],
+                 progress=None):
         self.cfg, self.sets = cfg, sets
         self._track(total, progress, key)
         self.workers = cfg.workers or (os.cpu_count() or 1)
@@ -153,11 +154,11 @@ class _Runner:
         else:
             _worker_init(cfg, sets)  # one torch thread here too, so results match the pool's exactly
 
-    def _track(self, total: int, progress, key) -> None:
+    def _track(self, total: int, progress, key: Callable[[str, str], str]) -> None:
         self.total, self.done, self.progress, self.key, self.trained = total, 0, progress, key, {}
 
     def run(self, arms: list[str], recipe: str, seeds: list[int]) -> dict[str, list[dict]]:
-        keys = {a: self.key(a, recipe) if self.key else f"{a} {recipe}" for a in arms}
+        keys = {a: self.key(a, recipe) for a in arms}
         units, todo = [], set()
         for a in arms:
             for s in seeds:
@@ -216,7 +217,7 @@ RunUnits = Callable[[list[tuple[str, str, int]]], Iterable[dict]]
 class _MappedRunner(_Runner):
     """Hands each phase's units to `run_units` (e.g. Prefect tasks on a task runner)."""
 
-    def __init__(self, run_units: RunUnits, total: int, progress=None, key=None):
+    def __init__(self, run_units: RunUnits, total: int, key: Callable[[str, str], str], progress=None):
         self.run_units, self.pool = run_units, None
         self._track(total, progress, key)
 
@@ -265,8 +266,8 @@ def evaluate(cfg: EvaluationConfig, sets: TrainingSets, output_dir: str | Path,
 
     def make_runner(total: int) -> _Runner:
         if run_units is None:
-            return _Runner(cfg, sets, total, progress, key)
-        return _MappedRunner(run_units, total, progress, key)
+            return _Runner(cfg, sets, total, key, progress)
+        return _MappedRunner(run_units, total, key, progress)
 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
