@@ -116,9 +116,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.quiet:  # read when Prefect is first imported, below
         os.environ["PREFECT_LOGGING_LEVEL"] = "WARNING"
     os.environ[progress.ENV] = "0" if args.quiet or not sys.stderr.isatty() else "1"
+    from flows.server import ServerError
+
     try:
         return _command(args)
-    except USER_ERRORS as err:
+    except (*USER_ERRORS, ServerError) as err:
         if args.debug:
             traceback.print_exc()
         print(f"error: {err}", file=sys.stderr)
@@ -165,12 +167,18 @@ def _command(args: argparse.Namespace) -> int:
             print(f"report:  {out / 'report.html'}")
             print(f"wall time: {time.time() - t0:.1f} s")
             return 0
+        from flows.server import PrefectAPI
+
+        # Prefect's API server (a temporary one unless PREFECT_API_URL is set) starts now, on the other core, while
+        # the flow's imports (torch, diffusers: ~6 s) load here
+        api = PrefectAPI(say=lambda s: print(s, file=sys.stderr))
         from flows.augment_flow import augment_flow
         from augment.report import headline
 
         _stop_on_sigterm()
-        # the lock before Prefect starts: a folder in use is one line, not a crashed flow run
-        with lock(claim(cfg.publish.output_dir, cfg.data.source, cfg.name), wait=args.wait):
+        # the API answers, then the lock, before the flow starts: a server that cannot start or a folder in use is
+        # one line (and the first leaves nothing written), not a crashed flow run
+        with api.active(), lock(claim(cfg.publish.output_dir, cfg.data.source, cfg.name), wait=args.wait):
             metrics = augment_flow.with_options(retries=0)(config=cfg, wait=args.wait)
         say()
         print(headline(metrics).replace("**", ""))

@@ -1,0 +1,133 @@
+"""A newcomer's first `augment run`: a brand-new PREFECT_HOME on a busy machine, and a Prefect API that is not there.
+
+These run the real command in a subprocess with its own environment, as a user's shell would."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import ROOT
+
+TINY = str(ROOT / "configs" / "tiny.yaml")
+
+
+def _env(**extra: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}  # no server, no profile of ours
+    return {**env, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", **extra}
+
+
+def _run(tmp_path: Path, env: dict, timeout: int = 600) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "augment.cli", "run", TINY, "--output-dir", str(tmp_path / "out"),
+           "--set", f"base.cache_dir={tmp_path / 'cache'}"]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_the_first_run_on_a_new_prefect_home_completes_while_the_machine_is_busy(tmp_path):
+    """Prefect's temporary server migrates a new database first (~18 s on a quiet 2-core machine): with Prefect's
+    own 20 s limit the first run on a busy machine failed. One core is kept busy here for the whole run."""
+    burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"])]  # another job on one of 2 cores
+    try:
+        done = _run(tmp_path, _env(PREFECT_HOME=str(tmp_path / "new-prefect-home")))
+    finally:
+        for b in burners:
+            b.kill()
+            b.wait()
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Timed out" not in done.stderr and "Traceback" not in done.stderr
+    assert (tmp_path / "out" / "dataset").is_dir() and (tmp_path / "new-prefect-home").is_dir()
+    assert "View at http://127.0.0.1" not in done.stderr  # the temporary server has no UI and is gone after the run
+
+
+def test_a_temporary_server_that_cannot_start_is_one_line_and_writes_nothing(tmp_path):
+    (tmp_path / "home-is-a-file").write_text("")  # Prefect cannot create its database under it
+    done = _run(tmp_path, _env(PREFECT_HOME=str(tmp_path / "home-is-a-file")), timeout=300)
+    err = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(err) == 1, done.stderr[-3000:]
+    assert err[0].startswith("error: Prefect's temporary API server exited") and "prefect server start" in err[0]
+    assert "unable to open database file" in err[0]  # the cause, from the server's own log
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_prefect_api_url_that_does_not_answer_is_one_line_and_writes_nothing(tmp_path):
+    done = _run(tmp_path, _env(PREFECT_HOME=str(tmp_path / "home"), PREFECT_API_URL="http://127.0.0.1:9/api"),
+                timeout=300)
+    err = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(err) == 1, done.stderr[-3000:]
+    assert "PREFECT_API_URL=http://127.0.0.1:9/api does not answer" in err[0]
+    assert not (tmp_path / "out").exists()
+
+
+FAKE_SERVER = """
+import http.server, sys, time
+time.sleep(float(sys.argv[2]))  # a slow first start (Prefect's migrates a new database)
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200); self.end_headers(); self.wfile.write(b"true")
+    def log_message(self, *a):
+        pass
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"""
+
+
+def _fake(tmp_path: Path, code: str, *args: str):
+    import time
+
+    from flows.server import TemporaryServer, _free_port
+
+    said: list[str] = []
+    server = TemporaryServer(say=said.append)
+    server.port = _free_port()
+    server.log = tmp_path / "server.log"
+    (tmp_path / "fake.py").write_text(code)
+    server.process = subprocess.Popen([sys.executable, str(tmp_path / "fake.py"), str(server.port), *args])
+    server.started = time.monotonic()
+    return server, said
+
+
+def test_the_wait_for_a_slow_server_says_so_and_ends_when_it_answers(tmp_path, monkeypatch):
+    import flows.server
+
+    monkeypatch.setattr(flows.server, "REPORT_EVERY", 1.0)
+    server, said = _fake(tmp_path, FAKE_SERVER, "3")
+    try:
+        server.wait(allowance=60)
+        assert server.ready and len(said) >= 2 and "waiting for Prefect's temporary API server" in said[0]
+    finally:
+        server.stop()
+    assert server.process is None
+
+
+def test_the_wait_ends_at_once_when_the_server_dies_and_at_the_allowance(tmp_path):
+    import time
+
+    import pytest
+
+    from flows.server import ServerError
+
+    server, _ = _fake(tmp_path, "import sys; print('ValueError: bad setting', file=sys.stderr); sys.exit(3)")
+    server.log.write_text("ValueError: bad setting\nApplication startup failed. Exiting.\n")
+    t0 = time.monotonic()
+    with pytest.raises(ServerError, match="exited with code 3 .*ValueError: bad setting"):
+        server.wait(allowance=600)
+    assert time.monotonic() - t0 < 30
+    server, _ = _fake(tmp_path, FAKE_SERVER, "60")  # answers only after a minute
+    try:
+        with pytest.raises(ServerError, match="did not answer within 1 s"):
+            server.wait(allowance=1)
+    finally:
+        server.stop()
+
+
+def test_the_startup_allowance_is_generous_unless_the_user_sets_one(monkeypatch):
+    from flows import server
+
+    monkeypatch.setattr(server.TemporaryServer, "shared", classmethod(lambda cls, say: None))  # start nothing
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.delenv(server.TIMEOUT_ENV, raising=False)
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: None}):
+        assert server.PrefectAPI().allowance == server.STARTUP_ALLOWANCE > 20  # Prefect's own limit is 20 s
+        monkeypatch.setenv(server.TIMEOUT_ENV, "45")
+        assert server.PrefectAPI().allowance == 45
