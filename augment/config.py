@@ -50,7 +50,9 @@ class DataConfig(_Section):
     image_size: int = Field(8, ge=4, le=512, description="Images are resized to image_size x image_size.")
     channels: Literal[1, 3] = Field(1, description="1 = grayscale, 3 = RGB; images are converted.")
     test_fraction: float = Field(0.3, gt=0.0, lt=0.9, description="Stratified share of images held out as test.")
-    val_fraction: float = Field(0.1, ge=0.0, lt=0.9, description="Stratified share held out as validation.")
+    val_fraction: float = Field(
+        0.0, ge=0.0, lt=0.9, description="Stratified share held out as validation. 0: every labeled image trains, "
+        "and choices are cross-validated (selection.rule); a validation split then only adds scores to the report.")
     shots_per_class: int | None = Field(
         10, ge=1, description="Labeled train images per class (the small labeled set); None = all the rest."
     )
@@ -266,14 +268,44 @@ class PseudoConfig(_Section):
     min_support: int = Field(
         10, ge=1, description="A threshold counts only if at least this many validation images pass it.",
     )
+    per_class: list[int] = Field(
+        [25, 100, 400], min_length=1, description="selection.rule=cross_validation: candidate numbers of pool "
+        "images per class (each class's most confident predictions, class-balanced); the best out of fold wins.",
+    )
     seed: int = Field(0, ge=0, description="Seed of the pseudo-labeler.")
 
     @model_validator(mode="after")
     def _grid(self) -> "PseudoConfig":
+        if any(m < 1 for m in self.per_class):
+            raise ValueError(f"pseudo.per_class must hold positive counts; got {self.per_class}")
         bad = [t for t in self.thresholds if not 0.0 <= t < 1.0]
         if bad:
             raise ValueError(f"pseudo.thresholds must lie in [0, 1); got {bad}")
         return self
+
+
+class SelectionConfig(_Section):
+    """How the run's choices (classic augmentation or not, the pseudo-labeled pool) are made, on labeled data only."""
+
+    rule: Literal["cross_validation", "validation"] = Field(
+        "cross_validation", description="`cross_validation`: on out-of-fold scores of every labeled train image "
+        "(a choice the data cannot decide falls to the simpler option); `validation`: on the validation split "
+        "(`data.val_fraction` > 0 or a validation/ folder; the pseudo rule is then `pseudo.thresholds`).",
+    )
+    folds: int = Field(5, ge=2, le=20, description="Stratified folds (fewer when a class has fewer images).")
+    repeats: int = Field(1, ge=1, le=10, description="Repeats of the k-fold split with other seeds.")
+    bootstrap: int = Field(2000, ge=100, le=100_000, description="Bootstrap resamples (over images) of a choice's "
+                           "paired out-of-fold difference.")
+    confidence: float = Field(
+        0.8, ge=0.5, lt=1.0, description="Level of the interval a choice reads: the richer option wins when the "
+        "interval lies above 0 (0.8: 90% one-sided). Lower than the report's 95% for claims: a choice needs a "
+        "lean, a claim needs proof.",
+    )
+    model: ClassifierConfig = Field(
+        default_factory=lambda: ClassifierConfig(augment=False, steps=400),
+        description="The classifier trained on each fold (keep it equal to evaluation.model).",
+    )
+    seed: int = Field(0, ge=0, description="Seed of the folds, the fold classifiers and the bootstrap.")
 
 
 class FilterConfig(_Section):
@@ -309,7 +341,7 @@ class EvaluationConfig(_Section):
     )
     recipe: Literal["auto", "classic", "none"] = Field(
         "auto", description="The team's own training recipe that synthetic data is added to: `classic` "
-        "augmentation or `none`; `auto` takes whichever of real / real+classic scores better on validation.",
+        "augmentation or `none`; `auto` chooses between real and real+classic by `selection.rule`.",
     )
     seeds: int = Field(10, ge=1, le=100, description="Training seeds per arm (paired across arms).")
     diagnostic_seeds: int | None = Field(
@@ -328,7 +360,7 @@ class EvaluationConfig(_Section):
     split: Literal["test", "validation"] = Field(
         "test", description="Split the arms are scored on. `validation` is for choosing settings (benchmarks); "
         "the report of a product run uses `test`, which nothing else touches. Choices made inside the run "
-        "(recipe, pseudo-label threshold) always use validation.",
+        "(recipe, pseudo-labels) follow `selection.rule` and never read test.",
     )
     filter_ablation: bool = Field(
         True, description="Also train on the synthetic sets that each filter alone would keep (with the recipe).",
@@ -404,6 +436,7 @@ class RunConfig(_Section):
     lora: LoRAConfig = Field(default_factory=LoRAConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     pseudo: PseudoConfig = Field(default_factory=PseudoConfig)
+    selection: SelectionConfig = Field(default_factory=SelectionConfig)
     filter: FilterConfig = Field(default_factory=FilterConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     publish: PublishConfig = Field(default_factory=PublishConfig)
@@ -415,14 +448,16 @@ class RunConfig(_Section):
                                  ("runner", None))
 
     def fingerprint(self, *sections: str) -> str:
-        """Short hash of the named sections (all when none), for cache keys and provenance."""
+        """Short hash of the named sections (all when none; `section.key` names one field), for cache keys and
+        provenance."""
         dump = self.model_dump(mode="json")
         for section, key in self.UNHASHED:
             if key is None:
                 dump.pop(section, None)
             else:
                 dump[section].pop(key, None)
-        picked = {s: dump[s] for s in sections} if sections else dump
+        picked = {s: dump[s.split(".")[0]][s.split(".")[1]] if "." in s else dump[s] for s in sections} \
+            if sections else dump
         return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -2,15 +2,16 @@
 
 The protocol (DESIGN.md, evidence rules):
 - The product arm is what a team would train: its own recipe plus the synthetic data. The recipe is real data with
-  or without classic augmentation (`evaluation.recipe`; `auto` picks the better on validation), plus the
-  pseudo-labeled pool when the job has one and it helps on validation. Classic augmentation then applies to the
-  synthetic images too.
+  or without classic augmentation (`evaluation.recipe`; `auto` chooses), plus the pseudo-labeled pool when the job
+  has one and it helps. Both choices are made on labeled data only: out of fold over every labeled image by the
+  pseudo stage (augment.selection; passed in as `decisions`), or on validation (selection.rule=validation).
+  Classic augmentation then applies to the synthetic images too.
 - Beside it stand the cheap alternatives that use the same information: real, real+classic and the recipe plus
   the pseudo-labeled pool. Both plain pairs (real+synthetic vs real, real+classic+synthetic vs real+classic) are
   always run: the recipe's own pair with every seed, the other one (which decides nothing) as a diagnostic.
-- Every run is scored on validation and on the reported split; every choice (recipe, pseudo) reads validation
-  only. Seeds are shared across arms (seed s initializes and orders every arm's run the same way), so differences
-  between arms are paired by seed.
+- Every run is scored on the reported split (and on validation, when there is one); no choice reads test. Seeds
+  are shared across arms (seed s initializes and orders every arm's run the same way), so differences between
+  arms are paired by seed.
 
 Arms are names joined with `+` (`real+classic+pseudo+synthetic`); `filter:<name>` arms train the product recipe on
 the synthetic set that one filter alone keeps. Runs are independent units, spread over worker processes with one
@@ -146,11 +147,9 @@ class _Runner:
         self.workers = cfg.workers or (os.cpu_count() or 1)
         self.pool = None
         if self.workers > 1:
-            import multiprocessing
-            from concurrent.futures import ProcessPoolExecutor
+            from augment.parallel import spawn_pool
 
-            self.pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
-                                            initializer=_worker_init, initargs=(cfg, sets))
+            self.pool = spawn_pool(self.workers, _worker_init, (cfg, sets))
         else:
             _worker_init(cfg, sets)  # one torch thread here too, so results match the pool's exactly
 
@@ -190,13 +189,9 @@ class _Runner:
             finally:
                 torch.set_num_threads(threads)
         else:
-            from concurrent.futures import as_completed
+            from augment.parallel import ordered_map
 
-            futures = {self.pool.submit(_worker_run, a, recipe, s): i for i, (a, s) in enumerate(units)}
-            results = [None] * len(units)
-            for f in as_completed(futures):
-                results[futures[f]] = f.result()
-                self._tick()
+            results = ordered_map(self.pool, _worker_run, [(a, recipe, s) for a, s in units], self._tick)
         return results
 
     def _tick(self) -> None:
@@ -253,9 +248,11 @@ def _with(recipe: str, part: str) -> str:
 
 def evaluate(cfg: EvaluationConfig, sets: TrainingSets, output_dir: str | Path,
              progress: Callable[[int, int], None] | None = None, log=print,
-             run_units: RunUnits | None = None) -> Path:
+             run_units: RunUnits | None = None, decisions: dict | None = None) -> Path:
     """Run the protocol (or the listed arms); writes evaluation/results.json. `run_units` runs each phase's
-    (arm, recipe, seed) units elsewhere (default: this process or a local pool of `cfg.workers`)."""
+    (arm, recipe, seed) units elsewhere (default: this process or a local pool of `cfg.workers`). `decisions`: the
+    cross-validated choices of the pseudo stage (augment.selection); without them, choices read validation."""
+    decisions = decisions or {}
 
     keys: dict[tuple[str, str], str] = {}
 
@@ -284,17 +281,24 @@ def evaluate(cfg: EvaluationConfig, sets: TrainingSets, output_dir: str | Path,
         n_main, n_diag = 3 + 2 * has_pseudo, 3 * cfg.diagnostic_arms + len(sets.ablation)
         runner = make_runner(n_main * len(seeds) + n_diag * len(diag_seeds))
         try:
-            # 1. The team's recipe: classic augmentation or not, on validation.
+            # 1. The team's recipe: classic augmentation or not (cross-validated, or on validation).
             results.update(runner.run(["real", "real+classic"], "real", seeds))
-            recipe = _choose_recipe(cfg, results, has_val, selection)
-            # 2. The pseudo-labeled pool: a baseline, and part of the recipe when it helps on validation.
+            recipe = _choose_recipe(cfg, results, has_val, selection, decisions.get("recipe"))
+            # 2. The pseudo-labeled pool: a baseline, and part of the recipe when it helps (out of fold, or on
+            # validation).
             product_recipe = recipe
             if has_pseudo:
                 results.update(runner.run([_with(recipe, "pseudo")], recipe, seeds))
-                helps = has_val and _val_mean(results[_with(recipe, "pseudo")]) > _val_mean(results[recipe])
-                selection["pseudo"] = {"validation_accuracy_without": _val_mean(results[recipe]),
-                                       "validation_accuracy_with": _val_mean(results[_with(recipe, "pseudo")]),
-                                       "in_recipe": bool(helps)}
+                if "pseudo" in decisions:
+                    d = decisions["pseudo"]
+                    helps = d["chosen"].endswith("+pseudo")
+                    selection["pseudo"] = {"rule": "cross_validation", **d, "in_recipe": helps}
+                else:
+                    helps = has_val and _val_mean(results[_with(recipe, "pseudo")]) > _val_mean(results[recipe])
+                    selection["pseudo"] = {"rule": "validation",
+                                           "validation_accuracy_without": _val_mean(results[recipe]),
+                                           "validation_accuracy_with": _val_mean(results[_with(recipe, "pseudo")]),
+                                           "in_recipe": bool(helps)}
                 if helps:
                     product_recipe = _with(recipe, "pseudo")
             # 3. Synthetic data on top of the recipe, with and without the pool; as diagnostics the other plain
@@ -316,8 +320,8 @@ def evaluate(cfg: EvaluationConfig, sets: TrainingSets, output_dir: str | Path,
         runner = make_runner(len(cfg.arms) * len(seeds) + len(sets.ablation) * len(diag_seeds))
         try:
             results.update(runner.run([a for a in arms if not a.startswith("filter:")], recipe, seeds))
-            if cfg.recipe == "auto" and {"real", "real+classic"} <= set(results):
-                recipe = _choose_recipe(cfg, results, has_val, selection)
+            if cfg.recipe == "auto" and ({"real", "real+classic"} <= set(results) or "recipe" in decisions):
+                recipe = _choose_recipe(cfg, results, has_val, selection, decisions.get("recipe"))
             results.update(runner.run([a for a in arms if a.startswith("filter:")], recipe, diag_seeds))
         finally:
             runner.close()
@@ -340,7 +344,13 @@ def evaluate(cfg: EvaluationConfig, sets: TrainingSets, output_dir: str | Path,
     return out / "results.json"
 
 
-def _choose_recipe(cfg: EvaluationConfig, results: dict, has_val: bool, selection: dict) -> str:
+def _choose_recipe(cfg: EvaluationConfig, results: dict, has_val: bool, selection: dict,
+                   decided: dict | None = None) -> str:
+    if decided is not None:  # cross-validated (augment.selection)
+        recipe = decided["chosen"] if cfg.recipe == "auto" else "real+classic" if cfg.recipe == "classic" else "real"
+        selection["recipe"] = {**decided, "rule": "cross_validation" if cfg.recipe == "auto" else cfg.recipe,
+                               "chosen": recipe}
+        return recipe
     val = {a: _val_mean(results[a]) for a in ("real", "real+classic")}
     if cfg.recipe == "auto":
         recipe = "real+classic" if not has_val or val["real+classic"] >= val["real"] else "real"

@@ -6,7 +6,7 @@ since it last finished is reused, not recomputed: re-running a job costs only wh
 
 Run folder:
     data/splits.npz, data/summary.json      the split (test included; only evaluation reads test)
-    pseudo/labels.parquet, summary.json     pool images labeled confidently, threshold chosen on validation
+    pseudo/labels.parquet, summary.json     pool images labeled confidently; selection.json: the run's choices
     finetune/adapter/                       the LoRA adapter (safetensors + configs)
     candidates/shard-*.npz, plan.parquet    every generated candidate
     filter/scores.parquet, rejected/<why>/  scores and decisions, rejected images for inspection
@@ -36,12 +36,14 @@ from augment.backends import BaseModelInfo, create, resolve_device
 from augment.data import Splits, data_fingerprint, make_splits
 
 # Which config sections each stage depends on (besides the data it reads).
+# The pseudo stage also makes the run's cross-validated choices, starting from the team's recipe.
+CHOICES = ("pseudo", "selection", "evaluation.recipe")
 STAGE_SECTIONS = {
-    "pseudo": ("data", "pseudo"),
-    "finetune": ("data", "base", "pseudo", "lora"),
-    "generate": ("data", "base", "pseudo", "lora", "generation"),
-    "filter": ("data", "base", "pseudo", "lora", "generation", "filter"),
-    "evaluate": ("data", "base", "pseudo", "lora", "generation", "filter", "evaluation"),
+    "pseudo": ("data", *CHOICES),
+    "finetune": ("data", "base", *CHOICES, "lora"),
+    "generate": ("data", "base", *CHOICES, "lora", "generation"),
+    "filter": ("data", "base", *CHOICES, "lora", "generation", "filter"),
+    "evaluate": ("data", "base", "pseudo", "selection", "lora", "generation", "filter", "evaluation"),
 }
 
 
@@ -56,7 +58,16 @@ def preflight(cfg: RunConfig) -> None:
 
     run_folder.check_output_dir(cfg.publish.output_dir, cfg.data.source)
     check_base(cfg.base)
-    make_splits(cfg.data, keep=True)
+    splits = make_splits(cfg.data, keep=True)
+    if cfg.selection.rule == "cross_validation":
+        counts = splits.train.class_counts()
+        if min(counts) < 2:
+            from augment.config import ConfigError
+
+            name = splits.class_names[int(np.argmin(counts))]
+            raise ConfigError(f"selection.rule=cross_validation needs at least 2 labeled train images per class; "
+                              f"class {name!r} has {min(counts)} (raise data.shots_per_class, or set "
+                              "selection.rule=validation with a validation split)")
 
 
 def _finished_key(cfg: RunConfig, data: str) -> str | None:
@@ -195,15 +206,30 @@ def base_model(cfg: RunConfig, log=print, progress: Callable[[int, int], None] |
 # 3. Pseudo-labels --------------------------------------------------------------------------------------------
 
 
-def pseudo_stage(cfg: RunConfig, log=print) -> dict:
-    from augment.pseudo import pseudo_label
+def pseudo_stage(cfg: RunConfig, log=print, progress: Callable[[int, int], None] | None = None) -> dict:
+    """The pseudo-labeled pool and, under selection.rule=cross_validation, the run's other choices (the recipe),
+    all made on labeled data only; the choices go to pseudo/selection.json for the evaluation and the report."""
+    from augment.pseudo import pseudo_label, select_and_label
 
     st = _Stage(cfg, "pseudo", folder="pseudo")
     if not st.reused(log):
         with st.fresh():
             splits = load_splits(cfg)
-            pseudo_label(cfg.pseudo, splits.train, splits.validation, splits.pool, log=log).save(st.folder)
+            if cfg.selection.rule == "cross_validation":
+                labels, decisions = select_and_label(cfg.pseudo, cfg.selection, splits.train, splits.pool,
+                                                     recipe=cfg.evaluation.recipe, workers=cfg.evaluation.workers,
+                                                     log=log, progress=progress)
+            else:
+                labels, decisions = pseudo_label(cfg.pseudo, splits.train, splits.validation, splits.pool,
+                                                 log=log), {}
+            run_folder.write_json(st.folder / "selection.json", decisions)
+            labels.save(st.folder)
     return run_folder.read_json(st.folder / "summary.json")
+
+
+def load_selection(cfg: RunConfig) -> dict:
+    """The cross-validated decisions of the pseudo stage ({} under selection.rule=validation)."""
+    return run_folder.read_json(run_dir(cfg) / "pseudo" / "selection.json", {}) or {}
 
 
 def load_pseudo(cfg: RunConfig, splits: Splits):
@@ -373,7 +399,8 @@ def evaluate_stage(cfg: RunConfig, progress: Callable[[int, int], None] | None =
                 upstream=_stage_key(cfg, "filter") + _stage_key(cfg, "pseudo"))
     if not st.reused(log):
         with st.fresh():
-            evaluate(cfg.evaluation, training_sets(cfg), st.folder, progress=progress, log=log, run_units=run_units)
+            evaluate(cfg.evaluation, training_sets(cfg), st.folder, progress=progress, log=log, run_units=run_units,
+                     decisions=load_selection(cfg))
     summary = summarize_results(json.loads((st.folder / "results.json").read_text()))
     run_folder.write_json(st.folder / "summary.json", summary)
     return summary
@@ -479,7 +506,7 @@ def run(cfg: RunConfig, log=print, on_stage: Callable[[str | None], None] | None
         mark("data"); prepare_data(cfg)
         mark("base"); base = base_model(cfg, log=log, progress=bar("base pretraining", "step"))
         record(cfg, None, base=base)
-        mark("pseudo"); pseudo_stage(cfg, log=log)
+        mark("pseudo"); pseudo_stage(cfg, log=log, progress=bar("selection", "training"))
         mark("finetune"); adapter = finetune_stage(cfg, base, log=log, progress=bar("fine-tuning", "step"))
         record(cfg, None, adapter=adapter)
         mark("generate"); generate_stage(cfg, base, adapter, log=log, progress=bar("generation", "sample"))

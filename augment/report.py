@@ -110,8 +110,9 @@ def collect_metrics(run: Path) -> dict:
             "filter_gain": evaluation.get("filter_gain"), "filter_ablation": ablation,
         },
         "pseudo": None if pseudo is None else {k: pseudo.get(k) for k in (
-            "threshold", "count", "pool_size", "per_class", "thresholds", "validation_accuracy", "min_precision",
-            "reason")},
+            "rule", "threshold", "count", "pool_size", "per_class", "thresholds", "validation_accuracy",
+            "min_precision", "reason", "per_class_amount", "labeled_images", "folds", "repeats",
+            "labeler_oof_accuracy", "labeler_oof_per_class")},
         "product_arm": evaluation.get("product_arm"),
         "gain_over_best_baseline": (None if gain is None else
                                     {k: gain[k] for k in ("mean", "ci_low", "ci_high", "std", "n", "p_value",
@@ -123,6 +124,72 @@ def collect_metrics(run: Path) -> dict:
 
 
 # Rendering ----------------------------------------------------------------------------------------------------
+
+
+def _selection_rows(m: dict) -> tuple[list, list, list, str]:
+    """The choice table (recipe, pseudo) and the pseudo-label table and text, for either selection rule."""
+    ev, data = m["evaluation"], m["data"]
+    sel = ev.get("selection") or {}
+    rows = []
+    for name, what in (("recipe", "classic augmentation"), ("pseudo", "pseudo-labeled pool")):
+        d = sel.get(name)
+        if not d:
+            continue
+        if "oof_accuracy" in d:  # cross-validated
+            diff, score = d.get("difference"), d.get("oof_score") or {}
+            scores = ", ".join(f"{o} {_pct(v)}" + (f" / {_pct(score[o])}" if o in score else "")
+                               for o, v in d["oof_accuracy"].items())
+            interval = "—" if diff is None else (f"{100 * diff['mean']:+.1f} [{100 * diff['ci_low']:+.1f}, "
+                                                 f"{100 * diff['ci_high']:+.1f}] "
+                                                 f"({100 * diff.get('confidence', 0.95):.0f}%)")
+            outcome = d["chosen"] if name == "recipe" else "in the recipe" if d["in_recipe"] else "left out"
+            if d["rule"] not in ("cross_validation",):
+                outcome += " (set)"
+            elif diff is not None:
+                outcome += " (decided by the data)" if d["decided"] else " (the data cannot decide: simpler)"
+            rows.append([what, "cross-validation" if d["rule"] == "cross_validation" else f"set: {d['rule']}",
+                         scores, interval, f"{d['images']} images, {d['folds']} folds x {d['repeats']}", outcome])
+        elif name == "recipe":
+            va = d["validation_accuracy"]
+            rows.append([what, f"validation: {d['rule']}", f"real {_pct(va.get('real'))}, real+classic "
+                         f"{_pct(va.get('real+classic'))}", "—",
+                         f"{data.get('validation_size', 0)} validation images", d["chosen"]])
+        else:
+            rows.append([what, "validation: kept if it raises accuracy",
+                         f"without {_pct(d['validation_accuracy_without'])}, with "
+                         f"{_pct(d['validation_accuracy_with'])}", "—",
+                         f"{data.get('validation_size', 0)} validation images",
+                         "in the recipe" if d["in_recipe"] else "left out"])
+    ps = m.get("pseudo") or {}
+    if not ps:
+        return rows, [], [], "No pseudo-labeling stage in this run."
+    if ps.get("rule") == "cross_validation":
+        chosen = ps.get("per_class_amount")
+        oof = (sel.get("pseudo") or {}).get("per_class_oof_accuracy") or {}
+        p_true = (sel.get("pseudo") or {}).get("per_class_oof_score") or {}
+        head = ["pool images per class", "out-of-fold accuracy (%)", "out-of-fold true-class p (%)", ""]
+        table = [[k, _pct(v), _pct(p_true.get(k)), "chosen" if str(chosen) == k else ""] for k, v in oof.items()]
+        text = ("No pseudo-labels: " + ps["reason"] + "." if ps.get("reason") else
+                f"On each of {ps.get('folds')} folds a pseudo-labeler trained without the held-out images labeled "
+                f"the pool, and the downstream classifier trained on the fold plus each class's most confident pool "
+                f"images (the same number for every class) scored the held-out images (the probability it gave "
+                f"their true class decides). The best number, "
+                f"{chosen} per class, labels {ps.get('count')} of {ps.get('pool_size')} pool images (per class: "
+                f"{ps.get('per_class')}), with the labeler trained on all {ps.get('labeled_images')} labeled "
+                f"images, whose own out-of-fold accuracy is {_pct(ps.get('labeler_oof_accuracy'))}%. These images "
+                "also trained the generator when lora.use_pseudo_labeled is on.")
+        return rows, table, head, text
+    head = ["threshold", "validation images above", "precision (%)", "coverage (%)", "meets rule", ""]
+    table = [[t["threshold"], t["validation_support"], _pct(t["validation_precision"]),
+              _pct(t["validation_coverage"]), "✓" if t["meets_rule"] else "",
+              "chosen" if t["threshold"] == ps.get("threshold") else ""] for t in ps.get("thresholds") or []]
+    text = ("No pseudo-labels: " + ps["reason"] + "." if ps.get("reason") else
+            f"A classifier trained on the labeled train split only labeled the unlabeled pool; the threshold is "
+            f"the lowest whose confident validation predictions are at least {_pct(ps.get('min_precision'))}% "
+            f"accurate: {ps.get('threshold')}, which labels {ps.get('count')} of {ps.get('pool_size')} pool "
+            f"images (per class: {ps.get('per_class')}). These images also trained the generator when "
+            "lora.use_pseudo_labeled is on.")
+    return rows, table, head, text
 
 
 def _pct(x) -> str:
@@ -157,7 +224,10 @@ def headline(m: dict) -> str:
     interval = ("" if g["ci_low"] is None else
                 f", 95% CI [{100 * g['ci_low']:+.1f}, {100 * g['ci_high']:+.1f}]")
     recipe = ev.get("product_recipe") or "real"
-    return (f"Your recipe plus synthetic data ({product}; recipe {recipe} chosen on validation) reached "
+    rule = ((ev.get("selection") or {}).get("recipe") or {}).get("rule")
+    how = ("chosen on labeled data by cross-validation" if rule == "cross_validation" else
+           f"set by evaluation.recipe={rule}" if rule in ("classic", "none") else "chosen on validation")
+    return (f"Your recipe plus synthetic data ({product}; recipe {recipe} {how}) reached "
             f"{_pct(arms[product]['accuracy']['mean'])}% {ev['split']} accuracy against "
             f"{_pct(arms[b]['accuracy']['mean'])}% for the best baseline ({b}): a paired difference of "
             f"{100 * g['mean']:+.1f} points over {g['n']} seeds{interval}: **{g['verdict']}**.")
@@ -263,28 +333,7 @@ def sections(m: dict) -> list[tuple[str, str, list[tuple[list[str], list[list]]]
         facts.append(["total wall time (s)", f"{run['total_seconds']:.1f}"])
     ds_rows = [[s, v["rows"], v["synthetic"], v.get("pseudo_labeled", 0),
                 v["rows"] - v["synthetic"] - v.get("pseudo_labeled", 0)] for s, v in m["dataset"]["splits"].items()]
-    sel = ev.get("selection") or {}
-    sel_rows = []
-    if "recipe" in sel:
-        va = sel["recipe"]["validation_accuracy"]
-        sel_rows.append(["classic augmentation", f"rule: {sel['recipe']['rule']}",
-                         f"real {_pct(va.get('real'))} vs real+classic {_pct(va.get('real+classic'))}",
-                         sel["recipe"]["chosen"]])
-    if "pseudo" in sel:
-        p = sel["pseudo"]
-        sel_rows.append(["pseudo-labeled pool", "kept if it raises validation accuracy",
-                         f"without {_pct(p['validation_accuracy_without'])} vs with "
-                         f"{_pct(p['validation_accuracy_with'])}", "in the recipe" if p["in_recipe"] else "left out"])
-    ps = m.get("pseudo") or {}
-    ps_rows = [[t["threshold"], t["validation_support"], _pct(t["validation_precision"]),
-                _pct(t["validation_coverage"]), "✓" if t["meets_rule"] else "",
-                "chosen" if t["threshold"] == ps.get("threshold") else ""] for t in ps.get("thresholds") or []]
-    ps_text = ("No pseudo-labels: " + ps["reason"] + "." if ps.get("reason") else
-               f"A classifier trained on the labeled train split only labeled the unlabeled pool; the threshold is "
-               f"the lowest whose confident validation predictions are at least {_pct(ps.get('min_precision'))}% "
-               f"accurate: {ps.get('threshold')}, which labels {ps.get('count')} of {ps.get('pool_size')} pool "
-               f"images (per class: {ps.get('per_class')}). These images also trained the generator when "
-               "lora.use_pseudo_labeled is on.") if ps else "No pseudo-labeling stage in this run."
+    sel_rows, ps_rows, ps_head, ps_text = _selection_rows(m)
     verdict = headline(m) + (" " + next_step(m) if next_step(m) else "")
     dup = data.get("duplicates_across_splits") or {}
     dup_rows = [[d["split"], d["id"], d["copy_of"]] for d in dup.get("examples", [])]
@@ -298,13 +347,17 @@ def sections(m: dict) -> list[tuple[str, str, list[tuple[list[str], list[list]]]
     return [
         ("Verdict", verdict, [(["comparison", "Δ accuracy (pts)", "95% CI", "p", "verdict", "Δ macro-F1 (pts)"],
                                gain_rows)], []),
-        ("How the recipe was chosen (validation only)",
+        ("How the recipe was chosen (labeled data only)",
          f"The product arm is your recipe plus the synthetic data: {ev.get('product_arm')}. Every choice below "
-         "reads the validation split; the test split is read once, for the tables of this report.",
-         [(["choice", "rule", "validation accuracy (%)", "outcome"], sel_rows)], []),
-        ("Pseudo-labels", ps_text,
-         [(["threshold", "validation images above", "precision (%)", "coverage (%)", "meets rule", ""], ps_rows)],
+         "reads labeled data only: out-of-fold scores of every labeled train image (cross-validation; the richer "
+         "option wins only when its paired advantage over the simpler one, in the probability the fold's classifier "
+         "gives each image's true class, has an interval above 0, at the level shown: a choice needs a lean, a "
+         "claim needs the report's 95%), or the validation split. The test split is read once, for the tables of "
+         "this report.",
+         [(["choice", "rule", "scores (%): accuracy / true-class p", "richer − simpler, true-class p (pts) [CI]",
+            "rests on", "outcome"], sel_rows)],
          []),
+        ("Pseudo-labels", ps_text, [(ps_head, ps_rows)], []),
         ("Downstream accuracy by arm",
          f"The same {ev['model']} recipe trained from scratch on each arm, {len(run['evaluation_seeds'])} seeds each "
          f"(paired across arms), scored on the real {ev['split']} split. Accuracy and macro-F1 in %: mean ± std "

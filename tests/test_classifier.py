@@ -9,7 +9,7 @@ from augment.data import load_images, split
 
 @pytest.fixture(scope="module")
 def digits():
-    cfg = DataConfig(shots_per_class=10)
+    cfg = DataConfig(shots_per_class=10, val_fraction=0.1)
     return split(load_images(cfg), cfg)
 
 

@@ -78,6 +78,8 @@ BAD_INPUTS = {
     "config not a mapping": (lambda u: _config_file(u, "- a\n- b\n"), ["CONFIG={src}"], "job.yaml"),
     "corrupt image": (_corrupt, [], "dog/3.png"),
     "too few images": (lambda u: _folder(u, per_class=3), [], "class 'cat' has only 3 images"),
+    "one shot, cross-validated": (None, ["--set", "data.shots_per_class=1"],
+                                  "selection.rule=cross_validation needs at least 2 labeled train images per class"),
     "one class": (lambda u: _folder(u, classes=("cat",)), [], "need at least 2 classes"),
     "empty class folder": (lambda u: (Path(_folder(u)) / "emu").mkdir() or str(u / "imgs"), [], "emu"),
     "no class folders": (lambda u: (u / "flat").mkdir() or str(u / "flat"), [], "has no class subfolders"),

@@ -78,7 +78,7 @@ def test_nearest_excludes_self():
 
 @pytest.fixture(scope="module")
 def digits():
-    cfg = DataConfig(shots_per_class=10)
+    cfg = DataConfig(shots_per_class=10, val_fraction=0.1)
     return split(load_images(cfg), cfg)
 
 

@@ -52,7 +52,7 @@ def test_flow_publishes_a_dataset_that_datasets_loads(finished_run):
         assert train.features["label"].names == [str(i) for i in range(10)]
         n_syn, n_pseudo = sum(train["is_synthetic"]), sum(train["is_pseudo_labeled"])
         assert n_syn == metrics["generation"]["kept"] > 0
-        # pool rows are published exactly when the evaluation put them in the recipe (validation decided)
+        # pool rows are published exactly when the evaluation put them in the recipe (out of fold decided)
         in_recipe = "pseudo" in metrics["evaluation"]["product_recipe"]
         assert n_pseudo == (metrics["pseudo"]["count"] if in_recipe else 0)
         assert len(train) == metrics["data"]["train_size"] + n_syn + n_pseudo
@@ -101,7 +101,8 @@ def test_metrics_schema_and_report(finished_run):
     for src in re.findall(r"\]\((report_assets/[^)]+)\)", md):
         assert (run / src).is_file()
     assert f"{metrics['data']['test_size']} real images" in md
-    assert "## How the recipe was chosen (validation only)" in md and "## Pseudo-labels" in md
+    assert "## How the recipe was chosen (labeled data only)" in md and "## Pseudo-labels" in md
+    assert f"| {metrics['data']['train_size']} images, 2 folds x 1 |" in md  # what each choice rests on
     assert f"{product} − {best} (best baseline)" in md
     assert "(what synthetic data adds) [diagnostic: 2 of 3 seeds]" in md  # a row on fewer seeds says so
 

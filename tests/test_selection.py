@@ -1,0 +1,186 @@
+"""Choices made by cross-validation over every labeled image: the folds, the decision rule, the class-balanced
+pseudo rule, and that test never enters."""
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+
+from augment.config import ClassifierConfig, EvaluationConfig, PseudoConfig, SelectionConfig
+from augment.data import DataConfig, load_images, split
+from augment.selection import OOF, class_balanced, decide, out_of_fold, stratified_folds
+
+TINY_CNN = ClassifierConfig(width=8, steps=25, batch_size=16, augment=False)
+
+
+def test_every_labeled_image_is_held_out_once_per_repeat_in_stratified_folds():
+    labels = np.repeat(np.arange(4), [10, 10, 7, 12])
+    folds = stratified_folds(labels, k=5, repeats=2, seed=3)
+    assert len(folds) == 10
+    for r in (0, 1):
+        held = np.concatenate([f.held for f in folds if f.repeat == r])
+        assert sorted(held) == list(range(len(labels)))  # each image exactly once
+        for f in (f for f in folds if f.repeat == r):
+            assert not set(f.train) & set(f.held) and len(f.train) + len(f.held) == len(labels)
+            assert set(np.bincount(labels[f.held], minlength=4)) <= {1, 2, 3}  # every class in every fold
+    assert not all(np.array_equal(a.held, b.held) for a, b in zip(folds[:5], folds[5:]))  # repeats differ
+    again = stratified_folds(labels, k=5, repeats=2, seed=3)
+    assert all(np.array_equal(a.held, b.held) for a, b in zip(folds, again))  # seeded
+    assert len(stratified_folds(np.repeat(np.arange(3), 3), k=5, repeats=1, seed=0)) == 3  # k <= smallest class
+    with pytest.raises(ValueError, match="at least 2 labeled images in every class"):
+        stratified_folds(np.array([0, 0, 1]), k=5, repeats=1, seed=0)
+
+
+def _oof(p: np.ndarray) -> OOF:
+    return OOF(p, (p > 0.5).astype(float))
+
+
+def test_the_richer_option_wins_only_when_its_interval_is_above_zero():
+    rng = np.random.default_rng(0)
+    base = rng.uniform(0.3, 1.0, (1, 200))
+    clear = np.minimum(base + 0.1, 1.0)  # more sure of every true class
+    d = decide("recipe", {"real": _oof(base), "real+classic": _oof(clear)}, n_folds=5)
+    assert d.chosen == "real+classic" and d.decided and d.difference["ci_low"] > 0 and d.images == 200
+    noisy = base + rng.normal(0, 0.05, base.shape)  # no real difference: noise around the same scores
+    d = decide("recipe", {"real": _oof(base), "real+classic": _oof(noisy)}, n_folds=5, confidence=0.95)
+    assert d.chosen == "real" and not d.decided
+    if d.best == "real+classic":
+        assert d.difference["ci_low"] <= 0 and "cannot decide" in d.reason
+    tie = decide("recipe", {"real": _oof(base), "real+classic": _oof(base.copy())}, n_folds=5)
+    assert tie.chosen == tie.best == "real" and tie.difference is None
+
+
+def test_out_of_fold_scores_are_the_true_class_probability_and_correctness():
+    labels = np.array([0, 1, 0, 1])
+    folds = stratified_folds(labels, k=2, repeats=1, seed=0)
+    probas = [np.tile([[0.8, 0.2]], (len(f.held), 1)) for f in folds]  # always says class 0, 80% sure
+    s = out_of_fold(folds, 4, probas, labels)
+    assert s.p_true.tolist() == [[0.8, 0.2, 0.8, 0.2]] and s.correct.tolist() == [[1, 0, 1, 0]]
+
+
+def test_class_balanced_takes_each_class_top_confident_predictions():
+    proba = np.array([[0.9, 0.1], [0.6, 0.4], [0.8, 0.2], [0.3, 0.7], [0.45, 0.55], [0.7, 0.3]])
+    assert class_balanced(proba, 2).tolist() == [0, 2, 3, 4]  # class 0: rows 0 (0.9), 2 (0.8); class 1: 3, 4
+    assert class_balanced(proba, 1).tolist() == [0, 3]
+    assert class_balanced(proba, 10).tolist() == list(range(6))  # fewer predicted than asked: all of them
+
+
+@pytest.fixture(scope="module")
+def few_shot():
+    cfg = DataConfig(shots_per_class=6, test_fraction=0.3, max_pool_size=400)
+    return split(load_images(cfg), cfg)
+
+
+def test_the_cross_validated_pseudo_rule_labels_pool_images_with_a_weak_labeler(few_shot):
+    """A labeler far below the old rule's 98% validation precision (there it labeled nothing) still labels the
+    pool, every class alike, and the amount is one of the candidates, chosen out of fold."""
+    from augment.pseudo import select_and_label
+
+    weak = ClassifierConfig(width=8, steps=40, batch_size=16, augment=False)
+    cfg = PseudoConfig(classifier=weak, per_class=[5, 15])
+    sel = SelectionConfig(folds=3, model=TINY_CNN, bootstrap=200)
+    labels, decisions = select_and_label(cfg, sel, few_shot.train, few_shot.pool, workers=1, log=lambda m: None)
+    s = labels.summary
+    assert s["labeler_oof_accuracy"] < 0.98 and s["per_class_amount"] in (5, 15)
+    assert len(labels) > 0 and set(s["per_class"]) <= {s["per_class_amount"]} | set(range(s["per_class_amount"]))
+    assert max(s["per_class"]) == s["per_class_amount"]  # no class above the shared amount
+    assert decisions["recipe"]["images"] == decisions["pseudo"]["images"] == len(few_shot.train) == 60
+    assert set(decisions["pseudo"]["per_class_oof_accuracy"]) == {"5", "15"}
+    # the labels are the final labeler's predictions on those pool rows
+    assert labels.labels.tolist() == np.asarray(labels.labels).tolist() and len(labels.ids) == len(labels)
+
+
+def test_the_folds_never_see_test_and_shuffled_test_labels_change_no_choice(tiny_cfg, monkeypatch):
+    """Every image any fold classifier trains on or is scored on comes from the labeled train split or the pool;
+    test images shuffled against their labels leave every choice as it was."""
+    import augment.classifier as classifier
+    from augment import pipeline
+    from augment.data import ImageSet, Splits
+
+    seen: list[np.ndarray] = []
+    real_train = classifier.train_classifier
+
+    def spy(cfg, images, labels, *a, **k):
+        seen.append(images)
+        clf = real_train(cfg, images, labels, *a, **k)
+        predict = clf.predict_proba
+        clf.predict_proba = lambda x, *a2, **k2: (seen.append(x), predict(x, *a2, **k2))[1]
+        return clf
+
+    monkeypatch.setattr(classifier, "train_classifier", spy)
+    cfg = tiny_cfg.model_copy(update={"evaluation": tiny_cfg.evaluation.model_copy(update={"workers": 1})})
+    pipeline.prepare_data(cfg)
+    pipeline.pseudo_stage(cfg, log=lambda m: None)
+    first = json.loads((pipeline.run_dir(cfg) / "pseudo" / "selection.json").read_text())
+    splits = pipeline.load_splits(cfg)
+    digest = lambda im: hashlib.sha256(im.tobytes()).hexdigest()  # noqa: E731
+    test = {digest(im) for im in splits.test.images}
+    allowed = {digest(im) for part in (splits.train, splits.pool) for im in part.images}
+    seen_rows = {digest(im) for batch in seen for im in batch}
+    assert seen and not seen_rows & test and seen_rows <= allowed
+    # the same run with test labels shuffled
+    t = splits.test
+    rng = np.random.default_rng(5)
+    scrambled = Splits(splits.train, splits.validation, ImageSet(t.images, rng.permutation(t.labels), t.class_names,
+                                                                 t.ids), splits.pool)
+    other = cfg.model_copy(update={"publish": cfg.publish.model_copy(
+        update={"output_dir": str(pipeline.run_dir(cfg)) + "-scrambled"})})
+    pipeline.prepare_data(other)
+    scrambled.save(pipeline.run_dir(other) / "data" / "splits.npz")
+    pipeline.pseudo_stage(other, log=lambda m: None)
+    assert json.loads((pipeline.run_dir(other) / "pseudo" / "selection.json").read_text()) == first
+    assert (pipeline.run_dir(other) / "pseudo" / "labels.parquet").read_bytes() == \
+        (pipeline.run_dir(cfg) / "pseudo" / "labels.parquet").read_bytes()
+
+
+def test_the_evaluation_follows_the_cross_validated_choices(few_shot, tmp_path):
+    from augment.evaluate import TrainingSets, evaluate
+
+    p = few_shot.pool
+    sets = TrainingSets(few_shot, (few_shot.train.images[:20], few_shot.train.labels[:20]),
+                        (few_shot.train.images[:30], few_shot.train.labels[:30]),
+                        (p.images[:30], np.arange(30) % 10))
+    cfg = EvaluationConfig(seeds=1, model=TINY_CNN, workers=1, diagnostic_arms=False, filter_ablation=False)
+    base = {"options": ["real", "real+classic"], "oof_accuracy": {"real": 0.5, "real+classic": 0.6}, "images": 60,
+            "folds": 5, "repeats": 1, "difference": {"mean": 0.1, "ci_low": 0.02, "ci_high": 0.2}}
+    decisions = {"recipe": {**base, "name": "recipe", "best": "real+classic", "chosen": "real+classic",
+                            "decided": True, "reason": "r"},
+                 "pseudo": {**base, "name": "pseudo", "options": ["real+classic", "real+classic+pseudo"],
+                            "best": "real+classic+pseudo", "chosen": "real+classic+pseudo", "decided": True,
+                            "reason": "p", "per_class": 3, "per_class_oof_accuracy": {"3": 0.7}}}
+    res = json.loads(evaluate(cfg, sets, tmp_path, log=lambda m: None, decisions=decisions).read_text())
+    assert res["recipe"] == "real+classic" and res["product_recipe"] == "real+classic+pseudo"
+    assert res["product_arm"] == "real+classic+pseudo+synthetic"
+    assert res["selection"]["recipe"]["rule"] == "cross_validation" and res["selection"]["pseudo"]["in_recipe"]
+    decisions["pseudo"]["chosen"] = "real+classic"
+    res = json.loads(evaluate(cfg, sets, tmp_path / "b", log=lambda m: None, decisions=decisions).read_text())
+    assert res["product_recipe"] == "real+classic" and not res["selection"]["pseudo"]["in_recipe"]
+
+
+def test_the_report_says_how_many_images_each_choice_rests_on():
+    from augment.report import _selection_rows
+
+    d = {"options": ["real", "real+classic"], "oof_accuracy": {"real": 0.71, "real+classic": 0.74},
+         "oof_score": {"real": 0.65, "real+classic": 0.7}, "images": 120,
+         "folds": 5, "repeats": 2, "difference": {"mean": 0.03, "ci_low": -0.01, "ci_high": 0.07}, "best":
+         "real+classic", "chosen": "real", "decided": False, "rule": "cross_validation", "name": "recipe"}
+    m = {"data": {"validation_size": 0}, "evaluation": {"selection": {"recipe": d}},
+         "pseudo": {"rule": "cross_validation", "per_class_amount": 50, "count": 500, "pool_size": 900, "folds": 5,
+                    "labeled_images": 120, "labeler_oof_accuracy": 0.7, "per_class": [50] * 10}}
+    rows, table, head, text = _selection_rows(m)
+    assert rows == [["classic augmentation", "cross-validation", "real 71.0 / 65.0, real+classic 74.0 / 70.0",
+                     "+3.0 [-1.0, +7.0] (95%)",
+                     "120 images, 5 folds x 2", "real (the data cannot decide: simpler)"]]
+    assert "50 per class" in text and "500 of 900" in text and "70.0%" in text
+
+
+def test_the_choices_stage_key_follows_the_recipe_but_not_the_rest_of_evaluation(tiny_cfg):
+    from augment.pipeline import STAGE_SECTIONS
+
+    key = lambda c: c.fingerprint(*STAGE_SECTIONS["pseudo"])  # noqa: E731
+    ev = tiny_cfg.evaluation
+    assert key(tiny_cfg.model_copy(update={"evaluation": ev.model_copy(update={"seeds": 7})})) == key(tiny_cfg)
+    assert key(tiny_cfg.model_copy(update={"evaluation": ev.model_copy(update={"recipe": "none"})})) != key(tiny_cfg)
+    sel = tiny_cfg.selection
+    assert key(tiny_cfg.model_copy(update={"selection": sel.model_copy(update={"folds": 4})})) != key(tiny_cfg)
