@@ -66,6 +66,11 @@ def write_mnist(root: str | Path) -> Path:
 
 WRITERS = {"lfw": write_lfw, "mnist": write_mnist}
 
+
+def source_override(dataset: str, out: str | Path) -> list[str]:
+    """`data.source=<folder>` for a dataset written as an image folder under <out>/datasets (none for digits)."""
+    return [f"data.source={WRITERS[dataset](Path(out) / 'datasets' / dataset)}"] if dataset in WRITERS else []
+
 if __name__ == "__main__":
     if len(sys.argv) != 3 or sys.argv[1] not in WRITERS:
         raise SystemExit(__doc__)

@@ -28,7 +28,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ROOT, print_table, run_job  # noqa: E402
-from bench_data import write_lfw, write_mnist  # noqa: E402
+from bench_data import source_override  # noqa: E402
 
 DATASETS = {
     "digits": ["data.source=sklearn-digits"],
@@ -61,11 +61,7 @@ def main() -> None:
     results_path = Path(a.out) / f"quality-{a.split}.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     for ds in a.datasets:
-        extra = list(DATASETS[ds])
-        if ds == "lfw":
-            extra.append(f"data.source={write_lfw(Path(a.out) / 'datasets' / 'lfw')}")
-        if ds == "mnist":
-            extra.append(f"data.source={write_mnist(Path(a.out) / 'datasets' / 'mnist')}")
+        extra = [*DATASETS[ds], *source_override(ds.split("-")[0], a.out)]
         rows = []
         for k in a.shots:
             jobs = []
