@@ -254,19 +254,23 @@ class ClassifierConfig(_Section):
 
 
 class PseudoConfig(_Section):
-    """Pseudo-labels for the unlabeled pool, from a classifier trained on the labeled train split only."""
+    """Pseudo-labels for the unlabeled pool, from a classifier trained on the labeled train split only; how many is
+    chosen out of fold (`per_class`) or by a precision target on validation (`thresholds`), per selection.rule."""
 
     enabled: bool = Field(True, description="Pseudo-label the unlabeled pool (when the job has one).")
     classifier: ClassifierConfig = Field(default_factory=ClassifierConfig, description="The pseudo-labeler.")
     thresholds: list[float] = Field(
         [0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99], min_length=1,
-        description="Candidate confidence thresholds; the lowest one that meets `min_precision` on validation wins.",
+        description="selection.rule=validation: candidate confidence thresholds; the lowest one that meets "
+        "`min_precision` on validation wins.",
     )
     min_precision: float = Field(
-        0.98, gt=0, le=1, description="Required accuracy of the confident predictions on the validation split.",
+        0.98, gt=0, le=1, description="selection.rule=validation: required accuracy of the confident predictions on "
+        "the validation split.",
     )
     min_support: int = Field(
-        10, ge=1, description="A threshold counts only if at least this many validation images pass it.",
+        10, ge=1, description="selection.rule=validation: a threshold counts only if at least this many validation "
+        "images pass it.",
     )
     per_class: list[int] = Field(
         [25, 100, 400], min_length=1, description="selection.rule=cross_validation: candidate numbers of pool "
