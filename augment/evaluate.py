@@ -292,7 +292,7 @@ def evaluate(cfg: EvaluationConfig, sets: TrainingSets, output_dir: str | Path,
                 if "pseudo" in decisions:
                     d = decisions["pseudo"]
                     helps = d["chosen"].endswith("+pseudo")
-                    selection["pseudo"] = {"rule": "cross_validation", **d, "in_recipe": helps}
+                    selection["pseudo"] = {**d, "in_recipe": helps}
                 else:
                     helps = has_val and _val_mean(results[_with(recipe, "pseudo")]) > _val_mean(results[recipe])
                     selection["pseudo"] = {"rule": "validation",
@@ -346,11 +346,9 @@ def evaluate(cfg: EvaluationConfig, sets: TrainingSets, output_dir: str | Path,
 
 def _choose_recipe(cfg: EvaluationConfig, results: dict, has_val: bool, selection: dict,
                    decided: dict | None = None) -> str:
-    if decided is not None:  # cross-validated (augment.selection)
-        recipe = decided["chosen"] if cfg.recipe == "auto" else "real+classic" if cfg.recipe == "classic" else "real"
-        selection["recipe"] = {**decided, "rule": "cross_validation" if cfg.recipe == "auto" else cfg.recipe,
-                               "chosen": recipe}
-        return recipe
+    if decided is not None:  # made by the pseudo stage, which already applied evaluation.recipe (part of its key)
+        selection["recipe"] = dict(decided)
+        return decided["chosen"]
     val = {a: _val_mean(results[a]) for a in ("real", "real+classic")}
     if cfg.recipe == "auto":
         recipe = "real+classic" if not has_val or val["real+classic"] >= val["real"] else "real"

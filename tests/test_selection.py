@@ -87,8 +87,8 @@ def test_the_cross_validated_pseudo_rule_labels_pool_images_with_a_weak_labeler(
     assert max(s["per_class"]) == s["per_class_amount"]  # no class above the shared amount
     assert decisions["recipe"]["images"] == decisions["pseudo"]["images"] == len(few_shot.train) == 60
     assert set(decisions["pseudo"]["per_class_oof_accuracy"]) == {"5", "15"}
-    # the labels are the final labeler's predictions on those pool rows
-    assert labels.labels.tolist() == np.asarray(labels.labels).tolist() and len(labels.ids) == len(labels)
+    # every labeled row names its pool image
+    assert labels.ids == [few_shot.pool.ids[i] for i in labels.index]
 
 
 def test_the_folds_never_see_test_and_shuffled_test_labels_change_no_choice(tiny_cfg, monkeypatch):
@@ -143,7 +143,8 @@ def test_the_evaluation_follows_the_cross_validated_choices(few_shot, tmp_path):
                         (p.images[:30], np.arange(30) % 10))
     cfg = EvaluationConfig(seeds=1, model=TINY_CNN, workers=1, diagnostic_arms=False, filter_ablation=False)
     base = {"options": ["real", "real+classic"], "oof_accuracy": {"real": 0.5, "real+classic": 0.6}, "images": 60,
-            "folds": 5, "repeats": 1, "difference": {"mean": 0.1, "ci_low": 0.02, "ci_high": 0.2}}
+            "folds": 5, "repeats": 1, "difference": {"mean": 0.1, "ci_low": 0.02, "ci_high": 0.2},
+            "rule": "cross_validation"}  # as select_and_label writes them
     decisions = {"recipe": {**base, "name": "recipe", "best": "real+classic", "chosen": "real+classic",
                             "decided": True, "reason": "r"},
                  "pseudo": {**base, "name": "pseudo", "options": ["real+classic", "real+classic+pseudo"],
