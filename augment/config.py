@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Annotated, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from augment.backends import NAMES as BACKEND_NAMES
 
@@ -25,6 +26,8 @@ def _no_is_no(value):
 
 Precision = Annotated[Literal["no", "bf16"], BeforeValidator(_no_is_no)]
 AutoPrecision = Annotated[Literal["auto", "no", "bf16"], BeforeValidator(_no_is_no)]
+# A path as a shell would read it: `~/data` is the home folder's data, not a folder named `~` in the working one.
+UserPath = Annotated[str, AfterValidator(os.path.expanduser)]
 
 
 class ConfigError(ValueError):
@@ -36,7 +39,7 @@ class _Section(BaseModel):
 
 
 class DataConfig(_Section):
-    source: str = Field(
+    source: UserPath = Field(
         "sklearn-digits", min_length=1,
         description="`sklearn-digits` (built in, no download), an image folder `<root>/<class>/*`, a CSV/parquet "
         "manifest with `path,label` columns, a `datasets` dataset saved to disk, or a hub dataset id.",
@@ -85,7 +88,7 @@ class BaseModelConfig(_Section):
         "auto", description="Generator backend. `auto`: `stable_diffusion` when `pretrained` is a diffusers Stable "
         "Diffusion pipeline (its model_index.json says so), else `pixel`.",
     )
-    pretrained: str = Field(
+    pretrained: UserPath = Field(
         "builtin",
         description="`builtin` pretrains a pixel-space UNet on the unlabeled pool (cached); otherwise a diffusers "
         "checkpoint, a local folder or a hub id: a UNet2DModel (e.g. google/ddpm-cifar10-32) for the pixel backend, "
@@ -130,7 +133,7 @@ class BaseModelConfig(_Section):
     ema_decay: float | None = Field(0.999, gt=0, lt=1, description="EMA of the base weights; None = off.")
     snr_gamma: float | None = Field(5.0, gt=0, description="Min-SNR loss weighting gamma; None = plain MSE.")
     mixed_precision: Precision = Field("no", description="bf16 autocast (CPU AMX or GPU).")
-    cache_dir: str = Field("outputs/.cache", description="Where pretrained builtin bases are cached.")
+    cache_dir: UserPath = Field("outputs/.cache", description="Where pretrained builtin bases are cached.")
     seed: int = Field(0, ge=0, description="Seed of initialization and noise draws.")
 
     @model_validator(mode="after")
@@ -404,7 +407,7 @@ def parse_arm(name: str) -> frozenset[str]:
 
 
 class PublishConfig(_Section):
-    output_dir: str = Field("outputs/digits", description="Run folder: dataset, report, intermediate files.")
+    output_dir: UserPath = Field("outputs/digits", description="Run folder: dataset, report, intermediate files.")
     dataset_name: str = Field("augmented-digits", description="Name in the dataset card.")
     license: str = Field("unknown", min_length=1, description="License in the dataset card (a Hub license id such "
                          "as cc-by-4.0; your images' license decides it).")
@@ -471,7 +474,8 @@ def _format_errors(err: ValidationError, origin: str) -> str:
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "(top level)"
         msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
-        value = "" if e["type"] == "extra_forbidden" else f" (got {e.get('input')!r})"
+        got = repr(e.get("input"))
+        value = "" if e["type"] == "extra_forbidden" else f" (got {got if len(got) <= 100 else got[:97] + '...'})"
         problems.append(f"{key}: {msg}{value}")
     if len(problems) == 1:
         return f"invalid configuration in {origin}: {problems[0]}"
@@ -493,6 +497,83 @@ def deep_merge(base: dict, patch: dict) -> dict:
     return out
 
 
+ALIAS_BUDGET = 10_000  # values a YAML document may hold once its aliases are expanded
+
+
+class _Refused(Exception):
+    def __init__(self, problem: str, node: yaml.Node):
+        super().__init__(f"line {node.start_mark.line + 1}: {problem}")
+
+
+def _check_nodes(node: yaml.Node, sizes: dict[int, int | None]) -> int:
+    """How many values `node` expands to, every alias counted where it is used; refuse a document past
+    ALIAS_BUDGET (a "billion laughs" file is ten lines that expand to 10^9 values, and everything downstream would
+    walk them), an alias inside its own anchor, and a key given twice in one mapping (YAML keeps the last one
+    silently). Linear in the document: a shared node is counted once and its size reused."""
+    if id(node) in sizes:
+        if sizes[id(node)] is None:
+            raise _Refused("an alias refers to the anchor it is inside of", node)
+        return sizes[id(node)]
+    sizes[id(node)] = None
+    children = node.value if isinstance(node, yaml.SequenceNode) else []
+    if isinstance(node, yaml.MappingNode):
+        seen = {}
+        for key, _ in node.value:
+            if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                if (key.tag, key.value) in seen:
+                    raise _Refused(f"key {key.value!r} appears twice in one mapping (first at line "
+                                   f"{seen[key.tag, key.value]}); YAML would keep only the last", key)
+                seen[key.tag, key.value] = key.start_mark.line + 1
+        children = [n for pair in node.value for n in pair]
+    size = 1
+    for child in children:
+        size += _check_nodes(child, sizes)
+        if size > ALIAS_BUDGET:
+            raise _Refused(f"its aliases expand to more than {ALIAS_BUDGET} values (anchors nested in anchors); "
+                           "write the values out", child)
+    sizes[id(node)] = size
+    return size
+
+
+class _Loader(yaml.SafeLoader):
+    """safe_load, checked by `_check_nodes` between composing (cheap: aliases are shared nodes) and constructing."""
+
+    def compose_document(self):
+        node = super().compose_document()
+        if node is not None:
+            _check_nodes(node, {})
+        return node
+
+
+def parse_yaml(text: str, origin: str):
+    """YAML text as Python values; every problem is one ConfigError naming `origin` and the line."""
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"{origin} is not valid YAML{where}: {getattr(err, 'problem', None) or err}") from None
+    except _Refused as err:
+        raise ConfigError(f"{origin}, {err}") from None
+    except RecursionError:
+        raise ConfigError(f"{origin}: nested too deeply (thousands of levels of lists or mappings)") from None
+
+
+def read_utf8(path: Path, error: type[Exception] = ConfigError) -> str:
+    """A text file the user wrote (config, manifest), decoded as UTF-8 (a BOM is dropped); any other encoding is
+    one `error` naming the file and the first byte that is not UTF-8, not a UnicodeDecodeError traceback."""
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise error(f"cannot read {path}: {err.strerror or err}") from None
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw[:err.start].count(b"\n") + 1
+        raise error(f"{path} is not UTF-8 text: byte 0x{raw[err.start]:02x} at line {line} (offset {err.start}); "
+                    "save it as UTF-8") from None
+
+
 def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
     """Apply `dotted.key=value` strings (values parsed as YAML) to a config mapping; returns a new mapping."""
     data = deep_merge(data, {})
@@ -500,11 +581,7 @@ def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
         key, sep, raw = str(item).partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} must look like section.key=value")
-        try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError as err:
-            raise ConfigError(f"override {item!r}: the value is not valid YAML "
-                              f"({getattr(err, 'problem', None) or err})") from None
+        value = parse_yaml(raw, f"override {item!r}")
         node = data
         *parents, leaf = key.split(".")
         for p in parents:
@@ -517,16 +594,15 @@ def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
-    """Read a YAML config; `overrides` are `dotted.key=value` strings applied on top (values parsed as YAML)."""
+    """Read a YAML config (UTF-8); `overrides` are `dotted.key=value` strings applied on top (values parsed as
+    YAML)."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config {path} is a folder; give a YAML file")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        raise ConfigError(f"{path} is not valid YAML{where}: {getattr(err, 'problem', None) or err}") from None
+    data = parse_yaml(read_utf8(path), str(path))
+    data = {} if data is None else data
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping of sections, got {type(data).__name__}")
     return parse_config(apply_overrides(data, overrides), str(path))

@@ -8,20 +8,16 @@ fine-tuning, filtering or model selection.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from augment.config import DataConfig
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
-
-
-class DataError(ValueError):
-    """Input data the user must fix; the message names the file, column or value."""
-
+from augment.config import DataConfig, read_utf8
+from augment.errors import DataError
+from augment.imagefiles import HIDDEN, IMAGE_SUFFIXES, entry_name, hidden, image_files, normalize, open_image, walk
 
 @dataclass
 class ImageSet:
@@ -29,6 +25,7 @@ class ImageSet:
     labels: np.ndarray  # int64 (N,); -1 for unlabeled
     class_names: list[str]
     ids: list[str] = field(default_factory=list)  # where each image came from
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (entry, why) in the source that is not an image
 
     def __post_init__(self) -> None:
         assert self.images.dtype == np.uint8 and self.images.ndim == 4, self.images.shape
@@ -56,6 +53,7 @@ class Splits:
     # images identical to one in a more protected split: {"split", "id", "copy_of"}; see cross_split_duplicates
     duplicates: list[dict] = field(default_factory=list)
     duplicates_action: str = "report"
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # see ImageSet.skipped
 
     @property
     def class_names(self) -> list[str]:
@@ -91,37 +89,12 @@ class Splits:
             **{f"{n}_class_counts": getattr(self, n).class_counts() for n in ("train", "validation", "test")},
             "duplicates_across_splits": {"count": len(self.duplicates), "action": self.duplicates_action,
                                          "examples": self.duplicates[:20]},
+            "skipped": {"count": len(self.skipped), "reasons": dict(Counter(why for _, why in self.skipped)),
+                        "examples": [f"{entry} ({why})" for entry, why in self.skipped[:20]]},
         }
 
 
 # 1. Reading sources -------------------------------------------------------------------------------------------
-
-
-def _to_8bit(img: Image.Image) -> Image.Image:
-    """16-bit and 32-bit grayscale scaled to 0..255 by their bit depth (PIL's convert("L") clips them)."""
-    if img.mode not in ("I;16", "I;16B", "I;16L", "I", "F"):
-        return img
-    arr = np.asarray(img, dtype=np.float64)
-    top = 65535.0 if img.mode.startswith("I;16") or (img.mode == "I" and arr.max(initial=0) > 255) else 255.0
-    if img.mode == "F":
-        top = 1.0 if arr.max(initial=0) <= 1.0 else 255.0
-    return Image.fromarray(np.clip(arr * (255.0 / top), 0, 255).round().astype(np.uint8), mode="L")
-
-
-def _normalize(img: Image.Image, size: int, channels: int) -> np.ndarray:
-    img = _to_8bit(img).convert("L" if channels == 1 else "RGB")
-    if img.size != (size, size):
-        img = img.resize((size, size), Image.BICUBIC)
-    arr = np.asarray(img, dtype=np.uint8)
-    return arr[..., None] if channels == 1 else arr
-
-
-def _open(path: Path, size: int, channels: int) -> np.ndarray:
-    try:
-        with Image.open(path) as img:
-            return _normalize(img, size, channels)
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as err:
-        raise DataError(f"cannot read image {path}: {err}") from None
 
 
 def _finish(images: list[np.ndarray], labels: list, ids: list[str], origin: str, names=None) -> ImageSet:
@@ -144,7 +117,7 @@ def load_sklearn_digits(cfg: DataConfig) -> ImageSet:
     digits = load_digits()
     # 8x8 images with intensities 0..16; scale to 0..255 before normalizing size/channels.
     raw = np.clip(digits.images * (255.0 / 16.0), 0, 255).round().astype(np.uint8)
-    images = [_normalize(Image.fromarray(a, mode="L"), cfg.image_size, cfg.channels) for a in raw]
+    images = [normalize(Image.fromarray(a, mode="L"), cfg.image_size, cfg.channels) for a in raw]
     ids = [f"sklearn-digits:{i}" for i in range(len(raw))]
     return _finish(images, digits.target.tolist(), ids, "sklearn-digits", names=[str(i) for i in range(10)])
 
@@ -159,50 +132,82 @@ def _inside(path: Path, root: Path, what: str) -> None:
 
 
 def load_imagefolder(root: Path, cfg: DataConfig) -> ImageSet:
-    class_dirs = sorted([d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")],
-                        key=lambda d: _natural_key(d.name))
+    if not root.is_dir():
+        raise DataError(f"image folder {root} is not a folder (data.kind: imagefolder needs <root>/<class>/<image>)")
+    class_dirs, skipped = [], []
+    for entry in root.iterdir():
+        if entry.is_dir() and not hidden(entry):
+            class_dirs.append(entry)
+        else:
+            skipped.append((entry_name(entry, root), HIDDEN if hidden(entry) else "outside a class folder"))
+    class_dirs.sort(key=lambda d: _natural_key(d.name))
     if not class_dirs:
         raise DataError(f"image folder {root} has no class subfolders (expected {root}/<class>/<image>)")
     images, labels, ids = [], [], []
     for label, d in enumerate(class_dirs):
-        files = sorted(p for p in d.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        files, skip = image_files(d, root)
+        skipped += skip
         if not cfg.allow_outside_paths:
             for p in files:
                 _inside(p, root, "image")
         if not files:
             raise DataError(f"class folder {d} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
         for p in files:
-            images.append(_open(p, cfg.image_size, cfg.channels))
+            images.append(open_image(p, cfg.image_size, cfg.channels))
             labels.append(label)
             ids.append(str(p.relative_to(root)))
-    return _finish(images, labels, ids, str(root), names=[d.name for d in class_dirs])
+    data = _finish(images, labels, ids, str(root), names=[d.name for d in class_dirs])
+    data.skipped = sorted(skipped)
+    return data
 
 
 def load_manifest(path: Path, cfg: DataConfig) -> ImageSet:
+    import io
+
     import pandas as pd
 
-    try:
-        df = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+    parquet = path.suffix.lower() == ".parquet"
+    text = "" if parquet else read_utf8(path, DataError)
+    if not parquet and not text.strip():
+        raise DataError(f"manifest {path} is empty (expected a header line path,{cfg.label_column} and a row per image)")
+    sep = next((c for c in (",", "\t", ";") if c in text.split("\n", 1)[0]), ",")  # as Excel saves it, or TSV
+    try:  # every CSV cell as text: a class named NA or None is a class, not a missing label
+        df = pd.read_parquet(path) if parquet else \
+            pd.read_csv(io.StringIO(text), sep=sep, dtype=str, keep_default_na=False)
     except Exception as err:  # pandas raises many types for malformed files
         raise DataError(f"cannot read manifest {path}: {err}") from None
+    df.columns = [str(c).strip() for c in df.columns]
     for col in ("path", cfg.label_column):
         if col not in df.columns:
             raise DataError(f"manifest {path} has no column {col!r} (columns: {list(df.columns)})")
-    images, ids = [], []
-    for row, rel in enumerate(df["path"]):
+    missing = df[cfg.label_column].isna().to_numpy()  # class names: `" cat "` is `cat`, `3` is `"3"`
+    labels = ["" if m else str(v).strip() for v, m in zip(df[cfg.label_column], missing)]
+    images, ids, names, skipped, seen = [], [], [], [], set()
+    for row, (rel, label) in enumerate(zip(df["path"], labels), start=2):
         if not isinstance(rel, str) or not rel:
-            raise DataError(f"manifest {path}, row {row + 2}: empty path")
+            raise DataError(f"manifest {path}, row {row}: empty path")
+        if not label:
+            raise DataError(f"manifest {path}, row {row}: missing label")
+        if "://" in rel:
+            raise DataError(f"manifest {path}, row {row}: {rel} is a URL; augment reads local files (download the "
+                            "images and list their paths)")
+        if (rel, label) in seen:
+            skipped.append((f"row {row}", "duplicate manifest row"))
+            continue
+        seen.add((rel, label))
         p = Path(rel) if Path(rel).is_absolute() else path.parent / rel
+        if not p.exists() and "\\" in rel:  # written on Windows
+            p = path.parent / PureWindowsPath(rel).as_posix()
         if not cfg.allow_outside_paths:
-            _inside(p, path.parent, f"manifest {path}, row {row + 2}: image")
+            _inside(p, path.parent, f"manifest {path}, row {row}: image")
         if not p.is_file():
-            raise DataError(f"manifest {path}, row {row + 2}: image file not found: {p}")
-        images.append(_open(p, cfg.image_size, cfg.channels))
+            raise DataError(f"manifest {path}, row {row}: image file not found: {p}")
+        images.append(open_image(p, cfg.image_size, cfg.channels))
         ids.append(rel)
-    if df[cfg.label_column].isna().any():
-        row = int(np.flatnonzero(df[cfg.label_column].isna().to_numpy())[0])
-        raise DataError(f"manifest {path}, row {row + 2}: missing label")
-    return _finish(images, df[cfg.label_column].tolist(), ids, str(path))
+        names.append(label)
+    data = _finish(images, names, ids, str(path))
+    data.skipped = skipped
+    return data
 
 
 def load_hf(source: str, cfg: DataConfig) -> ImageSet:
@@ -214,7 +219,9 @@ def load_hf(source: str, cfg: DataConfig) -> ImageSet:
         else:
             ds = datasets.load_dataset(source, split=cfg.hf_split)
     except Exception as err:
-        raise DataError(f"cannot load datasets source {source!r}: {err}") from None
+        where = "" if Path(source).exists() else "no such local file or folder, and "
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]  # one line, however long the error
+        raise DataError(f"data.source {source!r}: {where}cannot load it as a datasets dataset: {first}") from None
     if isinstance(ds, datasets.DatasetDict):
         if cfg.hf_split not in ds:
             raise DataError(f"{source}: no split {cfg.hf_split!r} (splits: {list(ds)})")
@@ -225,7 +232,12 @@ def load_hf(source: str, cfg: DataConfig) -> ImageSet:
                             "data.label_column")
     feature = ds.features[cfg.label_column]
     names = list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
-    images = [_normalize(img, cfg.image_size, cfg.channels) for img in ds[cfg.image_column]]
+    images = []
+    for i, img in enumerate(ds[cfg.image_column]):
+        try:
+            images.append(normalize(img, cfg.image_size, cfg.channels))
+        except Exception as err:  # a missing image (None), a path string, a mode PIL cannot convert
+            raise DataError(f"{source}, row {i}: column {cfg.image_column!r} is not a usable image ({err})") from None
     ids = [f"{source}:{cfg.hf_split}:{i}" for i in range(len(ds))]
     return _finish(images, ds[cfg.label_column], ids, source, names=names)
 
@@ -236,8 +248,13 @@ def detect_kind(cfg: DataConfig) -> str:
     if cfg.source == "sklearn-digits":
         return "sklearn-digits"
     p = Path(cfg.source)
-    if p.is_file() and p.suffix.lower() in {".csv", ".parquet"}:
-        return "manifest"
+    if p.is_file():
+        if p.suffix.lower() in {".csv", ".parquet"}:
+            return "manifest"
+        unpack = "; unpack the archive and give its folder" if p.suffix.lower() in {".zip", ".tar", ".gz", ".tgz",
+                                                                                   ".7z"} else ""
+        raise DataError(f"data.source {cfg.source} is a file, but neither a manifest (.csv or .parquet with "
+                        f"path,label columns) nor an image folder <root>/<class>/<image>{unpack}")
     if p.is_dir():
         if (p / "dataset_dict.json").exists() or (p / "dataset_info.json").exists():
             return "hf"
@@ -295,7 +312,7 @@ def split(data: ImageSet, cfg: DataConfig) -> Splits:
     out = {n: data.subset(np.sort(np.asarray(v, dtype=np.int64))) for n, v in parts.items() if n != "pool"}
     pooled = data.subset(np.sort(pool))
     pooled.labels = np.full(len(pooled), -1, dtype=np.int64)  # unlabeled: labels dropped
-    return Splits(pool=pooled, duplicates_action=cfg.cross_split_duplicates, **out)
+    return Splits(pool=pooled, duplicates_action=cfg.cross_split_duplicates, skipped=data.skipped, **out)
 
 
 PROTECTION = ("test", "validation", "train", "pool")  # a copy belongs to the first split that holds one
@@ -362,6 +379,9 @@ def _keep_duplicates_together(data: ImageSet, parts: dict[str, list[int]]) -> No
                 where[i] = target
 
 
+SPLIT_FOLDERS = ("train", "validation", "test", "pool")
+
+
 def has_predefined_splits(cfg: DataConfig) -> bool:
     root = Path(cfg.source)
     return detect_kind(cfg) == "imagefolder" and (root / "train").is_dir() and (root / "test").is_dir()
@@ -378,8 +398,9 @@ def _source_stamp(cfg: DataConfig) -> str | None:
     root = Path(cfg.source)
     if not root.exists():
         return None
-    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
-    return json.dumps([(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files])
+    files = [root] if root.is_file() else sorted(top / n for top, _, names in walk(root, root) for n in names)
+    stats = [p.stat() if p.exists() else p.lstat() for p in files]  # lstat: a broken link (reading it fails later)
+    return json.dumps([(str(p), st.st_size, st.st_mtime_ns) for p, st in zip(files, stats)])
 
 
 def make_splits(cfg: DataConfig, keep: bool = False) -> Splits:
@@ -408,11 +429,14 @@ def _make_splits(cfg: DataConfig) -> Splits:
     def load(name: str) -> ImageSet:
         s = load_imagefolder(root / name, cfg)
         s.ids = [f"{name}/{i}" for i in s.ids]
+        skipped.extend((f"{name}/{entry}", why) for entry, why in s.skipped)
         if name != "train" and s.class_names != train.class_names:
             raise DataError(f"{root / name} has classes {s.class_names}, but {root / 'train'} has "
                             f"{train.class_names}: the class folders must match")
         return s
 
+    skipped = [(entry_name(e, root), HIDDEN if hidden(e) else "outside train/, validation/, test/ and pool/")
+               for e in sorted(root.iterdir()) if e.name not in SPLIT_FOLDERS or not e.is_dir()]
     train = load("train")
     test = load("test")
     given_val = (root / "validation").is_dir()
@@ -431,12 +455,13 @@ def _make_splits(cfg: DataConfig) -> Splits:
     sub = {n: train.subset(np.sort(np.asarray(v, dtype=np.int64))) for n, v in parts.items()}
     pools = [sub["pool"]] if cfg.use_unlabeled_pool else []
     if cfg.use_unlabeled_pool and (root / "pool").is_dir():
-        files = sorted(p for p in (root / "pool").rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        files, skip = image_files(root / "pool", root)
+        skipped += skip
         if not cfg.allow_outside_paths:
             for p in files:
                 _inside(p, root, "image")
         if files:
-            pools.append(ImageSet(np.stack([_open(p, cfg.image_size, cfg.channels) for p in files]),
+            pools.append(ImageSet(np.stack([open_image(p, cfg.image_size, cfg.channels) for p in files]),
                                   np.full(len(files), -1, np.int64), train.class_names,
                                   [f"pool/{p.relative_to(root / 'pool')}" for p in files]))
     pool = ImageSet(np.concatenate([p.images for p in pools]) if pools else train.images[:0],
@@ -447,8 +472,8 @@ def _make_splits(cfg: DataConfig) -> Splits:
     pool.labels = np.full(len(pool), -1, np.int64)
     validation = load("validation") if given_val else sub["validation"]
     # only here can copies straddle splits: a random split keeps them together (_keep_duplicates_together)
-    return cross_split_duplicates(Splits(train=sub["train"], validation=validation, test=test, pool=pool),
-                                  cfg.cross_split_duplicates)
+    return cross_split_duplicates(Splits(train=sub["train"], validation=validation, test=test, pool=pool,
+                                         skipped=skipped), cfg.cross_split_duplicates)
 
 
 def data_fingerprint(splits: Splits) -> str:

@@ -3,3 +3,7 @@
 
 class ModelError(ValueError):
     """A checkpoint the user pointed at that cannot be used."""
+
+
+class DataError(ValueError):
+    """Input data the user must fix; the message names the file, column or value."""

@@ -344,6 +344,11 @@ def sections(m: dict) -> list[tuple[str, str, list[tuple[list[str], list[list]]]
                     ("they were removed from it (data.cross_split_duplicates: drop)." if dup["action"] == "drop" else
                      "they were left in place, so every arm's test accuracy may be inflated; set "
                      "data.cross_split_duplicates: drop to remove them."))
+    skipped = data.get("skipped") or {}
+    skip_text = "" if not skipped.get("count") else (
+        f" {skipped['count']} entries of the data source were skipped (" +
+        ", ".join(f"{why}: {n}" for why, n in skipped["reasons"].items()) + "), e.g. " +
+        ", ".join(skipped["examples"][:5]) + "; data/summary.json lists the first 20.")
     return [
         ("Verdict", verdict, [(["comparison", "Δ accuracy (pts)", "95% CI", "p", "verdict", "Δ macro-F1 (pts)"],
                                gain_rows)], []),
@@ -384,7 +389,7 @@ def sections(m: dict) -> list[tuple[str, str, list[tuple[list[str], list[list]]]
         ("Data and test split",
          f"Test split: {data['test_size']} real images, held out from fine-tuning, filtering and model selection. "
          f"Labeled train: {data['train_size']}, validation: {data['validation_size']}, unlabeled pool: "
-         f"{data['pool_size']}." + dup_text,
+         f"{data['pool_size']}." + dup_text + skip_text,
          [(["class", "train", "validation", "test"], test_rows),
           (["published split", "rows", "synthetic", "pseudo-labeled", "real labeled"], ds_rows)]
          + ([(["split", "image", "identical to"], dup_rows)] if dup_rows else []), []),

@@ -64,16 +64,30 @@ def is_ours(folder: str | Path) -> bool:
     return (Path(folder) / MARKER).is_file()
 
 
+def check_writable_dir(path: str | Path, key: str, data_source: str = "") -> Path:
+    """Raise RunFolderError unless `path` (the config's `key`) is a folder, or can be made one, that this process
+    may write, outside the data source; write nothing. Checked before a run starts: a cache folder that is a file
+    would otherwise fail an hour in, when the first model is saved."""
+    out = Path(path).expanduser().resolve()
+    if out.exists() and not out.is_dir():
+        raise RunFolderError(f"{key} {path} is a file, not a folder")
+    parent = next(p for p in (out, *out.parents) if p.exists())
+    if not parent.is_dir():
+        raise RunFolderError(f"{key} {path} cannot be created: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise RunFolderError(f"{key} {path} is not writable: no permission to write in {parent} (or it is on a "
+                             "read-only file system)")
+    src = _local_source(data_source)
+    if src is not None and _within(out, src):
+        raise RunFolderError(f"{key} {path} lies inside data.source {data_source}: choose a folder outside your data")
+    return out
+
+
 def check_output_dir(output_dir: str | Path, data_source: str = "") -> Path:
     """Raise RunFolderError if augment may not use `output_dir` as a run folder; write nothing."""
-    out = Path(output_dir).expanduser().resolve()
-    if out.exists() and not out.is_dir():
-        raise RunFolderError(f"publish.output_dir {output_dir} is a file, not a folder")
+    out = check_writable_dir(output_dir, "publish.output_dir", data_source)
     src = _local_source(data_source)
     if src is not None:
-        if _within(out, src):
-            raise RunFolderError(f"publish.output_dir {output_dir} lies inside data.source {data_source}: "
-                                 "choose an output folder outside your data")
         if _within(src, out):
             raise RunFolderError(f"publish.output_dir {output_dir} contains data.source {data_source}: "
                                  "choose an output folder outside your data")

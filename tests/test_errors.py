@@ -51,9 +51,36 @@ def _split_mismatch(u: Path) -> str:
     return str(u / "sp")
 
 
-def _config_file(u: Path, text: str) -> str:
-    (u / "job.yaml").write_text(text)
+def _config_file(u: Path, text: str | bytes) -> str:
+    (u / "job.yaml").write_bytes(text if isinstance(text, bytes) else text.encode())
     return str(u / "job.yaml")
+
+
+# eleven lines that expand to 9^10 values: PyYAML builds them as shared references in milliseconds, and everything
+# that walks the result (validation, merging, error messages) would then take forever
+LAUGHS = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"l{i}: &l{i} [{', '.join(['*a' if i == 0 else f'*l{i - 1}'] * 9)}]\n" for i in range(9)) + "name: *l8\n"
+
+
+def _with_file(u: Path, name: str, data: bytes) -> str:
+    """An image folder with one more file, `name` (relative to it), holding `data`."""
+    src = Path(_folder(u))
+    (src / name).write_bytes(data)
+    return str(src)
+
+
+def _truncated_jpeg() -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (16, 16, 3), np.uint8)).save(buf, "JPEG")
+    return buf.getvalue()[:200]
+
+
+def _broken_link(u: Path) -> str:
+    src = _folder(u)
+    (Path(src) / "cat" / "gone.png").symlink_to("deleted.png")  # a renamed or deleted file
+    return src
 
 
 # Every bad input a user has sent us: (setup(U) -> data.source or None, extra arguments, what the one line names).
@@ -95,9 +122,261 @@ BAD_INPUTS = {
     "output inside data": (_folder, ["--output-dir", "{src}/cat/out"], "lies inside data.source"),
     "output contains data": (_folder, ["--output-dir", "{U}"], "contains data.source"),
     "output is a file": (_folder, ["--output-dir", "{src}/../notes.txt"], "is a file"),
+    "output under a file": (_folder, ["--output-dir", "{U}/notes.txt/out"], "notes.txt is a file"),
     "foreign non-empty output": (lambda u: (u / "mine").mkdir() or (u / "mine" / "a.txt").write_text("x") and None,
                                  ["--output-dir", "{U}/mine"], "not empty and was not created by augment"),
+    # issue 22: a user's inputs that hung or ended in a traceback
+    "config billion laughs": (lambda u: _config_file(u, LAUGHS), ["CONFIG={src}"],
+                              "job.yaml, line 4: its aliases expand to more than 10000 values"),
+    "recursive alias in --set": (None, ["--set", "name=&a [*a]"], "override 'name=&a [*a]', line 1: an alias"),
+    "config in latin-1": (lambda u: _config_file(u, "name: café\n".encode("latin-1")), ["CONFIG={src}"],
+                          "job.yaml is not UTF-8 text: byte 0xe9 at line 1"),
+    "cache dir is a file": (None, ["--set", "base.cache_dir={U}/notes.txt"], "base.cache_dir"),
+    "cache dir under a file": (None, ["--set", "base.cache_dir={U}/notes.txt/cache"], "notes.txt is a file"),
+    "cache dir inside data": (_folder, ["--set", "base.cache_dir={src}/.cache"], "base.cache_dir"),
+    # more of what real folders and configs hold
+    "config key twice": (lambda u: _config_file(u, "lora: {rank: 4}\nname: x\nlora: {rank: 8}\n"), ["CONFIG={src}"],
+                         "key 'lora' appears twice"),
+    "config nested too deeply": (lambda u: _config_file(u, "name: " + "[" * 20000 + "]" * 20000), ["CONFIG={src}"],
+                                 "job.yaml: nested too deeply"),
+    "config python tag": (lambda u: _config_file(u, "name: !!python/object/apply:os.system [ls]\n"),
+                          ["CONFIG={src}"], "could not determine a constructor"),
+    "config in UTF-16": (lambda u: _config_file(u, "name: x\n".encode("utf-16")), ["CONFIG={src}"], "not UTF-8"),
+    "config is a folder": (None, ["CONFIG={U}"], "is a folder"),
+    "zero-byte image": (lambda u: _with_file(u, "cat/empty.png", b""), [], "cat/empty.png: the file is empty"),
+    "truncated jpeg": (lambda u: _with_file(u, "dog/cut.jpg", _truncated_jpeg()), [], "dog/cut.jpg"),
+    "text under an image name": (lambda u: _with_file(u, "fox/notes.png", b"hello"), [], "fox/notes.png: not an image"),
+    "broken symlink": (_broken_link, [], "gone.png: a broken symlink"),
+    "source is a text file": (lambda u: str(u / "notes.txt"), [], "notes.txt is a file, but neither a manifest"),
+    "source is a zip": (lambda u: (u / "imgs.zip").write_bytes(b"PK\x03\x04") and str(u / "imgs.zip"), [],
+                        "unpack the archive"),
+    "imagefolder kind on a file": (_manifest, ["--set", "data.kind=imagefolder"], "labels.csv is not a folder"),
+    "relative source that is nowhere": (lambda u: "my_images/cats", [], "no such local file or folder"),
+    "manifest in latin-1": (lambda u: _with_file(u, "labels.csv", "path,label\ncat/0.png,chât\n".encode("latin-1")) +
+                            "/labels.csv", [], "labels.csv is not UTF-8 text"),
+    "manifest of URLs": (lambda u: _manifest(u, [("https://example.com/0.png", "cat")] * 2), [], "is a URL"),
+    "manifest: one file, two labels": (lambda u: _manifest(u, [(f"{c}/{i}.png", c) for c in ("cat", "dog", "fox")
+                                                           for i in range(12)] + [("cat/0.png", "dog")]), [],
+                                       "cat/0.png (cat), cat/0.png (dog)"),
+    "manifest: empty file": (lambda u: _with_file(u, "labels.csv", b"") + "/labels.csv", [], "labels.csv is empty"),
 }
+
+
+def _img(seed: int, size=(10, 10)) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (*size[::-1], 3), np.uint8))
+
+
+def _png(seed: int) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    _img(seed).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _junk(u: Path, files: dict[str, bytes], per_class: int = 4) -> str:
+    """An image folder (3 classes x per_class PNGs) with more entries: `name/` makes a folder, else a file."""
+    src = Path(_folder(u, per_class=per_class))
+    for name, data in files.items():
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        (src / name).mkdir() if name.endswith("/") else (src / name).write_bytes(data)
+    return str(src)
+
+
+def _mac_split_folders(u: Path) -> str:
+    root = u / "sp"
+    write_imagefolder(root / "train", per_class=6)
+    write_imagefolder(root / "test", per_class=3, seed=1)
+    write_imagefolder(root / "pool", classes=("any",), per_class=2, seed=2)
+    for name in ("train/cat/._0.png", "test/dog/._1.png", "pool/any/._0.png", "__MACOSX/train/._x", "README.md",
+                 "val/0.png"):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(b"\0\5\26\7 AppleDouble or notes")
+    return str(root)
+
+
+def _formats(u: Path) -> str:
+    src = Path(_folder(u, per_class=4))
+    _img(1).save(src / "cat" / "a.webp")
+    _img(2).save(src / "cat" / "b.bmp")
+    _img(3).save(src / "dog" / "c.tiff")
+    frames = [_img(i).convert("P") for i in (4, 5, 6)]
+    frames[0].save(src / "dog" / "moving.gif", save_all=True, append_images=frames[1:])  # the first frame is read
+    _img(7).convert("CMYK").save(src / "fox" / "print.jpg")
+    Image.new("RGB", (1, 1), "red").save(src / "fox" / "dot.png")
+    _img(8).save(src / "fox" / "LOUD.PNG")
+    _img(9).save(src / "fox" / "Photo.JPEG")
+    return str(src)
+
+
+def _odd_names(u: Path) -> str:
+    src = Path(_folder(u, per_class=4))
+    for k, name in enumerate(["with space.png", "ünïcødé 猫.png", "-starts-with-dash.png", "new\nline.png",
+                              "x.png.png", "x.png/inside.png"]):  # the last: a folder named like an image
+        (src / "cat" / name).parent.mkdir(exist_ok=True)
+        _img(20 + k).save(src / "cat" / name, format="PNG")
+    return str(src)
+
+
+def _symlinked_tree(u: Path) -> str:
+    """A class folder holding a link to a tree kept elsewhere inside the data root (a hidden store)."""
+    src = Path(_folder(u, per_class=4))
+    (src / ".store" / "more cats").mkdir(parents=True)
+    for i in range(3):
+        _img(30 + i).save(src / ".store" / "more cats" / f"{i}.png")
+    (src / "cat" / "more").symlink_to(src / ".store" / "more cats")
+    return str(src)
+
+
+def _symlink_loops(u: Path) -> str:
+    src = Path(_folder(u, per_class=4))
+    (src / "cat" / "up").symlink_to(src)  # back to the root
+    (src / "dog" / "me").symlink_to(src / "dog")  # to itself
+    return str(src)
+
+
+def _fifo(u: Path) -> str:
+    import os
+
+    src = Path(_folder(u, per_class=4))
+    os.mkfifo(src / "cat" / "pipe.png")  # opening it would wait forever for a writer
+    return str(src)
+
+
+def _csv(u: Path, text: str, name: str = "labels.csv", rows=None) -> str:
+    """A manifest beside the 3 x 4 images; `text` formats each (path, label) row, `{h}` the header."""
+    src = Path(_folder(u, per_class=4))
+    rows = rows or [(f"{c}/{i}.png", c) for c in ("cat", "dog", "fox") for i in range(4)]
+    head, line = text.split("|")
+    (src / name).write_bytes((head + "".join(line.format(p=p, l=lab, a=src / p, w=p.replace("/", "\\"), k=k)
+                                              for k, (p, lab) in enumerate(rows))).encode())
+    return str(src / name)
+
+
+CATS = ["cat", "dog", "fox"]
+HIDDEN = "hidden or __MACOSX"
+# What real folders and manifests hold, that must simply work: (setup(U) -> data.source, images loaded (train,
+# validation, test and pool together), class names, skipped entries by reason).
+GOOD_INPUTS = {
+    "Mac copy": (lambda u: _junk(u, {"__MACOSX/cat/._0.png": b"\0\5\26\7", "cat/._0.png": b"\0\5\26\7",
+                                     ".DS_Store": b"x", "dog/.DS_Store": b"x"}), 12, CATS, {HIDDEN: 4}),
+    "Windows and editor files": (lambda u: _junk(u, {"cat/Thumbs.db": b"x", "dog/desktop.ini": b"x",
+                                                     "fox/README.txt": b"x", "labels.xlsx": b"x"}),
+                                 12, CATS, {"not an image file": 3, "outside a class folder": 1}),
+    "hidden folders": (lambda u: _junk(u, {".git/HEAD": b"x", "cat/.ipynb_checkpoints/0-checkpoint.png": b"x",
+                                           "dog/.thumbnails/": b""}), 12, CATS, {HIDDEN: 3}),
+    "split folders from a Mac": (_mac_split_folders, 18 + 9 + 2, CATS,
+                                 {HIDDEN: 4, "outside train/, validation/, test/ and pool/": 2}),
+    "formats, frames, modes, 1x1, upper-case suffixes": (_formats, 20, CATS, {}),
+    "odd file names": (_odd_names, 18, CATS, {}),
+    "numbered class folders": (lambda u: str(write_imagefolder(u / "n", classes=[str(i) for i in range(11)],
+                                                               per_class=4)), 44, [str(i) for i in range(11)], {}),
+    "nested folders in a class": (lambda u: _junk(u, {"cat/2024/jan/a.png": _png(40)}), 13, CATS, {}),
+    "symlinked tree": (_symlinked_tree, 15, CATS, {HIDDEN: 1}),
+    "symlink loops": (_symlink_loops, 12, CATS, {"symlink to a folder already read": 2}),
+    "FIFO named .png": (_fifo, 12, CATS, {"not a regular file": 1}),
+    "trailing slash": (lambda u: _folder(u, per_class=4) + "/", 12, CATS, {}),
+    "~ in data.source": (lambda u: _folder(u, per_class=4) and "~/imgs", 12, CATS, {}),
+    "manifest with extra columns": (lambda u: _csv(u, "id,path,label,annotator,score\n|{k},{p},{l},ann,0.9\n"),
+                                    12, CATS, {}),
+    "manifest with absolute paths": (lambda u: _csv(u, "path,label\n|{a},{l}\n"), 12, CATS, {}),
+    "manifest with Windows paths": (lambda u: _csv(u, "path,label\r\n|{w},{l}\r\n"), 12, CATS, {}),
+    "manifest with a BOM": (lambda u: _csv(u, "\ufeffpath,label\n|{p},{l}\n"), 12, CATS, {}),
+    "manifest with duplicate rows": (lambda u: _csv(u, "path,label\n|{p},{l}\n{p},{l}\n"), 12, CATS,
+                                     {"duplicate manifest row": 12}),
+    "manifest with spaces": (lambda u: _csv(u, "path , label\n|{p}, {l} \n"), 12, CATS, {}),
+    "manifest from Excel (;)": (lambda u: _csv(u, "path;label\n|{p};{l}\n"), 12, CATS, {}),
+    "manifest as TSV, upper-case suffix": (lambda u: _csv(u, "path\tlabel\n|{p}\t{l}\n", "LABELS.CSV"), 12, CATS, {}),
+    "manifest with numeric labels": (lambda u: _csv(u, "path,label\n|{p},{l}\n", rows=[
+        (f"{c}/{i}.png", n) for c, n in (("cat", "10"), ("dog", "9"), ("fox", "2")) for i in range(4)]),
+        12, ["2", "9", "10"], {}),
+    "manifest with NA and None classes": (lambda u: _csv(u, "path,label\n|{p},{l}\n", rows=[
+        (f"{c}/{i}.png", n) for c, n in (("cat", "NA"), ("dog", "None"), ("fox", "null")) for i in range(4)]),
+        12, ["NA", "None", "null"], {}),
+}
+
+
+@pytest.mark.parametrize("case", list(GOOD_INPUTS))
+def test_good_input_loads_and_counts_what_it_skipped(tmp_path, monkeypatch, case):
+    from augment.config import DataConfig
+    from augment.data import make_splits
+
+    setup, n, names, skipped = GOOD_INPUTS[case]
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = DataConfig(source=setup(tmp_path), image_size=8, channels=3, shots_per_class=None, test_fraction=0.25)
+    s = make_splits(cfg)
+    assert sum(len(p) for p in (s.train, s.validation, s.test, s.pool)) == n
+    assert s.class_names == names and s.train.images.shape[1:] == (8, 8, 3)
+    assert s.summary()["skipped"]["reasons"] == skipped and s.summary()["skipped"]["count"] == sum(skipped.values())
+
+
+def test_every_mode_pil_opens_loads_in_gray_and_rgb(tmp_path):
+    """A Lab TIFF (issue 22: a traceback from PIL's convert) and every other mode a file can hold."""
+    from augment.config import DataConfig
+    from augment.data import load_images
+
+    src = Path(_folder(tmp_path, per_class=4))
+    modes = ["LAB", "CMYK", "YCbCr", "1", "L", "LA", "P", "RGBA", "RGBX", "I", "F", "I;16", "I;16B"]
+    for k, mode in enumerate(modes):
+        _img(50 + k).convert(mode).save(src / "cat" / f"{k}.tif")
+    for channels in (1, 3):
+        data = load_images(DataConfig(source=str(src), image_size=8, channels=channels))
+        assert data.images.shape == (12 + len(modes), 8, 8, channels)
+
+
+def test_transparency_is_white_and_exif_orientation_is_honored(tmp_path):
+    from augment.config import DataConfig
+    from augment.data import load_images
+
+    src = Path(_folder(tmp_path, per_class=4))
+    clear = np.zeros((8, 8, 4), np.uint8)  # black, fully transparent: a viewer shows the background
+    Image.fromarray(clear).save(src / "cat" / "rgba.png")
+    palette = Image.new("P", (8, 8), 0)
+    palette.putpalette([0, 0, 0] * 256)
+    palette.save(src / "dog" / "palette.png", transparency=0)
+    photo = Image.new("RGB", (16, 8), "white")
+    photo.paste((255, 0, 0), (0, 0, 8, 8))  # the left half red, as the sensor stored it
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display": the red half is then on top
+    photo.save(src / "fox" / "phone.jpg", exif=exif.tobytes(), quality=95)
+    data = load_images(DataConfig(source=str(src), image_size=8, channels=3))
+    img = dict(zip(data.ids, data.images))
+    assert (img["cat/rgba.png"] == 255).all() and (img["dog/palette.png"] == 255).all()
+    top, bottom = img["fox/phone.jpg"][:3].astype(int), img["fox/phone.jpg"][5:].astype(int)
+    assert (top[..., 0] > 200).all() and (top[..., 1] < 60).all() and (bottom > 200).all()
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "geteuid") or __import__("os").geteuid() == 0,
+                    reason="root reads any file")
+def test_unreadable_image_is_a_data_error(tmp_path):
+    from augment.config import DataConfig
+    from augment.data import DataError, load_images
+
+    src = Path(_folder(tmp_path, per_class=4))
+    (src / "cat" / "0.png").chmod(0)
+    with pytest.raises(DataError, match=r"cat/0.png: Permission denied"):
+        load_images(DataConfig(source=str(src)))
+
+
+def test_validate_accepts_a_messy_folder_and_the_summary_counts_what_was_skipped(tmp_path, capsys):
+    """End to end: `augment validate` on a Mac copy with a Lab TIFF; the data stage writes the skipped count."""
+    import json
+
+    from augment import pipeline
+    from augment.config import load_config
+
+    src = Path(_junk(tmp_path, {"__MACOSX/cat/._0.png": b"\0\5", "cat/._1.png": b"\0\5", "dog/Thumbs.db": b"x"},
+                     per_class=12))
+    _img(60).convert("LAB").save(src / "fox" / "lab.tif")
+    args = ["--set", f"data.source={src}", "--set", "data.channels=3", "--set", f"base.cache_dir={tmp_path / 'c'}",
+            "--set", f"publish.output_dir={tmp_path / 'out'}"]
+    assert main(["validate", TINY, *args]) == 0
+    assert f"source: {src}" in capsys.readouterr().out and not (tmp_path / "out").exists()
+    cfg = load_config(TINY, [a for a in args if a != "--set"])
+    pipeline.prepare_data(cfg)
+    summary = json.loads((tmp_path / "out" / "data" / "summary.json").read_text())
+    assert summary["skipped"]["reasons"] == {HIDDEN: 2, "not an image file": 1}
+    assert "__MACOSX/ (hidden or __MACOSX)" in summary["skipped"]["examples"]
 
 
 def _snapshot(root: Path) -> dict[str, bytes]:
@@ -128,7 +407,35 @@ def test_bad_input_is_one_line_naming_the_culprit_and_changes_nothing(tmp_path, 
 
 
 def test_the_bad_input_table_is_long_enough():
-    assert len(BAD_INPUTS) >= 25
+    assert len(BAD_INPUTS) >= 55
+
+
+@pytest.mark.timeout(30)
+def test_yaml_bombs_fail_fast_in_files_and_overrides(tmp_path):
+    """The check counts shared nodes once, so even 2^60 values are refused at once."""
+    from augment.config import ConfigError, load_config
+
+    doubling = "a0: &a0 [x, x]\n" + "".join(f"a{i}: &a{i} [*a{i - 1}, *a{i - 1}]\n" for i in range(1, 60))
+    p = tmp_path / "c.yaml"
+    for text in (LAUGHS, doubling, "name: &a {x: *a}\n"):
+        p.write_text(text)
+        with pytest.raises(ConfigError, match="c.yaml, line"):
+            load_config(p)
+    one_line = "[&a0 [x, x]" + "".join(f", &a{i} [*a{i - 1}, *a{i - 1}]" for i in range(1, 60)) + "]"
+    p.write_text("name: x\n")
+    with pytest.raises(ConfigError, match="override 'evaluation.arms=.*more than 10000 values"):
+        load_config(p, ["evaluation.arms=" + one_line])
+
+
+def test_anchors_and_merge_keys_within_the_budget_work(tmp_path):
+    from augment.config import load_config
+
+    p = tmp_path / "c.yaml"
+    p.write_bytes("\ufeffselection:\r\n  model: &m {width: 8, steps: 15}\r\nevaluation:\r\n  model:\r\n    <<: *m\r\n"
+                  "    width: 16\r\nfilter:\r\n  quality_classifier: *m\r\n".encode())  # BOM and CRLF too
+    cfg = load_config(p)
+    assert (cfg.selection.model.width, cfg.evaluation.model.width, cfg.evaluation.model.steps,
+            cfg.filter.quality_classifier.width) == (8, 16, 15, 8)
 
 
 def test_decompression_bomb_is_a_data_error(tmp_path, monkeypatch):
