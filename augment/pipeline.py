@@ -53,10 +53,12 @@ def run_dir(cfg: RunConfig) -> Path:
 
 def preflight(cfg: RunConfig) -> None:
     """Every check that needs no run folder: the data loads and splits (kept in memory for the data stage), the
-    base checkpoint exists, the output folder may be used. A user error raises here, before anything is written."""
+    base checkpoint exists, the output and cache folders may be used. A user error raises here, before anything is
+    written."""
     from augment.backends import check_base
 
     run_folder.check_output_dir(cfg.publish.output_dir, cfg.data.source)
+    run_folder.check_writable_dir(cfg.base.cache_dir, "base.cache_dir", cfg.data.source)
     check_base(cfg.base)
     splits = make_splits(cfg.data, keep=True)
     if cfg.selection.rule == "cross_validation":
