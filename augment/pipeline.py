@@ -496,27 +496,42 @@ def versions() -> dict:
 def run(cfg: RunConfig, log=print, on_stage: Callable[[str | None], None] | None = None, wait: bool = False) -> dict:
     """Every stage in the flow's order, without Prefect (notebooks, benchmarks); returns the report's metrics.
     `on_stage(name)` is called as each stage starts, and with None at the end."""
+    from augment.progress import stage
     from augment.report import build_report
 
-    from augment.progress import stage_bar as bar
-
     mark = on_stage or (lambda name: None)
+
+    @contextmanager
+    def step(name: str, what: str, unit: str = ""):
+        mark(name)
+        with stage(what, unit, log) as progress:
+            yield progress
+
     t0 = time.time()
     with started(cfg, wait=wait):
         mark_finished(cfg, False)
         record(cfg, None, versions=versions())
-        mark("data"); prepare_data(cfg)
-        mark("base"); base = base_model(cfg, log=log, progress=bar("base pretraining", "step"))
+        with step("data", "data"):
+            prepare_data(cfg)
+        with step("base", "base pretraining", "step") as p:
+            base = base_model(cfg, log=log, progress=p)
         record(cfg, None, base=base)
-        mark("pseudo"); pseudo_stage(cfg, log=log, progress=bar("selection", "training"))
-        mark("finetune"); adapter = finetune_stage(cfg, base, log=log, progress=bar("fine-tuning", "step"))
+        with step("pseudo", "selection", "training") as p:
+            pseudo_stage(cfg, log=log, progress=p)
+        with step("finetune", "fine-tuning", "step") as p:
+            adapter = finetune_stage(cfg, base, log=log, progress=p)
         record(cfg, None, adapter=adapter)
-        mark("generate"); generate_stage(cfg, base, adapter, log=log, progress=bar("generation", "sample"))
-        mark("filter"); filter_stage(cfg, log=log)
-        mark("evaluate"); evaluate_stage(cfg, log=log, progress=bar("evaluation", "training"))
-        mark("publish"); publish_stage(cfg, base, adapter, log=log)
+        with step("generate", "generation", "sample") as p:
+            generate_stage(cfg, base, adapter, log=log, progress=p)
+        with step("filter", "filter"):
+            filter_stage(cfg, log=log)
+        with step("evaluate", "evaluation", "training") as p:
+            evaluate_stage(cfg, log=log, progress=p)
+        with step("publish", "publish"):
+            publish_stage(cfg, base, adapter, log=log)
         record(cfg, None, total_seconds=round(time.time() - t0, 1))
-        mark("report"); metrics = build_report(run_dir(cfg))
+        with step("report", "report"):
+            metrics = build_report(run_dir(cfg))
         mark_finished(cfg)
     mark(None)
     return metrics

@@ -10,13 +10,15 @@ failed before its first stage. tests/test_serve.py runs a served deployment agai
 
 import os
 import time
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task, unmapped
-from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_progress_artifact
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact
 from prefect.artifacts import create_table_artifact
 from prefect.artifacts import update_progress_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.task_runners import TaskRunner
 
 from augment import pipeline, progress
 from augment.config import ConfigError, RunConfig, apply_overrides, deep_merge, parse_config
@@ -27,9 +29,11 @@ def _log(message: str) -> None:
     get_run_logger().info(message)
 
 
-def _progress(key: str, description: str, bar: str, unit: str):
-    """A callback(done, total) that keeps a Prefect progress artifact up to date (created on the first call, so a
-    reused stage leaves none behind), and draws a terminal bar `bar` when `augment run` asked for one."""
+@contextmanager
+def _progress(cfg: RunConfig, name: str, what: str, unit: str = "", description: str = ""):
+    """The progress callback(done, total) of one stage (`progress.stage`: a terminal bar, or log lines with a
+    heartbeat every 30 s), which also keeps a Prefect progress artifact `description` up to date (created on the
+    first call, so a reused stage leaves none behind)."""
     artifact, last = [], [-1]
 
     def update(done: int, total: int) -> None:
@@ -37,70 +41,102 @@ def _progress(key: str, description: str, bar: str, unit: str):
         if pct != last[0]:
             last[0] = pct
             if not artifact:
-                artifact.append(create_progress_artifact(progress=pct, key=key, description=description))
+                artifact.append(create_progress_artifact(progress=pct, key=f"{_key(cfg)}-{name}",
+                                                         description=description))
             else:
                 update_progress_artifact(artifact_id=artifact[0], progress=pct)
 
-    return progress.both(update, progress.stage_bar(bar, unit))
-
-
-def _generation_progress(cfg: RunConfig):
-    return _progress(f"{_key(cfg)}-generation", "Candidates generated", "generation", "sample")
-
-
-def _evaluation_progress(cfg: RunConfig):
-    return _progress(f"{_key(cfg)}-evaluation", "Downstream training runs finished", "evaluation", "training")
+    # the heartbeat logs from its own thread: the run logger is looked up here, in the task's
+    with progress.stage(what, unit, get_run_logger().info) as p:
+        yield progress.both(update, p) if description else p
 
 
 @task(cache_policy=NO_CACHE)
 def load_data(cfg: RunConfig) -> dict:
-    return pipeline.prepare_data(cfg)
+    with _progress(cfg, "data", "data"):
+        return pipeline.prepare_data(cfg)
 
 
 @task(cache_policy=NO_CACHE)
 def base_model(cfg: RunConfig) -> dict:
-    return pipeline.base_model(cfg, log=_log, progress=_progress(f"{_key(cfg)}-pretraining", "Base pretraining steps",
-                                                                 "base pretraining", "step"))
+    with _progress(cfg, "pretraining", "base pretraining", "step", "Base pretraining steps") as p:
+        return pipeline.base_model(cfg, log=_log, progress=p)
 
 
 @task(cache_policy=NO_CACHE)
 def pseudo_label(cfg: RunConfig) -> dict:
-    return pipeline.pseudo_stage(cfg, log=_log, progress=_progress(f"{_key(cfg)}-selection",
-                                                                   "Cross-validation trainings", "selection",
-                                                                   "training"))
+    with _progress(cfg, "selection", "selection", "training", "Cross-validation trainings") as p:
+        return pipeline.pseudo_stage(cfg, log=_log, progress=p)
 
 
 @task(cache_policy=NO_CACHE)
 def finetune(cfg: RunConfig, base: dict) -> dict:
-    return pipeline.finetune_stage(cfg, base, log=_log,
-                                   progress=_progress(f"{_key(cfg)}-finetuning", "LoRA fine-tuning steps",
-                                                       "fine-tuning", "step"))
+    with _progress(cfg, "finetuning", "fine-tuning", "step", "LoRA fine-tuning steps") as p:
+        return pipeline.finetune_stage(cfg, base, log=_log, progress=p)
+
+
+def _generation_progress(cfg: RunConfig):
+    return _progress(cfg, "generation", "generation", "sample", "Candidates generated")
+
+
+def _evaluation_progress(cfg: RunConfig):
+    return _progress(cfg, "evaluation", "evaluation", "training", "Downstream training runs finished")
 
 
 @task(cache_policy=NO_CACHE)
 def generate(cfg: RunConfig, base: dict, adapter: dict) -> dict:
-    return pipeline.generate_stage(cfg, base, adapter, progress=_generation_progress(cfg), log=_log)
+    with _generation_progress(cfg) as p:
+        return pipeline.generate_stage(cfg, base, adapter, progress=p, log=_log)
 
 
 @task(cache_policy=NO_CACHE)
 def filter_candidates(cfg: RunConfig) -> dict:
-    return pipeline.filter_stage(cfg, log=_log)
+    with _progress(cfg, "filter", "filter"):
+        return pipeline.filter_stage(cfg, log=_log)
 
 
 @task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)  # disk I/O only: safe to retry
 def publish(cfg: RunConfig, base: dict, adapter: dict) -> dict:
-    return pipeline.publish_stage(cfg, base, adapter, log=_log)
+    with _progress(cfg, "publish", "publish"):
+        return pipeline.publish_stage(cfg, base, adapter, log=_log)
 
 
 @task(cache_policy=NO_CACHE)
 def evaluate(cfg: RunConfig) -> dict:
-    return pipeline.evaluate_stage(cfg, progress=_evaluation_progress(cfg), log=_log)
+    with _evaluation_progress(cfg) as p:
+        return pipeline.evaluate_stage(cfg, progress=p, log=_log)
 
 
 @task(cache_policy=NO_CACHE)
 def train_unit(cfg: RunConfig, arm: str, recipe: str, seed: int) -> dict:
     """One downstream training (arm x seed): the unit the task runner spreads over processes or Dask workers."""
     return pipeline.train_unit(cfg, arm, recipe, seed)
+
+
+class SharedRunner(TaskRunner):
+    """One started task runner lent to every stage subflow of a run: a subflow enters and leaves it without starting
+    or stopping the pool underneath (Prefect duplicates a subflow's runner and starts the copy: a process pool or a
+    Dask cluster per stage, ~20 s each on 2 cores)."""
+
+    def __init__(self, runner: TaskRunner):
+        super().__init__()
+        self.runner = runner
+
+    def duplicate(self) -> "SharedRunner":
+        return self
+
+    def __enter__(self) -> "SharedRunner":  # a subflow may enter its runner more than once; the pool stays up
+        self._started = True
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def __getstate__(self) -> dict:  # the subflow (and so its runner) is pickled into each task's process
+        return {**self.__dict__, "runner": None}
+
+    def submit(self, task, parameters, wait_for=None, dependencies=None):
+        return self.runner.submit(task, parameters, wait_for=wait_for, dependencies=dependencies)
 
 
 def task_runner(cfg: RunConfig):
@@ -141,8 +177,8 @@ def generate_on_runner(cfg: RunConfig, base: dict, adapter: dict) -> dict:
         for f in generate_unit.map(unmapped(cfg), unmapped(base), unmapped(adapter), shards):
             yield f.result()
 
-    return pipeline.generate_stage(cfg, base, adapter, progress=_generation_progress(cfg), log=_log,
-                                   run_shards=run_shards)
+    with _generation_progress(cfg) as p:
+        return pipeline.generate_stage(cfg, base, adapter, progress=p, log=_log, run_shards=run_shards)
 
 
 @flow(name="augment-evaluate")
@@ -155,12 +191,14 @@ def evaluate_on_runner(cfg: RunConfig) -> dict:
         for f in futures:
             yield f.result()
 
-    return pipeline.evaluate_stage(cfg, progress=_evaluation_progress(cfg), log=_log, run_units=run_units)
+    with _evaluation_progress(cfg) as p:
+        return pipeline.evaluate_stage(cfg, progress=p, log=_log, run_units=run_units)
 
 
 @task(cache_policy=NO_CACHE)
 def report(cfg: RunConfig) -> dict:
-    metrics = build_report(pipeline.run_dir(cfg))
+    with _progress(cfg, "report", "report"):
+        metrics = build_report(pipeline.run_dir(cfg))
     _artifacts(cfg, metrics)
     return metrics
 
@@ -203,7 +241,8 @@ def _artifacts(cfg: RunConfig, m: dict) -> None:
               f"[{100 * (r['accuracy_ci_low'] or r['accuracy_mean']):.1f}, "
               f"{100 * (r['accuracy_ci_high'] or r['accuracy_mean']):.1f}] |" for r in rows]
     lines += ["", f"Generated {m['generation']['generated']}, kept {m['generation']['kept']}. "
-              f"Dataset: `{m['dataset']['path']}`. Full report: `{m['run']['output_dir']}/report.html`."]
+              f"Dataset: `{m['dataset']['path']}`. Full report: the `{_key(cfg)}-report` artifact, and "
+              f"`{m['run']['output_dir']}/report.html` on the worker."]
     create_markdown_artifact(markdown="\n".join(lines), key=f"{_key(cfg)}-summary", description="augment summary")
     names = m["data"]["class_names"]
     per_class = []
@@ -215,9 +254,24 @@ def _artifacts(cfg: RunConfig, m: dict) -> None:
         row.update(generated=gen["generated"], kept=gen["kept"])
         per_class.append(row)
     create_table_artifact(table=per_class, key=f"{_key(cfg)}-per-class", description="Per-class results")
-    report = (Path(m["run"]["output_dir"]) / "report.html").resolve()
-    create_link_artifact(link=report.as_uri(), link_text="report.html", key=f"{_key(cfg)}-report",
-                         description="The full report (HTML, figures embedded)")
+    create_markdown_artifact(markdown=_report_markdown(Path(m["run"]["output_dir"])), key=f"{_key(cfg)}-report",
+                             description="The full report (its figures are in report.html on the worker)")
+
+
+def _report_markdown(run: Path) -> str:
+    """The report itself, for the Prefect UI: a `file://` link opens nothing on a teammate's machine, so the
+    artifact holds report.md's text and tables, and says on which machine and where the HTML report with its
+    figures lies."""
+    import re
+    import socket
+
+    html = (run / "report.html").resolve()
+    where = (f"> Figures and sample grids: `{html}` on `{socket.gethostname()}` (the run folder holds the report, "
+             "the dataset and every stage's output; copy it to share them).")
+    text = re.sub(r"!\[([^\]]*)\]\(report_assets/[^)]*\)", r"*(figure in report.html: \1)*",
+                  (run / "report.md").read_text())
+    title, _, rest = text.partition("\n")
+    return f"{title}\n\n{where}\n{rest}"
 
 
 def resolve_config(config: RunConfig, overrides: list[str]) -> RunConfig:
@@ -257,16 +311,18 @@ def augment_flow(config: RunConfig = RunConfig(), overrides: list[str] = [],  # 
         pseudo_label(cfg)
         adapter = finetune(cfg, base)
         pipeline.record(cfg, None, adapter=adapter)
-        if cfg.runner.kind == "local":
-            generate(cfg, base, adapter)
-        else:
-            generate_on_runner.with_options(task_runner=task_runner(cfg))(cfg, base, adapter)
-        filter_candidates(cfg)
-        # before publishing: it decides whether the pseudo-labeled pool rows are published
-        if cfg.runner.kind == "local":
-            evaluate(cfg)
-        else:
-            evaluate_on_runner.with_options(task_runner=task_runner(cfg))(cfg)
+        with ExitStack() as pool:  # one pool or cluster for the run's two distributed stages, started here
+            shared = None if cfg.runner.kind == "local" else SharedRunner(pool.enter_context(task_runner(cfg)))
+            if shared is None:
+                generate(cfg, base, adapter)
+            else:
+                generate_on_runner.with_options(task_runner=shared)(cfg, base, adapter)
+            filter_candidates(cfg)
+            # before publishing: it decides whether the pseudo-labeled pool rows are published
+            if shared is None:
+                evaluate(cfg)
+            else:
+                evaluate_on_runner.with_options(task_runner=shared)(cfg)
         publish(cfg, base, adapter)
         pipeline.record(cfg, None, total_seconds=round(time.time() - t0, 1))
         metrics = report(cfg)

@@ -3,6 +3,7 @@
 These run the real command in a subprocess with its own environment, as a user's shell would."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -37,6 +38,11 @@ def test_the_first_run_on_a_new_prefect_home_completes_while_the_machine_is_busy
     assert "Timed out" not in done.stderr and "Traceback" not in done.stderr
     assert (tmp_path / "out" / "dataset").is_dir() and (tmp_path / "new-prefect-home").is_dir()
     assert "View at http://127.0.0.1" not in done.stderr  # the temporary server has no UI and is gone after the run
+    # standard error is a pipe here, as in a scheduler's log: each counted stage's progress is a log line, no bars
+    for stage, unit in (("base pretraining", "step"), ("selection", "training"), ("fine-tuning", "step"),
+                        ("generation", "sample"), ("evaluation", "training")):
+        assert re.search(rf"{stage}: (\d+)/\1 {unit}s in \d+ s \(", done.stderr), (stage, done.stderr[-3000:])
+    assert "\r" not in done.stderr and "it/s" not in done.stderr
 
 
 def test_a_temporary_server_that_cannot_start_is_one_line_and_writes_nothing(tmp_path):
