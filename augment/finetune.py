@@ -110,7 +110,7 @@ def finetune(
     # 4. Save the adapter atomically, with the config that made it.
     tmp = output_dir / "adapter.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    weights = backend.save_adapter(model, tmp)
+    weights = backend.save_adapter(model, tmp, final=final)
     (tmp / "training_config.json").write_text(json.dumps(
         {"lora": cfg.model_dump(mode="json"), "base": asdict(base), "backend": backend.kind, "num_classes": K,
          "class_names": train.class_names, "prompts": [backend.prompt(k) for k in range(K)],

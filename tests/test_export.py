@@ -1,6 +1,8 @@
 """A finished run's generator used outside the flow: more samples with provenance, and an exported checkpoint that
 plain diffusers loads and that reproduces the run's candidates."""
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -74,10 +76,9 @@ def test_export_loads_in_plain_diffusers_and_reproduces_a_sample(finished, capsy
     assert "not empty" in capsys.readouterr().err
 
 
-def test_adapter_loads_with_plain_peft_and_the_run_folder_travels(finished, tmp_path, capsys):
+def test_adapter_loads_with_plain_peft_and_the_run_folder_travels(finished, tmp_path, capsys, monkeypatch):
     """The adapter names and carries its base: plain diffusers + peft load it, and a run folder copied elsewhere
     (no base cache there) still samples."""
-    import json
     import shutil
 
     from diffusers import UNet2DModel
@@ -85,7 +86,13 @@ def test_adapter_loads_with_plain_peft_and_the_run_folder_travels(finished, tmp_
 
     cfg, tmp = finished
     adapter = pipeline.run_dir(cfg) / "finetune" / "adapter"
-    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == "base"
+    # the base the adapter names loads from any working directory, as peft users load it
+    from peft import PeftConfig
+
+    named = PeftConfig.from_pretrained(str(adapter)).base_model_name_or_path
+    assert named == str((adapter / "base").resolve()) and Path(named).is_absolute()
+    monkeypatch.chdir(tmp_path)
+    UNet2DModel.from_pretrained(named)
     card = (adapter / "README.md").read_text()
     assert "More Information Needed" not in card and "PeftModel.from_pretrained" in card
     unet = PeftModel.from_pretrained(UNet2DModel.from_pretrained(adapter / "base"), str(adapter)).merge_and_unload()

@@ -85,8 +85,9 @@ class Backend(Protocol):
     def add_lora(self, model: "torch.nn.Module", cfg: "LoRAConfig") -> tuple["torch.nn.Module", list[dict]]:
         """Wrap `model` with LoRA on the backend's targets; returns it and the optimizer's parameter groups."""
 
-    def save_adapter(self, model: "torch.nn.Module", folder: Path) -> Path:
-        """Save the trained adapter in the backend's portable format; returns the weights file."""
+    def save_adapter(self, model: "torch.nn.Module", folder: Path, final: Path | None = None) -> Path:
+        """Save the trained adapter in the backend's portable format; returns the weights file. `final`: the
+        folder's path once it is renamed (it is written under a temporary name), for paths saved inside it."""
 
     def export(self, model: "torch.nn.Module", folder: Path) -> None:
         """Write the fine-tuned (merged) model as a standalone diffusers checkpoint into `folder`."""

@@ -75,7 +75,7 @@ class PixelBackend(DiffusionBackend):
         return model, [{"params": rest, "lr": cfg.learning_rate},
                        {"params": emb, "lr": cfg.class_embedding_learning_rate, "weight_decay": 0.0}]
 
-    def save_adapter(self, model: torch.nn.Module, folder: Path) -> Path:
+    def save_adapter(self, model: torch.nn.Module, folder: Path, final: Path | None = None) -> Path:
         """The adapter in peft's format, plus what plain diffusers + peft need to use it: `base/`, the base UNet
         with its K + 1 class rows (what the adapter was trained on) and its scheduler, named in
         adapter_config.json, and a model card saying how to load it."""
@@ -85,7 +85,9 @@ class PixelBackend(DiffusionBackend):
         base.save_pretrained(folder / "base")
         scheduler.save_pretrained(folder / "base" / "scheduler")
         config = json.loads((folder / "adapter_config.json").read_text())
-        config["base_model_name_or_path"] = "base"  # relative to the adapter folder: it travels with it
+        # absolute: peft and users resolve this name against their working directory, not the adapter's folder
+        # (a copied adapter carries its base in base/, as its card says)
+        config["base_model_name_or_path"] = str((Path(final or folder) / "base").resolve())
         (folder / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
         (folder / "README.md").write_text(self._adapter_card(model))
         return folder / "adapter_model.safetensors"

@@ -201,7 +201,7 @@ class StableDiffusionBackend(DiffusionBackend):
             raise ModelError(f"lora.target_modules={cfg.target_modules} matched no module of the UNet")
         return model, [{"params": params, "lr": cfg.learning_rate}]
 
-    def save_adapter(self, model: torch.nn.Module, folder: Path) -> Path:
+    def save_adapter(self, model: torch.nn.Module, folder: Path, final: Path | None = None) -> Path:
         from diffusers import StableDiffusionPipeline
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
