@@ -21,6 +21,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import TaskRunner
 
 from augment import pipeline, progress
+from augment.cli import USER_ERRORS
 from augment.config import ConfigError, RunConfig, apply_overrides, deep_merge, parse_config
 from augment.report import build_report, headline, key_arms
 
@@ -292,7 +293,8 @@ def resolve_config(config: RunConfig, overrides: list[str]) -> RunConfig:
 
 
 # A crashed run (a killed worker, an out-of-memory kill, a lost GPU) is retried once; it resumes from every finished
-# stage, fine-tuning checkpoint and generation shard. `augment run` turns retries off (user errors are not retried).
+# stage, fine-tuning checkpoint and generation shard. A user error is not retried (`_no_retry`); `augment run` turns
+# retries off.
 @flow(name="augment", retries=1, retry_delay_seconds=30)
 def augment_flow(config: RunConfig = RunConfig(), overrides: list[str] = [],  # noqa: B006 (Prefect form)
                  wait: bool = False) -> dict:
@@ -301,7 +303,27 @@ def augment_flow(config: RunConfig = RunConfig(), overrides: list[str] = [],  # 
     `overrides`: `section.key=value` strings applied on top of `config`, e.g. `["data.source=/data/new"]`.
     `wait`: when another run holds the output folder, wait for it to finish instead of failing."""
     t0 = time.time()
-    cfg = resolve_config(config, overrides)
+    try:
+        cfg = resolve_config(config, overrides)
+        return _run(cfg, wait, t0)
+    except USER_ERRORS:
+        _no_retry()
+        raise
+
+
+def _no_retry() -> None:
+    """A bad config, bad data or a folder in use fail the same way again: no retry 30 s later (the retry is for
+    crashes). The server decides retries from the run's policy, so the policy is changed there."""
+    from prefect.client.orchestration import get_client
+    from prefect.context import FlowRunContext
+
+    run = FlowRunContext.get().flow_run
+    with get_client(sync_client=True) as client:
+        client.update_flow_run(flow_run_id=run.id,
+                               empirical_policy=run.empirical_policy.model_copy(update={"retries": 0}))
+
+
+def _run(cfg: RunConfig, wait: bool, t0: float) -> dict:
     with pipeline.started(cfg, wait=wait):
         pipeline.mark_finished(cfg, False)
         pipeline.record(cfg, None, versions=pipeline.versions())

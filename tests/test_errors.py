@@ -487,6 +487,7 @@ def test_cli_starts_without_torch_and_has_a_version():
     assert v.returncode == 0 and v.stdout.startswith("augment ")
 
 
+@pytest.mark.slow
 def test_sigterm_stops_a_run_which_then_resumes(tmp_path):
     """`kill` (SIGTERM) stops `augment run` within seconds, like Ctrl-C; the same command then finishes the job."""
     import os

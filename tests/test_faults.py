@@ -114,7 +114,12 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("point, nth", CASES, ids=[p for p, _ in CASES])
+# the four kills inside a stage run by default; every stage boundary and the kill mid-pretraining are `-m slow`
+FAST = {"inside:finetune", "inside:generate", "inside:evaluate", "inside:publish"}
+
+
+@pytest.mark.parametrize("point, nth", [c if c[0] in FAST else pytest.param(*c, marks=pytest.mark.slow) for c in CASES],
+                         ids=[p for p, _ in CASES])
 def test_killed_run_resumes_to_the_identical_dataset(reference, tmp_path, point, nth):
     ref_tmp, ref_files = reference
     own_cache = point in ("after:prepare_data", "inside:pretraining")  # killed before the base was cached

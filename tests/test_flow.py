@@ -271,7 +271,7 @@ def test_a_stage_is_redone_when_what_it_consumes_changes(tiny_cfg):
         assert json.loads((out / "candidates" / "stage.json").read_text())["key"] != key and changed["samples"] > 0
 
 
-@pytest.mark.parametrize("kind", ["processes", "dask"])
+@pytest.mark.parametrize("kind", ["processes", pytest.param("dask", marks=pytest.mark.slow)])
 def test_results_do_not_depend_on_the_runner(finished_run, tmp_path, kind):
     """Generation shards and downstream trainings as Prefect tasks on a process pool or a local Dask cluster give
     the local run's candidates and exactly its results."""

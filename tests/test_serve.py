@@ -125,19 +125,23 @@ def test_served_deployment_runs_with_merged_config_and_overrides(served):
     assert len(train) > 0
 
 
+@pytest.mark.slow
 def test_the_readme_pattern_catches_refused_parameters_and_failed_runs(served):
     """A config that fails the deployment's parameter schema is refused by the server (HTTP 409) before any run
     exists, so run_deployment raises; a bad override is only seen by the flow, whose run fails and is returned."""
     from prefect.deployments import run_deployment
     from prefect.exceptions import PrefectHTTPStatusError
 
+    _deployment(served[2])  # registered by `augment serve` (this test may run first)
     with pytest.raises(PrefectHTTPStatusError) as refused:
         run_deployment(DEPLOYMENT, parameters={"config": {"lora": {"rank": 0}}}, timeout=60)
     assert refused.value.response.status_code == 409 and "rank" in refused.value.response.text
     run = run_deployment(DEPLOYMENT, parameters={"overrides": ["lora.rank=0"]}, timeout=600)
     assert run.state.is_failed() and "lora.rank" in (run.state.message or ""), run.state
+    assert run.run_count == 1  # a user error is not retried (a crash is, once)
 
 
+@pytest.mark.slow
 def test_trigger_event_starts_a_run_with_the_payload_overrides(served):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
@@ -187,6 +191,7 @@ def test_every_served_run_announces_its_dataset(served):
     assert e.payload["verdict"] and len(e.payload["config_hash"]) == 16
 
 
+@pytest.mark.slow
 def test_deploy_to_a_process_work_pool_runs_on_a_worker(served):
     """`augment deploy` to a process work pool; a `prefect worker` pulls the run from the checkout and executes it."""
     from prefect.client.orchestration import get_client
