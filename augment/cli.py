@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     if args.quiet:  # read when Prefect is first imported, below
         os.environ["PREFECT_LOGGING_LEVEL"] = "WARNING"
-    # bars in a terminal; in a log file (a scheduler, `> run.log 2>&1`), progress lines every 30 s at least
+    # bars in a terminal; in a log file (a scheduler, `> run.log 2>&1`), progress lines at least every 25 s
     os.environ[progress.ENV] = "0" if args.quiet else "1" if sys.stderr.isatty() else "log"
     from flows.server import ServerError
 

@@ -2,12 +2,13 @@
 
 `augment run` chooses with `AUGMENT_PROGRESS`: `1` draws one tqdm bar per stage (standard error is a terminal),
 `0` shows nothing (`--quiet`), anything else (and a library call, a served deployment, a scheduler's worker) logs
-lines through the stage's `log`: when another tenth is done (at most one line per 10 s) and at least every 30 s
-while the stage runs, even when nothing finishes in between, so that a log file never goes quiet for long.
+lines through the stage's `log`: when another tenth is done (at most one line per 10 s), and every 25 s while the
+stage runs even when nothing finishes in between (so a log never goes quiet for 30 s), and at the end.
 """
 
 from __future__ import annotations
 
+import contextvars
 import os
 import sys
 import threading
@@ -60,7 +61,7 @@ class LogLines:
     the first update, as the bars do (a resumed stage's earlier work is not in it); until a second update, from the
     start."""
 
-    def __init__(self, what: str, unit: str, log: Callable[[str], None], every: float = 30.0, gap: float = 10.0,
+    def __init__(self, what: str, unit: str, log: Callable[[str], None], every: float = 25.0, gap: float = 10.0,
                  tenth: float = 0.1):
         self.what, self.unit, self.log, self.every, self.gap, self.tenth = what, unit, log, every, gap, tenth
         self.t0 = self.last = time.monotonic()
@@ -119,7 +120,10 @@ class LogLines:
 
     def start(self) -> "LogLines":
         self.t0 = self.last = time.monotonic()
-        self.thread = threading.Thread(target=self._beat, name=f"progress:{self.what}", daemon=True)
+        # in a copy of this thread's context: a logger such as Prefect's finds its settings (the API URL) and its
+        # run there; without them it started a temporary server of its own for the first heartbeat line
+        self.thread = threading.Thread(target=contextvars.copy_context().run, args=(self._beat,),
+                                       name=f"progress:{self.what}", daemon=True)
         self.thread.start()
         return self
 
@@ -135,7 +139,7 @@ def _rate(rate: float, units: str) -> str:
 
 @contextmanager
 def stage(what: str, unit: str, log: Callable[[str], None] = print,
-          every: float = 30.0) -> Iterator[Callable[[int, int], None] | None]:
+          every: float = 25.0) -> Iterator[Callable[[int, int], None] | None]:
     """The progress callback for one stage, as `mode()` says: a terminal bar, log lines (with their heartbeat
     for as long as the block runs), or None. A stage without a count (`unit` "") gets the heartbeat only."""
     m = mode()

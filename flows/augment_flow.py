@@ -33,7 +33,7 @@ def _log(message: str) -> None:
 @contextmanager
 def _progress(cfg: RunConfig, name: str, what: str, unit: str = "", description: str = ""):
     """The progress callback(done, total) of one stage (`progress.stage`: a terminal bar, or log lines with a
-    heartbeat every 30 s), which also keeps a Prefect progress artifact `description` up to date (created on the
+    heartbeat every 25 s), which also keeps a Prefect progress artifact `description` up to date (created on the
     first call, so a reused stage leaves none behind)."""
     artifact, last = [], [-1]
 
@@ -326,7 +326,7 @@ def _no_retry() -> None:
 def _run(cfg: RunConfig, wait: bool, t0: float) -> dict:
     with pipeline.started(cfg, wait=wait):
         pipeline.mark_finished(cfg, False)
-        pipeline.record(cfg, None, versions=pipeline.versions())
+        pipeline.record(cfg, None, versions=pipeline.versions(), cpu=pipeline.cpu_kind())
         load_data(cfg)
         base = base_model(cfg)
         pipeline.record(cfg, None, base=base)

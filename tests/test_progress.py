@@ -70,3 +70,19 @@ def test_a_stage_without_a_count_gets_the_heartbeat_and_bars_or_quiet_log_nothin
 def test_durations_read_as_a_person_writes_them():
     assert [progress.duration(s) for s in (0.4, 59, 61, 3599, 3725)] == ["0 s", "59 s", "1 min 01 s",
                                                                           "59 min 59 s", "1 h 02 min"]
+
+
+def test_the_heartbeat_logs_in_the_stage_s_context():
+    """Prefect's logger finds its settings (the API URL) and its run in context variables: the heartbeat thread
+    runs in a copy of the stage's context, else its first line started a temporary Prefect server of its own."""
+    import contextvars
+
+    where = contextvars.ContextVar("where", default="no context")
+    seen: list[str] = []
+    token = where.set("the stage's context")
+    try:
+        with progress.stage("filter", "", lambda s: seen.append(where.get()), every=0.1):
+            time.sleep(0.35)
+    finally:
+        where.reset(token)
+    assert seen and set(seen) == {"the stage's context"}, seen
