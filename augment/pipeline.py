@@ -483,6 +483,13 @@ def _data_summary(cfg: RunConfig) -> dict:
     return json.loads((run_dir(cfg) / "data" / "summary.json").read_text())
 
 
+def cpu_kind() -> str:
+    """The machine's CPU kind, recorded with each run (speed depends on it far more than on anything else)."""
+    from augment.diffusion.tensors import cpu_kind as kind
+
+    return kind()
+
+
 def versions() -> dict:
     import datasets
     import diffusers
@@ -510,7 +517,7 @@ def run(cfg: RunConfig, log=print, on_stage: Callable[[str | None], None] | None
     t0 = time.time()
     with started(cfg, wait=wait):
         mark_finished(cfg, False)
-        record(cfg, None, versions=versions())
+        record(cfg, None, versions=versions(), cpu=cpu_kind())
         with step("data", "data"):
             prepare_data(cfg)
         with step("base", "base pretraining", "step") as p:

@@ -87,6 +87,7 @@ def collect_metrics(run: Path) -> dict:
         "run": {"name": cfg.name, "output_dir": str(run), "config_hash": cfg.fingerprint(),
                 "stage_seconds": {k: v.get("seconds") for k, v in runinfo["stages"].items()},
                 "total_seconds": runinfo.get("total_seconds"), "versions": runinfo.get("versions", {}),
+                "cpu": runinfo.get("cpu"),
                 "base_model": runinfo.get("base", {}), "adapter": runinfo.get("adapter", {}),
                 "evaluation_seeds": evaluation["seeds"]},
         "data": data,
@@ -328,6 +329,8 @@ def sections(m: dict) -> list[tuple[str, str, list[tuple[list[str], list[list]]]
                          f"strengths {gen['strengths']}"],
              ["downstream model", f"{ev['model']}, synthetic share per batch {ev['synthetic_prob']}"]]
     facts += [[f"{k} version", v] for k, v in run["versions"].items()]
+    if run.get("cpu"):
+        facts.append(["CPU", run["cpu"]])
     facts += [[f"stage {k} (s)", f"{v:.1f}"] for k, v in run["stage_seconds"].items() if v is not None]
     if run.get("total_seconds"):
         facts.append(["total wall time (s)", f"{run['total_seconds']:.1f}"])

@@ -215,7 +215,10 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     import torch
 
+    from augment.diffusion.tensors import cpu_kind
+
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads")
+    print(f"CPU: {cpu_kind()}")  # the figures below hold for this kind of CPU only
     print_table("Start", ["command", "seconds"], [["augment --help", f"{cli_start():.2f}"]])
     results = {}
     if a.generation_only:

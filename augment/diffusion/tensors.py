@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import numpy as np
 import torch
@@ -20,12 +21,48 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).cpu().numpy()
 
 
-def bf16_native() -> bool:
-    """Whether this CPU computes bf16 in hardware (AVX-512 bf16 / AMX); emulated bf16 would be slower."""
+@functools.cache
+def _cpu() -> tuple[str, frozenset[str]]:
+    """(model name, feature flags) from /proc/cpuinfo; empty flags where there is none."""
+    import platform
+
+    flags, model = frozenset(), platform.processor() or platform.machine()
     try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        for line in open("/proc/cpuinfo", encoding="utf-8", errors="replace"):
+            if line.startswith("flags") and not flags:
+                flags = frozenset(line.partition(":")[2].split())
+            elif line.startswith("model name"):
+                model = line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return model, flags
+
+
+def bf16_native() -> bool:
+    """Whether this CPU computes bf16 in hardware (AVX-512 bf16 / AMX) and oneDNN may use it. oneDNN also "supports"
+    bf16 on plain AVX-512 by emulating it, which is slower and would make this machine's samples differ from an
+    AVX2 machine's for nothing: that does not count."""
+    try:
+        supported = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
+    return supported and bool({"avx512_bf16", "amx_bf16"} & _cpu()[1])
+
+
+def cpu_kind() -> str:
+    """What decides this machine's speed, for logs and benchmarks: the CPU's vector extensions (AMX, AVX-512 with
+    or without bf16, AVX2), the level torch's kernels run at, whether bf16 is native, and any cap the environment
+    sets (ONEDNN_MAX_CPU_ISA and friends: how an AMX machine imitates an AVX2 one)."""
+    import os
+
+    model, flags = _cpu()
+    kind = ("AMX" if "amx_bf16" in flags else "AVX-512 bf16" if "avx512_bf16" in flags else
+            "AVX-512 without bf16" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2")
+    parts = [f"{model}: {kind}", f"torch kernels {torch.backends.cpu.get_cpu_capability()}",
+             "bf16 native" if bf16_native() else "no native bf16 (fp32)"]
+    caps = [f"{k}={os.environ[k]}" for k in ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY")
+            if os.environ.get(k)]
+    return ", ".join(parts + (["capped by " + " ".join(caps)] if caps else []))
 
 
 def resolve_precision(device: torch.device, mixed_precision: str) -> str:
