@@ -55,3 +55,16 @@ def test_classifier_image_size_resizes_training_and_prediction_inputs():
     assert clf.predict_proba(big).shape == (12, 3) and clf.features(big).shape[0] == 12
     lin = train_classifier(ClassifierConfig(kind="logistic", image_size=4, augment=False), big, labels, 3, seed=0)
     assert lin.predict_proba(big).shape == (12, 3) and lin.features(big).shape == (12, 4 * 4 * 3)
+
+
+def test_bf16_is_native_only_with_avx512_bf16_or_amx(monkeypatch):
+    """oneDNN says bf16 is supported on any AVX-512 CPU (it emulates it): that must not turn on bf16 autocast."""
+    from augment.diffusion import tensors
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    for flags, native in (({"avx2", "avx512f", "avx512bw"}, False), ({"avx2"}, False),
+                          ({"avx512f", "avx512_bf16"}, True), ({"avx512f", "amx_bf16", "amx_tile"}, True)):
+        monkeypatch.setattr(tensors, "_cpu", lambda f=flags: ("test CPU", frozenset(f)))
+        assert tensors.bf16_native() is native, flags
+        assert tensors.resolve_precision(torch.device("cpu"), "auto") == ("bf16" if native else "no")
+        assert ("no native bf16" in tensors.cpu_kind()) is not native
