@@ -177,17 +177,9 @@ class _Runner:
 
     def _map(self, units: list[tuple[str, int]], recipe: str) -> list[dict]:
         if self.pool is None:
-            import torch
+            from augment.parallel import here
 
-            threads = torch.get_num_threads()
-            torch.set_num_threads(1)
-            try:
-                results = []
-                for a, s in units:
-                    results.append(_worker_run(a, recipe, s))
-                    self._tick()
-            finally:
-                torch.set_num_threads(threads)
+            results = here(_worker_run, [(a, recipe, s) for a, s in units], self._tick)
         else:
             from augment.parallel import ordered_map
 

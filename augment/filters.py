@@ -29,9 +29,10 @@ import pandas as pd
 from sklearn.model_selection import StratifiedKFold
 
 from augment.classifier import TrainedClassifier, train_classifier
-from augment.config import FilterConfig
+from augment.config import ClassifierConfig, FilterConfig
 from augment.data import ImageSet
 from augment.generate import Candidates
+from augment.parallel import run_each
 from augment.run import write_json
 
 
@@ -85,30 +86,44 @@ def _pixel_space(images: np.ndarray, mean: np.ndarray) -> np.ndarray:
     return _small(images) - mean
 
 
-def out_of_fold_probs(cfg: FilterConfig, train: ImageSet) -> np.ndarray:
-    """p(class | image) for every real train image from a classifier that did not see it."""
-    K = len(train.class_names)
+_TRAIN: dict = {}  # per process: the labeled images every training of the judge and the ALIA folds draws from
+
+
+def _share(cfg: ClassifierConfig, images: np.ndarray, labels: np.ndarray, K: int) -> None:
+    _TRAIN.update(cfg=cfg, images=images, labels=labels, K=K)
+
+
+def _fit(rows: np.ndarray | None, seed: int) -> TrainedClassifier:
+    """One quality-classifier training on the shared images (`rows` of them; None = all)."""
+    d = _TRAIN
+    x, y = (d["images"], d["labels"]) if rows is None else (d["images"][rows], d["labels"][rows])
+    return train_classifier(d["cfg"], x, y, d["K"], seed)
+
+
+def alia_folds(cfg: FilterConfig, train: ImageSet) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The stratified folds of the out-of-fold ALIA estimate; none when some class has a single image."""
     folds = min(cfg.alia_folds, min(train.class_counts()))
-    probs = np.zeros((len(train), K), np.float32)
-    if folds < 2:  # one image in some class: no out-of-fold estimate possible
-        return np.full((len(train), K), np.nan, np.float32)
-    skf = StratifiedKFold(folds, shuffle=True, random_state=cfg.seed)
-    for f, (tr, te) in enumerate(skf.split(train.labels, train.labels)):
-        clf = train_classifier(cfg.quality_classifier, train.images[tr], train.labels[tr], K, cfg.seed + 1 + f)
-        probs[te] = clf.predict_proba(train.images[te])
-    return probs
+    if folds < 2:
+        return []
+    return list(StratifiedKFold(folds, shuffle=True, random_state=cfg.seed).split(train.labels, train.labels))
 
 
 def score_candidates(cfg: FilterConfig, cands: Candidates, train: ImageSet, validation: ImageSet,
-                     log=print) -> tuple[Scored, TrainedClassifier]:
+                     log=print, workers: int = 1) -> tuple[Scored, TrainedClassifier]:
     K = len(train.class_names)
-    # 1. The quality judge, trained on real labeled train data only; its validation accuracy is reported.
-    judge = train_classifier(cfg.quality_classifier, train.images, train.labels, K, cfg.seed)
+    # 1. The quality judge, trained on real labeled train data only (its validation accuracy is reported), and the
+    #    classifiers of the ALIA folds: independent trainings, on `workers` processes.
+    folds = alia_folds(cfg, train) if "alia" in cfg.order else []
+    calls = [(None, cfg.seed)] + [(tr, cfg.seed + 1 + f) for f, (tr, _) in enumerate(folds)]
+    judge, *fold_models = run_each(_fit, calls, workers, _share, (cfg.quality_classifier, train.images,
+                                                                  train.labels, K))
     val_acc = float((judge.predict_proba(validation.images).argmax(1) == validation.labels).mean()) \
         if len(validation) else None
     log(f"filter: quality classifier validation accuracy {val_acc}")
-    # 2. ALIA thresholds from out-of-fold predictions.
-    oof = out_of_fold_probs(cfg, train) if "alia" in cfg.order else np.full((len(train), K), np.nan)
+    # 2. ALIA thresholds from out-of-fold predictions (p(class | image) from a classifier that did not see it).
+    oof = np.full((len(train), K), np.nan, np.float32)
+    for (_, te), clf in zip(folds, fold_models):
+        oof[te] = clf.predict_proba(train.images[te])
     thresholds = np.array([oof[train.labels == k, k].mean() for k in range(K)], np.float32)
     # 3. Candidate scores.
     probs = judge.predict_proba(cands.images) if len(cands) else np.zeros((0, K))

@@ -25,3 +25,44 @@ def ordered_map(pool, fn: Callable, calls: list[tuple], tick: Callable[[], None]
         out[futures[fut]] = fut.result()
         tick()
     return out
+
+
+def run_each(fn: Callable, calls: list[tuple], workers: int, initializer: Callable | None = None,
+             initargs: tuple = (), tick: Callable[[], None] | None = None) -> list:
+    """fn(*args) for every args tuple, each on one torch thread, results in order: on a pool of `workers` spawned
+    processes (started for these calls and closed after), or here when `workers` <= 1. One thread everywhere, so
+    the results are the same for any number of workers. `initializer(*initargs)` first sets up what fn shares."""
+    tick = tick or (lambda: None)
+    if workers <= 1 or len(calls) <= 1:
+        if initializer is not None:
+            initializer(*initargs)
+        return here(fn, calls, tick)
+    pool = spawn_pool(min(workers, len(calls)), _one_thread_then, (initializer, initargs))
+    try:
+        return ordered_map(pool, fn, calls, tick)
+    finally:
+        pool.shutdown(cancel_futures=True)
+
+
+def _one_thread_then(initializer: Callable | None, initargs: tuple) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    if initializer is not None:
+        initializer(*initargs)
+
+
+def here(fn: Callable, calls: list[tuple], tick: Callable[[], None]) -> list:
+    """fn(*args) for every args tuple in this process, on one torch thread as a pool worker would be."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out = []
+        for args in calls:
+            out.append(fn(*args))
+            tick()
+        return out
+    finally:
+        torch.set_num_threads(threads)

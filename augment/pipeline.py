@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import time
 from contextlib import contextmanager
@@ -325,7 +326,8 @@ def filter_stage(cfg: RunConfig, log=print) -> dict:
     with st.fresh():
         splits = load_splits(cfg)
         cands = load_candidates(run_dir(cfg) / "candidates")
-        scored, _ = score_candidates(cfg.filter, cands, splits.train, splits.validation, log=log)
+        scored, _ = score_candidates(cfg.filter, cands, splits.train, splits.validation, log=log,
+                                     workers=cfg.evaluation.workers or (os.cpu_count() or 1))
         kept, reason = decide(scored, cfg.filter)
         table = save_outcome(scored, kept, reason, cands, st.folder)
         K = len(splits.class_names)

@@ -208,18 +208,9 @@ class Workers:
 
     def map(self, units: list[tuple]) -> list:
         if self.workers <= 1:
-            import torch
+            from augment.parallel import here
 
-            threads = torch.get_num_threads()
-            torch.set_num_threads(1)
-            try:
-                out = []
-                for u in units:
-                    out.append(_fit_predict(self.d, u))
-                    self._tick()
-                return out
-            finally:
-                torch.set_num_threads(threads)
+            return here(_fit_predict, [(self.d, u) for u in units], self._tick)
         from augment.parallel import ordered_map, spawn_pool
 
         if self.pool is None:
