@@ -22,7 +22,6 @@ trained (a filter that alone keeps what the chain keeps) reuses its result inste
 from __future__ import annotations
 
 import hashlib
-import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -144,7 +143,9 @@ class _Runner:
                  progress=None):
         self.cfg, self.sets = cfg, sets
         self._track(total, progress, key)
-        self.workers = cfg.workers or (os.cpu_count() or 1)
+        from augment.parallel import worker_count
+
+        self.workers = worker_count(cfg.workers)
         self.pool = None
         if self.workers > 1:
             from augment.parallel import spawn_pool

@@ -5,6 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable
 
 
+def worker_count(workers: int) -> int:
+    """`workers` as configured: 0 = one per CPU core."""
+    import os
+
+    return workers or (os.cpu_count() or 1)
+
+
 def spawn_pool(workers: int, initializer: Callable, initargs: tuple):
     """A process pool started with `spawn` (no fork of a process holding torch threads); each worker runs
     `initializer(*initargs)` once (send the shared data there, not with every unit)."""
@@ -30,9 +37,11 @@ def ordered_map(pool, fn: Callable, calls: list[tuple], tick: Callable[[], None]
 def run_each(fn: Callable, calls: list[tuple], workers: int, initializer: Callable | None = None,
              initargs: tuple = (), tick: Callable[[], None] | None = None) -> list:
     """fn(*args) for every args tuple, each on one torch thread, results in order: on a pool of `workers` spawned
-    processes (started for these calls and closed after), or here when `workers` <= 1. One thread everywhere, so
-    the results are the same for any number of workers. `initializer(*initargs)` first sets up what fn shares."""
+    processes (started for these calls and closed after; 0 = one per core), or here when that is 1. One thread
+    everywhere, so the results are the same for any number of workers. `initializer(*initargs)` first sets up what
+    fn shares."""
     tick = tick or (lambda: None)
+    workers = worker_count(workers)
     if workers <= 1 or len(calls) <= 1:
         if initializer is not None:
             initializer(*initargs)

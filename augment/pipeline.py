@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import time
 from contextlib import contextmanager
@@ -37,6 +36,11 @@ from augment.backends import BaseModelInfo, create, resolve_device
 from augment.data import Splits, data_fingerprint, make_splits
 
 # Which config sections each stage depends on (besides the data it reads).
+# How each stage's progress reads in bars and log lines: (what, unit counted; "" = none, the heartbeat only).
+PROGRESS = {"data": ("data", ""), "base": ("base pretraining", "step"), "pseudo": ("selection", "training"),
+            "finetune": ("fine-tuning", "step"), "generate": ("generation", "sample"), "filter": ("filter", ""),
+            "evaluate": ("evaluation", "training"), "publish": ("publish", ""), "report": ("report", "")}
+
 # The pseudo stage also makes the run's cross-validated choices, starting from the team's recipe.
 CHOICES = ("pseudo", "selection", "evaluation.recipe")
 STAGE_SECTIONS = {
@@ -327,7 +331,7 @@ def filter_stage(cfg: RunConfig, log=print) -> dict:
         splits = load_splits(cfg)
         cands = load_candidates(run_dir(cfg) / "candidates")
         scored, _ = score_candidates(cfg.filter, cands, splits.train, splits.validation, log=log,
-                                     workers=cfg.evaluation.workers or (os.cpu_count() or 1))
+                                     workers=cfg.evaluation.workers)
         kept, reason = decide(scored, cfg.filter)
         table = save_outcome(scored, kept, reason, cands, st.folder)
         K = len(splits.class_names)
@@ -511,35 +515,35 @@ def run(cfg: RunConfig, log=print, on_stage: Callable[[str | None], None] | None
     mark = on_stage or (lambda name: None)
 
     @contextmanager
-    def step(name: str, what: str, unit: str = ""):
+    def step(name: str):
         mark(name)
-        with stage(what, unit, log) as progress:
+        with stage(*PROGRESS[name], log) as progress:
             yield progress
 
     t0 = time.time()
     with started(cfg, wait=wait):
         mark_finished(cfg, False)
         record(cfg, None, versions=versions(), cpu=cpu_kind())
-        with step("data", "data"):
+        with step("data"):
             prepare_data(cfg)
-        with step("base", "base pretraining", "step") as p:
+        with step("base") as p:
             base = base_model(cfg, log=log, progress=p)
         record(cfg, None, base=base)
-        with step("pseudo", "selection", "training") as p:
+        with step("pseudo") as p:
             pseudo_stage(cfg, log=log, progress=p)
-        with step("finetune", "fine-tuning", "step") as p:
+        with step("finetune") as p:
             adapter = finetune_stage(cfg, base, log=log, progress=p)
         record(cfg, None, adapter=adapter)
-        with step("generate", "generation", "sample") as p:
+        with step("generate") as p:
             generate_stage(cfg, base, adapter, log=log, progress=p)
-        with step("filter", "filter"):
+        with step("filter"):
             filter_stage(cfg, log=log)
-        with step("evaluate", "evaluation", "training") as p:
+        with step("evaluate") as p:
             evaluate_stage(cfg, log=log, progress=p)
-        with step("publish", "publish"):
+        with step("publish"):
             publish_stage(cfg, base, adapter, log=log)
         record(cfg, None, total_seconds=round(time.time() - t0, 1))
-        with step("report", "report"):
+        with step("report"):
             metrics = build_report(run_dir(cfg))
         mark_finished(cfg)
     mark(None)

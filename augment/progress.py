@@ -91,7 +91,7 @@ class LogLines:
         units = f"{self.unit}s"
         if final:
             self.log(f"{self.what}: {self.done}/{self.total} {units} in {duration(now - self.t0)} "
-                     f"({_rate(self._rate(now), units)})")
+                     f"({_per_time(self._rate(now), units)})")
             return
         if self.first is None:
             self.log(f"{self.what}: running for {duration(now - self.t0)}" +
@@ -101,7 +101,7 @@ class LogLines:
         line = f"{self.what}: {self.done}/{self.total} {units} ({pct:.0f}%)"
         rate = self._rate(now)
         if rate > 0:
-            line += f", {_rate(rate, units)}, about {duration((self.total - self.done) / rate)} left"
+            line += f", {_per_time(rate, units)}, about {duration((self.total - self.done) / rate)} left"
         self.log(f"{line} ({duration(now - self.t0)} so far)")
 
     def _rate(self, now: float) -> float:
@@ -133,7 +133,7 @@ class LogLines:
             self.thread.join()
 
 
-def _rate(rate: float, units: str) -> str:
+def _per_time(rate: float, units: str) -> str:
     return f"{rate:.1f} {units}/s" if rate >= 1 else f"{60 * rate:.1f} {units}/min"
 
 

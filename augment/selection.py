@@ -22,7 +22,6 @@ Two choices run before fine-tuning (the pseudo stage), on labeled data only:
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
@@ -204,7 +203,9 @@ class Workers:
     same for any number of workers. The processes start once, on first use, and serve every batch."""
 
     def __init__(self, d: Labeled, workers: int, progress: Callable[[], None] | None = None):
-        self.d, self.workers, self.progress, self.pool = d, workers or (os.cpu_count() or 1), progress, None
+        from augment.parallel import worker_count
+
+        self.d, self.workers, self.progress, self.pool = d, worker_count(workers), progress, None
 
     def map(self, units: list[tuple]) -> list:
         if self.workers <= 1:

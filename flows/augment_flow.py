@@ -31,10 +31,10 @@ def _log(message: str) -> None:
 
 
 @contextmanager
-def _progress(cfg: RunConfig, name: str, what: str, unit: str = "", description: str = ""):
+def _progress(cfg: RunConfig, stage: str, key: str = "", description: str = ""):
     """The progress callback(done, total) of one stage (`progress.stage`: a terminal bar, or log lines with a
-    heartbeat every 25 s), which also keeps a Prefect progress artifact `description` up to date (created on the
-    first call, so a reused stage leaves none behind)."""
+    heartbeat every 25 s), which also keeps a Prefect progress artifact `description` (key `key`) up to date
+    (created on the first call, so a reused stage leaves none behind)."""
     artifact, last = [], [-1]
 
     def update(done: int, total: int) -> None:
@@ -42,46 +42,46 @@ def _progress(cfg: RunConfig, name: str, what: str, unit: str = "", description:
         if pct != last[0]:
             last[0] = pct
             if not artifact:
-                artifact.append(create_progress_artifact(progress=pct, key=f"{_key(cfg)}-{name}",
+                artifact.append(create_progress_artifact(progress=pct, key=f"{_key(cfg)}-{key}",
                                                          description=description))
             else:
                 update_progress_artifact(artifact_id=artifact[0], progress=pct)
 
     # the heartbeat logs from its own thread: the run logger is looked up here, in the task's
-    with progress.stage(what, unit, get_run_logger().info) as p:
+    with progress.stage(*pipeline.PROGRESS[stage], get_run_logger().info) as p:
         yield progress.both(update, p) if description else p
 
 
 @task(cache_policy=NO_CACHE)
 def load_data(cfg: RunConfig) -> dict:
-    with _progress(cfg, "data", "data"):
+    with _progress(cfg, "data"):
         return pipeline.prepare_data(cfg)
 
 
 @task(cache_policy=NO_CACHE)
 def base_model(cfg: RunConfig) -> dict:
-    with _progress(cfg, "pretraining", "base pretraining", "step", "Base pretraining steps") as p:
+    with _progress(cfg, "base", "pretraining", "Base pretraining steps") as p:
         return pipeline.base_model(cfg, log=_log, progress=p)
 
 
 @task(cache_policy=NO_CACHE)
 def pseudo_label(cfg: RunConfig) -> dict:
-    with _progress(cfg, "selection", "selection", "training", "Cross-validation trainings") as p:
+    with _progress(cfg, "pseudo", "selection", "Cross-validation trainings") as p:
         return pipeline.pseudo_stage(cfg, log=_log, progress=p)
 
 
 @task(cache_policy=NO_CACHE)
 def finetune(cfg: RunConfig, base: dict) -> dict:
-    with _progress(cfg, "finetuning", "fine-tuning", "step", "LoRA fine-tuning steps") as p:
+    with _progress(cfg, "finetune", "finetuning", "LoRA fine-tuning steps") as p:
         return pipeline.finetune_stage(cfg, base, log=_log, progress=p)
 
 
 def _generation_progress(cfg: RunConfig):
-    return _progress(cfg, "generation", "generation", "sample", "Candidates generated")
+    return _progress(cfg, "generate", "generation", "Candidates generated")
 
 
 def _evaluation_progress(cfg: RunConfig):
-    return _progress(cfg, "evaluation", "evaluation", "training", "Downstream training runs finished")
+    return _progress(cfg, "evaluate", "evaluation", "Downstream training runs finished")
 
 
 @task(cache_policy=NO_CACHE)
@@ -92,13 +92,13 @@ def generate(cfg: RunConfig, base: dict, adapter: dict) -> dict:
 
 @task(cache_policy=NO_CACHE)
 def filter_candidates(cfg: RunConfig) -> dict:
-    with _progress(cfg, "filter", "filter"):
+    with _progress(cfg, "filter"):
         return pipeline.filter_stage(cfg, log=_log)
 
 
 @task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)  # disk I/O only: safe to retry
 def publish(cfg: RunConfig, base: dict, adapter: dict) -> dict:
-    with _progress(cfg, "publish", "publish"):
+    with _progress(cfg, "publish"):
         return pipeline.publish_stage(cfg, base, adapter, log=_log)
 
 
@@ -198,7 +198,7 @@ def evaluate_on_runner(cfg: RunConfig) -> dict:
 
 @task(cache_policy=NO_CACHE)
 def report(cfg: RunConfig) -> dict:
-    with _progress(cfg, "report", "report"):
+    with _progress(cfg, "report"):
         metrics = build_report(pipeline.run_dir(cfg))
     _artifacts(cfg, metrics)
     return metrics
