@@ -109,9 +109,6 @@ _WORKER: dict = {}
 
 
 def _worker_init(cfg: EvaluationConfig, sets: TrainingSets) -> None:
-    import torch
-
-    torch.set_num_threads(1)
     _WORKER.update(cfg=cfg, sets=sets)
 
 
@@ -187,7 +184,7 @@ class _Runner:
             results = ordered_map(self.pool, _worker_run, [(a, recipe, s) for a, s in units], self._tick)
         return results
 
-    def _tick(self) -> None:
+    def _tick(self, _result=None) -> None:
         self.done += 1
         if self.progress:
             self.progress(self.done, self.total)
@@ -219,15 +216,11 @@ class _MappedRunner(_Runner):
 
 def train_unit(cfg: EvaluationConfig, sets: TrainingSets, arm: str, recipe: str, seed: int) -> dict:
     """One downstream training (the unit every runner distributes), on one torch thread."""
-    import torch
+    from augment.parallel import one_thread
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         spec = arm_training_set(arm, sets, recipe)
         return run_arm(cfg, sets.splits, spec["data"], spec["synthetic"], spec["augment"], seed)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _val_mean(runs: list[dict]) -> float:

@@ -97,21 +97,25 @@ def generate_shard(cfg: GenerationConfig, backend: "Backend", model: torch.nn.Mo
                    output_dir: str | Path, df: pd.DataFrame, shard: int,
                    on_batch: Callable[[int], None] | None = None) -> int:
     """Generate one shard of the plan into `output_dir/shard-XXXXX.npz` (atomically); returns its size. Any
-    process that sees the folder can do it: every sample's noise comes from its own seed."""
+    process that sees the folder can do it: every sample's noise comes from its own seed, and it samples on one
+    torch thread wherever it runs (augment.parallel), so a shard is the same from any runner."""
+    from augment.parallel import one_thread
+
     out = Path(output_dir)
     rows = df[df["shard"] == shard]
     _, h, w, c = train.images.shape
     images = np.zeros((len(rows), h, w, c), np.uint8)
     # Same-strength samples share a trajectory length, so they batch together.
-    for strength, group in rows.groupby("strength", sort=True):
-        pos = rows.index.get_indexer(group.index)
-        for i in range(0, len(group), cfg.batch_size):
-            g, p = group.iloc[i:i + cfg.batch_size], pos[i:i + cfg.batch_size]
-            init = train.images[g["source_index"].to_numpy()] if strength < 1.0 else None
-            images[p] = backend.sample(model, g["label"].to_numpy(), g["seed"].tolist(), cfg,
-                                       strength=float(strength), init_images=init)
-            if on_batch:
-                on_batch(len(g))
+    with one_thread():
+        for strength, group in rows.groupby("strength", sort=True):
+            pos = rows.index.get_indexer(group.index)
+            for i in range(0, len(group), cfg.batch_size):
+                g, p = group.iloc[i:i + cfg.batch_size], pos[i:i + cfg.batch_size]
+                init = train.images[g["source_index"].to_numpy()] if strength < 1.0 else None
+                images[p] = backend.sample(model, g["label"].to_numpy(), g["seed"].tolist(), cfg,
+                                           strength=float(strength), init_images=init)
+                if on_batch:
+                    on_batch(len(g))
     tmp = out / f"shard-{shard:05d}.tmp.npz"
     np.savez(tmp, images=images, sample_id=rows["sample_id"].to_numpy().astype(str), plan=np.array(_plan_hash(df)))
     tmp.replace(out / f"shard-{shard:05d}.npz")

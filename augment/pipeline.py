@@ -276,13 +276,17 @@ def generate_stage(cfg: RunConfig, base: dict, adapter: dict, progress: Callable
     if not st.reused(log):
         with st.fresh():
             splits = load_splits(cfg)
+            backend = backend_for(cfg, splits)
+            from augment.parallel import worker_count
+
+            workers = worker_count(cfg.evaluation.workers)
+            if run_shards is None and backend.device.type == "cpu" and workers > 1:
+                run_shards = _local_shards(cfg, base, adapter, workers)  # shards on CPU cores, one thread each
             if run_shards is None:
-                backend = backend_for(cfg, splits)
                 model = backend.load(BaseModelInfo(**base), adapter=adapter["path"])
                 gen.generate(cfg.generation, backend, model, splits.train, st.folder, progress=progress, log=log)
             else:
                 t0 = time.time()
-                backend = backend_for(cfg, splits)
                 df = gen.write_plan(cfg.generation, backend, splits.train, st.folder)
                 todo = [int(s) for s in sorted(df["shard"].unique()) if not gen.shard_done(st.folder, df, s)]
                 log(f"generate: {len(todo)} of {df['shard'].nunique()} shards to generate")
@@ -293,6 +297,30 @@ def generate_stage(cfg: RunConfig, base: dict, adapter: dict, progress: Callable
                         progress(done, len(df))
                 gen.finish(st.folder, len(df), time.time() - t0, cfg.generation, backend.device)
     return json.loads((st.folder / "done.json").read_text())
+
+
+def _local_shards(cfg: RunConfig, base: dict, adapter: dict, workers: int):
+    """run_shards for a local run: the shards on `workers` spawned processes (evaluation.workers, as the other
+    CPU-bound units; one torch thread each), each loading the model once; yields each shard's sample count as it
+    finishes."""
+
+    def run(shards: list[int]):
+        from concurrent.futures import as_completed
+
+        from augment.parallel import spawn_pool
+
+        if len(shards) <= 1:  # not worth starting processes for
+            yield from (generate_unit(cfg, base, adapter, s) for s in shards)
+            _MODELS.clear()
+            return
+        pool = spawn_pool(min(workers, len(shards)))
+        try:
+            for f in as_completed([pool.submit(generate_unit, cfg, base, adapter, s) for s in shards]):
+                yield f.result()
+        finally:
+            pool.shutdown(cancel_futures=True)
+
+    return run
 
 
 _MODELS: dict = {}  # per process: a worker that generates many shards of one run loads its model once

@@ -188,9 +188,6 @@ _SHARED: dict = {}
 
 
 def _init(d: Labeled) -> None:
-    import torch
-
-    torch.set_num_threads(1)
     _SHARED["d"] = d
 
 
@@ -218,7 +215,7 @@ class Workers:
             self.pool = spawn_pool(self.workers, _init, (self.d,))
         return ordered_map(self.pool, _work, [(u,) for u in units], self._tick)
 
-    def _tick(self) -> None:
+    def _tick(self, _result=None) -> None:
         if self.progress:
             self.progress()
 

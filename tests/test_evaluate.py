@@ -122,6 +122,22 @@ def test_results_do_not_depend_on_the_number_of_workers(splits, tmp_path):
     assert strip(one) == strip(two)
 
 
+def test_trainings_in_this_process_leave_its_thread_count_alone(splits, tmp_path):
+    """workers=1 trains here on one thread, as a pool worker would, and then gives the process its threads back
+    (it kept one thread before: every later stage of the run, fine-tuning included, ran at half speed)."""
+    import torch
+
+    cfg = EvaluationConfig(arms=["real"], seeds=1, filter_ablation=False,
+                           model=ClassifierConfig(width=8, steps=5, augment=False), workers=1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        evaluate(cfg, _sets(splits), tmp_path, log=lambda m: None)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_diagnostic_arms_train_on_the_first_seeds_only(splits, tmp_path):
     cfg = EvaluationConfig(seeds=3, diagnostic_seeds=2, model=ClassifierConfig(width=8, steps=20, augment=False),
                            workers=1)
