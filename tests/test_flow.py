@@ -42,6 +42,72 @@ def finished_run(tmp_path_factory, prefect_harness):
     return cfg, metrics, Path(cfg.publish.output_dir)
 
 
+GOLDEN_RUN = Path(__file__).parent / "data" / "tiny_run_golden.json"
+_MACHINE_KEYS = {"seconds", "stage_seconds", "total_seconds", "pretrain_seconds", "train_seconds", "versions", "cpu",
+                 "output_dir", "path"}  # what depends on the machine, the clock or the temporary folder
+
+
+def run_digest(run: Path) -> dict:
+    """What a finished run computed, without what depends on the machine or the folder: the evaluation's results,
+    metrics.json, and each published split's rows (a hash per column, image bytes included)."""
+    import hashlib
+
+    import datasets
+
+    def strip(x):
+        if isinstance(x, dict):
+            return {k: strip(v) for k, v in x.items() if k not in _MACHINE_KEYS}
+        if isinstance(x, list):
+            return [strip(v) for v in x]
+        return x.replace(str(run), "<run>") if isinstance(x, str) else x
+
+    out = {"results": strip(json.loads((run / "evaluation" / "results.json").read_text())),
+           "metrics": strip(json.loads((run / "metrics.json").read_text())), "dataset": {}}
+    for name, split in datasets.load_from_disk(str(run / "dataset")).items():
+        table = split.data.table
+        cols = {}
+        for c in table.column_names:
+            h = hashlib.sha256()
+            for v in table.column(c).to_pylist():
+                h.update(v["bytes"] if c == "image" else json.dumps(v).encode())
+            cols[c] = h.hexdigest()[:16]
+        out["dataset"][name] = {"rows": split.num_rows, "features": str(split.features), "columns": cols}
+    return out
+
+
+def _shape(x):
+    """The digest's structure: keys, list lengths and value types (what must hold on any CPU)."""
+    if isinstance(x, dict):
+        return {k: _shape(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [len(x)] + ([_shape(x[0])] if x else [])
+    return "number" if isinstance(x, (int, float)) and not isinstance(x, bool) else type(x).__name__
+
+
+def test_the_tiny_run_computes_what_the_golden_run_computed(finished_run):
+    """Behaviour is kept through refactors: the tiny flow run's results, metrics and published rows equal the
+    saved ones (tests/data/tiny_run_golden.json, written with AUGMENT_WRITE_GOLDEN=1 by the code before a
+    redesign). Exactly on the kind of CPU that wrote them; elsewhere float sums round differently and a tiny
+    training can tip, so another kind compares the structure (every key, arm, seed and list length)."""
+    import os
+
+    from augment.diffusion.tensors import cpu_kind
+
+    _, _, run = finished_run
+    mine = {"cpu_kind": cpu_kind(), **run_digest(run)}
+    if os.environ.get("AUGMENT_WRITE_GOLDEN") == "1":
+        GOLDEN_RUN.write_text(json.dumps(mine, indent=1, sort_keys=True) + "\n")
+    golden = json.loads(GOLDEN_RUN.read_text())
+    if golden["cpu_kind"] == mine["cpu_kind"]:
+        for part in ("results", "metrics", "dataset"):
+            assert mine[part] == golden[part], part
+    else:
+        assert _shape(mine["results"]) == _shape(golden["results"])
+        assert _shape(mine["metrics"]) == _shape(golden["metrics"])
+        assert {n: (d["rows"], d["features"]) for n, d in mine["dataset"].items()} == \
+            {n: (d["rows"], d["features"]) for n, d in golden["dataset"].items()}
+
+
 def test_flow_publishes_a_dataset_that_datasets_loads(finished_run):
     import datasets
 
