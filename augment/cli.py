@@ -14,7 +14,7 @@ from augment.backends import check_base
 from augment.config import ConfigError, load_config
 from augment.data import DataError
 from augment.errors import ModelError
-from augment.run import RunFolderError, claim, lock, using
+from augment.run import RunFolder, RunFolderError, claim, lock, using
 
 USER_ERRORS = (ConfigError, DataError, ModelError, RunFolderError, FileNotFoundError)
 
@@ -199,7 +199,7 @@ def _command(args: argparse.Namespace) -> int:
         from augment.publish import push as push_dataset
 
         with using(args.run_dir, wait=args.wait):
-            files = push_dataset(Path(args.run_dir) / "dataset", args.repo_id, local_target=args.to_folder,
+            files = push_dataset(RunFolder(args.run_dir).dataset.path, args.repo_id, local_target=args.to_folder,
                                  private=args.private)
         print(f"{len(files)} files ({', '.join(files[:3])}{', ...' if len(files) > 3 else ''}) -> "
               f"{args.to_folder or 'https://huggingface.co/datasets/' + args.repo_id}")

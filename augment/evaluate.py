@@ -322,12 +322,12 @@ def evaluate(cfg: EvaluationConfig, sets: TrainingSets, output_dir: str | Path,
         spec = arm_training_set(arm, sets, product_recipe)
         sizes[arm] = {"real": int(len(spec["data"][0])),
                       "synthetic": int(len(spec["synthetic"][0])) if spec["synthetic"] is not None else 0}
-    from augment.run import write_json
+    from augment.run import EvaluationFolder, write_json
 
-    write_json(out / "results.json", {"seeds": seeds, "runs": results, "train_sizes": sizes, "recipe": recipe,
+    write_json(EvaluationFolder(out).results, {"seeds": seeds, "runs": results, "train_sizes": sizes, "recipe": recipe,
                                       "product_recipe": product_recipe, "product_arm": product,
                                       "selection": selection}, indent=None)
-    return out / "results.json"
+    return EvaluationFolder(out).results
 
 
 def _choose_recipe(cfg: EvaluationConfig, results: dict, has_val: bool, selection: dict,

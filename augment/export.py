@@ -21,21 +21,21 @@ from augment.errors import ModelError
 
 def load_run(run_dir: str | Path) -> tuple[RunConfig, dict]:
     """The config and run.json of a finished run folder (the folder may have moved: its path is taken from here)."""
-    run = Path(run_dir)
-    if not (run / "config.yaml").exists() or not (run / "run.json").exists():
-        raise FileNotFoundError(f"{run} is not an augment run folder (no config.yaml / run.json)")
-    cfg = load_config(run / "config.yaml")
-    cfg = cfg.model_copy(update={"publish": cfg.publish.model_copy(update={"output_dir": str(run)})})
-    info = run_folder.read_json(run / "run.json") or {}
-    if "adapter" not in info or not (run / "finetune" / "adapter").exists():
-        raise FileNotFoundError(f"{run} has no fine-tuned adapter yet: run the job to its end first")
+    run = run_folder.RunFolder(run_dir)
+    if not run.config.exists() or not run.info.exists():
+        raise FileNotFoundError(f"{run.root} is not an augment run folder (no {run.config.name} / {run.info.name})")
+    cfg = load_config(run.config)
+    cfg = cfg.model_copy(update={"publish": cfg.publish.model_copy(update={"output_dir": str(run.root)})})
+    info = run_folder.read_json(run.info) or {}
+    if "adapter" not in info or not run.finetune.adapter.path.exists():
+        raise FileNotFoundError(f"{run.root} has no fine-tuned adapter yet: run the job to its end first")
     return cfg, info
 
 
 def _model(cfg: RunConfig, info: dict):
     splits = pipeline.load_splits(cfg)
     backend = pipeline.backend_for(cfg, splits)
-    adapter = Path(cfg.publish.output_dir) / "finetune" / "adapter"
+    adapter = pipeline.folder(cfg).finetune.adapter.path
     return splits, backend, backend.load(BaseModelInfo(**info["base"]), adapter=adapter)
 
 
@@ -90,7 +90,7 @@ def export_model(run_dir: str | Path, output_dir: str | Path) -> Path:
         raise ModelError(f"{out} exists and is not empty; export writes into a new or empty folder")
     splits, backend, model = _model(cfg, info)
     backend.export(model, out)
-    metrics = run_folder.read_json(Path(run_dir) / "metrics.json") or {}
+    metrics = run_folder.read_json(run_folder.RunFolder(run_dir).metrics) or {}
     (out / "README.md").write_text(_model_card(cfg, info, splits.class_names, backend, metrics,
                                                pipeline.sampling_precision(run_dir, cfg)))
     return out

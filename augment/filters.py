@@ -33,7 +33,7 @@ from augment.config import ClassifierConfig, FilterConfig
 from augment.data import ImageSet
 from augment.generate import Candidates
 from augment.parallel import run_each
-from augment.run import write_json
+from augment.run import FilterFolder, write_json
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -245,25 +245,27 @@ def decide(s: Scored, cfg: FilterConfig, order: list[str] | None = None) -> tupl
     return alive, reason
 
 
-def save_outcome(s: Scored, kept: np.ndarray, reason: np.ndarray, cands: Candidates, out: Path) -> pd.DataFrame:
-    """Write scores.parquet, summary.json and the rejected images (PNG, by reason) for inspection."""
+def save_outcome(s: Scored, kept: np.ndarray, reason: np.ndarray, cands: Candidates, folder: Path) -> pd.DataFrame:
+    """Write the scores, the summary, the features and the rejected images (PNG, by reason) for inspection."""
     from PIL import Image
 
-    out.mkdir(parents=True, exist_ok=True)
+    out = FilterFolder(folder)
+    out.path.mkdir(parents=True, exist_ok=True)
     table = s.table.assign(kept=kept, reason=reason.astype(str))
-    table.to_parquet(out / "scores.parquet")
-    write_json(out / "summary.json", s.summary)
-    np.save(out / "features.npy", s.features)
+    table.to_parquet(out.scores)
+    write_json(out.summary, s.summary)
+    np.save(out.features, s.features)
     for i in np.flatnonzero(~kept):
-        d = out / "rejected" / reason[i]
+        d = out.rejected(str(reason[i]))
         d.mkdir(parents=True, exist_ok=True)
         img = cands.images[i]
         Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(d / f"{table['sample_id'][i]}.png")
     return table
 
 
-def load_scored(out: Path) -> tuple[Scored, pd.DataFrame]:
-    table = pd.read_parquet(out / "scores.parquet")
-    summary = json.loads((out / "summary.json").read_text())
-    s = Scored(table.drop(columns=["kept", "reason"]), np.load(out / "features.npy"), summary)
+def load_scored(folder: Path) -> tuple[Scored, pd.DataFrame]:
+    out = FilterFolder(folder)
+    table = pd.read_parquet(out.scores)
+    summary = json.loads(out.summary.read_text())
+    s = Scored(table.drop(columns=["kept", "reason"]), np.load(out.features), summary)
     return s, table

@@ -23,7 +23,7 @@ from augment.backends import Backend, BaseModelInfo
 from augment.config import LoRAConfig
 from augment.data import ImageSet
 from augment.diffusion import LoopSpec, diffusion_loss, train_loop
-from augment.run import write_json
+from augment.run import FinetuneFolder, write_json
 
 
 @dataclass
@@ -61,11 +61,11 @@ def finetune(
 ) -> AdapterInfo:
     """Fine-tune on the labeled `train` images, plus `pseudo` (pseudo-labeled pool images) when given and
     `cfg.use_pseudo_labeled`: then each batch draws a `cfg.labeled_share` share from the labeled images."""
-    output_dir = Path(output_dir)
-    final = output_dir / "adapter"
-    if (final / "info.json").exists():
+    out = FinetuneFolder(output_dir)
+    final = out.adapter.path
+    if out.adapter.info.exists():
         log(f"finetune: reusing adapter {final}")
-        return AdapterInfo.load(final / "info.json")
+        return AdapterInfo.load(out.adapter.info)
 
     # 1. The base, wrapped with LoRA on the backend's targets.
     K, n, device = len(train.class_names), len(train), backend.device
@@ -104,14 +104,14 @@ def finetune(
     model.train()
     spec = LoopSpec("finetune", cfg.max_train_steps, min(50, cfg.max_train_steps // 10 + 1), cfg.seed,
                     cfg.checkpointing_steps, ema_decay=cfg.ema_decay, mixed_precision=cfg.mixed_precision)
-    ckpt_dir = output_dir / "finetune-checkpoint"
+    ckpt_dir = out.checkpoint
     steps, final_loss = train_loop(params, opt, step_loss, spec, ckpt_dir, device, log=log, progress=progress)
 
     # 4. Save the adapter atomically, with the config that made it.
-    tmp = output_dir / "adapter.tmp"
+    tmp = out.adapter_tmp.path
     shutil.rmtree(tmp, ignore_errors=True)
     weights = backend.save_adapter(model, tmp, final=final)
-    (tmp / "training_config.json").write_text(json.dumps(
+    out.adapter_tmp.training_config.write_text(json.dumps(
         {"lora": cfg.model_dump(mode="json"), "base": asdict(base), "backend": backend.kind, "num_classes": K,
          "class_names": train.class_names, "prompts": [backend.prompt(k) for k in range(K)],
          "run_config": run_config,
@@ -120,7 +120,7 @@ def finetune(
                         "pseudo_labels": seen.labels[n:].tolist(), "labeled_share": cfg.labeled_share if n_pseudo
                         else 1.0}}, indent=2))
     info = AdapterInfo(str(final), file_hash(weights), time.time() - t0, final_loss, steps, n, n_pseudo)
-    info.save(tmp / "info.json")
+    info.save(out.adapter_tmp.info)
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     shutil.rmtree(ckpt_dir, ignore_errors=True)

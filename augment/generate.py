@@ -20,6 +20,7 @@ import torch
 from augment.config import GenerationConfig
 from augment.data import ImageSet
 from augment.diffusion.tensors import resolve_precision
+from augment.run import CandidatesFolder, write_json
 
 if TYPE_CHECKING:  # pragma: no cover
     from augment.backends import Backend
@@ -80,28 +81,28 @@ def plan(cfg: GenerationConfig, train: ImageSet, prompts: list[tuple[str, str]] 
 
 def write_plan(cfg: GenerationConfig, backend: "Backend", train: ImageSet, output_dir: str | Path) -> pd.DataFrame:
     """Plan every sample (plan.parquet) and return the plan; the shards are the units of work."""
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = CandidatesFolder(output_dir)
+    out.path.mkdir(parents=True, exist_ok=True)
     df = plan(cfg, train, [backend.prompt(k) for k in range(len(train.class_names))])
-    df.to_parquet(out / "plan.parquet")
+    df.to_parquet(out.plan)
     return df
 
 
 def shard_done(output_dir: str | Path, df: pd.DataFrame, shard: int) -> bool:
     """True when the shard's file exists and was written for this plan (by this or an earlier, killed run)."""
-    path = Path(output_dir) / f"shard-{shard:05d}.npz"
+    path = CandidatesFolder(output_dir).shard(shard)
     return path.exists() and _shard_plan(path) == _plan_hash(df)
 
 
 def generate_shard(cfg: GenerationConfig, backend: "Backend", model: torch.nn.Module, train: ImageSet,
                    output_dir: str | Path, df: pd.DataFrame, shard: int,
                    on_batch: Callable[[int], None] | None = None) -> int:
-    """Generate one shard of the plan into `output_dir/shard-XXXXX.npz` (atomically); returns its size. Any
+    """Generate one shard of the plan into its file in `output_dir` (atomically); returns its size. Any
     process that sees the folder can do it: every sample's noise comes from its own seed, and it samples on one
     torch thread wherever it runs (augment.parallel), so a shard is the same from any runner."""
     from augment.parallel import one_thread
 
-    out = Path(output_dir)
+    out = CandidatesFolder(output_dir)
     rows = df[df["shard"] == shard]
     _, h, w, c = train.images.shape
     images = np.zeros((len(rows), h, w, c), np.uint8)
@@ -116,9 +117,9 @@ def generate_shard(cfg: GenerationConfig, backend: "Backend", model: torch.nn.Mo
                                            strength=float(strength), init_images=init)
                 if on_batch:
                     on_batch(len(g))
-    tmp = out / f"shard-{shard:05d}.tmp.npz"
+    tmp = out.shard_tmp(shard)
     np.savez(tmp, images=images, sample_id=rows["sample_id"].to_numpy().astype(str), plan=np.array(_plan_hash(df)))
-    tmp.replace(out / f"shard-{shard:05d}.npz")
+    tmp.replace(out.shard(shard))
     return len(rows)
 
 
@@ -131,7 +132,7 @@ def generate(
     progress: Callable[[int, int], None] | None = None,
     log=print,
 ) -> Path:
-    """Generate every planned sample into `output_dir/shard-XXXXX.npz`, here; returns `output_dir`."""
+    """Generate every planned sample into the shard files of `output_dir`, here; returns `output_dir`."""
     out = Path(output_dir)
     df = write_plan(cfg, backend, train, out)
     total, done, t0 = len(df), [0], time.time()
@@ -155,9 +156,7 @@ def finish(output_dir: str | Path, samples: int, seconds: float, cfg: Generation
            device: torch.device) -> None:
     """Mark the candidates complete, with the precision `cfg.mixed_precision` resolved to on `device` ("no" = fp32,
     "bf16"): reproducing a sample exactly needs it."""
-    from augment.run import write_json
-
-    write_json(Path(output_dir) / "done.json", {"samples": samples, "seconds": seconds,
+    write_json(CandidatesFolder(output_dir).done, {"samples": samples, "seconds": seconds,
                                                 "precision": resolve_precision(device, cfg.mixed_precision)})
 
 
@@ -183,15 +182,15 @@ def _shard_plan(path: Path) -> str | None:
 
 
 def load_candidates(output_dir: str | Path) -> Candidates:
-    out = Path(output_dir)
-    df = pd.read_parquet(out / "plan.parquet")
+    out = CandidatesFolder(output_dir)
+    df = pd.read_parquet(out.plan)
     if not len(df):
         return Candidates(np.zeros((0, 1, 1, 1), np.uint8), df)
     parts = []
     for shard in sorted(df["shard"].unique()):
-        with np.load(out / f"shard-{shard:05d}.npz", allow_pickle=False) as z:
+        with np.load(out.shard(shard), allow_pickle=False) as z:
             if "plan" in z.files and str(z["plan"]) != _plan_hash(df):
-                raise RuntimeError(f"{out}/shard-{shard:05d}.npz belongs to another generation plan")
+                raise RuntimeError(f"{out.shard(shard)} belongs to another generation plan")
             parts.append(z["images"])
             assert list(z["sample_id"]) == df.loc[df["shard"] == shard, "sample_id"].tolist()
     return Candidates(np.concatenate(parts), df)

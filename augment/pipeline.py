@@ -2,19 +2,8 @@
 
 Each stage reads what earlier stages wrote under `publish.output_dir`, writes its own sub-folder, and returns a
 small JSON-able summary. A stage whose inputs (the config sections it depends on, and the data) have not changed
-since it last finished is reused, not recomputed: re-running a job costs only what changed.
-
-Run folder:
-    data/splits.npz, data/summary.json      the split (test included; only evaluation reads test)
-    pseudo/labels.parquet, summary.json     pool images labeled confidently; selection.json: the run's choices
-    finetune/adapter/                       the LoRA adapter (safetensors + configs)
-    candidates/shard-*.npz, plan.parquet    every generated candidate
-    filter/scores.parquet, rejected/<why>/  scores and decisions, rejected images for inspection
-    dataset/                                the published DatasetDict (load_from_disk / load_dataset)
-    evaluation/results.json                 every downstream run
-    report.html, report.md, metrics.json    the report
-    run.json                                stage timings, keys and versions
-    .augment-run.json, .augment-run.lock    the marker that makes the folder ours, and the run lock (augment.run)
+since it last finished is reused, not recomputed: re-running a job costs only what changed. Where each file lives:
+augment.run.RunFolder (`folder(cfg)`).
 """
 
 from __future__ import annotations
@@ -56,6 +45,11 @@ def run_dir(cfg: RunConfig) -> Path:
     return Path(cfg.publish.output_dir)
 
 
+def folder(cfg: RunConfig) -> run_folder.RunFolder:
+    """The run folder's layout: every file of the run by what it holds."""
+    return run_folder.RunFolder(cfg.publish.output_dir)
+
+
 def preflight(cfg: RunConfig) -> None:
     """Every check that needs no run folder: the data loads and splits (kept in memory for the data stage), the
     base checkpoint exists, the output and cache folders may be used. A user error raises here, before anything is
@@ -86,15 +80,15 @@ def _finished_key(cfg: RunConfig, data: str) -> str | None:
 def finished(cfg: RunConfig) -> dict | None:
     """The metrics of the run folder's last run when it finished with this config and these data, and its dataset
     and report are still there: nothing to do (`augment run` then returns in about a second, without Prefect)."""
-    out = run_dir(cfg)
-    if not (out / "run.json").is_file() or _finished_key(cfg, "") is None:
+    out = folder(cfg)
+    if not out.info.is_file() or _finished_key(cfg, "") is None:
         return None
     key = _finished_key(cfg, data_fingerprint(make_splits(cfg.data, keep=True)))  # the data as it is now
-    if key is None or (run_folder.read_json(out / "run.json") or {}).get("finished_key") != key:
+    if key is None or (run_folder.read_json(out.info) or {}).get("finished_key") != key:
         return None
-    if not all((out / f).is_file() for f in ("metrics.json", "report.html", "dataset/augment_publish.json")):
+    if not all(f.is_file() for f in (out.metrics, out.report_html, out.dataset.record)):
         return None
-    return run_folder.read_json(out / "metrics.json")
+    return run_folder.read_json(out.metrics)
 
 
 def mark_finished(cfg: RunConfig, done: bool = True) -> None:
@@ -121,19 +115,20 @@ class _Stage:
     """Times a stage and records it in run.json; with a folder, marks it finished under its config key so that
     an unchanged re-run reuses it."""
 
-    def __init__(self, cfg: RunConfig, name: str, folder: str | None = None, upstream: str = ""):
+    def __init__(self, cfg: RunConfig, name: str, where: str | None = None, upstream: str = ""):
         self.cfg, self.name = cfg, name
-        self.folder = run_dir(cfg) / folder if folder else None
+        self.stage_folder = folder(cfg).stage(where) if where else None
+        self.folder = self.stage_folder.path if where else None
         self.key = cfg.fingerprint(*STAGE_SECTIONS.get(name, ("data",)))
         if upstream:  # what the stage consumes (a base, an adapter, an earlier stage's key), beyond the config
             self.key += "-" + hashlib.sha256(upstream.encode()).hexdigest()[:12]
-        summary = run_folder.read_json(run_dir(cfg) / "data" / "summary.json", {})
+        summary = run_folder.read_json(folder(cfg).data.summary, {})
         if name != "data" and "fingerprint" in summary:  # new images under the same config must not reuse old results
             self.key += "-" + summary["fingerprint"]
 
     def reused(self, log=print) -> bool:
         """True (and logged) when the folder holds this stage's finished result for the same key."""
-        if (run_folder.read_json(self.folder / "stage.json") or {}).get("key") == self.key:
+        if (run_folder.read_json(self.stage_folder.stage) or {}).get("key") == self.key:
             log(f"{self.name}: reusing {self.folder}")
             return True
         return False
@@ -141,7 +136,7 @@ class _Stage:
     def fresh(self) -> "_Stage":
         """Clear a folder made with another config; keep one made with this config (it may hold resumable
         checkpoints or finished shards of an interrupted run). Only ever inside a run folder augment created."""
-        owner = self.folder / "owner.json"
+        owner = self.stage_folder.owner
         if self.folder.exists() and (run_folder.read_json(owner) or {}).get("key") != self.key:
             run_folder.require_ours(run_dir(self.cfg))
             shutil.rmtree(self.folder)
@@ -156,19 +151,19 @@ class _Stage:
     def __exit__(self, exc_type, *_):
         if exc_type is None:
             if self.folder is not None:
-                run_folder.write_json(self.folder / "stage.json", {"key": self.key})
+                run_folder.write_json(self.stage_folder.stage, {"key": self.key})
             record(self.cfg, self.name, seconds=round(time.time() - self.t0, 2))
         return False
 
 
-def _stage_key(cfg: RunConfig, folder: str) -> str:
+def _stage_key(cfg: RunConfig, where: str) -> str:
     """The key under which an earlier stage finished (its output's identity for the stages after it)."""
-    return (run_folder.read_json(run_dir(cfg) / folder / "stage.json") or {}).get("key", "")
+    return (run_folder.read_json(folder(cfg).stage(where).stage) or {}).get("key", "")
 
 
 def record(cfg: RunConfig, stage: str | None, **facts) -> None:
     """Add facts to run.json: under stages.<stage>, or at the top level when stage is None."""
-    path = run_dir(cfg) / "run.json"
+    path = folder(cfg).info
     path.parent.mkdir(parents=True, exist_ok=True)
     run = run_folder.read_json(path, {})
     if not isinstance(run, dict) or not isinstance(run.get("stages"), dict):  # torn or foreign: start over
@@ -181,17 +176,17 @@ def record(cfg: RunConfig, stage: str | None, **facts) -> None:
 
 
 def prepare_data(cfg: RunConfig) -> dict:
-    folder = run_dir(cfg) / "data"
+    data = folder(cfg).data
     with _Stage(cfg, "data"):
         splits = make_splits(cfg.data)
-        splits.save(folder / "splits.npz")
+        splits.save(data.splits)
         summary = {**splits.summary(), "fingerprint": data_fingerprint(splits), "source": cfg.data.source}
-        run_folder.write_json(folder / "summary.json", summary)
+        run_folder.write_json(data.summary, summary)
     return summary
 
 
 def load_splits(cfg: RunConfig) -> Splits:
-    return Splits.load(run_dir(cfg) / "data" / "splits.npz")
+    return Splits.load(folder(cfg).data.splits)
 
 
 # 2. Base model ------------------------------------------------------------------------------------------------
@@ -218,7 +213,7 @@ def pseudo_stage(cfg: RunConfig, log=print, progress: Callable[[int, int], None]
     all made on labeled data only; the choices go to pseudo/selection.json for the evaluation and the report."""
     from augment.pseudo import pseudo_label, select_and_label
 
-    st = _Stage(cfg, "pseudo", folder="pseudo")
+    st = _Stage(cfg, "pseudo", "pseudo")
     if not st.reused(log):
         with st.fresh():
             splits = load_splits(cfg)
@@ -229,14 +224,14 @@ def pseudo_stage(cfg: RunConfig, log=print, progress: Callable[[int, int], None]
             else:
                 labels, decisions = pseudo_label(cfg.pseudo, splits.train, splits.validation, splits.pool,
                                                  log=log), {}
-            run_folder.write_json(st.folder / "selection.json", decisions)
-            labels.save(st.folder)
-    return run_folder.read_json(st.folder / "summary.json")
+            run_folder.write_json(st.stage_folder.selection, decisions)
+            labels.save(st.stage_folder)
+    return run_folder.read_json(st.stage_folder.summary)
 
 
 def load_selection(cfg: RunConfig) -> dict:
     """The cross-validated decisions of the pseudo stage ({} under selection.rule=validation)."""
-    return run_folder.read_json(run_dir(cfg) / "pseudo" / "selection.json", {}) or {}
+    return run_folder.read_json(folder(cfg).pseudo.selection, {}) or {}
 
 
 def load_pseudo(cfg: RunConfig, splits: Splits):
@@ -244,7 +239,7 @@ def load_pseudo(cfg: RunConfig, splits: Splits):
     from augment.data import ImageSet
     from augment.pseudo import PseudoLabels
 
-    p = PseudoLabels.load(run_dir(cfg) / "pseudo")
+    p = PseudoLabels.load(folder(cfg).pseudo)
     return ImageSet(splits.pool.images[p.index], p.labels, splits.class_names, p.ids), p
 
 
@@ -254,7 +249,7 @@ def load_pseudo(cfg: RunConfig, splits: Splits):
 def finetune_stage(cfg: RunConfig, base: dict, log=print, progress: Callable[[int, int], None] | None = None) -> dict:
     from augment.finetune import finetune
 
-    with _Stage(cfg, "finetune", folder="finetune", upstream=base["fingerprint"]).fresh() as st:
+    with _Stage(cfg, "finetune", "finetune", upstream=base["fingerprint"]).fresh() as st:
         splits = load_splits(cfg)
         pseudo, _ = load_pseudo(cfg, splits)
         info = finetune(cfg.lora, backend_for(cfg, splits), BaseModelInfo(**base), splits.train, st.folder,
@@ -272,7 +267,7 @@ def generate_stage(cfg: RunConfig, base: dict, adapter: dict, progress: Callable
     finishes, else they are generated here."""
     from augment import generate as gen
 
-    st = _Stage(cfg, "generate", folder="candidates", upstream=adapter["adapter_hash"])
+    st = _Stage(cfg, "generate", "candidates", upstream=adapter["adapter_hash"])
     if not st.reused(log):
         with st.fresh():
             splits = load_splits(cfg)
@@ -296,7 +291,7 @@ def generate_stage(cfg: RunConfig, base: dict, adapter: dict, progress: Callable
                     if progress:
                         progress(done, len(df))
                 gen.finish(st.folder, len(df), time.time() - t0, cfg.generation, backend.device)
-    return json.loads((st.folder / "done.json").read_text())
+    return json.loads(st.stage_folder.done.read_text())
 
 
 def _local_shards(cfg: RunConfig, base: dict, adapter: dict, workers: int):
@@ -333,7 +328,7 @@ def generate_unit(cfg: RunConfig, base: dict, adapter: dict, shard: int) -> int:
 
     from augment import generate as gen
 
-    folder = run_dir(cfg) / "candidates"
+    cands = folder(cfg).candidates
     key = (str(run_dir(cfg)), adapter["adapter_hash"], cfg.fingerprint("generation"))
     if key not in _MODELS:
         _MODELS.clear()
@@ -341,8 +336,8 @@ def generate_unit(cfg: RunConfig, base: dict, adapter: dict, shard: int) -> int:
         backend = backend_for(cfg, splits)
         _MODELS[key] = (splits, backend, backend.load(BaseModelInfo(**base), adapter=adapter["path"]))
     splits, backend, model = _MODELS[key]
-    df = pd.read_parquet(folder / "plan.parquet")
-    return gen.generate_shard(cfg.generation, backend, model, splits.train, folder, df, shard)
+    df = pd.read_parquet(cands.plan)
+    return gen.generate_shard(cfg.generation, backend, model, splits.train, cands.path, df, shard)
 
 
 # 6. Filter ----------------------------------------------------------------------------------------------------
@@ -352,12 +347,12 @@ def filter_stage(cfg: RunConfig, log=print) -> dict:
     from augment.filters import decide, save_outcome, score_candidates
     from augment.generate import load_candidates
 
-    st = _Stage(cfg, "filter", folder="filter", upstream=_stage_key(cfg, "candidates"))
+    st = _Stage(cfg, "filter", "filter", upstream=_stage_key(cfg, "candidates"))
     if st.reused(log):
-        return json.loads((st.folder / "decisions.json").read_text())
+        return json.loads(st.stage_folder.decisions.read_text())
     with st.fresh():
         splits = load_splits(cfg)
-        cands = load_candidates(run_dir(cfg) / "candidates")
+        cands = load_candidates(folder(cfg).candidates.path)
         scored, _ = score_candidates(cfg.filter, cands, splits.train, splits.validation, log=log,
                                      workers=cfg.evaluation.workers)
         kept, reason = decide(scored, cfg.filter)
@@ -371,7 +366,7 @@ def filter_stage(cfg: RunConfig, log=print) -> dict:
                               "rejected": {r: int(n) for r, n in rows.loc[~rows["kept"], "reason"].value_counts().items()}})
         summary = {"generated": int(len(table)), "kept": int(kept.sum()), "order": list(cfg.filter.order),
                    "per_class": per_class}
-        run_folder.write_json(st.folder / "decisions.json", summary)
+        run_folder.write_json(st.stage_folder.decisions, summary)
         log(f"filter: kept {summary['kept']} of {summary['generated']}")
     return summary
 
@@ -382,8 +377,8 @@ def load_filtered(cfg: RunConfig):
 
     from augment.generate import load_candidates
 
-    cands = load_candidates(run_dir(cfg) / "candidates")
-    table = pd.read_parquet(run_dir(cfg) / "filter" / "scores.parquet")
+    cands = load_candidates(folder(cfg).candidates.path)
+    table = pd.read_parquet(folder(cfg).filter.scores)
     kept = table["kept"].to_numpy()
     return cands, table, kept
 
@@ -402,7 +397,7 @@ def training_sets(cfg: RunConfig):
     pseudo, _ = load_pseudo(cfg, splits)
     ablation = {}
     if cfg.evaluation.filter_ablation:
-        scored, _ = load_scored(run_dir(cfg) / "filter")
+        scored, _ = load_scored(folder(cfg).filter.path)
         for name in cfg.filter.order:
             mask, _ = decide(scored, cfg.filter, order=[name])
             ablation[name] = (cands.images[mask], cands.labels[mask])
@@ -431,14 +426,14 @@ def evaluate_stage(cfg: RunConfig, progress: Callable[[int, int], None] | None =
     passes its task runner's map of `train_unit`)."""
     from augment.evaluate import evaluate, summarize_results
 
-    st = _Stage(cfg, "evaluate", folder="evaluation",
+    st = _Stage(cfg, "evaluate", "evaluation",
                 upstream=_stage_key(cfg, "filter") + _stage_key(cfg, "pseudo"))
     if not st.reused(log):
         with st.fresh():
             evaluate(cfg.evaluation, training_sets(cfg), st.folder, progress=progress, log=log, run_units=run_units,
                      decisions=load_selection(cfg))
-    summary = summarize_results(json.loads((st.folder / "results.json").read_text()))
-    run_folder.write_json(st.folder / "summary.json", summary)
+    summary = summarize_results(json.loads(st.stage_folder.results.read_text()))
+    run_folder.write_json(st.stage_folder.summary, summary)
     return summary
 
 
@@ -452,7 +447,7 @@ def publish_stage(cfg: RunConfig, base: dict, adapter: dict, log=print) -> dict:
     from augment.publish import publish
 
     with _Stage(cfg, "publish"):
-        evaluation = run_folder.read_json(run_dir(cfg) / "evaluation" / "summary.json", {})
+        evaluation = run_folder.read_json(folder(cfg).evaluation.summary, {})
         with_pseudo = "pseudo" in (evaluation.get("product_recipe") or "").split("+")
         provenance = {"base_model": BaseModelInfo(**base).name,
                       "base_fingerprint": base["fingerprint"], "adapter_hash": adapter["adapter_hash"],
@@ -463,9 +458,9 @@ def publish_stage(cfg: RunConfig, base: dict, adapter: dict, log=print) -> dict:
             "provenance": provenance, "publish": cfg.publish.model_dump(mode="json", exclude={"output_dir"}),
             "about": about,
         }, sort_keys=True).encode()).hexdigest()[:16]
-        done = run_folder.read_json(run_dir(cfg) / "dataset" / "augment_publish.json") or {}
+        done = run_folder.read_json(folder(cfg).dataset.record) or {}
         if done.get("key") == key:
-            log(f"publish: reusing {run_dir(cfg) / 'dataset'} (version {done.get('version')})")
+            log(f"publish: reusing {folder(cfg).dataset.path} (version {done.get('version')})")
             return done["splits"]
         splits = load_splits(cfg)
         cands, table, kept = load_filtered(cfg)
@@ -474,7 +469,7 @@ def publish_stage(cfg: RunConfig, base: dict, adapter: dict, log=print) -> dict:
             pseudo_set, labels = load_pseudo(cfg, splits)
             pseudo = (pseudo_set, labels.confidence)
         info = publish(splits, cands.images[kept], table[kept].reset_index(drop=True),
-                       run_dir(cfg) / "dataset", cfg.publish.dataset_name, provenance, cfg.publish.max_shard_rows,
+                       folder(cfg).dataset.path, cfg.publish.dataset_name, provenance, cfg.publish.max_shard_rows,
                        pseudo=pseudo, key=key, about=about)
     return info
 
@@ -483,13 +478,13 @@ def sampling_precision(run: Path, cfg: RunConfig) -> str:
     """The precision the candidates of the run folder `run` were sampled in, as its generate stage recorded it:
     "fp32" or "bf16" (`generation.mixed_precision: auto` resolves per machine; runs from before the record
     sampled in fp32 unless bf16 was asked for)."""
-    done = run_folder.read_json(Path(run) / "candidates" / "done.json") or {}
+    done = run_folder.read_json(run_folder.RunFolder(run).candidates.done) or {}
     return "bf16" if done.get("precision", cfg.generation.mixed_precision) == "bf16" else "fp32"
 
 
 def _card_facts(cfg: RunConfig, evaluation: dict) -> dict:
     """What the dataset card says about how the data was made and what the evaluation found."""
-    decisions = run_folder.read_json(run_dir(cfg) / "filter" / "decisions.json") or {}
+    decisions = run_folder.read_json(folder(cfg).filter.decisions) or {}
     rejected: dict[str, int] = {}
     for pc in decisions.get("per_class", []):
         for reason, n in pc.get("rejected", {}).items():
@@ -514,7 +509,7 @@ def _card_facts(cfg: RunConfig, evaluation: dict) -> dict:
 
 
 def _data_summary(cfg: RunConfig) -> dict:
-    return json.loads((run_dir(cfg) / "data" / "summary.json").read_text())
+    return json.loads(folder(cfg).data.summary.read_text())
 
 
 def cpu_kind() -> str:

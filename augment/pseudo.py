@@ -36,21 +36,23 @@ class PseudoLabels:
         return pool.images[self.index]
 
     def save(self, folder: Path) -> None:
-        from augment.run import write_json
+        from augment.run import PseudoFolder, write_json
 
-        folder.mkdir(parents=True, exist_ok=True)
+        out = PseudoFolder(folder)
+        out.path.mkdir(parents=True, exist_ok=True)
         pd.DataFrame({"pool_index": self.index, "pool_id": self.ids, "label": self.labels,
-                      "confidence": self.confidence}).to_parquet(folder / "labels.parquet")
-        write_json(folder / "summary.json", self.summary)
+                      "confidence": self.confidence}).to_parquet(out.labels)
+        write_json(out.summary, self.summary)
 
     @classmethod
     def load(cls, folder: Path) -> "PseudoLabels":
-        from augment.run import read_json
+        from augment.run import PseudoFolder, read_json
 
-        df = pd.read_parquet(folder / "labels.parquet")
+        out = PseudoFolder(folder)
+        df = pd.read_parquet(out.labels)
         return cls(df["pool_index"].to_numpy(np.int64), df["label"].to_numpy(np.int64),
                    df["confidence"].to_numpy(np.float32), df["pool_id"].astype(str).tolist(),
-                   read_json(folder / "summary.json", {}))
+                   read_json(out.summary, {}))
 
     @classmethod
     def empty(cls, reason: str) -> "PseudoLabels":

@@ -18,6 +18,7 @@ import pandas as pd
 from PIL import Image
 
 from augment.data import ImageSet, Splits
+from augment.run import DatasetFolder
 
 PROVENANCE = {
     "sample_id": "string", "source_id": "string", "is_pseudo_labeled": "bool", "pseudo_confidence": "float32",
@@ -203,14 +204,14 @@ def publish(splits: Splits, kept_images: np.ndarray, kept_table: pd.DataFrame, o
         datasets.disable_progress_bars()
     try:
         dd.save_to_disk(str(tmp))
-        version = _write_parquet(dd, tmp / "data", max_shard_rows)
+        version = _write_parquet(dd, DatasetFolder(tmp).parquet, max_shard_rows)
     finally:
         if quiet:
             datasets.enable_progress_bars()
     info = {s: {"rows": len(ds), "synthetic": int(sum(ds["is_synthetic"])),
                 "pseudo_labeled": int(sum(ds["is_pseudo_labeled"]))} for s, ds in dd.items()}
-    (tmp / "README.md").write_text(_card(name, info, splits.class_names, provenance, list(dd), version, about))
-    (tmp / "augment_publish.json").write_text(json.dumps({"splits": info, "provenance": provenance,
+    DatasetFolder(tmp).card.write_text(_card(name, info, splits.class_names, provenance, list(dd), version, about))
+    DatasetFolder(tmp).record.write_text(json.dumps({"splits": info, "provenance": provenance,
                                                           "version": version, "key": key}, indent=2))
     if out.exists():
         shutil.rmtree(old, ignore_errors=True)
@@ -222,29 +223,31 @@ def publish(splits: Splits, kept_images: np.ndarray, kept_table: pd.DataFrame, o
     return info
 
 
-PUSHED = ("README.md", "data/*.parquet")  # the card and the parquet shards: the arrow copy stays local
+_CARD, _PARQUET = DatasetFolder("").card.name, DatasetFolder("").parquet.name
+PUSHED = (_CARD, f"{_PARQUET}/*.parquet")  # the card and the parquet shards: the arrow copy stays local
 
 
 def push(dataset_dir: str | Path, repo_id: str, local_target: str | Path | None = None, private: bool = False,
          token: str | None = None) -> list[str]:
     """Upload a published dataset's card and parquet shards to the Hub dataset repo `repo_id` (created if needed),
     or copy exactly those files into `local_target` (no network needed). Returns the files sent."""
-    folder = Path(dataset_dir)
-    if not (folder / "README.md").exists() or not list((folder / "data").glob("*.parquet")):
-        raise FileNotFoundError(f"{folder} is not a published augment dataset (no README.md or data/*.parquet)")
-    files = ["README.md"] + sorted(f"data/{p.name}" for p in (folder / "data").glob("*.parquet"))
+    ds = DatasetFolder(dataset_dir)
+    folder = ds.path
+    if not ds.card.exists() or not list(ds.parquet.glob("*.parquet")):
+        raise FileNotFoundError(f"{folder} is not a published augment dataset (no {' or '.join(PUSHED)})")
+    files = [_CARD] + sorted(f"{_PARQUET}/{p.name}" for p in ds.parquet.glob("*.parquet"))
     if local_target is not None:
-        target = Path(local_target)
-        (target / "data").mkdir(parents=True, exist_ok=True)
-        for old in (target / "data").glob("*.parquet"):  # a re-push replaces the previous version's shards
+        target = DatasetFolder(local_target)
+        target.parquet.mkdir(parents=True, exist_ok=True)
+        for old in target.parquet.glob("*.parquet"):  # a re-push replaces the previous version's shards
             old.unlink()
         for f in files:
-            shutil.copyfile(folder / f, target / f)
+            shutil.copyfile(folder / f, target.path / f)
         return files
     from huggingface_hub import HfApi
 
     api = HfApi(token=token)
     api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
     api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="dataset", allow_patterns=list(PUSHED),
-                      delete_patterns=["data/*.parquet"], commit_message="augment: publish dataset")
+                      delete_patterns=[PUSHED[1]], commit_message="augment: publish dataset")
     return files

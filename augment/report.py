@@ -21,15 +21,14 @@ from augment.config import RunConfig, parse_config
 from augment.data import Splits
 from augment.generate import load_candidates
 from augment import plots
-from augment.run import read_json, write_json, write_text
+from augment.run import RunFolder, read_json, write_json, write_text
 
 SCHEMA_VERSION = 1
 
 
-def _read(run: Path, rel: str):
-    p = run / rel
+def _read(p: Path):
     if not p.exists():
-        raise FileNotFoundError(f"{p} is missing: is {run} a finished augment run folder?")
+        raise FileNotFoundError(f"{p} is missing: is {p.parent} part of a finished augment run folder?")
     return json.loads(p.read_text())
 
 
@@ -59,14 +58,15 @@ def collect_metrics(run: Path) -> dict:
     """Assemble metrics.json from the run folder."""
     from augment.pipeline import sampling_precision
 
-    cfg = parse_config(yaml.safe_load((run / "config.yaml").read_text()), str(run / "config.yaml"))
-    data = _read(run, "data/summary.json")
-    decisions = _read(run, "filter/decisions.json")
-    fsum = _read(run, "filter/summary.json")
-    evaluation = _read(run, "evaluation/summary.json")
-    runinfo = _read(run, "run.json")
-    publish_info = _read(run, "dataset/augment_publish.json")
-    table = pd.read_parquet(run / "filter" / "scores.parquet")
+    rf = RunFolder(run)
+    cfg = parse_config(yaml.safe_load(rf.config.read_text()), str(rf.config))
+    data = _read(rf.data.summary)
+    decisions = _read(rf.filter.decisions)
+    fsum = _read(rf.filter.summary)
+    evaluation = _read(rf.evaluation.summary)
+    runinfo = _read(rf.info)
+    publish_info = _read(rf.dataset.record)
+    table = pd.read_parquet(rf.filter.scores)
     kept = table[table["kept"]]
     space = fsum["memorization_space"]
     other = "features" if space == "pixels" else "pixels"
@@ -80,7 +80,7 @@ def collect_metrics(run: Path) -> dict:
     mem[other]["threshold_rule"] = "95th percentile of train-to-train nearest-neighbour similarity"
     mem[space]["threshold_rule"] = "filter.max_similarity (the memorization gate)"
     ablation = {k[len("filter:"):]: v for k, v in evaluation["arms"].items() if k.startswith("filter:")}
-    pseudo = _read(run, "pseudo/summary.json") if (run / "pseudo" / "summary.json").exists() else None
+    pseudo = _read(rf.pseudo.summary) if rf.pseudo.summary.exists() else None
     gain = evaluation.get("gain_over_best_baseline")
     return _finite({
         "schema_version": SCHEMA_VERSION,
@@ -120,7 +120,7 @@ def collect_metrics(run: Path) -> dict:
                                                           "verdict", "differences")}
                                     | {"baseline": evaluation.get("best_baseline"),
                                        "product_arm": evaluation.get("product_arm")}),
-        "dataset": {"path": str(run / "dataset"), "splits": publish_info["splits"]},
+        "dataset": {"path": str(rf.dataset.path), "splits": publish_info["splits"]},
     })
 
 
@@ -401,10 +401,11 @@ def sections(m: dict) -> list[tuple[str, str, list[tuple[list[str], list[list]]]
 
 
 def figures(run: Path, m: dict) -> dict[str, bytes]:
-    splits = Splits.load(run / "data" / "splits.npz")
-    cands = load_candidates(run / "candidates")
-    table = pd.read_parquet(run / "filter" / "scores.parquet")
-    fsum = _read(run, "filter/summary.json")
+    rf = RunFolder(run)
+    splits = Splits.load(rf.data.splits)
+    cands = load_candidates(rf.candidates.path)
+    table = pd.read_parquet(rf.filter.scores)
+    fsum = _read(rf.filter.summary)
     arms, names = m["evaluation"]["arms"], m["data"]["class_names"]
     shown = {a: v for a, v in arms.items() if "accuracy" in v}
     figs = {}
@@ -469,7 +470,7 @@ overflow-wrap:anywhere}.scroll{overflow-x:auto;-webkit-overflow-scrolling:touch}
 th,td{padding:.25em .4em}.verdict{font-size:1.05em;padding:.6em .7em}h2{font-size:1.25em}}"""
 
 
-def render(m: dict, figs: dict[str, bytes], assets: str = "report_assets") -> tuple[str, str]:
+def render(m: dict, figs: dict[str, bytes]) -> tuple[str, str]:
     secs = sections(m)
     md = [f"# augment report: {m['run']['name']}", ""]
     body = [f"<h1>augment report: {html.escape(m['run']['name'])}</h1>",
@@ -488,7 +489,7 @@ def render(m: dict, figs: dict[str, bytes], assets: str = "report_assets") -> tu
                 body.append(_html_table(header, rows))
         for f in fig_names:
             if f in figs:
-                md += [f"![{CAPTIONS[f]}]({assets}/{f}.png)", ""]
+                md += [f"![{CAPTIONS[f]}]({RunFolder('').figure(f).as_posix()})", ""]
                 b64 = base64.b64encode(figs[f]).decode()
                 body.append(f"<figure><img alt='{CAPTIONS[f]}' src='data:image/png;base64,{b64}'>"
                             f"<figcaption>{CAPTIONS[f]}</figcaption></figure>")
@@ -502,18 +503,18 @@ def render(m: dict, figs: dict[str, bytes], assets: str = "report_assets") -> tu
 def build_report(run_dir: str | Path) -> dict:
     """Write metrics.json, report.md (+ report_assets/) and report.html into the run folder; return the metrics."""
     run = Path(run_dir)
+    rf = RunFolder(run)
     m = collect_metrics(run)
-    assets = run / "report_assets"
     figs = _reused_figures(run, m)
     if figs is None:
         figs = figures(run, m)
-        assets.mkdir(exist_ok=True)
+        rf.report_assets.mkdir(exist_ok=True)
         for name, png in figs.items():
-            (assets / f"{name}.png").write_bytes(png)
-        write_json(assets / "figures.json", {"key": _figures_key(run, m), "names": sorted(figs)})
+            rf.figure(name).write_bytes(png)
+        write_json(rf.figures, {"key": _figures_key(run, m), "names": sorted(figs)})
     md, page = render(m, figs)
-    for name, text in (("metrics.json", json.dumps(m, indent=2)), ("report.md", md), ("report.html", page)):
-        write_text(run / name, text)
+    for path, text in ((rf.metrics, json.dumps(m, indent=2)), (rf.report_md, md), (rf.report_html, page)):
+        write_text(path, text)
     return m
 
 
@@ -532,23 +533,23 @@ FIGURES_VERSION = 3  # bump when the figures' drawing changes, so that reports o
 def _figures_key(run: Path, m: dict) -> str:
     """What the figures show: every metric but the run's timings, and the filtered candidates they sample."""
     shown = {k: v for k, v in m.items() if k != "run"}
-    filt = (read_json(run / "filter" / "stage.json") or {}).get("key", "")
+    filt = (read_json(RunFolder(run).filter.stage) or {}).get("key", "")
     return hashlib.sha256(json.dumps([shown, filt, FIGURES_VERSION], sort_keys=True,
                                      default=str).encode()).hexdigest()[:16]
 
 
 def _reused_figures(run: Path, m: dict) -> dict[str, bytes] | None:
     """The figures of the last build when nothing they show has changed (rendering them is most of a rebuild)."""
-    assets = run / "report_assets"
-    done = read_json(assets / "figures.json") or {}
+    rf = RunFolder(run)
+    done = read_json(rf.figures) or {}
     if done.get("key") != _figures_key(run, m):
         return None
     try:
-        return {name: (assets / f"{name}.png").read_bytes() for name in done["names"]}
+        return {name: rf.figure(name).read_bytes() for name in done["names"]}
     except (OSError, KeyError):
         return None
 
 
 def save_config(cfg: RunConfig, run_dir: str | Path) -> None:
     Path(run_dir).mkdir(parents=True, exist_ok=True)
-    write_text(Path(run_dir) / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    write_text(RunFolder(run_dir).config, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

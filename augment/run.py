@@ -23,6 +23,136 @@ MARKER = ".augment-run.json"
 LOCK = ".augment-run.lock"
 
 
+# The layout ------------------------------------------------------------------------------------------------------
+# Every file a run reads or writes is named here and nowhere else: a module takes a folder object below and asks it
+# for the path (RunFolder(out).filter.scores), so moving a file is one edit and a reader can see the whole layout.
+
+
+class StageFolder:
+    """A stage's folder: its finished-under-key mark and the key of the config that owns its partial contents."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    @property
+    def stage(self) -> Path:
+        """{"key": ...}, written when the stage finished: an unchanged re-run reuses the folder."""
+        return self.path / "stage.json"
+
+    @property
+    def owner(self) -> Path:
+        """{"key": ...} of the config that wrote the folder's partial contents (checkpoints, finished shards)."""
+        return self.path / "owner.json"
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+
+class DataFolder(StageFolder):
+    splits = property(lambda self: self.path / "splits.npz")
+    summary = property(lambda self: self.path / "summary.json")
+
+
+class PseudoFolder(StageFolder):
+    labels = property(lambda self: self.path / "labels.parquet")
+    summary = property(lambda self: self.path / "summary.json")
+    selection = property(lambda self: self.path / "selection.json")
+
+
+class AdapterFolder(StageFolder):
+    """The fine-tuned adapter in peft's format, plus our two files."""
+
+    info = property(lambda self: self.path / "info.json")
+    training_config = property(lambda self: self.path / "training_config.json")
+
+
+class FinetuneFolder(StageFolder):
+    adapter = property(lambda self: AdapterFolder(self.path / "adapter"))
+    adapter_tmp = property(lambda self: AdapterFolder(self.path / "adapter.tmp"))  # renamed to adapter when complete
+    checkpoint = property(lambda self: self.path / "finetune-checkpoint")
+
+
+class CandidatesFolder(StageFolder):
+    plan = property(lambda self: self.path / "plan.parquet")
+    done = property(lambda self: self.path / "done.json")
+
+    def shard(self, i: int) -> Path:
+        return self.path / f"shard-{i:05d}.npz"
+
+    def shard_tmp(self, i: int) -> Path:
+        return self.path / f"shard-{i:05d}.tmp.npz"
+
+
+class FilterFolder(StageFolder):
+    scores = property(lambda self: self.path / "scores.parquet")
+    features = property(lambda self: self.path / "features.npy")  # the judge's features of every candidate
+    summary = property(lambda self: self.path / "summary.json")
+    decisions = property(lambda self: self.path / "decisions.json")
+
+    def rejected(self, reason: str) -> Path:
+        """Sample images of one rejection reason, for a person to look at."""
+        return self.path / "rejected" / reason
+
+
+class EvaluationFolder(StageFolder):
+    results = property(lambda self: self.path / "results.json")
+    summary = property(lambda self: self.path / "summary.json")
+
+
+class DatasetFolder(StageFolder):
+    """The published dataset: `datasets.save_to_disk` splits, their parquet copies and card, and our record."""
+
+    record = property(lambda self: self.path / "augment_publish.json")
+    card = property(lambda self: self.path / "README.md")
+    parquet = property(lambda self: self.path / "data")
+
+
+class RunFolder:
+    """A run folder's layout: each file's path by what it holds.
+
+        data/splits.npz, data/summary.json      the split (test included; only evaluation reads test)
+        pseudo/labels.parquet, summary.json     pool images labeled confidently; selection.json: the run's choices
+        finetune/adapter/                       the LoRA adapter (safetensors + configs)
+        candidates/shard-*.npz, plan.parquet    every generated candidate
+        filter/scores.parquet, rejected/<why>/  scores and decisions, rejected images for inspection
+        dataset/                                the published DatasetDict (load_from_disk / load_dataset)
+        evaluation/results.json                 every downstream run
+        report.html, report.md, metrics.json    the report
+        run.json                                stage timings, keys and versions
+        .augment-run.json, .augment-run.lock    the marker that makes the folder ours, and the run lock
+    """
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    marker = property(lambda self: self.root / MARKER)
+    lock = property(lambda self: self.root / LOCK)
+    config = property(lambda self: self.root / "config.yaml")
+    info = property(lambda self: self.root / "run.json")  # stage times, base and adapter, finished key
+    metrics = property(lambda self: self.root / "metrics.json")
+    report_html = property(lambda self: self.root / "report.html")
+    report_md = property(lambda self: self.root / "report.md")
+    report_assets = property(lambda self: self.root / "report_assets")
+    figures = property(lambda self: self.root / "report_assets" / "figures.json")  # which figures, drawn for what
+
+    def figure(self, name: str) -> Path:
+        """One of the report's figures (PNG), linked from report.md by its path relative to the run folder."""
+        return self.report_assets / f"{name}.png"
+    data = property(lambda self: DataFolder(self.root / "data"))
+    pseudo = property(lambda self: PseudoFolder(self.root / "pseudo"))
+    finetune = property(lambda self: FinetuneFolder(self.root / "finetune"))
+    candidates = property(lambda self: CandidatesFolder(self.root / "candidates"))
+    filter = property(lambda self: FilterFolder(self.root / "filter"))
+    evaluation = property(lambda self: EvaluationFolder(self.root / "evaluation"))
+    dataset = property(lambda self: DatasetFolder(self.root / "dataset"))
+
+    def stage(self, name: str) -> StageFolder:
+        """A stage folder by its name (data, pseudo, finetune, candidates, filter, evaluation, dataset)."""
+        if name not in {"data", "pseudo", "finetune", "candidates", "filter", "evaluation", "dataset"}:
+            raise KeyError(f"no stage folder {name!r}")
+        return getattr(self, name)
+
+
 class RunFolderError(ValueError):
     """An output folder augment must not write to, or one that another run is using."""
 
@@ -61,7 +191,7 @@ def _within(child: Path, parent: Path) -> bool:
 
 
 def is_ours(folder: str | Path) -> bool:
-    return (Path(folder) / MARKER).is_file()
+    return RunFolder(folder).marker.is_file()
 
 
 def check_writable_dir(path: str | Path, key: str, data_source: str = "") -> Path:
@@ -103,7 +233,7 @@ def claim(output_dir: str | Path, data_source: str = "", job: str = "") -> Path:
     if not is_ours(out):
         try:
             out.mkdir(parents=True, exist_ok=True)
-            write_json(out / MARKER, {"created_by": "augment", "job": job, "created": time.time()})
+            write_json(RunFolder(out).marker, {"created_by": "augment", "job": job, "created": time.time()})
         except OSError as err:
             raise RunFolderError(f"cannot create run folder {output_dir}: {err.strerror or err}") from None
     return out
@@ -126,7 +256,7 @@ def lock(output_dir: str | Path, wait: bool = False):
     block then holds it too."""
     import fcntl
 
-    path = (Path(output_dir) / LOCK).resolve()
+    path = RunFolder(output_dir).lock.resolve()
     if path in _HELD:
         _HELD[path] += 1
         try:

@@ -266,11 +266,14 @@ def _report_markdown(run: Path) -> str:
     import re
     import socket
 
-    html = (run / "report.html").resolve()
+    from augment.run import RunFolder
+
+    rf = RunFolder(run)
+    html = rf.report_html.resolve()
     where = (f"> Figures and sample grids: `{html}` on `{socket.gethostname()}` (the run folder holds the report, "
              "the dataset and every stage's output; copy it to share them).")
-    text = re.sub(r"!\[([^\]]*)\]\(report_assets/[^)]*\)", r"*(figure in report.html: \1)*",
-                  (run / "report.md").read_text())
+    assets = re.escape(RunFolder("").report_assets.name)
+    text = re.sub(rf"!\[([^\]]*)\]\({assets}/[^)]*\)", r"*(figure in report.html: \1)*", rf.report_md.read_text())
     title, _, rest = text.partition("\n")
     return f"{title}\n\n{where}\n{rest}"
 

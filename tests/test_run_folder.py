@@ -83,7 +83,7 @@ def test_stage_never_clears_a_folder_without_the_marker(tiny_cfg, tmp_path):
     out = Path(tiny_cfg.publish.output_dir)
     (out / "finetune").mkdir(parents=True)
     (out / "finetune" / "mine.txt").write_text("user data")
-    st = pipeline._Stage(tiny_cfg, "finetune", folder="finetune")
+    st = pipeline._Stage(tiny_cfg, "finetune", "finetune")
     with pytest.raises(run_folder.RunFolderError, match="refusing to delete"):
         st.fresh()
     assert (out / "finetune" / "mine.txt").read_text() == "user data"
