@@ -149,7 +149,7 @@ def _command(args: argparse.Namespace) -> int:
         with using(args.run_dir, wait=args.wait):
             m = build_report(args.run_dir)
         print(headline(m).replace("**", ""))
-        print(f"report: {Path(args.run_dir) / 'report.html'}")
+        print(f"report: {RunFolder(args.run_dir).report_html}")
         return 0
     if args.command == "run":
         overrides = args.overrides + ([f"publish.output_dir={args.output_dir}"] if args.output_dir else [])
@@ -165,7 +165,7 @@ def _command(args: argparse.Namespace) -> int:
                   "(--force runs the flow anyway)", file=sys.stderr)
             print(headline(done).replace("**", ""))
             print(f"dataset: {out / 'dataset'}  (datasets.load_from_disk or datasets.load_dataset)")
-            print(f"report:  {out / 'report.html'}")
+            print(f"report:  {RunFolder(out).report_html}")
             print(f"wall time: {time.time() - t0:.1f} s")
             return 0
         from flows.server import PrefectAPI
@@ -184,7 +184,7 @@ def _command(args: argparse.Namespace) -> int:
         say()
         print(headline(metrics).replace("**", ""))
         print(f"dataset: {out / 'dataset'}  (datasets.load_from_disk or datasets.load_dataset)")
-        print(f"report:  {out / 'report.html'}")
+        print(f"report:  {RunFolder(out).report_html}")
         print(f"wall time: {time.time() - t0:.1f} s")
         return 0
     if args.command == "generate":

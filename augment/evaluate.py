@@ -235,7 +235,7 @@ def _with(recipe: str, part: str) -> str:
 def evaluate(cfg: EvaluationConfig, sets: TrainingSets, output_dir: str | Path,
              progress: Callable[[int, int], None] | None = None, log=print,
              run_units: RunUnits | None = None, decisions: dict | None = None) -> Path:
-    """Run the protocol (or the listed arms); writes evaluation/results.json. `run_units` runs each phase's
+    """Run the protocol (or the listed arms); writes the results file of `output_dir`. `run_units` runs each phase's
     (arm, recipe, seed) units elsewhere (default: this process or a local pool of `cfg.workers`). `decisions`: the
     cross-validated choices of the pseudo stage (augment.selection); without them, choices read validation."""
     decisions = decisions or {}

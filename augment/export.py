@@ -17,6 +17,7 @@ from augment import run as run_folder
 from augment.backends import BaseModelInfo
 from augment.config import RunConfig, load_config
 from augment.errors import ModelError
+from augment.generate import sampling_precision
 
 
 def load_run(run_dir: str | Path) -> tuple[RunConfig, dict]:
@@ -92,7 +93,7 @@ def export_model(run_dir: str | Path, output_dir: str | Path) -> Path:
     backend.export(model, out)
     metrics = run_folder.read_json(run_folder.RunFolder(run_dir).metrics) or {}
     (out / "README.md").write_text(_model_card(cfg, info, splits.class_names, backend, metrics,
-                                               pipeline.sampling_precision(run_dir, cfg)))
+                                               sampling_precision(run_dir, cfg)))
     return out
 
 

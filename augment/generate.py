@@ -181,6 +181,16 @@ def _shard_plan(path: Path) -> str | None:
         return None
 
 
+def sampling_precision(run_dir: str | Path, cfg) -> str:
+    """The precision the candidates of the run folder `run_dir` were sampled in, as its generate stage recorded
+    it: "fp32" or "bf16" (`generation.mixed_precision: auto` resolves per machine; runs from before the record
+    sampled in fp32 unless bf16 was asked for)."""
+    from augment.run import RunFolder, read_json
+
+    done = read_json(RunFolder(run_dir).candidates.done) or {}
+    return "bf16" if done.get("precision", cfg.generation.mixed_precision) == "bf16" else "fp32"
+
+
 def load_candidates(output_dir: str | Path) -> Candidates:
     out = CandidatesFolder(output_dir)
     df = pd.read_parquet(out.plan)

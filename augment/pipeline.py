@@ -102,12 +102,10 @@ def started(cfg: RunConfig, wait: bool = False):
     for it), and save the config in it.
 
     Every entry point (the flow, the CLI, a notebook) runs the stages inside this block."""
-    from augment.report import save_config
-
     preflight(cfg)
     out = run_folder.claim(cfg.publish.output_dir, cfg.data.source, cfg.name)
     with run_folder.lock(out, wait=wait):
-        save_config(cfg, out)
+        run_folder.save_config(cfg, out)
         yield out
 
 
@@ -210,7 +208,7 @@ def base_model(cfg: RunConfig, log=print, progress: Callable[[int, int], None] |
 
 def pseudo_stage(cfg: RunConfig, log=print, progress: Callable[[int, int], None] | None = None) -> dict:
     """The pseudo-labeled pool and, under selection.rule=cross_validation, the run's other choices (the recipe),
-    all made on labeled data only; the choices go to pseudo/selection.json for the evaluation and the report."""
+    all made on labeled data only; the choices are saved beside the labels for the evaluation and the report."""
     from augment.pseudo import pseudo_label, select_and_label
 
     st = _Stage(cfg, "pseudo", "pseudo")
@@ -474,16 +472,10 @@ def publish_stage(cfg: RunConfig, base: dict, adapter: dict, log=print) -> dict:
     return info
 
 
-def sampling_precision(run: Path, cfg: RunConfig) -> str:
-    """The precision the candidates of the run folder `run` were sampled in, as its generate stage recorded it:
-    "fp32" or "bf16" (`generation.mixed_precision: auto` resolves per machine; runs from before the record
-    sampled in fp32 unless bf16 was asked for)."""
-    done = run_folder.read_json(run_folder.RunFolder(run).candidates.done) or {}
-    return "bf16" if done.get("precision", cfg.generation.mixed_precision) == "bf16" else "fp32"
-
-
 def _card_facts(cfg: RunConfig, evaluation: dict) -> dict:
     """What the dataset card says about how the data was made and what the evaluation found."""
+    from augment.generate import sampling_precision
+
     decisions = run_folder.read_json(folder(cfg).filter.decisions) or {}
     rejected: dict[str, int] = {}
     for pc in decisions.get("per_class", []):

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from augment.config import RunConfig, parse_config
+from augment.config import parse_config
 from augment.data import Splits
 from augment.generate import load_candidates
 from augment import plots
@@ -56,7 +56,7 @@ def memorization_stats(sims: np.ndarray, reference: np.ndarray, threshold: float
 
 def collect_metrics(run: Path) -> dict:
     """Assemble metrics.json from the run folder."""
-    from augment.pipeline import sampling_precision
+    from augment.generate import sampling_precision
 
     rf = RunFolder(run)
     cfg = parse_config(yaml.safe_load(rf.config.read_text()), str(rf.config))
@@ -351,7 +351,7 @@ def sections(m: dict) -> list[tuple[str, str, list[tuple[list[str], list[list]]]
     skip_text = "" if not skipped.get("count") else (
         f" {skipped['count']} entries of the data source were skipped (" +
         ", ".join(f"{why}: {n}" for why, n in skipped["reasons"].items()) + "), e.g. " +
-        ", ".join(skipped["examples"][:5]) + "; data/summary.json lists the first 20.")
+        ", ".join(skipped["examples"][:5]) + f"; {RunFolder('').data.summary.as_posix()} lists the first 20.")
     return [
         ("Verdict", verdict, [(["comparison", "Δ accuracy (pts)", "95% CI", "p", "verdict", "Δ macro-F1 (pts)"],
                                gain_rows)], []),
@@ -549,7 +549,3 @@ def _reused_figures(run: Path, m: dict) -> dict[str, bytes] | None:
     except (OSError, KeyError):
         return None
 
-
-def save_config(cfg: RunConfig, run_dir: str | Path) -> None:
-    Path(run_dir).mkdir(parents=True, exist_ok=True)
-    write_text(RunFolder(run_dir).config, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

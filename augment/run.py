@@ -1,6 +1,6 @@
 """The run folder: the one place that decides whether a folder is ours, writes its state files, and locks it.
 
-Guarantees (the README repeats them):
+Guarantees (docs/run-folder.md tells users):
 - A run folder is ours only if augment created it: `claim` writes a marker file (`.augment-run.json`) into a new or
   empty folder and refuses, before anything is written, a non-empty folder without the marker, a path that is a
   file, and any folder that holds or lies inside the data source. Nothing is ever deleted from a folder that does
@@ -295,6 +295,14 @@ def using(run_dir: str | Path, wait: bool = False):
                              "of a run")
     with lock(run_dir, wait=wait):
         yield Path(run_dir)
+
+
+def save_config(cfg, run_dir: str | Path) -> None:
+    """The run's config (a RunConfig), every default filled in, as config.yaml in the run folder."""
+    import yaml
+
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    write_text(RunFolder(run_dir).config, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
 
 
 def load_state(path: str | Path, map_location=None, log=print) -> dict | None:

@@ -24,6 +24,7 @@ from augment import pipeline, progress
 from augment.cli import USER_ERRORS
 from augment.config import ConfigError, RunConfig, apply_overrides, deep_merge, parse_config
 from augment.report import build_report, headline, key_arms
+from augment.run import RunFolder
 
 
 def _log(message: str) -> None:
@@ -243,7 +244,7 @@ def _artifacts(cfg: RunConfig, m: dict) -> None:
               f"{100 * (r['accuracy_ci_high'] or r['accuracy_mean']):.1f}] |" for r in rows]
     lines += ["", f"Generated {m['generation']['generated']}, kept {m['generation']['kept']}. "
               f"Dataset: `{m['dataset']['path']}`. Full report: the `{_key(cfg)}-report` artifact, and "
-              f"`{m['run']['output_dir']}/report.html` on the worker."]
+              f"`{RunFolder(m['run']['output_dir']).report_html}` on the worker."]
     create_markdown_artifact(markdown="\n".join(lines), key=f"{_key(cfg)}-summary", description="augment summary")
     names = m["data"]["class_names"]
     per_class = []
@@ -265,8 +266,6 @@ def _report_markdown(run: Path) -> str:
     figures lies."""
     import re
     import socket
-
-    from augment.run import RunFolder
 
     rf = RunFolder(run)
     html = rf.report_html.resolve()

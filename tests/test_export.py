@@ -10,7 +10,7 @@ import torch
 
 from augment import pipeline
 from augment.cli import main
-from augment.generate import load_candidates
+from augment.generate import load_candidates, sampling_precision
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +66,7 @@ def test_export_loads_in_plain_diffusers_and_reproduces_a_sample(finished, capsy
     def denoise(x, t, y):
         return unet(x, t, class_labels=y).sample
 
-    precision = pipeline.sampling_precision(run, cfg)  # the card says which; the run sampled in it
+    precision = sampling_precision(run, cfg)  # the card says which; the run sampled in it
     assert f"{precision} (a sample is reproduced exactly" in card
     x = sample(denoise, scheduler, torch.tensor([int(row["label"])]), [int(row["seed"])], K, (1, 8, 8),
                scheduler=g.scheduler, num_inference_steps=g.num_inference_steps, guide=classifier_free(g.guidance_scale),

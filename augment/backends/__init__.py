@@ -6,7 +6,7 @@ row, or a prompt's text embedding), which modules get LoRA and how the adapter i
 sampling calls. Fine-tuning (augment.finetune), generation, filtering, publishing and the report see only this
 protocol, uint8 images and class indices; none of them asks which backend made a sample.
 
-This module imports no torch: the config reads the registry's names from it.
+This module imports no torch. The registry's names live in augment.registry, which the config reads.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Protocol
 
 from augment.errors import ModelError
+from augment.registry import BACKENDS
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -26,11 +27,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from augment.config import BaseModelConfig, GenerationConfig, LoRAConfig
     from augment.data import ImageSet
 
-# name -> "module:Class"; imported on first use, so `augment --help` and config validation stay torch-free
-REGISTRY: dict[str, str] = {
-    "pixel": "augment.backends.pixel_unet:PixelBackend",
-    "stable_diffusion": "augment.backends.stable_diffusion:StableDiffusionBackend",
-}
+REGISTRY = BACKENDS  # name -> "module:Class", imported on first use
 NAMES: tuple[str, ...] = tuple(REGISTRY)
 
 

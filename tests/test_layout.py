@@ -1,0 +1,143 @@
+"""The code's plan holds: no import cycle inside augment/, and the run folder's layout spelled in one place."""
+
+import ast
+import re
+from pathlib import Path
+
+from conftest import ROOT
+
+PACKAGE = ROOT / "augment"
+
+
+def _modules() -> dict[str, Path]:
+    mods = {}
+    for p in PACKAGE.rglob("*.py"):
+        name = ".".join(p.relative_to(ROOT).with_suffix("").parts)
+        mods[name.removesuffix(".__init__")] = p
+    return mods
+
+
+def import_graph() -> dict[str, set[str]]:
+    """module -> the augment modules it imports anywhere in its source (top level, inside functions, and under
+    TYPE_CHECKING alike: a cycle that only lazy imports keep alive is still a cycle in the design)."""
+    mods = _modules()
+    graph: dict[str, set[str]] = {m: set() for m in mods}
+    for m, p in mods.items():
+        pkg = m if p.name == "__init__.py" else m.rsplit(".", 1)[0]
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parts = pkg.split(".")[:len(pkg.split(".")) - node.level + 1]
+                    base = ".".join(parts + ([base] if base else []))
+                names = [base] + [f"{base}.{a.name}" for a in node.names]
+            else:
+                continue
+            for n in names:
+                while n and n not in mods:
+                    n = n.rsplit(".", 1)[0] if "." in n else ""
+                if n and n != m and n != "augment":
+                    graph[m].add(n)
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with more than one module (Tarjan)."""
+    index, low, stack, on, out, counter = {}, {}, [], set(), [], [0]
+
+    def visit(v):
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_import_cycle_in_augment():
+    graph = import_graph()
+    assert len(graph) > 20 and "augment.pipeline" in graph["augment.cli"] | set().union(*graph.values())
+    assert cycles(graph) == [], "import cycles (each a group of modules that import each other)"
+
+
+def _layout_names() -> set[str]:
+    """Every file and folder name augment.run's RunFolder gives a run folder (properties, methods, stage
+    folders), from an object, not a list kept by hand."""
+    from augment.run import RunFolder, StageFolder
+
+    root = RunFolder("/r")
+    names = set()
+
+    def walk(obj, depth=0):
+        for attr in dir(type(obj)):
+            if attr.startswith("_"):
+                continue
+            value = getattr(obj, attr)
+            if callable(value):  # shard(i), rejected(reason), figure(name); RunFolder.stage(name) repeats folders
+                if attr == "stage":
+                    continue
+                for arg in (0, "x"):
+                    try:
+                        value = value(arg)
+                        break
+                    except (TypeError, ValueError):
+                        pass
+            if isinstance(value, StageFolder):
+                names.add(value.path.name)
+                if depth < 3:
+                    walk(value, depth + 1)
+            elif isinstance(value, Path):
+                names.add(value.name)
+
+    walk(root)
+    return names
+
+
+# what the walk's example arguments make (shard 0, a figure or reason "x"), and README.md (also the card of an
+# exported model and of a Hub repo: conventions not ours to rename); shard names are looked for as f-strings
+_EXAMPLES = {"README.md", "0.png", "x", "shard-00000.npz", "shard-00000.tmp.npz"}
+
+
+def test_no_module_but_augment_run_spells_a_run_folder_file_name():
+    names = _layout_names()
+    assert {"metrics.json", "scores.parquet", "stage.json", "results.json", "splits.npz", "info.json"} <= names
+    # Names with a suffix and the distinctive folders; plain words like "data" or "filter" are also config keys.
+    spelled = sorted(n for n in names if ("." in n or "-" in n or "_" in n) and n not in _EXAMPLES)
+    pattern = re.compile("|".join(re.escape(f'"{n}"') + "|" + re.escape(f"'{n}'") + "|" + re.escape(f"/{n}")
+                                  for n in spelled) + r"|shard-\{")
+    found = []
+    for p in list(PACKAGE.rglob("*.py")) + list((ROOT / "flows").glob("*.py")):
+        if p == PACKAGE / "run.py":
+            continue
+        for i, line in enumerate(p.read_text().splitlines(), 1):
+            code = line.split("#", 1)[0]
+            if pattern.search(code):
+                found.append(f"{p.relative_to(ROOT)}:{i}: {line.strip()}")
+    assert not found, "run-folder file names outside augment/run.py (ask RunFolder for the path):\n" + \
+        "\n".join(found)
