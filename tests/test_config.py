@@ -61,11 +61,11 @@ def test_fingerprint_tracks_sections():
     assert a.fingerprint("evaluation") != b.fingerprint("evaluation")
 
 
-def test_readme_reference_is_current():
+def test_docs_reference_is_current():
     from augment.config import reference_markdown
 
-    assert reference_markdown() in (ROOT / "README.md").read_text(), \
-        "README's configuration reference is stale: paste the output of `python -m augment.config`"
+    assert reference_markdown() in (ROOT / "docs" / "reference.md").read_text(), \
+        "docs/reference.md is stale: replace its table with the output of `python -m augment.config`"
 
 
 def test_overrides_and_partial_configs_merge_and_bad_values_name_the_override():

@@ -1,5 +1,6 @@
 """The README's code runs: every Python block of "Load the result", "Use the dataset elsewhere" and "Use the model
-elsewhere", on a run that `augment run` (the command, with one evaluation seed) just finished."""
+elsewhere", on a run that `augment run` (the command, with one evaluation seed) just finished. The README stays a
+newcomer's guide (at most 300 lines; reference material lives in docs/), and its links and the docs' links work."""
 
 import re
 
@@ -20,6 +21,34 @@ def _blocks(section: str) -> list[str]:
 
 def test_each_section_has_code():
     assert all(_blocks(s) for s in SECTIONS)
+
+
+MAX_README_LINES = 300
+
+
+def test_readme_is_short():
+    lines = (ROOT / "README.md").read_text().count("\n")
+    assert lines <= MAX_README_LINES, \
+        f"README.md has {lines} lines (at most {MAX_README_LINES}): move reference material to docs/ and link it"
+
+
+def _relative_links(path):
+    """Targets of the Markdown links in `path` that point at files: no scheme (http:, mailto:), not a pure #anchor;
+    the #anchor of a file link is dropped. Links inside code blocks and code spans are not links."""
+    text = re.sub(r"```.*?```", "", path.read_text(), flags=re.S)
+    text = re.sub(r"`[^`\n]*`", "", text)
+    for target in re.findall(r"\[[^\]]*\]\(([^)\s]+)\)", text):
+        if re.match(r"[a-zA-Z][a-zA-Z0-9+.-]*:", target) or target.startswith("#"):
+            continue
+        yield target.split("#", 1)[0]
+
+
+def test_relative_links_point_at_files():
+    docs = sorted((ROOT / "docs").glob("*.md"))
+    assert docs, "docs/*.md is missing"
+    broken = [f"{page.relative_to(ROOT)}: ({target})" for page in [ROOT / "README.md", *docs]
+              for target in _relative_links(page) if not (page.parent / target).exists()]
+    assert not broken, "links to files that do not exist:\n" + "\n".join(broken)
 
 
 @pytest.fixture(scope="module")

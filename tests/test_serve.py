@@ -126,9 +126,10 @@ def test_served_deployment_runs_with_merged_config_and_overrides(served):
 
 
 @pytest.mark.slow
-def test_the_readme_pattern_catches_refused_parameters_and_failed_runs(served):
-    """A config that fails the deployment's parameter schema is refused by the server (HTTP 409) before any run
-    exists, so run_deployment raises; a bad override is only seen by the flow, whose run fails and is returned."""
+def test_the_documented_pattern_catches_refused_parameters_and_failed_runs(served):
+    """The run_deployment pattern of docs/orchestration.md. A config that fails the deployment's parameter schema is
+    refused by the server (HTTP 409) before any run exists, so run_deployment raises; a bad override is only seen by
+    the flow, whose run fails and is returned."""
     from prefect.deployments import run_deployment
     from prefect.exceptions import PrefectHTTPStatusError
 
