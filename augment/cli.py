@@ -164,7 +164,7 @@ def _command(args: argparse.Namespace) -> int:
             print(f"nothing changed since the last run in {out}: every stage, the dataset and the report are current "
                   "(--force runs the flow anyway)", file=sys.stderr)
             print(headline(done).replace("**", ""))
-            print(f"dataset: {out / 'dataset'}  (datasets.load_from_disk or datasets.load_dataset)")
+            print(f"dataset: {RunFolder(out).dataset.path}  (datasets.load_from_disk or datasets.load_dataset)")
             print(f"report:  {RunFolder(out).report_html}")
             print(f"wall time: {time.time() - t0:.1f} s")
             return 0
@@ -183,7 +183,7 @@ def _command(args: argparse.Namespace) -> int:
             metrics = augment_flow.with_options(retries=0)(config=cfg, wait=args.wait)
         say()
         print(headline(metrics).replace("**", ""))
-        print(f"dataset: {out / 'dataset'}  (datasets.load_from_disk or datasets.load_dataset)")
+        print(f"dataset: {RunFolder(out).dataset.path}  (datasets.load_from_disk or datasets.load_dataset)")
         print(f"report:  {RunFolder(out).report_html}")
         print(f"wall time: {time.time() - t0:.1f} s")
         return 0

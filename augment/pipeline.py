@@ -14,7 +14,7 @@ import shutil
 import time
 from contextlib import contextmanager
 from collections.abc import Callable, Iterable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,21 +24,8 @@ from augment.config import RunConfig
 from augment.backends import BaseModelInfo, create, resolve_device
 from augment.data import Splits, data_fingerprint, make_splits
 
-# Which config sections each stage depends on (besides the data it reads).
-# How each stage's progress reads in bars and log lines: (what, unit counted; "" = none, the heartbeat only).
-PROGRESS = {"data": ("data", ""), "base": ("base pretraining", "step"), "pseudo": ("selection", "training"),
-            "finetune": ("fine-tuning", "step"), "generate": ("generation", "sample"), "filter": ("filter", ""),
-            "evaluate": ("evaluation", "training"), "publish": ("publish", ""), "report": ("report", "")}
-
 # The pseudo stage also makes the run's cross-validated choices, starting from the team's recipe.
 CHOICES = ("pseudo", "selection", "evaluation.recipe")
-STAGE_SECTIONS = {
-    "pseudo": ("data", *CHOICES),
-    "finetune": ("data", "base", *CHOICES, "lora"),
-    "generate": ("data", "base", *CHOICES, "lora", "generation"),
-    "filter": ("data", "base", *CHOICES, "lora", "generation", "filter"),
-    "evaluate": ("data", "base", "pseudo", "selection", "lora", "generation", "filter", "evaluation"),
-}
 
 
 def run_dir(cfg: RunConfig) -> Path:
@@ -117,7 +104,7 @@ class _Stage:
         self.cfg, self.name = cfg, name
         self.stage_folder = folder(cfg).stage(where) if where else None
         self.folder = self.stage_folder.path if where else None
-        self.key = cfg.fingerprint(*STAGE_SECTIONS.get(name, ("data",)))
+        self.key = cfg.fingerprint(*STAGE_SECTIONS[name])
         if upstream:  # what the stage consumes (a base, an adapter, an earlier stage's key), beyond the config
             self.key += "-" + hashlib.sha256(upstream.encode()).hexdigest()[:12]
         summary = run_folder.read_json(folder(cfg).data.summary, {})
@@ -521,45 +508,108 @@ def versions() -> dict:
             "datasets": datasets.__version__, "numpy": np.__version__}
 
 
-def run(cfg: RunConfig, log=print, on_stage: Callable[[str | None], None] | None = None, wait: bool = False) -> dict:
-    """Every stage in the flow's order, without Prefect (notebooks, benchmarks); returns the report's metrics.
-    `on_stage(name)` is called as each stage starts, and with None at the end."""
-    from augment.progress import stage
+# The run: one list of stages, walked by `run` here and by the Prefect flow ----------------------------------
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One step of a run, as data: both `run` (here) and the Prefect flow walk STAGES and nothing else.
+
+    `call(cfg, kept, log=, progress=, units=)` runs it: `kept` holds what earlier stages kept (the base and the
+    adapter), `units` is a task runner's map of the stage's independent units (None: here). `what` and `unit`: how
+    its progress reads (a bar, or log lines; unit "" = the heartbeat only). `sections`: the config sections its
+    reuse key covers (besides the data's fingerprint and its upstream outputs). `keeps`: its result is recorded in
+    run.json under that name and handed to the stages after it. `artifact`: the flow's progress artifact (key,
+    description; "" = none). `distributed`: its units (generation shards, downstream trainings) can run on the
+    flow's task runner. `retries`: safe to retry in the flow (disk I/O only). `timed`: part of the run's
+    total_seconds (the report, which shows the total, is not)."""
+
+    name: str
+    what: str
+    unit: str
+    call: Callable[..., dict]
+    sections: tuple[str, ...] = ("data",)
+    keeps: str | None = None
+    artifact: tuple[str, str] = ("", "")
+    distributed: bool = False
+    retries: int = 0
+    timed: bool = True
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("data", "data", "", lambda cfg, kept, log, progress, units: prepare_data(cfg)),
+    Stage("base", "base pretraining", "step", keeps="base", artifact=("pretraining", "Base pretraining steps"),
+          call=lambda cfg, kept, log, progress, units: base_model(cfg, log=log, progress=progress)),
+    Stage("pseudo", "selection", "training", sections=("data", *CHOICES),
+          artifact=("selection", "Cross-validation trainings"),
+          call=lambda cfg, kept, log, progress, units: pseudo_stage(cfg, log=log, progress=progress)),
+    Stage("finetune", "fine-tuning", "step", sections=("data", "base", *CHOICES, "lora"), keeps="adapter",
+          artifact=("finetuning", "LoRA fine-tuning steps"),
+          call=lambda cfg, kept, log, progress, units: finetune_stage(cfg, kept["base"], log=log,
+                                                                      progress=progress)),
+    Stage("generate", "generation", "sample", sections=("data", "base", *CHOICES, "lora", "generation"),
+          artifact=("generation", "Candidates generated"), distributed=True,
+          call=lambda cfg, kept, log, progress, units: generate_stage(cfg, kept["base"], kept["adapter"],
+                                                                      progress=progress, log=log,
+                                                                      run_shards=units)),
+    Stage("filter", "filter", "", sections=("data", "base", *CHOICES, "lora", "generation", "filter"),
+          call=lambda cfg, kept, log, progress, units: filter_stage(cfg, log=log)),
+    # before publishing: it decides whether the pseudo-labeled pool rows are published
+    Stage("evaluate", "evaluation", "training",
+          sections=("data", "base", "pseudo", "selection", "lora", "generation", "filter", "evaluation"),
+          artifact=("evaluation", "Downstream training runs finished"), distributed=True,
+          call=lambda cfg, kept, log, progress, units: evaluate_stage(cfg, progress=progress, log=log,
+                                                                      run_units=units)),
+    Stage("publish", "publish", "", retries=2,
+          call=lambda cfg, kept, log, progress, units: publish_stage(cfg, kept["base"], kept["adapter"], log=log)),
+    Stage("report", "report", "", timed=False,
+          call=lambda cfg, kept, log, progress, units: _build_report(cfg)),
+)
+STAGE = {s.name: s for s in STAGES}
+STAGE_SECTIONS = {s.name: s.sections for s in STAGES}  # what each stage's reuse key covers
+
+
+def _build_report(cfg: RunConfig) -> dict:
     from augment.report import build_report
 
-    mark = on_stage or (lambda name: None)
+    return build_report(run_dir(cfg))
 
-    @contextmanager
-    def step(name: str):
-        mark(name)
-        with stage(*PROGRESS[name], log) as progress:
-            yield progress
 
-    t0 = time.time()
+def walk(cfg: RunConfig, call: Callable[[Stage, dict], dict], wait: bool = False,
+         t0: float | None = None) -> dict:
+    """Every stage of STAGES in order, inside `started` (inputs checked, the run folder claimed and locked):
+    `call(stage, kept)` runs one (here, or as a Prefect task) and returns its result. Returns the last stage's
+    result: the report's metrics."""
+    t0 = time.time() if t0 is None else t0
+    kept: dict = {}
     with started(cfg, wait=wait):
         mark_finished(cfg, False)
         record(cfg, None, versions=versions(), cpu=cpu_kind())
-        with step("data"):
-            prepare_data(cfg)
-        with step("base") as p:
-            base = base_model(cfg, log=log, progress=p)
-        record(cfg, None, base=base)
-        with step("pseudo") as p:
-            pseudo_stage(cfg, log=log, progress=p)
-        with step("finetune") as p:
-            adapter = finetune_stage(cfg, base, log=log, progress=p)
-        record(cfg, None, adapter=adapter)
-        with step("generate") as p:
-            generate_stage(cfg, base, adapter, log=log, progress=p)
-        with step("filter"):
-            filter_stage(cfg, log=log)
-        with step("evaluate") as p:
-            evaluate_stage(cfg, log=log, progress=p)
-        with step("publish"):
-            publish_stage(cfg, base, adapter, log=log)
-        record(cfg, None, total_seconds=round(time.time() - t0, 1))
-        with step("report"):
-            metrics = build_report(run_dir(cfg))
+        timing = True
+        for s in STAGES:
+            if timing and not s.timed:
+                record(cfg, None, total_seconds=round(time.time() - t0, 1))
+                timing = False
+            out = call(s, kept)
+            if s.keeps:
+                kept[s.keeps] = out
+                record(cfg, None, **{s.keeps: out})
         mark_finished(cfg)
+    return out
+
+
+def run(cfg: RunConfig, log=print, on_stage: Callable[[str | None], None] | None = None, wait: bool = False) -> dict:
+    """Every stage, here, without Prefect (notebooks, benchmarks); returns the report's metrics. `on_stage(name)`
+    is called as each stage starts, and with None at the end."""
+    from augment.progress import stage as progress
+
+    mark = on_stage or (lambda name: None)
+
+    def call(s: Stage, kept: dict) -> dict:
+        mark(s.name)
+        with progress(s.what, s.unit, log) as p:
+            return s.call(cfg, kept, log=log, progress=p, units=None)
+
+    metrics = walk(cfg, call, wait=wait)
     mark(None)
     return metrics

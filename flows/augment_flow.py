@@ -1,4 +1,5 @@
-"""The main flow: one task per stage of augment.pipeline, the report as Prefect artifacts.
+"""The main flow: one task per stage of augment.pipeline.STAGES (the list the library's own `run` walks too), the
+report as Prefect artifacts.
 
 Tasks pass paths and small summaries, never tensors. Reuse of expensive work is the library's (stage folders keyed
 by config and data fingerprints), so it also holds across flow runs, deployments and machines sharing a disk.
@@ -23,7 +24,7 @@ from prefect.task_runners import TaskRunner
 from augment import pipeline, progress
 from augment.cli import USER_ERRORS
 from augment.config import ConfigError, RunConfig, apply_overrides, deep_merge, parse_config
-from augment.report import build_report, headline, key_arms
+from augment.report import headline, key_arms
 from augment.run import RunFolder
 
 
@@ -32,10 +33,12 @@ def _log(message: str) -> None:
 
 
 @contextmanager
-def _progress(cfg: RunConfig, stage: str, key: str = "", description: str = ""):
+def _progress(cfg: RunConfig, stage: str):
     """The progress callback(done, total) of one stage (`progress.stage`: a terminal bar, or log lines with a
-    heartbeat every 25 s), which also keeps a Prefect progress artifact `description` (key `key`) up to date
+    heartbeat every 25 s), which also keeps the stage's Prefect progress artifact up to date, if it has one
     (created on the first call, so a reused stage leaves none behind)."""
+    s = pipeline.STAGE[stage]
+    key, description = s.artifact
     artifact, last = [], [-1]
 
     def update(done: int, total: int) -> None:
@@ -49,64 +52,18 @@ def _progress(cfg: RunConfig, stage: str, key: str = "", description: str = ""):
                 update_progress_artifact(artifact_id=artifact[0], progress=pct)
 
     # the heartbeat logs from its own thread: the run logger is looked up here, in the task's
-    with progress.stage(*pipeline.PROGRESS[stage], get_run_logger().info) as p:
+    with progress.stage(s.what, s.unit, get_run_logger().info) as p:
         yield progress.both(update, p) if description else p
 
 
-@task(cache_policy=NO_CACHE)
-def load_data(cfg: RunConfig) -> dict:
-    with _progress(cfg, "data"):
-        return pipeline.prepare_data(cfg)
-
-
-@task(cache_policy=NO_CACHE)
-def base_model(cfg: RunConfig) -> dict:
-    with _progress(cfg, "base", "pretraining", "Base pretraining steps") as p:
-        return pipeline.base_model(cfg, log=_log, progress=p)
-
-
-@task(cache_policy=NO_CACHE)
-def pseudo_label(cfg: RunConfig) -> dict:
-    with _progress(cfg, "pseudo", "selection", "Cross-validation trainings") as p:
-        return pipeline.pseudo_stage(cfg, log=_log, progress=p)
-
-
-@task(cache_policy=NO_CACHE)
-def finetune(cfg: RunConfig, base: dict) -> dict:
-    with _progress(cfg, "finetune", "finetuning", "LoRA fine-tuning steps") as p:
-        return pipeline.finetune_stage(cfg, base, log=_log, progress=p)
-
-
-def _generation_progress(cfg: RunConfig):
-    return _progress(cfg, "generate", "generation", "Candidates generated")
-
-
-def _evaluation_progress(cfg: RunConfig):
-    return _progress(cfg, "evaluate", "evaluation", "Downstream training runs finished")
-
-
-@task(cache_policy=NO_CACHE)
-def generate(cfg: RunConfig, base: dict, adapter: dict) -> dict:
-    with _generation_progress(cfg) as p:
-        return pipeline.generate_stage(cfg, base, adapter, progress=p, log=_log)
-
-
-@task(cache_policy=NO_CACHE)
-def filter_candidates(cfg: RunConfig) -> dict:
-    with _progress(cfg, "filter"):
-        return pipeline.filter_stage(cfg, log=_log)
-
-
-@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)  # disk I/O only: safe to retry
-def publish(cfg: RunConfig, base: dict, adapter: dict) -> dict:
-    with _progress(cfg, "publish"):
-        return pipeline.publish_stage(cfg, base, adapter, log=_log)
-
-
-@task(cache_policy=NO_CACHE)
-def evaluate(cfg: RunConfig) -> dict:
-    with _evaluation_progress(cfg) as p:
-        return pipeline.evaluate_stage(cfg, progress=p, log=_log)
+@task(cache_policy=NO_CACHE, task_run_name="{stage}")
+def run_stage(cfg: RunConfig, stage: str, kept: dict) -> dict:
+    """One stage of pipeline.STAGES, here in the flow's process; the report's also leaves its artifacts."""
+    with _progress(cfg, stage) as p:
+        out = pipeline.STAGE[stage].call(cfg, kept, log=_log, progress=p, units=None)
+    if stage == "report":
+        _artifacts(cfg, out)
+    return out
 
 
 @task(cache_policy=NO_CACHE)
@@ -171,21 +128,14 @@ def generate_unit(cfg: RunConfig, base: dict, adapter: dict, shard: int) -> int:
     return pipeline.generate_unit(cfg, base, adapter, shard)
 
 
-@flow(name="augment-generate")
-def generate_on_runner(cfg: RunConfig, base: dict, adapter: dict) -> dict:
-    """The generation stage with every shard a task on this flow's task runner."""
+def _units(cfg: RunConfig, stage: str, kept: dict):
+    """The map of a distributed stage's units onto this flow's task runner, yielding each result in order."""
+    if stage == "generate":
+        def run_shards(shards: list[int]):
+            for f in generate_unit.map(unmapped(cfg), unmapped(kept["base"]), unmapped(kept["adapter"]), shards):
+                yield f.result()
 
-    def run_shards(shards: list[int]):
-        for f in generate_unit.map(unmapped(cfg), unmapped(base), unmapped(adapter), shards):
-            yield f.result()
-
-    with _generation_progress(cfg) as p:
-        return pipeline.generate_stage(cfg, base, adapter, progress=p, log=_log, run_shards=run_shards)
-
-
-@flow(name="augment-evaluate")
-def evaluate_on_runner(cfg: RunConfig) -> dict:
-    """The evaluation stage with every (arm, seed) training a task on this flow's task runner."""
+        return run_shards
 
     def run_units(units: list[tuple[str, str, int]]):
         futures = train_unit.map(unmapped(cfg), [u[0] for u in units], [u[1] for u in units],
@@ -193,16 +143,14 @@ def evaluate_on_runner(cfg: RunConfig) -> dict:
         for f in futures:
             yield f.result()
 
-    with _evaluation_progress(cfg) as p:
-        return pipeline.evaluate_stage(cfg, progress=p, log=_log, run_units=run_units)
+    return run_units
 
 
-@task(cache_policy=NO_CACHE)
-def report(cfg: RunConfig) -> dict:
-    with _progress(cfg, "report"):
-        metrics = build_report(pipeline.run_dir(cfg))
-    _artifacts(cfg, metrics)
-    return metrics
+@flow(name="augment-units", flow_run_name="augment-{stage}")
+def run_stage_on_runner(cfg: RunConfig, stage: str, kept: dict) -> dict:
+    """A distributed stage (generation, evaluation) with each of its units a task on this flow's task runner."""
+    with _progress(cfg, stage) as p:
+        return pipeline.STAGE[stage].call(cfg, kept, log=_log, progress=p, units=_units(cfg, stage, kept))
 
 
 PUBLISHED_EVENT = "augment.dataset.published"
@@ -326,30 +274,18 @@ def _no_retry() -> None:
 
 
 def _run(cfg: RunConfig, wait: bool, t0: float) -> dict:
-    with pipeline.started(cfg, wait=wait):
-        pipeline.mark_finished(cfg, False)
-        pipeline.record(cfg, None, versions=pipeline.versions(), cpu=pipeline.cpu_kind())
-        load_data(cfg)
-        base = base_model(cfg)
-        pipeline.record(cfg, None, base=base)
-        pseudo_label(cfg)
-        adapter = finetune(cfg, base)
-        pipeline.record(cfg, None, adapter=adapter)
-        with ExitStack() as pool:  # one pool or cluster for the run's two distributed stages, started here
-            shared = None if cfg.runner.kind == "local" else SharedRunner(pool.enter_context(task_runner(cfg)))
-            if shared is None:
-                generate(cfg, base, adapter)
-            else:
-                generate_on_runner.with_options(task_runner=shared)(cfg, base, adapter)
-            filter_candidates(cfg)
-            # before publishing: it decides whether the pseudo-labeled pool rows are published
-            if shared is None:
-                evaluate(cfg)
-            else:
-                evaluate_on_runner.with_options(task_runner=shared)(cfg)
-        publish(cfg, base, adapter)
-        pipeline.record(cfg, None, total_seconds=round(time.time() - t0, 1))
-        metrics = report(cfg)
-        pipeline.mark_finished(cfg)
+    """pipeline.STAGES, each a task; a distributed stage on a processes/dask runner is a subflow whose units are
+    tasks on one pool or cluster, started for the first such stage and shared by the run's others."""
+    with ExitStack() as pool:
+        shared: list[SharedRunner] = []
+
+        def call(stage: pipeline.Stage, kept: dict) -> dict:
+            if not stage.distributed or cfg.runner.kind == "local":
+                return run_stage.with_options(retries=stage.retries, retry_delay_seconds=5)(cfg, stage.name, kept)
+            if not shared:
+                shared.append(SharedRunner(pool.enter_context(task_runner(cfg))))
+            return run_stage_on_runner.with_options(task_runner=shared[0])(cfg, stage.name, kept)
+
+        metrics = pipeline.walk(cfg, call, wait=wait, t0=t0)
     announce(cfg, metrics)
     return metrics

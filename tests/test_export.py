@@ -25,6 +25,16 @@ def finished(tmp_path_factory):
     return cfg, tmp
 
 
+def test_the_library_run_walks_the_one_stage_list(finished):
+    """pipeline.run walks pipeline.STAGES, as the flow does (tests/test_flow.py)."""
+    import json
+
+    cfg, _ = finished
+    info = json.loads((pipeline.run_dir(cfg) / "run.json").read_text())
+    assert list(info["stages"]) == [s.name for s in pipeline.STAGES if s.timed]
+    assert info["total_seconds"] > 0 and {"base", "adapter"} <= set(info)
+
+
 def test_generate_more_reproduces_the_runs_candidates_and_writes_provenance(finished, capsys):
     cfg, tmp = finished
     run = pipeline.run_dir(cfg)

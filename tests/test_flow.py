@@ -108,6 +108,27 @@ def test_the_tiny_run_computes_what_the_golden_run_computed(finished_run):
             {n: (d["rows"], d["features"]) for n, d in golden["dataset"].items()}
 
 
+def stages_walked(run: Path) -> list[str]:
+    """The stages a run went through, in the order run.json recorded them finishing."""
+    return list(json.loads((run / "run.json").read_text())["stages"])
+
+
+def test_the_flow_walks_the_one_stage_list(finished_run):
+    """The flow runs pipeline.STAGES as the library's own run does (tests/test_export.py checks that one), every
+    stage a task named after it."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
+
+    from augment import pipeline
+
+    _, _, run = finished_run
+    names = [s.name for s in pipeline.STAGES]
+    assert stages_walked(run) == [n for n in names if pipeline.STAGE[n].timed]
+    with get_client(sync_client=True) as client:
+        tasks = client.read_task_runs(task_run_filter=TaskRunFilter(name=TaskRunFilterName(any_=names)))
+    assert set(names) <= {t.name for t in tasks}
+
+
 def test_flow_publishes_a_dataset_that_datasets_loads(finished_run):
     import datasets
 
