@@ -47,7 +47,7 @@ def generate_more(run_dir: str | Path, class_name: str, n: int, seed: int = 0,
     Sample j of class k gets the seed the run's plan would give it under generation seed `seed` (so `--seed` equal
     to the run's generation.seed reproduces its candidates). With `output_dir`, writes `<class>/<sample_id>.png`
     and `provenance.parquet` there. Returns the provenance table (with an `image` column of uint8 arrays)."""
-    from PIL import Image
+    from augment.imagefiles import to_pil
 
     from augment.generate import sample_seed
 
@@ -76,7 +76,7 @@ def generate_more(run_dir: str | Path, class_name: str, n: int, seed: int = 0,
         out = Path(output_dir)
         (out / class_name).mkdir(parents=True, exist_ok=True)
         for sid, img in zip(table["sample_id"], images):
-            Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(out / class_name / f"{sid}.png")
+            to_pil(img).save(out / class_name / f"{sid}.png")
         table.to_parquet(out / "provenance.parquet")
     return table.assign(image=list(images))
 

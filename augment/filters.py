@@ -247,7 +247,7 @@ def decide(s: Scored, cfg: FilterConfig, order: list[str] | None = None) -> tupl
 
 def save_outcome(s: Scored, kept: np.ndarray, reason: np.ndarray, cands: Candidates, folder: Path) -> pd.DataFrame:
     """Write the scores, the summary, the features and the rejected images (PNG, by reason) for inspection."""
-    from PIL import Image
+    from augment.imagefiles import to_pil
 
     out = FilterFolder(folder)
     out.path.mkdir(parents=True, exist_ok=True)
@@ -259,7 +259,7 @@ def save_outcome(s: Scored, kept: np.ndarray, reason: np.ndarray, cands: Candida
         d = out.rejected(str(reason[i]))
         d.mkdir(parents=True, exist_ok=True)
         img = cands.images[i]
-        Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(d / f"{table['sample_id'][i]}.png")
+        to_pil(img).save(d / f"{table['sample_id'][i]}.png")
     return table
 
 

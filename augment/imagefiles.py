@@ -15,6 +15,11 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from augment.errors import DataError
 
+def to_pil(img: np.ndarray) -> Image.Image:
+    """A uint8 (H, W, C) array as a PIL image: grayscale for one channel, RGB for three."""
+    return Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img)
+
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 HIDDEN = "hidden or __MACOSX"
 

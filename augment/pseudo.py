@@ -32,9 +32,6 @@ class PseudoLabels:
     def __len__(self) -> int:
         return len(self.index)
 
-    def images(self, pool: ImageSet) -> np.ndarray:
-        return pool.images[self.index]
-
     def save(self, folder: Path) -> None:
         from augment.run import PseudoFolder, write_json
 

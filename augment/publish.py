@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image
 
 from augment.data import ImageSet, Splits
+from augment.imagefiles import to_pil
 from augment.run import DatasetFolder
 
 PROVENANCE = {
@@ -40,7 +40,7 @@ def _missing(column: str, n: int) -> list:
 
 def _png(img: np.ndarray) -> dict:
     buf = io.BytesIO()
-    Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(buf, format="PNG")
+    to_pil(img).save(buf, format="PNG")
     return {"bytes": buf.getvalue(), "path": None}
 
 

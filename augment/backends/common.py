@@ -8,8 +8,15 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from augment.config import BaseModelConfig, GenerationConfig
+from augment.config import BaseModelConfig, GenerationConfig, LoRAConfig
+from augment.errors import ModelError
 from augment.diffusion import classifier_free, sample
+
+
+def no_lora_target(cfg: LoRAConfig, err: Exception | None = None) -> ModelError:
+    """The error for LoRA target names that match no module of the model."""
+    return ModelError(f"lora.target_modules={cfg.target_modules} matched no module of the UNet"
+                      + (f" ({err})" if err else ""))
 
 
 class DiffusionBackend:

@@ -22,7 +22,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from augment.backends import BaseModelInfo
-from augment.backends.common import DiffusionBackend
+from augment.backends.common import DiffusionBackend, no_lora_target
 from augment.config import BaseModelConfig, LoRAConfig
 from augment.data import ImageSet
 from augment.diffusion import LoopSpec, diffusion_loss, to_tensor, to_uint8, train_loop
@@ -66,7 +66,7 @@ class PixelBackend(DiffusionBackend):
                 modules_to_save=["class_embedding"] if cfg.train_class_embedding else None, init_lora_weights=True,
             )).to(self.device)
         except ValueError as err:  # peft's NoMatchingPeftModuleError
-            raise ModelError(f"lora.target_modules={cfg.target_modules} matched no module of the UNet ({err})") from None
+            raise no_lora_target(cfg, err) from None
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         # The class embedding starts equal to the null row and must move far to condition the model: its own,
         # larger learning rate (the LoRA factors keep theirs).

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from augment.backends import BaseModelInfo, check_base
-from augment.backends.common import DiffusionBackend
+from augment.backends.common import DiffusionBackend, no_lora_target
 from augment.config import BaseModelConfig, LoRAConfig
 from augment.data import ImageSet
 from augment.diffusion import to_tensor, to_uint8
@@ -52,10 +52,7 @@ class StableDiffusionBackend(DiffusionBackend):
         ref, rev = self.cfg.pretrained, self.cfg.revision
         local = Path(ref)
         h = hashlib.sha256(f"{ref}:{rev}".encode())
-        if local.exists():
-            if not (local / "model_index.json").exists():
-                raise ModelError(f"base.pretrained={ref}: no model_index.json; expected a diffusers Stable Diffusion "
-                                 "pipeline folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/)")
+        if local.exists():  # check_base refused a folder without model_index.json
             for f in sorted(local.rglob("*")):  # a local folder changes in place: its files are its identity
                 if f.is_file():
                     st = f.stat()
@@ -195,10 +192,10 @@ class StableDiffusionBackend(DiffusionBackend):
                                          target_modules=list(cfg.target_modules or LORA_TARGETS),
                                          init_lora_weights=True))
         except ValueError as err:  # peft's NoMatchingPeftModuleError
-            raise ModelError(f"lora.target_modules={cfg.target_modules} matched no module of the UNet ({err})") from None
+            raise no_lora_target(cfg, err) from None
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
-            raise ModelError(f"lora.target_modules={cfg.target_modules} matched no module of the UNet")
+            raise no_lora_target(cfg)
         return model, [{"params": params, "lr": cfg.learning_rate}]
 
     def save_adapter(self, model: torch.nn.Module, folder: Path, final: Path | None = None) -> Path:
