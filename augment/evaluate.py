@@ -184,7 +184,7 @@ class _Runner:
             results = ordered_map(self.pool, _worker_run, [(a, recipe, s) for a, s in units], self._tick)
         return results
 
-    def _tick(self, _result=None) -> None:
+    def _tick(self) -> None:
         self.done += 1
         if self.progress:
             self.progress(self.done, self.total)

@@ -44,26 +44,25 @@ def spawn_pool(workers: int, initializer: Callable | None = None, initargs: tupl
                                initargs=(initializer, initargs))
 
 
-def ordered_map(pool, fn: Callable, calls: list[tuple], tick: Callable[..., None]) -> list:
-    """fn(*args) for every args tuple on the pool; `tick(result)` as each finishes; results in the order of
-    `calls`."""
+def ordered_map(pool, fn: Callable, calls: list[tuple], tick: Callable[[], None]) -> list:
+    """fn(*args) for every args tuple on the pool; `tick()` as each finishes; results in the order of `calls`."""
     from concurrent.futures import as_completed
 
     futures = {pool.submit(fn, *args): i for i, args in enumerate(calls)}
     out = [None] * len(calls)
     for fut in as_completed(futures):
         out[futures[fut]] = fut.result()
-        tick(out[futures[fut]])
+        tick()
     return out
 
 
 def run_each(fn: Callable, calls: list[tuple], workers: int, initializer: Callable | None = None,
-             initargs: tuple = (), tick: Callable[..., None] | None = None) -> list:
+             initargs: tuple = (), tick: Callable[[], None] | None = None) -> list:
     """fn(*args) for every args tuple, each on one torch thread, results in order: on a pool of `workers` spawned
     processes (started for these calls and closed after; 0 = one per core), or here when that is 1. One thread
     everywhere, so the results are the same for any number of workers. `initializer(*initargs)` first sets up what
-    fn shares; `tick(result)` as each call finishes."""
-    tick = tick or (lambda _: None)
+    fn shares; `tick()` as each call finishes."""
+    tick = tick or (lambda: None)
     workers = worker_count(workers)
     if workers <= 1 or len(calls) <= 1:
         if initializer is not None:
@@ -84,12 +83,12 @@ def _one_thread_then(initializer: Callable | None, initargs: tuple) -> None:
         initializer(*initargs)
 
 
-def here(fn: Callable, calls: list[tuple], tick: Callable[..., None]) -> list:
-    """fn(*args) for every args tuple in this process, on one torch thread as a pool worker would be;
-    `tick(result)` after each."""
+def here(fn: Callable, calls: list[tuple], tick: Callable[[], None]) -> list:
+    """fn(*args) for every args tuple in this process, on one torch thread as a pool worker would be; `tick()`
+    after each."""
     out = []
     with one_thread():
         for args in calls:
             out.append(fn(*args))
-            tick(out[-1])
+            tick()
     return out

@@ -103,13 +103,16 @@ class _Stage:
     def __init__(self, cfg: RunConfig, name: str, where: str | None = None, upstream: str = ""):
         self.cfg, self.name = cfg, name
         self.stage_folder = folder(cfg).stage(where) if where else None
-        self.folder = self.stage_folder.path if where else None
         self.key = cfg.fingerprint(*STAGE_SECTIONS[name])
         if upstream:  # what the stage consumes (a base, an adapter, an earlier stage's key), beyond the config
             self.key += "-" + hashlib.sha256(upstream.encode()).hexdigest()[:12]
         summary = run_folder.read_json(folder(cfg).data.summary, {})
         if name != "data" and "fingerprint" in summary:  # new images under the same config must not reuse old results
             self.key += "-" + summary["fingerprint"]
+
+    @property
+    def folder(self) -> Path | None:
+        return self.stage_folder.path if self.stage_folder is not None else None
 
     def reused(self, log=print) -> bool:
         """True (and logged) when the folder holds this stage's finished result for the same key."""

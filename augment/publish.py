@@ -223,8 +223,7 @@ def publish(splits: Splits, kept_images: np.ndarray, kept_table: pd.DataFrame, o
     return info
 
 
-_CARD, _PARQUET = DatasetFolder("").card.name, DatasetFolder("").parquet.name
-PUSHED = (_CARD, f"{_PARQUET}/*.parquet")  # the card and the parquet shards: the arrow copy stays local
+PUSHED = (DatasetFolder.CARD, f"{DatasetFolder.PARQUET}/*.parquet")  # the card and the parquet shards: the arrow copy stays local
 
 
 def push(dataset_dir: str | Path, repo_id: str, local_target: str | Path | None = None, private: bool = False,
@@ -235,7 +234,7 @@ def push(dataset_dir: str | Path, repo_id: str, local_target: str | Path | None 
     folder = ds.path
     if not ds.card.exists() or not list(ds.parquet.glob("*.parquet")):
         raise FileNotFoundError(f"{folder} is not a published augment dataset (no {' or '.join(PUSHED)})")
-    files = [_CARD] + sorted(f"{_PARQUET}/{p.name}" for p in ds.parquet.glob("*.parquet"))
+    files = [DatasetFolder.CARD] + sorted(f"{DatasetFolder.PARQUET}/{p.name}" for p in ds.parquet.glob("*.parquet"))
     if local_target is not None:
         target = DatasetFolder(local_target)
         target.parquet.mkdir(parents=True, exist_ok=True)

@@ -100,11 +100,13 @@ class EvaluationFolder(StageFolder):
 
 
 class DatasetFolder(StageFolder):
-    """The published dataset: `datasets.save_to_disk` splits, their parquet copies and card, and our record."""
+    """The published dataset: `datasets.save_to_disk` splits, their parquet copies and card, and our record. The
+    card and the parquet folder keep the Hub's names: `augment push` sends them as they are."""
 
+    CARD, PARQUET = "README.md", "data"
     record = property(lambda self: self.path / "augment_publish.json")
-    card = property(lambda self: self.path / "README.md")
-    parquet = property(lambda self: self.path / "data")
+    card = property(lambda self: self.path / self.CARD)
+    parquet = property(lambda self: self.path / self.PARQUET)
 
 
 class RunFolder:
@@ -133,11 +135,7 @@ class RunFolder:
     report_html = property(lambda self: self.root / "report.html")
     report_md = property(lambda self: self.root / "report.md")
     report_assets = property(lambda self: self.root / "report_assets")
-    figures = property(lambda self: self.root / "report_assets" / "figures.json")  # which figures, drawn for what
-
-    def figure(self, name: str) -> Path:
-        """One of the report's figures (PNG), linked from report.md by its path relative to the run folder."""
-        return self.report_assets / f"{name}.png"
+    figures = property(lambda self: self.report_assets / "figures.json")  # which figures, drawn for what
     data = property(lambda self: DataFolder(self.root / "data"))
     pseudo = property(lambda self: PseudoFolder(self.root / "pseudo"))
     finetune = property(lambda self: FinetuneFolder(self.root / "finetune"))
@@ -146,11 +144,16 @@ class RunFolder:
     evaluation = property(lambda self: EvaluationFolder(self.root / "evaluation"))
     dataset = property(lambda self: DatasetFolder(self.root / "dataset"))
 
+    def figure(self, name: str) -> Path:
+        """One of the report's figures (PNG), linked from report.md by its path relative to the run folder."""
+        return self.report_assets / f"{name}.png"
+
     def stage(self, name: str) -> StageFolder:
         """A stage folder by its name (data, pseudo, finetune, candidates, filter, evaluation, dataset)."""
-        if name not in {"data", "pseudo", "finetune", "candidates", "filter", "evaluation", "dataset"}:
+        found = getattr(self, name, None) if not name.startswith("_") else None
+        if not isinstance(found, StageFolder):
             raise KeyError(f"no stage folder {name!r}")
-        return getattr(self, name)
+        return found
 
 
 class RunFolderError(ValueError):

@@ -215,7 +215,7 @@ class Workers:
             self.pool = spawn_pool(self.workers, _init, (self.d,))
         return ordered_map(self.pool, _work, [(u,) for u in units], self._tick)
 
-    def _tick(self, _result=None) -> None:
+    def _tick(self) -> None:
         if self.progress:
             self.progress()
 
