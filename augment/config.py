@@ -206,6 +206,17 @@ class GenerationConfig(_Section):
         "each sample's own generator (a sample still regenerates alone from its seed). Needs scheduler: ddim.",
     )
     guidance_scale: float = Field(4.0, ge=0.0, le=50.0, description="Classifier-free guidance scale (1 = off).")
+    feedback_scale: float = Field(
+        0.0, ge=0.0, le=1000.0, description="Feedback-guided sampling (Askari-Hemmat et al., TMLR 2024): every "
+        "sampling step also climbs `feedback_criterion` of a classifier (trained as `pseudo.classifier`, a CNN, on the "
+        "recipe's images: the labeled ones, plus the pseudo-labeled pool when it is in the recipe) on the predicted "
+        "clean image, steering samples toward what that classifier has not learned yet. 0 = off. Pixel backend "
+        "only.",
+    )
+    feedback_criterion: Literal["entropy", "loss"] = Field(
+        "entropy", description="What feedback-guided sampling climbs: `entropy` of the classifier's prediction "
+        "(ambiguous samples) or `loss`, the cross-entropy of the intended class (hard samples of the class).",
+    )
     strengths: list[float] = Field(
         [1.0],
         min_length=1,

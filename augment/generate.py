@@ -96,7 +96,7 @@ def shard_done(output_dir: str | Path, df: pd.DataFrame, shard: int) -> bool:
 
 def generate_shard(cfg: GenerationConfig, backend: "Backend", model: torch.nn.Module, train: ImageSet,
                    output_dir: str | Path, df: pd.DataFrame, shard: int,
-                   on_batch: Callable[[int], None] | None = None) -> int:
+                   on_batch: Callable[[int], None] | None = None, feedback: torch.nn.Module | None = None) -> int:
     """Generate one shard of the plan into its file in `output_dir` (atomically); returns its size. Any
     process that sees the folder can do it: every sample's noise comes from its own seed, and it samples on one
     torch thread wherever it runs (augment.parallel), so a shard is the same from any runner."""
@@ -114,7 +114,7 @@ def generate_shard(cfg: GenerationConfig, backend: "Backend", model: torch.nn.Mo
                 g, p = group.iloc[i:i + cfg.batch_size], pos[i:i + cfg.batch_size]
                 init = train.images[g["source_index"].to_numpy()] if strength < 1.0 else None
                 images[p] = backend.sample(model, g["label"].to_numpy(), g["seed"].tolist(), cfg,
-                                           strength=float(strength), init_images=init)
+                                           strength=float(strength), init_images=init, feedback=feedback)
                 if on_batch:
                     on_batch(len(g))
     tmp = out.shard_tmp(shard)
@@ -131,8 +131,10 @@ def generate(
     output_dir: str | Path,
     progress: Callable[[int, int], None] | None = None,
     log=print,
+    feedback: torch.nn.Module | None = None,
 ) -> Path:
-    """Generate every planned sample into the shard files of `output_dir`, here; returns `output_dir`."""
+    """Generate every planned sample into the shard files of `output_dir`, here; returns `output_dir`. `feedback`:
+    the classifier of feedback-guided sampling (generation.feedback_scale)."""
     out = Path(output_dir)
     df = write_plan(cfg, backend, train, out)
     total, done, t0 = len(df), [0], time.time()
@@ -146,7 +148,7 @@ def generate(
         if shard_done(out, df, shard):  # finished by an earlier (possibly killed) run
             done[0] += int((df["shard"] == shard).sum())
             continue
-        generate_shard(cfg, backend, model, train, out, df, shard, on_batch=tick)
+        generate_shard(cfg, backend, model, train, out, df, shard, on_batch=tick, feedback=feedback)
         log(f"generate: shard {shard} written ({done[0]}/{total}, {time.time() - t0:.0f}s)")
     finish(out, total, time.time() - t0, cfg, backend.device)
     return out

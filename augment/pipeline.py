@@ -45,7 +45,16 @@ def preflight(cfg: RunConfig) -> None:
 
     run_folder.check_output_dir(cfg.publish.output_dir, cfg.data.source)
     run_folder.check_writable_dir(cfg.base.cache_dir, "base.cache_dir", cfg.data.source)
-    check_base(cfg.base)
+    kind = check_base(cfg.base)
+    if cfg.generation.feedback_scale > 0:
+        from augment.config import ConfigError
+
+        if kind != "pixel":
+            raise ConfigError(f"generation.feedback_scale={cfg.generation.feedback_scale} needs the pixel backend "
+                              f"(its classifier reads pixels; the {kind} backend samples latents): set it to 0")
+        if cfg.pseudo.classifier.kind != "cnn":
+            raise ConfigError(f"generation.feedback_scale={cfg.generation.feedback_scale} needs a differentiable "
+                              f"classifier: pseudo.classifier.kind is {cfg.pseudo.classifier.kind!r}, set it to cnn")
     splits = make_splits(cfg.data, keep=True)
     if cfg.selection.rule == "cross_validation":
         counts = splits.train.class_counts()
@@ -267,7 +276,8 @@ def generate_stage(cfg: RunConfig, base: dict, adapter: dict, progress: Callable
                 run_shards = _local_shards(cfg, base, adapter, workers)  # shards on CPU cores, one thread each
             if run_shards is None:
                 model = backend.load(BaseModelInfo(**base), adapter=adapter["path"])
-                gen.generate(cfg.generation, backend, model, splits.train, st.folder, progress=progress, log=log)
+                gen.generate(cfg.generation, backend, model, splits.train, st.folder, progress=progress, log=log,
+                             feedback=feedback_classifier(cfg, splits))
             else:
                 t0 = time.time()
                 df = gen.write_plan(cfg.generation, backend, splits.train, st.folder)
@@ -322,10 +332,44 @@ def generate_unit(cfg: RunConfig, base: dict, adapter: dict, shard: int) -> int:
         _MODELS.clear()
         splits = load_splits(cfg)
         backend = backend_for(cfg, splits)
-        _MODELS[key] = (splits, backend, backend.load(BaseModelInfo(**base), adapter=adapter["path"]))
-    splits, backend, model = _MODELS[key]
+        _MODELS[key] = (splits, backend, backend.load(BaseModelInfo(**base), adapter=adapter["path"]),
+                        feedback_classifier(cfg, splits))
+    splits, backend, model, feedback = _MODELS[key]
     df = pd.read_parquet(cands.plan)
-    return gen.generate_shard(cfg.generation, backend, model, splits.train, cands.path, df, shard)
+    return gen.generate_shard(cfg.generation, backend, model, splits.train, cands.path, df, shard, feedback=feedback)
+
+
+def feedback_classifier(cfg: RunConfig, splits: Splits):
+    """The classifier of feedback-guided sampling (None when generation.feedback_scale is 0): `pseudo.classifier`
+    trained on the recipe's images (the labeled ones, plus the pseudo-labeled pool when the pseudo stage put it in
+    the recipe; classic augmentation when the recipe has it), seeded by generation.seed. Every process that
+    generates shards trains it again rather than reading it from disk: one training, on one torch thread, the same
+    model wherever it runs."""
+    if cfg.generation.feedback_scale == 0:
+        return None
+    import torch
+
+    from augment.classifier import train_classifier
+    from augment.parallel import one_thread
+
+    decisions = load_selection(cfg)
+    recipe = (decisions.get("recipe") or {}).get("chosen")
+    augment = recipe == "real+classic" if recipe else cfg.evaluation.recipe != "none"
+    pseudo_chosen = (decisions.get("pseudo") or {}).get("chosen", "")
+    pseudo, _ = load_pseudo(cfg, splits)
+    images, labels = splits.train.images, splits.train.labels
+    if len(pseudo) and (pseudo_chosen.endswith("+pseudo") or not decisions):
+        images, labels = np.concatenate([images, pseudo.images]), np.concatenate([labels, pseudo.labels])
+    with one_thread():
+        clf = train_classifier(cfg.pseudo.classifier, images, labels, len(splits.class_names), cfg.generation.seed,
+                               augment=augment)
+    net = clf.model.eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    size = clf.image_size
+    if size is None or size == splits.train.images.shape[1]:
+        return net
+    return torch.nn.Sequential(torch.nn.Upsample(size=(size, size), mode="bilinear", align_corners=False), net)
 
 
 # 6. Filter ----------------------------------------------------------------------------------------------------

@@ -97,6 +97,8 @@ BAD_INPUTS = {
     "wrong type": (None, ["--set", "generation.num_per_class=many"], "generation.num_per_class"),
     "missing base": (None, ["--set", "base.pretrained=/no/such/checkpoint"], "/no/such/checkpoint: no such folder"),
     "sd without base": (None, ["--set", "base.kind=stable_diffusion"], "base.kind=stable_diffusion needs"),
+    "feedback without a CNN": (None, ["--set", "generation.feedback_scale=1", "--set", "pseudo.classifier.kind=svm"],
+                               "pseudo.classifier.kind is 'svm'"),
     "sd not a pipeline": (None, ["--set", "base.kind=stable_diffusion", "--set", f"base.pretrained={ROOT / 'configs'}"],
                           "no model_index.json"),
     "prompt template": (None, ["--set", "base.prompt_template=a {label}"], "base.prompt_template"),

@@ -5,7 +5,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 
 from augment import backends
 from augment.backends import pixel_unet as models
-from augment.config import BaseModelConfig, DataConfig, GenerationConfig, LoRAConfig
+from augment.config import BaseModelConfig, ClassifierConfig, DataConfig, GenerationConfig, LoRAConfig
 from augment.data import load_images, split
 from augment.diffusion import training
 from augment.errors import ModelError
@@ -258,3 +258,82 @@ def test_auto_unet_layout_adds_a_narrow_level_per_halving(size, widths, attentio
             == (1, 1, size, size)
     explicit = BaseModelConfig(block_out_channels=[8, 16], norm_num_groups=4)
     assert models.unet_layout(explicit, size) == ([8, 16], [False, True])
+
+
+def _criteria(clf, x0, labels):
+    logp = torch.log_softmax(clf(x0.clamp(-1, 1)), 1)
+    return {"entropy": -(logp.exp() * logp).sum(1), "loss": -logp.gather(1, labels.view(-1, 1)).squeeze(1)}
+
+
+@pytest.mark.parametrize("criterion", ["entropy", "loss"])
+def test_feedback_guidance_climbs_the_classifiers_criterion(criterion):
+    """One step's guided noise prediction moves the predicted clean image up the criterion's gradient: the
+    classifier finds it more ambiguous (entropy) or less like its class (loss); scale 0 is the plain guide."""
+    from augment.classifier import SmallCNN
+    from augment.diffusion import classifier_free, feedback_guided
+
+    torch.manual_seed(0)
+    clf = SmallCNN(1, 3, 8).eval()
+    for p in clf.parameters():
+        p.requires_grad_(False)
+    clf.head.weight *= 30  # confident, as a trained classifier is: a random one is at maximal entropy already
+    alphas = DDPMScheduler(num_train_timesteps=100).alphas_cumprod
+    x, eps0 = torch.randn(6, 1, 8, 8), 0.5 * torch.randn(6, 1, 8, 8)
+    labels, t = torch.tensor([0, 1, 2, 0, 1, 2]), torch.tensor(40)
+    denoise = lambda x_t, t_in, y: eps0  # noqa: E731  a denoiser that ignores its label
+    plain = classifier_free(1.0)
+    assert feedback_guided(plain, clf, 0.0, criterion, alphas) is plain
+    eps = feedback_guided(plain, clf, 0.05, criterion, alphas)(denoise, x, t, labels, 3)
+    a = alphas[40]
+
+    def x0(e):
+        return (x - (1 - a).sqrt() * e) / a.sqrt()
+
+    with torch.no_grad():
+        before, after = _criteria(clf, x0(eps0), labels)[criterion], _criteria(clf, x0(eps), labels)[criterion]
+    assert not torch.equal(eps, eps0) and (after > before).all(), (before, after)
+    with pytest.raises(ValueError, match="criterion 'margin'"):
+        feedback_guided(plain, clf, 1.0, "margin", alphas)
+
+
+def test_feedback_guided_sampling_is_reproducible_and_differs_from_plain(splits, backend, base):
+    from augment.classifier import train_classifier
+
+    unet = backend.load(base)
+    K = len(splits.class_names)
+    clf = train_classifier(ClassifierConfig(steps=5, width=8),
+                           splits.train.images, splits.train.labels, K, 0).model
+    for p in clf.parameters():
+        p.requires_grad_(False)
+        p.grad = None
+    clf.head.weight *= 30  # as confident as a trained classifier
+    labels, seeds = np.arange(4) % K, [11, 12, 13, 14]
+    plain_cfg = GenerationConfig(num_inference_steps=3, guidance_scale=2.0)
+    fb_cfg = plain_cfg.model_copy(update={"feedback_scale": 20.0})
+    plain = backend.sample(unet, labels, seeds, plain_cfg)
+    assert np.array_equal(backend.sample(unet, labels, seeds, plain_cfg.model_copy(update={"feedback_scale": 0.0}),
+                                         feedback=clf), plain)
+    guided = backend.sample(unet, labels, seeds, fb_cfg, feedback=clf)
+    assert np.array_equal(backend.sample(unet, labels, seeds, fb_cfg, feedback=clf), guided)
+    # In model space (this barely trained base saturates most uint8 pixels either way) the samples move.
+    from augment.diffusion import classifier_free, feedback_guided, sample
+
+    def draw(guide):
+        return sample(lambda x_t, t, y: backend.denoise(unet, x_t, t, y), backend.scheduler,
+                      torch.tensor(labels), seeds, backend.null_label, backend.latent_shape, num_inference_steps=3,
+                      guide=guide)
+
+    plain_x = draw(classifier_free(2.0))
+    guided_x = draw(feedback_guided(classifier_free(2.0), clf, 20.0, "entropy", backend.scheduler.alphas_cumprod))
+    assert (guided_x - plain_x).abs().max() > 0.05
+    assert not any(p.grad is not None for p in clf.parameters())
+
+
+def test_feedback_guidance_is_refused_for_latent_backends(tiny_cfg, monkeypatch):
+    from augment import backends, pipeline
+    from augment.config import ConfigError
+
+    monkeypatch.setattr(backends, "check_base", lambda cfg: "stable_diffusion")
+    cfg = tiny_cfg.model_copy(update={"generation": tiny_cfg.generation.model_copy(update={"feedback_scale": 1.0})})
+    with pytest.raises(ConfigError, match="needs the pixel backend"):
+        pipeline.preflight(cfg)

@@ -96,8 +96,10 @@ class Backend(Protocol):
         """(prompt, negative prompt) of a class, for provenance; ("", "") for a backend without text."""
 
     def sample(self, model: "torch.nn.Module", labels: "np.ndarray", seeds: list[int], cfg: "GenerationConfig",
-               strength: float = 1.0, init_images: "np.ndarray | None" = None) -> "np.ndarray":
-        """uint8 samples of `labels`, one per seed; image-to-image from `init_images` when strength < 1."""
+               strength: float = 1.0, init_images: "np.ndarray | None" = None,
+               feedback: "torch.nn.Module | None" = None) -> "np.ndarray":
+        """uint8 samples of `labels`, one per seed; image-to-image from `init_images` when strength < 1; with
+        `feedback` (a classifier of model-space images), feedback-guided (generation.feedback_scale)."""
 
 
 def detect_kind(cfg: "BaseModelConfig") -> str:

@@ -10,7 +10,7 @@ import torch
 
 from augment.config import BaseModelConfig, GenerationConfig, LoRAConfig
 from augment.errors import ModelError
-from augment.diffusion import classifier_free, sample
+from augment.diffusion import classifier_free, feedback_guided, sample
 
 
 def no_lora_target(cfg: LoRAConfig, err: Exception | None = None) -> ModelError:
@@ -43,13 +43,18 @@ class DiffusionBackend:
         return self.encode(images)
 
     def sample(self, model: torch.nn.Module, labels: np.ndarray, seeds: list[int], cfg: GenerationConfig,
-               strength: float = 1.0, init_images: np.ndarray | None = None) -> np.ndarray:
+               strength: float = 1.0, init_images: np.ndarray | None = None,
+               feedback: torch.nn.Module | None = None) -> np.ndarray:
         init = self.encode(init_images) if strength < 1.0 else None
+        guide = classifier_free(cfg.guidance_scale)
+        if feedback is not None:  # a classifier of model-space images (pixels: the pixel backend only)
+            guide = feedback_guided(guide, feedback, cfg.feedback_scale, cfg.feedback_criterion,
+                                    self.scheduler.alphas_cumprod)
         x = sample(
             lambda x_t, t, y: self.denoise(model, x_t, t, y), self.scheduler,
             torch.tensor(np.asarray(labels, dtype=np.int64)), seeds, self.uncond_label, self.latent_shape,
             scheduler=cfg.scheduler, num_inference_steps=cfg.num_inference_steps,
-            guide=classifier_free(cfg.guidance_scale), eta=cfg.eta, strength=strength, init=init, device=self.device,
+            guide=guide, eta=cfg.eta, strength=strength, init=init, device=self.device,
             mixed_precision=cfg.mixed_precision,
         )
         return self.decode(x)

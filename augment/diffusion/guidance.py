@@ -24,3 +24,42 @@ def classifier_free(scale: float) -> Callable:
         return uncond + scale * (cond - uncond)
 
     return guide
+
+
+FEEDBACK_CRITERIA = ("entropy", "loss")
+
+
+def feedback_guided(guide: Callable, classifier: torch.nn.Module, scale: float, criterion: str,
+                    alphas_cumprod: torch.Tensor) -> Callable:
+    """Feedback-guided sampling (Askari-Hemmat et al., "Feedback-guided Data Synthesis for Imbalanced
+    Classification", TMLR 2024): besides `guide`'s noise prediction eps, every step climbs a classifier's criterion
+    on the predicted clean image x0 = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t), which steers samples toward what the
+    classifier has not learned yet while the model keeps them near the data:
+    - `entropy`: the entropy of its prediction (samples it finds ambiguous);
+    - `loss`: the cross-entropy of the intended class (samples of the class it finds hard).
+    The gradient goes through x0 with eps held fixed (one classifier forward and backward per step, not one
+    through the denoiser), and enters as a score: eps' = eps - scale * sqrt(1 - a_t) * grad. `classifier` maps
+    model-space images ([-1, 1] pixels, NCHW) to logits; `scale` 0 is `guide` itself."""
+    if criterion not in FEEDBACK_CRITERIA:
+        raise ValueError(f"feedback criterion {criterion!r}: choose one of {', '.join(FEEDBACK_CRITERIA)}")
+    if scale == 0:
+        return guide
+
+    def guided(denoise: LabelDenoise, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor,
+               null_label: int) -> torch.Tensor:
+        eps = guide(denoise, x, t, labels, null_label)
+        a = alphas_cumprod[int(t)].to(device=x.device, dtype=torch.float32)
+        with torch.enable_grad(), torch.autocast(x.device.type, enabled=False):
+            xg = x.detach().float().requires_grad_(True)
+            x0 = (xg - (1 - a).sqrt() * eps.detach()) / a.sqrt()
+            # Pixels the prediction pushes past [-1, 1] (guided backgrounds do) are what decoding clips: no
+            # gradient there.
+            logp = torch.log_softmax(classifier(x0.clamp(-1, 1)).float(), dim=1)
+            if criterion == "entropy":
+                value = -(logp.exp() * logp).sum(1)
+            else:
+                value = -logp.gather(1, labels.view(-1, 1)).squeeze(1)
+            (grad,) = torch.autograd.grad(value.sum(), xg)
+        return eps - scale * (1 - a).sqrt() * grad
+
+    return guided
