@@ -139,8 +139,17 @@ def train_classifier(
     images = resize(images, cfg.image_size)
     if synthetic is not None:
         synthetic = (resize(synthetic[0], cfg.image_size), synthetic[1])
-    if cfg.kind != "cnn":
-        return _train_sklearn(cfg, images, labels, num_classes, seed, augment, flip, synthetic, synthetic_prob)
+    from augment.registry import CLASSIFIERS
+
+    return CLASSIFIERS.load(cfg.kind)(cfg, images, labels, num_classes, seed, augment, flip, synthetic,
+                                      synthetic_prob)
+
+
+def train_cnn(cfg: ClassifierConfig, images: np.ndarray, labels: np.ndarray, num_classes: int, seed: int,
+              augment: bool, flip: bool, synthetic: tuple[np.ndarray, np.ndarray] | None,
+              synthetic_prob: float) -> TrainedClassifier:
+    """The small CNN (classifier kind `cnn`): AdamW with a one-cycle schedule, label smoothing 0.05, each batch
+    example synthetic with probability `synthetic_prob`."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -181,7 +190,11 @@ def train_classifier(
     return TrainedClassifier("cnn", model, num_classes, cfg.image_size, mixed)
 
 
-def _train_sklearn(cfg, images, labels, num_classes, seed, augment, flip, synthetic, synthetic_prob):
+def train_sklearn(cfg: ClassifierConfig, images: np.ndarray, labels: np.ndarray, num_classes: int, seed: int,
+                  augment: bool, flip: bool, synthetic: tuple[np.ndarray, np.ndarray] | None,
+                  synthetic_prob: float) -> TrainedClassifier:
+    """A scikit-learn estimator on standardized pixels (classifier kinds `logistic` and `svm`): classic
+    augmentation as 8 jittered copies, synthetic rows weighted to carry `synthetic_prob` of the total weight."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler

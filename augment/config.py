@@ -16,9 +16,9 @@ from typing import Annotated, ClassVar, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
-from augment.registry import BACKENDS
+from augment.registry import BACKENDS, CLASSIFIERS, DATA_SOURCES, FEEDBACK_CRITERIA, FILTERS, SAMPLERS
 
-BACKEND_NAMES: tuple[str, ...] = tuple(BACKENDS)
+BACKEND_NAMES: tuple[str, ...] = BACKENDS.names
 
 
 def _no_is_no(value):
@@ -46,7 +46,7 @@ class DataConfig(_Section):
         description="`sklearn-digits` (built in, no download), an image folder `<root>/<class>/*`, a CSV/parquet "
         "manifest with `path,label` columns, a `datasets` dataset saved to disk, or a hub dataset id.",
     )
-    kind: Literal["auto", "sklearn-digits", "imagefolder", "manifest", "hf"] = Field(
+    kind: Literal[("auto",) + DATA_SOURCES.names] = Field(
         "auto", description="How to read `source`; `auto` infers it from what `source` points at."
     )
     image_column: str = Field("image", description="Image column of a `datasets` source.")
@@ -199,7 +199,7 @@ class GenerationConfig(_Section):
         "none", description="`max`: fill every class up to the largest class; `target`: up to balance_target."
     )
     balance_target: int | None = Field(None, ge=1, description="Per-class target count for balance=target.")
-    scheduler: Literal["ddim", "dpmsolver++"] = Field("dpmsolver++", description="Sampler.")
+    scheduler: Literal[SAMPLERS.names] = Field("dpmsolver++", description="Sampler.")
     num_inference_steps: int = Field(20, ge=1, le=1000, description="Sampling steps.")
     eta: float = Field(
         0.0, ge=0.0, le=1.0, description="DDIM eta: 0 = deterministic; > 0 adds fresh noise every step, drawn from "
@@ -213,7 +213,7 @@ class GenerationConfig(_Section):
         "clean image, steering samples toward what that classifier has not learned yet. 0 = off. Pixel backend "
         "only.",
     )
-    feedback_criterion: Literal["entropy", "loss"] = Field(
+    feedback_criterion: Literal[FEEDBACK_CRITERIA.names] = Field(
         "entropy", description="What feedback-guided sampling climbs: `entropy` of the classifier's prediction "
         "(ambiguous samples) or `loss`, the cross-entropy of the intended class (hard samples of the class).",
     )
@@ -249,7 +249,7 @@ class GenerationConfig(_Section):
 class ClassifierConfig(_Section):
     """A small CNN (the quality judge and the default downstream model) or a scikit-learn estimator on pixels."""
 
-    kind: Literal["cnn", "logistic", "svm"] = Field("cnn", description="Model family.")
+    kind: Literal[CLASSIFIERS.names] = Field("cnn", description="Model family.")
     width: int = Field(32, ge=4, le=512, description="CNN base width.")
     steps: int = Field(600, ge=1, le=1_000_000, description="CNN optimizer steps.")
     batch_size: int = Field(64, ge=1, le=4096, description="CNN batch size.")
@@ -329,7 +329,7 @@ class SelectionConfig(_Section):
 
 
 class FilterConfig(_Section):
-    order: list[Literal["class_consistency", "alia", "memorization", "near_duplicates", "quota"]] = Field(
+    order: list[Literal[FILTERS.names]] = Field(
         ["class_consistency", "alia", "memorization", "near_duplicates"],
         description="Filters to apply, in order; drop one to switch it off, add `quota` to cap or balance classes.",
     )

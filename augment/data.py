@@ -131,7 +131,8 @@ def _inside(path: Path, root: Path, what: str) -> None:
                         "if that is intended")
 
 
-def load_imagefolder(root: Path, cfg: DataConfig) -> ImageSet:
+def load_imagefolder(cfg: DataConfig) -> ImageSet:
+    root = Path(cfg.source)
     if not root.is_dir():
         raise DataError(f"image folder {root} is not a folder (data.kind: imagefolder needs <root>/<class>/<image>)")
     class_dirs, skipped = [], []
@@ -161,11 +162,12 @@ def load_imagefolder(root: Path, cfg: DataConfig) -> ImageSet:
     return data
 
 
-def load_manifest(path: Path, cfg: DataConfig) -> ImageSet:
+def load_manifest(cfg: DataConfig) -> ImageSet:
     import io
 
     import pandas as pd
 
+    path = Path(cfg.source)
     parquet = path.suffix.lower() == ".parquet"
     text = "" if parquet else read_utf8(path, DataError)
     if not parquet and not text.strip():
@@ -210,9 +212,10 @@ def load_manifest(path: Path, cfg: DataConfig) -> ImageSet:
     return data
 
 
-def load_hf(source: str, cfg: DataConfig) -> ImageSet:
+def load_hf(cfg: DataConfig) -> ImageSet:
     import datasets
 
+    source = cfg.source
     try:
         if Path(source).exists():
             ds = datasets.load_from_disk(source)
@@ -265,15 +268,9 @@ def detect_kind(cfg: DataConfig) -> str:
 
 
 def load_images(cfg: DataConfig) -> ImageSet:
-    kind = detect_kind(cfg)
-    if kind == "sklearn-digits":
-        data = load_sklearn_digits(cfg)
-    elif kind == "imagefolder":
-        data = load_imagefolder(Path(cfg.source), cfg)
-    elif kind == "manifest":
-        data = load_manifest(Path(cfg.source), cfg)
-    else:
-        data = load_hf(cfg.source, cfg)
+    from augment.registry import DATA_SOURCES
+
+    data = DATA_SOURCES.load(detect_kind(cfg))(cfg)  # each source reads cfg.source
     counts = data.class_counts()
     if len(counts) < 2:
         raise DataError(f"{cfg.source}: need at least 2 classes, found {len(counts)}")
@@ -427,7 +424,7 @@ def _make_splits(cfg: DataConfig) -> Splits:
     root = Path(cfg.source)
 
     def load(name: str) -> ImageSet:
-        s = load_imagefolder(root / name, cfg)
+        s = load_imagefolder(cfg.model_copy(update={"source": str(root / name)}))
         s.ids = [f"{name}/{i}" for i in s.ids]
         skipped.extend((f"{name}/{entry}", why) for entry, why in s.skipped)
         if name != "train" and s.class_names != train.class_names:

@@ -33,6 +33,7 @@ from augment.config import ClassifierConfig, FilterConfig
 from augment.data import ImageSet
 from augment.generate import Candidates
 from augment.parallel import run_each
+from augment.registry import FILTERS
 from augment.run import FilterFolder, write_json
 
 
@@ -161,20 +162,11 @@ def score_candidates(cfg: FilterConfig, cands: Candidates, train: ImageSet, vali
     return Scored(table, cand_pix if space == "pixels" else cand_feat, summary), judge
 
 
-# Filters: one signature. Given the scored table, the still-alive mask and the config, return a reject mask
-# (only over alive rows) and a reason per rejected row.
+# Filters: one signature (augment.registry.FILTERS names them). Given the scored table, the still-alive mask and
+# the config, return a reject mask (only over alive rows) and a reason per rejected row.
 FilterFn = Callable[[Scored, np.ndarray, FilterConfig], tuple[np.ndarray, np.ndarray]]
-FILTERS: dict[str, FilterFn] = {}
 
 
-def register(name: str):
-    def deco(fn: FilterFn) -> FilterFn:
-        FILTERS[name] = fn
-        return fn
-    return deco
-
-
-@register("class_consistency")
 def class_consistency(s: Scored, alive: np.ndarray, cfg: FilterConfig):
     K = len(s.summary["alia_thresholds"])
     tau = 1.0 / K if cfg.min_confidence == "1/K" else float(cfg.min_confidence)
@@ -182,7 +174,6 @@ def class_consistency(s: Scored, alive: np.ndarray, cfg: FilterConfig):
     return reject, np.where(reject, "low_confidence", "")
 
 
-@register("alia")
 def alia(s: Scored, alive: np.ndarray, cfg: FilterConfig):
     t = s.table["alia_threshold"].to_numpy(np.float64)
     over = s.table["confidence"].to_numpy() > np.nan_to_num(t, nan=np.inf)
@@ -192,13 +183,11 @@ def alia(s: Scored, alive: np.ndarray, cfg: FilterConfig):
     return reject, np.where(reject, reason, "")
 
 
-@register("memorization")
 def memorization(s: Scored, alive: np.ndarray, cfg: FilterConfig):
     reject = alive & (s.table["nn_similarity"].to_numpy() > cfg.max_similarity)
     return reject, np.where(reject, "memorized", "")
 
 
-@register("near_duplicates")
 def near_duplicates(s: Scored, alive: np.ndarray, cfg: FilterConfig):
     reject = np.zeros(len(alive), bool)
     score = s.table["p_intended"].to_numpy()
@@ -216,7 +205,6 @@ def near_duplicates(s: Scored, alive: np.ndarray, cfg: FilterConfig):
     return reject, np.where(reject, "duplicate", "")
 
 
-@register("quota")
 def quota(s: Scored, alive: np.ndarray, cfg: FilterConfig):
     labels = s.table["label"].to_numpy()
     score = s.table["p_intended"].to_numpy()
@@ -237,9 +225,7 @@ def decide(s: Scored, cfg: FilterConfig, order: list[str] | None = None) -> tupl
     alive = np.ones(len(s.table), bool)
     reason = np.full(len(s.table), "", dtype=object)
     for name in cfg.order if order is None else order:
-        if name not in FILTERS:
-            raise ValueError(f"unknown filter {name!r}; known: {sorted(FILTERS)}")
-        rejected, why = FILTERS[name](s, alive, cfg)
+        rejected, why = FILTERS.load(name)(s, alive, cfg)
         reason[rejected] = why[rejected]
         alive &= ~rejected
     return alive, reason

@@ -4,7 +4,8 @@ import pytest
 
 from augment.config import ClassifierConfig, DataConfig, FilterConfig
 from augment.data import load_images, split
-from augment.filters import FILTERS, Scored, decide, nearest, score_candidates
+from augment.filters import Scored, decide, nearest, score_candidates
+from augment.registry import FILTERS
 from augment.generate import Candidates
 
 

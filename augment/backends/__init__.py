@@ -11,7 +11,6 @@ This module imports no torch. The registry's names live in augment.registry, whi
 
 from __future__ import annotations
 
-import importlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,10 +25,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from augment.config import BaseModelConfig, GenerationConfig, LoRAConfig
     from augment.data import ImageSet
-
-REGISTRY = BACKENDS  # name -> "module:Class", imported on first use
-NAMES: tuple[str, ...] = tuple(REGISTRY)
-
 
 @dataclass
 class BaseModelInfo:
@@ -151,8 +146,7 @@ def create(cfg: "BaseModelConfig", class_names: list[str], image_size: int, chan
            device: "torch.device") -> Backend:
     """The backend that `cfg` asks for, set up for K = len(class_names) classes at image_size x channels."""
     kind = detect_kind(cfg)
-    module, cls = REGISTRY[kind].split(":")
-    return getattr(importlib.import_module(module), cls)(cfg, class_names, image_size, channels, device)
+    return BACKENDS.load(kind)(cfg, class_names, image_size, channels, device)
 
 
 def resolve_device(name: str) -> "torch.device":

@@ -26,7 +26,14 @@ def classifier_free(scale: float) -> Callable:
     return guide
 
 
-FEEDBACK_CRITERIA = ("entropy", "loss")
+def entropy(logp: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Feedback criterion `entropy`: the entropy of the prediction (samples the classifier finds ambiguous)."""
+    return -(logp.exp() * logp).sum(1)
+
+
+def intended_loss(logp: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Feedback criterion `loss`: the cross-entropy of the intended class (samples of the class it finds hard)."""
+    return -logp.gather(1, labels.view(-1, 1)).squeeze(1)
 
 
 def feedback_guided(guide: Callable, classifier: torch.nn.Module, scale: float, criterion: str,
@@ -34,14 +41,13 @@ def feedback_guided(guide: Callable, classifier: torch.nn.Module, scale: float, 
     """Feedback-guided sampling (Askari-Hemmat et al., "Feedback-guided Data Synthesis for Imbalanced
     Classification", TMLR 2024): besides `guide`'s noise prediction eps, every step climbs a classifier's criterion
     on the predicted clean image x0 = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t), which steers samples toward what the
-    classifier has not learned yet while the model keeps them near the data:
-    - `entropy`: the entropy of its prediction (samples it finds ambiguous);
-    - `loss`: the cross-entropy of the intended class (samples of the class it finds hard).
-    The gradient goes through x0 with eps held fixed (one classifier forward and backward per step, not one
+    classifier has not learned yet while the model keeps them near the data. `criterion` is a name in
+    augment.registry.FEEDBACK_CRITERIA (`entropy`, `loss`). The gradient goes through x0 with eps held fixed (one classifier forward and backward per step, not one
     through the denoiser), and enters as a score: eps' = eps - scale * sqrt(1 - a_t) * grad. `classifier` maps
     model-space images ([-1, 1] pixels, NCHW) to logits; `scale` 0 is `guide` itself."""
-    if criterion not in FEEDBACK_CRITERIA:
-        raise ValueError(f"feedback criterion {criterion!r}: choose one of {', '.join(FEEDBACK_CRITERIA)}")
+    from augment.registry import FEEDBACK_CRITERIA
+
+    value_of = FEEDBACK_CRITERIA.load(criterion)
     if scale == 0:
         return guide
 
@@ -55,11 +61,7 @@ def feedback_guided(guide: Callable, classifier: torch.nn.Module, scale: float, 
             # Pixels the prediction pushes past [-1, 1] (guided backgrounds do) are what decoding clips: no
             # gradient there.
             logp = torch.log_softmax(classifier(x0.clamp(-1, 1)).float(), dim=1)
-            if criterion == "entropy":
-                value = -(logp.exp() * logp).sum(1)
-            else:
-                value = -logp.gather(1, labels.view(-1, 1)).squeeze(1)
-            (grad,) = torch.autograd.grad(value.sum(), xg)
+            (grad,) = torch.autograd.grad(value_of(logp, labels).sum(), xg)
         return eps - scale * (1 - a).sqrt() * grad
 
     return guided

@@ -15,17 +15,26 @@ from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 from augment.diffusion.guidance import LabelDenoise, classifier_free
 from augment.diffusion.tensors import autocast
 
-SAMPLERS = {"ddim": DDIMScheduler, "dpmsolver++": DPMSolverMultistepScheduler}
+def ddim(train_scheduler) -> DDIMScheduler:
+    """DDIM on the model's noise schedule. It never clips its predicted x_0: with guidance the guided prediction
+    leaves [-1, 1] on purpose, and clipping it (the builtin base's DDPM config says clip_sample) derailed sampling:
+    3% class consistency at guidance 4 against 100% unclipped (benchmarks/speed.py found it). Latents must never be
+    clipped either."""
+    return DDIMScheduler.from_config(train_scheduler.config, clip_sample=False)
+
+
+def dpm_solver(train_scheduler) -> DPMSolverMultistepScheduler:
+    """DPM-Solver++ (2nd order, multistep) on the model's noise schedule."""
+    return DPMSolverMultistepScheduler.from_config(train_scheduler.config, algorithm_type="dpmsolver++",
+                                                   solver_order=2)
 
 
 def make_sampler(train_scheduler, name: str):
-    """The sampler `name`, on the noise schedule the model was trained with.
+    """The sampler registered as `name` (augment.registry.SAMPLERS), on the noise schedule the model was trained
+    with."""
+    from augment.registry import SAMPLERS
 
-    DDIM never clips its predicted x_0: with guidance the guided prediction leaves [-1, 1] on purpose, and clipping
-    it (the builtin base's DDPM config says clip_sample) derailed sampling: 3% class consistency at guidance 4
-    against 100% unclipped (benchmarks/speed.py found it). Latents must never be clipped either."""
-    kwargs = {"algorithm_type": "dpmsolver++", "solver_order": 2} if name == "dpmsolver++" else {"clip_sample": False}
-    return SAMPLERS[name].from_config(train_scheduler.config, **kwargs)
+    return SAMPLERS.load(name)(train_scheduler)
 
 
 def generators(seeds: Sequence[int]) -> list[torch.Generator]:
