@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import Annotated, ClassVar, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator,
+                      model_validator)
 
+from augment.arms import ARM_PARTS, Arm
 from augment.registry import BACKENDS, CLASSIFIERS, DATA_SOURCES, FEEDBACK_CRITERIA, FILTERS, SAMPLERS
 
 BACKEND_NAMES: tuple[str, ...] = BACKENDS.names
@@ -349,7 +351,6 @@ class FilterConfig(_Section):
     seed: int = Field(0, ge=0, description="Seed of the quality classifier.")
 
 
-ARM_PARTS = ("real", "classic", "pseudo", "synthetic", "synthetic_unfiltered")
 
 
 class EvaluationConfig(_Section):
@@ -397,27 +398,11 @@ class EvaluationConfig(_Section):
     )
     seed: int = Field(0, ge=0, description="First training seed; seeds are seed, seed+1, ...")
 
-    @model_validator(mode="after")
-    def _arms(self) -> "EvaluationConfig":
-        if self.arms != "auto":
-            for arm in self.arms:
-                parse_arm(arm)
-        return self
-
-
-def parse_arm(name: str) -> frozenset[str]:
-    """`real+classic+synthetic` -> {"real", "classic", "synthetic"}; a ValueError names what is wrong."""
-    parts = name.split("+")
-    bad = [p for p in parts if p not in ARM_PARTS]
-    if bad or len(set(parts)) != len(parts):
-        raise ValueError(f"evaluation arm {name!r}: parts must be distinct, from {', '.join(ARM_PARTS)}")
-    if not {"real", "synthetic", "synthetic_unfiltered"} & set(parts):
-        raise ValueError(f"evaluation arm {name!r} has no training images: add real or synthetic")
-    if {"synthetic", "synthetic_unfiltered"} <= set(parts):
-        raise ValueError(f"evaluation arm {name!r}: synthetic and synthetic_unfiltered exclude each other")
-    if "pseudo" in parts and "real" not in parts:
-        raise ValueError(f"evaluation arm {name!r}: pseudo needs real")
-    return frozenset(parts)
+    @field_validator("arms")
+    @classmethod
+    def _arms(cls, arms):
+        """Each arm valid, and named in the canonical order of its parts (`classic+real` is `real+classic`)."""
+        return arms if arms == "auto" else [Arm.of(a).name for a in arms]
 
 
 class PublishConfig(_Section):

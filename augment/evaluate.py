@@ -30,7 +30,8 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import confusion_matrix, f1_score
 
-from augment.config import EvaluationConfig, parse_arm
+from augment.arms import Arm, adds_label, arm_plus, has_part
+from augment.config import EvaluationConfig
 from augment.data import Splits
 from augment.stats import paired_difference, summarize
 
@@ -54,13 +55,14 @@ def _join(a: Pair, b: Pair | None) -> Pair:
 
 def arm_training_set(arm: str, sets: TrainingSets, recipe: str = "real") -> dict:
     """Keyword arguments for train_classifier that define an arm. `filter:<name>` arms use `recipe`."""
-    if arm.startswith("filter:"):
-        name = arm.split(":", 1)[1]
+    a = Arm.of(arm)
+    if a.filter is not None:
+        name = a.filter
         if name not in sets.ablation:
             raise ValueError(f"no filter-ablation set {name!r}")
         spec = arm_training_set(recipe, sets)
         return {**spec, "synthetic": sets.ablation[name]}
-    parts = parse_arm(arm)
+    parts = a.parts
     tr = sets.splits.train
     real = (tr.images, tr.labels) if "real" in parts else (tr.images[:0], tr.labels[:0])
     if "pseudo" in parts:
@@ -229,7 +231,7 @@ def _val_mean(runs: list[dict]) -> float:
 
 
 def _with(recipe: str, part: str) -> str:
-    return f"{recipe}+{part}"
+    return arm_plus(recipe, part)
 
 
 def evaluate(cfg: EvaluationConfig, sets: TrainingSets, output_dir: str | Path,
@@ -277,7 +279,7 @@ def evaluate(cfg: EvaluationConfig, sets: TrainingSets, output_dir: str | Path,
                 results.update(runner.run([_with(recipe, "pseudo")], recipe, seeds))
                 if "pseudo" in decisions:
                     d = decisions["pseudo"]
-                    helps = d["chosen"].endswith("+pseudo")
+                    helps = has_part(d["chosen"], "pseudo")
                     selection["pseudo"] = {**d, "in_recipe": helps}
                 else:
                     helps = has_val and _val_mean(results[_with(recipe, "pseudo")]) > _val_mean(results[recipe])
@@ -296,24 +298,25 @@ def evaluate(cfg: EvaluationConfig, sets: TrainingSets, output_dir: str | Path,
             other = "real+synthetic" if recipe == "real+classic" else "real+classic+synthetic"
             diagnostic = ([other, _with(product_recipe, "synthetic_unfiltered"), "synthetic"]
                           if cfg.diagnostic_arms else [])
-            results.update(runner.run(diagnostic + [f"filter:{n}" for n in sets.ablation], product_recipe, diag_seeds))
+            results.update(runner.run(diagnostic + [Arm(filter=n).name for n in sets.ablation], product_recipe,
+                                      diag_seeds))
         finally:
             runner.close()
         product = _with(product_recipe, "synthetic")
     else:
-        arms = list(cfg.arms) + [f"filter:{n}" for n in sets.ablation]
+        arms = list(cfg.arms) + [Arm(filter=n).name for n in sets.ablation]
         recipe = "real+classic" if cfg.recipe != "none" and "real+classic" in cfg.arms else "real"
         runner = make_runner(len(cfg.arms) * len(seeds) + len(sets.ablation) * len(diag_seeds))
         try:
-            results.update(runner.run([a for a in arms if not a.startswith("filter:")], recipe, seeds))
+            results.update(runner.run([a for a in arms if Arm.of(a).filter is None], recipe, seeds))
             if cfg.recipe == "auto" and ({"real", "real+classic"} <= set(results) or "recipe" in decisions):
                 recipe = _choose_recipe(cfg, results, has_val, selection, decisions.get("recipe"))
-            results.update(runner.run([a for a in arms if a.startswith("filter:")], recipe, diag_seeds))
+            results.update(runner.run([a for a in arms if Arm.of(a).filter is not None], recipe, diag_seeds))
         finally:
             runner.close()
         product_recipe = recipe
-        product = next((a for a in (_with(recipe, "synthetic"), *cfg.arms) if a in results and "synthetic" in
-                        parse_arm(a)), None)
+        product = next((a for a in (_with(recipe, "synthetic"), *cfg.arms) if a in results and
+                        Arm.of(a).has("synthetic")), None)
     for arm, runs in results.items():
         accs = [r["accuracy"] for r in runs if "accuracy" in r]
         log(f"evaluate: {arm}: accuracy {np.mean(accs) if accs else float('nan'):.4f} over {len(accs)} seeds")
@@ -378,8 +381,7 @@ def summarize_results(results: dict) -> dict:
         return {"accuracy": paired(acc(a), acc(b)),
                 "macro_f1": paired([r["macro_f1"] for r in runs[a]], [r["macro_f1"] for r in runs[b]])}
 
-    baselines = [b for b in runs if runs[b] and "synthetic" not in b and "synthetic_unfiltered" not in b
-                 and not b.startswith("filter:")]
+    baselines = [b for b in runs if runs[b] and not Arm.of(b).synthetic]
     if product and runs.get(product) and baselines:
         # The best baseline by its mean accuracy on the reported split: the conservative choice for our claim.
         best = max(baselines, key=lambda b: np.mean(acc(b)))
@@ -391,9 +393,9 @@ def summarize_results(results: dict) -> dict:
             b: (np.array(arms[product]["per_class_accuracy"]) - np.array(arms[b]["per_class_accuracy"])).tolist()
             for b in baselines}
     # What synthetic data adds to each training set that has a "+synthetic" counterpart.
-    out["synthetic_adds"] = {f"{a}+synthetic vs {a}": diff(f"{a}+synthetic", a)
-                             for a in baselines if runs.get(f"{a}+synthetic")}
-    unfiltered = (results.get("product_recipe") or "real") + "+synthetic_unfiltered"
+    out["synthetic_adds"] = {adds_label(a): diff(_with(a, "synthetic"), a)
+                             for a in baselines if runs.get(_with(a, "synthetic"))}
+    unfiltered = _with(results.get("product_recipe") or "real", "synthetic_unfiltered")
     if product and runs.get(unfiltered) and runs.get(product):
         out["filter_gain"] = paired(acc(product), acc(unfiltered))
         out["filter_gain"]["against"] = unfiltered

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from augment import run as run_folder
+from augment.arms import has_part
 from augment.config import RunConfig
 from augment.backends import BaseModelInfo, create, resolve_device
 from augment.data import Splits, data_fingerprint, make_splits
@@ -358,7 +359,7 @@ def feedback_classifier(cfg: RunConfig, splits: Splits):
     pseudo_chosen = (decisions.get("pseudo") or {}).get("chosen", "")
     pseudo, _ = load_pseudo(cfg, splits)
     images, labels = splits.train.images, splits.train.labels
-    if len(pseudo) and (pseudo_chosen.endswith("+pseudo") or not decisions):
+    if len(pseudo) and (has_part(pseudo_chosen, "pseudo") or not decisions):
         images, labels = np.concatenate([images, pseudo.images]), np.concatenate([labels, pseudo.labels])
     with one_thread():
         clf = train_classifier(cfg.pseudo.classifier, images, labels, len(splits.class_names), cfg.generation.seed,
@@ -480,7 +481,7 @@ def publish_stage(cfg: RunConfig, base: dict, adapter: dict, log=print) -> dict:
 
     with _Stage(cfg, "publish"):
         evaluation = run_folder.read_json(folder(cfg).evaluation.summary, {})
-        with_pseudo = "pseudo" in (evaluation.get("product_recipe") or "").split("+")
+        with_pseudo = has_part(evaluation.get("product_recipe"), "pseudo")
         provenance = {"base_model": BaseModelInfo(**base).name,
                       "base_fingerprint": base["fingerprint"], "adapter_hash": adapter["adapter_hash"],
                       "config_hash": cfg.fingerprint(), "data_fingerprint": _data_summary(cfg)["fingerprint"]}

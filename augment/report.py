@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from augment.arms import Arm, Verdict, adds_label, arm_plus, has_part
 from augment.config import parse_config
 from augment.data import Splits
 from augment.generate import load_candidates
@@ -79,7 +80,7 @@ def collect_metrics(run: Path) -> dict:
     }
     mem[other]["threshold_rule"] = "95th percentile of train-to-train nearest-neighbour similarity"
     mem[space]["threshold_rule"] = "filter.max_similarity (the memorization gate)"
-    ablation = {k[len("filter:"):]: v for k, v in evaluation["arms"].items() if k.startswith("filter:")}
+    ablation = {Arm.of(k).filter: v for k, v in evaluation["arms"].items() if Arm.of(k).filter is not None}
     pseudo = _read(rf.pseudo.summary) if rf.pseudo.summary.exists() else None
     gain = evaluation.get("gain_over_best_baseline")
     return _finite({
@@ -102,7 +103,7 @@ def collect_metrics(run: Path) -> dict:
         "evaluation": {
             "model": cfg.evaluation.model.kind, "synthetic_prob": cfg.evaluation.synthetic_prob,
             "split": cfg.evaluation.split,
-            "arms": {k: v for k, v in evaluation["arms"].items() if not k.startswith("filter:")},
+            "arms": {k: v for k, v in evaluation["arms"].items() if Arm.of(k).filter is None},
             "product_arm": evaluation.get("product_arm"), "recipe": evaluation.get("recipe"),
             "product_recipe": evaluation.get("product_recipe"), "selection": evaluation.get("selection", {}),
             "baselines": evaluation.get("baselines", []), "best_baseline": evaluation.get("best_baseline"),
@@ -246,11 +247,11 @@ def next_step(m: dict) -> str:
     if g is None:
         return ""
     ds = m["dataset"]["path"]
-    if g["verdict"] == "significant gain":
+    if g["verdict"] == Verdict.GAIN:
         return f"Next: train on `{ds}` (train split) with your usual recipe; the gain above is what to expect."
-    if g["verdict"] == "significant loss":
+    if g["verdict"] == Verdict.LOSS:
         rows = m["dataset"]["splits"]["train"]
-        keep = ("the rows with is_synthetic false (real and pseudo-labeled)" if "pseudo" in g["baseline"] and
+        keep = ("the rows with is_synthetic false (real and pseudo-labeled)" if has_part(g["baseline"], "pseudo") and
                 rows.get("pseudo_labeled") else "the rows with is_synthetic false")
         return (f"Next: train on {g['baseline']}: from `{ds}`, take {keep}. Look at the per-class table and the "
                 "rejected samples below to see where the generator falls short.")
@@ -286,9 +287,11 @@ def sections(m: dict) -> list[tuple[str, str, list[tuple[list[str], list[list]]]
 
     gain_rows = [gain_row(f"{product} − {b}" + (" (best baseline)" if b == ev.get("best_baseline") else ""),
                           d["accuracy"], d["macro_f1"]) for b, d in (ev.get("gains") or {}).items()]
-    gain_rows += [gain_row(f"{label} (what synthetic data adds)", d["accuracy"], d["macro_f1"])
-                  for label, d in (ev.get("synthetic_adds") or {}).items()
-                  if label.split(" vs ")[0] != product]  # the product's own pair is already a row above
+    adds = ev.get("synthetic_adds") or {}
+    gain_rows += [gain_row(f"{adds_label(b)} (what synthetic data adds)", adds[adds_label(b)]["accuracy"],
+                           adds[adds_label(b)]["macro_f1"])
+                  for b in ev.get("baselines") or [] if adds_label(b) in adds
+                  and arm_plus(b, "synthetic") != product]  # the product's own pair is already a row above
     if ev.get("filter_gain"):
         fg = ev["filter_gain"]
         gain_rows.append(gain_row(f"{product} − {fg.get('against', 'unfiltered')} (what the filter is worth)",
@@ -472,6 +475,8 @@ th,td{padding:.25em .4em}.verdict{font-size:1.05em;padding:.6em .7em}h2{font-siz
 
 def render(m: dict, figs: dict[str, bytes]) -> tuple[str, str]:
     secs = sections(m)
+    verdict = (m.get("gain_over_best_baseline") or {}).get("verdict")
+    tone = {Verdict.GAIN: "gain", Verdict.LOSS: "loss"}.get(verdict, "none")
     md = [f"# augment report: {m['run']['name']}", ""]
     body = [f"<h1>augment report: {html.escape(m['run']['name'])}</h1>",
             f"<p class='muted'>run folder {html.escape(m['run']['output_dir'])} · config {m['run']['config_hash']}</p>"]
@@ -480,8 +485,6 @@ def render(m: dict, figs: dict[str, bytes]) -> tuple[str, str]:
         body.append(f"<h2>{html.escape(title)}</h2>")
         if text:
             t = html.escape(text).replace("**", "")
-            tone = "gain" if "significant gain" in t and "no significant" not in t else (
-                "loss" if "significant loss" in t else "none")
             body.append(f"<p class='verdict {tone}'>{t}</p>" if title == "Verdict" else f"<p>{t}</p>")
         for header, rows in tables:
             if rows:

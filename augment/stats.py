@@ -7,6 +7,8 @@ import math
 import numpy as np
 from scipy import stats as st
 
+from augment.arms import Verdict
+
 
 def summarize(values, confidence: float = 0.95) -> dict:
     """Mean, sample standard deviation and a Student-t confidence interval of the mean."""
@@ -40,15 +42,15 @@ def paired_difference(a, b, confidence: float = 0.95) -> dict:
     return out
 
 
-def verdict(diff: dict) -> str:
+def verdict(diff: dict) -> Verdict:
     lo, hi = diff["ci_low"], diff["ci_high"]
     if math.isnan(lo):
-        return "not enough seeds for an interval"
+        return Verdict.NO_INTERVAL
     if lo > 0:
-        return "significant gain"
+        return Verdict.GAIN
     if hi < 0:
-        return "significant loss"
-    return "no significant gain"
+        return Verdict.LOSS
+    return Verdict.NONE
 
 
 def clustered_difference(diffs_by_group, confidence: float = 0.95, n_boot: int = 10000, seed: int = 0) -> dict:

@@ -6,7 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from augment.config import ClassifierConfig, EvaluationConfig, PseudoConfig, parse_arm
+from augment.arms import Arm, Verdict, adds_label, arm_plus, has_part, parse_arm
+from augment.config import ClassifierConfig, EvaluationConfig, PseudoConfig
 from augment.data import DataConfig, ImageSet, Splits, load_images, split
 from augment.evaluate import TrainingSets, arm_training_set, evaluate, summarize_results
 from augment.pseudo import choose_threshold, pseudo_label
@@ -35,6 +36,21 @@ def test_arm_names_parse_and_bad_ones_are_named():
             parse_arm(bad)
     with pytest.raises(ValueError, match="real\\+jitter"):
         EvaluationConfig(arms=["real", "real+jitter"])
+
+
+def test_arms_are_values_with_one_name_each():
+    """An arm is asked what it holds; its name is canonical, so the same training set never has two names."""
+    a = Arm.of("synthetic+classic+real")
+    assert a.name == "real+classic+synthetic" and a.has("classic") and not a.has("pseudo") and a.synthetic
+    assert EvaluationConfig(arms=["classic+real", "real"]).arms == ["real+classic", "real"]
+    assert arm_plus("real+classic", "pseudo") == "real+classic+pseudo"
+    assert arm_plus("real+classic+pseudo", "synthetic_unfiltered") == "real+classic+pseudo+synthetic_unfiltered"
+    assert adds_label("real+classic") == "real+classic+synthetic vs real+classic"
+    f = Arm.of("filter:alia")
+    assert f.filter == "alia" and f.synthetic and f.name == "filter:alia" and not f.has("real")
+    assert has_part("real+classic+pseudo", "pseudo") and not has_part(None, "pseudo") and not has_part("", "pseudo")
+    assert not Arm.of("real+classic+pseudo").synthetic  # a baseline
+    assert Verdict("significant gain") is Verdict.GAIN and f"{Verdict.LOSS}" == "significant loss"
 
 
 def test_each_arm_trains_on_what_its_name_says(splits):
