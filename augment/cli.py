@@ -11,7 +11,8 @@ from pathlib import Path
 
 from augment import progress
 from augment.backends import check_base
-from augment.config import ConfigError, load_config
+from augment.config import ConfigError
+from augment.configfile import load_config
 from augment.data import DataError
 from augment.errors import ModelError
 from augment.run import RunFolder, RunFolderError, claim, lock, using

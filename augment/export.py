@@ -15,7 +15,8 @@ import pandas as pd
 from augment import pipeline
 from augment import run as run_folder
 from augment.backends import BaseModelInfo
-from augment.config import RunConfig, load_config
+from augment.config import RunConfig
+from augment.configfile import load_config
 from augment.errors import ModelError
 from augment.generate import sampling_precision
 

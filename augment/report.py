@@ -18,7 +18,7 @@ import pandas as pd
 import yaml
 
 from augment.arms import Arm, Verdict, adds_label, arm_plus, has_part
-from augment.config import parse_config
+from augment.configfile import parse_config
 from augment.data import Splits
 from augment.generate import load_candidates
 from augment import plots

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run_job(config: str, overrides: list[str]) -> tuple[dict, float]:
     """Run the augment flow exactly as `augment run` does; return metrics.json and wall seconds."""
-    from augment.config import load_config
+    from augment.configfile import load_config
     from flows.augment_flow import augment_flow
 
     cfg = load_config(config, overrides)

@@ -62,7 +62,7 @@ def run_one(cfg, out: Path) -> dict:
 
 
 def main() -> None:
-    from augment.config import load_config
+    from augment.configfile import load_config
     from augment.stats import clustered_difference
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -59,7 +59,7 @@ class RSSMonitor:
 
 def job(config: str, size: int, out: Path) -> dict:
     from augment import pipeline
-    from augment.config import load_config
+    from augment.configfile import load_config
 
     run, cache = out / f"job-{size}px", out / f"cache-{size}px"
     shutil.rmtree(run, ignore_errors=True)
@@ -179,7 +179,7 @@ def stream(config: str, n: int, out: Path) -> list:
 import resource, time, numpy as np, torch
 from pathlib import Path
 from augment import pipeline
-from augment.config import load_config
+from augment.configfile import load_config
 from augment.generate import generate
 cfg = load_config({config!r}, ["publish.output_dir={out / 'job-8px'}",
                   "base.cache_dir={out / 'cache-8px'}", "generation.num_per_class={n // 10}"])
@@ -222,7 +222,7 @@ def main() -> None:
     print_table("Start", ["command", "seconds"], [["augment --help", f"{cli_start():.2f}"]])
     results = {}
     if a.generation_only:
-        from augment.config import load_config
+        from augment.configfile import load_config
 
         run = out / "job-8px"
         results[8] = {"run": run, "cfg": load_config(a.config, [f"publish.output_dir={run}",

@@ -23,7 +23,8 @@ from prefect.task_runners import TaskRunner
 
 from augment import pipeline, progress
 from augment.cli import USER_ERRORS
-from augment.config import ConfigError, RunConfig, apply_overrides, deep_merge, parse_config
+from augment.config import ConfigError, RunConfig
+from augment.configfile import apply_overrides, deep_merge, parse_config
 from augment.report import headline, key_arms
 from augment.run import RunFolder
 

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture
 def tiny_cfg(tmp_path):
     """configs/tiny.yaml with every output under tmp_path."""
-    from augment.config import load_config
+    from augment.configfile import load_config
 
     return load_config(ROOT / "configs" / "tiny.yaml",
                        [f"publish.output_dir={tmp_path / 'run'}", f"base.cache_dir={tmp_path / 'cache'}"])

@@ -1,6 +1,8 @@
 import pytest
 
-from augment.config import ConfigError, RunConfig, load_config, parse_config
+from augment.config import ConfigError, RunConfig
+
+from augment.configfile import load_config, parse_config
 from conftest import ROOT
 
 
@@ -62,14 +64,15 @@ def test_fingerprint_tracks_sections():
 
 
 def test_docs_reference_is_current():
-    from augment.config import reference_markdown
+    from augment.configfile import reference_markdown
 
     assert reference_markdown() in (ROOT / "docs" / "reference.md").read_text(), \
-        "docs/reference.md is stale: replace its table with the output of `python -m augment.config`"
+        "docs/reference.md is stale: replace its table with the output of `python -m augment.configfile`"
 
 
 def test_overrides_and_partial_configs_merge_and_bad_values_name_the_override():
-    from augment.config import ConfigError, apply_overrides, deep_merge
+    from augment.config import ConfigError
+    from augment.configfile import apply_overrides, deep_merge
 
     base = {"generation": {"seed": 1, "num_per_class": 5}, "name": "job"}
     merged = deep_merge(base, {"generation": {"num_per_class": 9}})

@@ -365,7 +365,7 @@ def test_validate_accepts_a_messy_folder_and_the_summary_counts_what_was_skipped
     import json
 
     from augment import pipeline
-    from augment.config import load_config
+    from augment.configfile import load_config
 
     src = Path(_junk(tmp_path, {"__MACOSX/cat/._0.png": b"\0\5", "cat/._1.png": b"\0\5", "dog/Thumbs.db": b"x"},
                      per_class=12))
@@ -415,7 +415,8 @@ def test_the_bad_input_table_is_long_enough():
 @pytest.mark.timeout(30)
 def test_yaml_bombs_fail_fast_in_files_and_overrides(tmp_path):
     """The check counts shared nodes once, so even 2^60 values are refused at once."""
-    from augment.config import ConfigError, load_config
+    from augment.config import ConfigError
+    from augment.configfile import load_config
 
     doubling = "a0: &a0 [x, x]\n" + "".join(f"a{i}: &a{i} [*a{i - 1}, *a{i - 1}]\n" for i in range(1, 60))
     p = tmp_path / "c.yaml"
@@ -430,7 +431,7 @@ def test_yaml_bombs_fail_fast_in_files_and_overrides(tmp_path):
 
 
 def test_anchors_and_merge_keys_within_the_budget_work(tmp_path):
-    from augment.config import load_config
+    from augment.configfile import load_config
 
     p = tmp_path / "c.yaml"
     p.write_bytes("\ufeffselection:\r\n  model: &m {width: 8, steps: 15}\r\nevaluation:\r\n  model:\r\n    <<: *m\r\n"

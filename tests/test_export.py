@@ -15,7 +15,7 @@ from augment.generate import load_candidates, sampling_precision
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
-    from augment.config import load_config
+    from augment.configfile import load_config
     from conftest import ROOT
 
     tmp = tmp_path_factory.mktemp("export")

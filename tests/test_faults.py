@@ -24,7 +24,7 @@ OVERRIDES = ["generation.num_per_class=8", "filter.min_confidence=0.0",
 DRIVER = r'''
 import os, signal, sys
 from augment import pipeline
-from augment.config import load_config
+from augment.configfile import load_config
 
 out, cache, point, nth = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 cfg = load_config(sys.argv[5], [f"publish.output_dir={out}", f"base.cache_dir={cache}", *sys.argv[6:]])

@@ -26,7 +26,7 @@ class _Images(HTMLParser):
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, prefect_harness):
-    from augment.config import load_config
+    from augment.configfile import load_config
     from conftest import ROOT
     from flows.augment_flow import augment_flow
 

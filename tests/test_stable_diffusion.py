@@ -10,7 +10,8 @@ import torch
 
 from augment import backends
 from augment.backends.stable_diffusion import write_tiny_checkpoint
-from augment.config import BaseModelConfig, GenerationConfig, LoRAConfig, load_config
+from augment.config import BaseModelConfig, GenerationConfig, LoRAConfig
+from augment.configfile import load_config
 from augment.errors import ModelError
 from safetensors.torch import load_file
 from conftest import ROOT, crash_at, write_imagefolder
