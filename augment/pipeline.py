@@ -367,10 +367,13 @@ def feedback_classifier(cfg: RunConfig, splits: Splits):
     net = clf.model.eval()
     for p in net.parameters():
         p.requires_grad_(False)
-    size = clf.image_size
-    if size is None or size == splits.train.images.shape[1]:
+    size, h = clf.image_size, splits.train.images.shape[1]
+    if size is None or size == h:
         return net
-    return torch.nn.Sequential(torch.nn.Upsample(size=(size, size), mode="bilinear", align_corners=False), net)
+    # inputs resized as TrainedClassifier resizes them (area averaging when shrinking), but differentiably
+    resize = (torch.nn.AdaptiveAvgPool2d(size) if size < h else
+              torch.nn.Upsample(size=(size, size), mode="bilinear", align_corners=False))
+    return torch.nn.Sequential(resize, net)
 
 
 # 6. Filter ----------------------------------------------------------------------------------------------------
