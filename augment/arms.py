@@ -8,7 +8,7 @@ config validates arm lists with it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import StrEnum
+from enum import Enum
 
 ARM_PARTS = ("real", "classic", "pseudo", "synthetic", "synthetic_unfiltered")
 SYNTHETIC_PARTS = frozenset({"synthetic", "synthetic_unfiltered"})
@@ -76,10 +76,17 @@ def adds_label(arm: str) -> str:
     return f"{arm_plus(arm, 'synthetic')} vs {arm}"
 
 
-class Verdict(StrEnum):
-    """The verdict of a paired difference, by its 95% interval."""
+class Verdict(str, Enum):
+    """The verdict of a paired difference, by its 95% interval. A str (JSON writes it as its text), printed as its
+    text on every Python (enum.StrEnum needs 3.11)."""
 
     GAIN = "significant gain"
     LOSS = "significant loss"
     NONE = "no significant gain"
     NO_INTERVAL = "not enough seeds for an interval"
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)

@@ -16,7 +16,6 @@ import numpy as np
 from PIL import Image
 
 from augment.config import DataConfig
-
 from augment.configfile import read_utf8
 from augment.errors import DataError
 from augment.imagefiles import HIDDEN, IMAGE_SUFFIXES, entry_name, hidden, image_files, normalize, open_image, walk
