@@ -230,10 +230,6 @@ def _val_mean(runs: list[dict]) -> float:
     return float(np.mean(vals)) if vals else float("-inf")
 
 
-def _with(recipe: str, part: str) -> str:
-    return arm_plus(recipe, part)
-
-
 def evaluate(cfg: EvaluationConfig, sets: TrainingSets, output_dir: str | Path,
              progress: Callable[[int, int], None] | None = None, log=print,
              run_units: RunUnits | None = None, decisions: dict | None = None) -> Path:
@@ -276,33 +272,33 @@ def evaluate(cfg: EvaluationConfig, sets: TrainingSets, output_dir: str | Path,
             # validation).
             product_recipe = recipe
             if has_pseudo:
-                results.update(runner.run([_with(recipe, "pseudo")], recipe, seeds))
+                results.update(runner.run([arm_plus(recipe, "pseudo")], recipe, seeds))
                 if "pseudo" in decisions:
                     d = decisions["pseudo"]
                     helps = has_part(d["chosen"], "pseudo")
                     selection["pseudo"] = {**d, "in_recipe": helps}
                 else:
-                    helps = has_val and _val_mean(results[_with(recipe, "pseudo")]) > _val_mean(results[recipe])
+                    helps = has_val and _val_mean(results[arm_plus(recipe, "pseudo")]) > _val_mean(results[recipe])
                     selection["pseudo"] = {"rule": "validation",
                                            "validation_accuracy_without": _val_mean(results[recipe]),
-                                           "validation_accuracy_with": _val_mean(results[_with(recipe, "pseudo")]),
+                                           "validation_accuracy_with": _val_mean(results[arm_plus(recipe, "pseudo")]),
                                            "in_recipe": bool(helps)}
                 if helps:
-                    product_recipe = _with(recipe, "pseudo")
+                    product_recipe = arm_plus(recipe, "pseudo")
             # 3. Synthetic data on top of the recipe, with and without the pool; as diagnostics the other plain
             # pair, unfiltered synthetic, synthetic only and each filter alone.
-            arms = [_with(recipe, "synthetic")]
+            arms = [arm_plus(recipe, "synthetic")]
             if has_pseudo:
-                arms.append(_with(_with(recipe, "pseudo"), "synthetic"))
+                arms.append(arm_plus(arm_plus(recipe, "pseudo"), "synthetic"))
             results.update(runner.run(arms, product_recipe, seeds))
             other = "real+synthetic" if recipe == "real+classic" else "real+classic+synthetic"
-            diagnostic = ([other, _with(product_recipe, "synthetic_unfiltered"), "synthetic"]
+            diagnostic = ([other, arm_plus(product_recipe, "synthetic_unfiltered"), "synthetic"]
                           if cfg.diagnostic_arms else [])
             results.update(runner.run(diagnostic + [Arm(filter=n).name for n in sets.ablation], product_recipe,
                                       diag_seeds))
         finally:
             runner.close()
-        product = _with(product_recipe, "synthetic")
+        product = arm_plus(product_recipe, "synthetic")
     else:
         arms = list(cfg.arms) + [Arm(filter=n).name for n in sets.ablation]
         recipe = "real+classic" if cfg.recipe != "none" and "real+classic" in cfg.arms else "real"
@@ -315,7 +311,7 @@ def evaluate(cfg: EvaluationConfig, sets: TrainingSets, output_dir: str | Path,
         finally:
             runner.close()
         product_recipe = recipe
-        product = next((a for a in (_with(recipe, "synthetic"), *cfg.arms) if a in results and
+        product = next((a for a in (arm_plus(recipe, "synthetic"), *cfg.arms) if a in results and
                         Arm.of(a).has("synthetic")), None)
     for arm, runs in results.items():
         accs = [r["accuracy"] for r in runs if "accuracy" in r]
@@ -393,9 +389,9 @@ def summarize_results(results: dict) -> dict:
             b: (np.array(arms[product]["per_class_accuracy"]) - np.array(arms[b]["per_class_accuracy"])).tolist()
             for b in baselines}
     # What synthetic data adds to each training set that has a "+synthetic" counterpart.
-    out["synthetic_adds"] = {adds_label(a): diff(_with(a, "synthetic"), a)
-                             for a in baselines if runs.get(_with(a, "synthetic"))}
-    unfiltered = _with(results.get("product_recipe") or "real", "synthetic_unfiltered")
+    out["synthetic_adds"] = {adds_label(a): diff(arm_plus(a, "synthetic"), a)
+                             for a in baselines if runs.get(arm_plus(a, "synthetic"))}
+    unfiltered = arm_plus(results.get("product_recipe") or "real", "synthetic_unfiltered")
     if product and runs.get(unfiltered) and runs.get(product):
         out["filter_gain"] = paired(acc(product), acc(unfiltered))
         out["filter_gain"]["against"] = unfiltered

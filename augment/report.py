@@ -80,7 +80,7 @@ def collect_metrics(run: Path) -> dict:
     }
     mem[other]["threshold_rule"] = "95th percentile of train-to-train nearest-neighbour similarity"
     mem[space]["threshold_rule"] = "filter.max_similarity (the memorization gate)"
-    ablation = {Arm.of(k).filter: v for k, v in evaluation["arms"].items() if Arm.of(k).filter is not None}
+    ablation = {f: v for k, v in evaluation["arms"].items() if (f := Arm.of(k).filter) is not None}
     pseudo = _read(rf.pseudo.summary) if rf.pseudo.summary.exists() else None
     gain = evaluation.get("gain_over_best_baseline")
     return _finite({
@@ -288,10 +288,11 @@ def sections(m: dict) -> list[tuple[str, str, list[tuple[list[str], list[list]]]
     gain_rows = [gain_row(f"{product} − {b}" + (" (best baseline)" if b == ev.get("best_baseline") else ""),
                           d["accuracy"], d["macro_f1"]) for b, d in (ev.get("gains") or {}).items()]
     adds = ev.get("synthetic_adds") or {}
-    gain_rows += [gain_row(f"{adds_label(b)} (what synthetic data adds)", adds[adds_label(b)]["accuracy"],
-                           adds[adds_label(b)]["macro_f1"])
-                  for b in ev.get("baselines") or [] if adds_label(b) in adds
-                  and arm_plus(b, "synthetic") != product]  # the product's own pair is already a row above
+    for b in ev.get("baselines") or []:
+        label = adds_label(b)
+        if label in adds and arm_plus(b, "synthetic") != product:  # the product's own pair is a row above
+            gain_rows.append(gain_row(f"{label} (what synthetic data adds)", adds[label]["accuracy"],
+                                      adds[label]["macro_f1"]))
     if ev.get("filter_gain"):
         fg = ev["filter_gain"]
         gain_rows.append(gain_row(f"{product} − {fg.get('against', 'unfiltered')} (what the filter is worth)",

@@ -42,9 +42,10 @@ def feedback_guided(guide: Callable, classifier: torch.nn.Module, scale: float, 
     Classification", TMLR 2024): besides `guide`'s noise prediction eps, every step climbs a classifier's criterion
     on the predicted clean image x0 = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t), which steers samples toward what the
     classifier has not learned yet while the model keeps them near the data. `criterion` is a name in
-    augment.registry.FEEDBACK_CRITERIA (`entropy`, `loss`). The gradient goes through x0 with eps held fixed (one classifier forward and backward per step, not one
-    through the denoiser), and enters as a score: eps' = eps - scale * sqrt(1 - a_t) * grad. `classifier` maps
-    model-space images ([-1, 1] pixels, NCHW) to logits; `scale` 0 is `guide` itself."""
+    augment.registry.FEEDBACK_CRITERIA (`entropy`, `loss`). The gradient goes through x0 with eps held fixed (one
+    classifier forward and backward per step, not one through the denoiser), and enters as a score:
+    eps' = eps - scale * sqrt(1 - a_t) * grad. `classifier` maps model-space images ([-1, 1] pixels, NCHW) to
+    logits; `scale` 0 is `guide` itself."""
     from augment.registry import FEEDBACK_CRITERIA
 
     value_of = FEEDBACK_CRITERIA.load(criterion)
