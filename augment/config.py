@@ -325,7 +325,16 @@ class SelectionConfig(_Section):
         default_factory=lambda: ClassifierConfig(augment=False, steps=400),
         description="The classifier trained on each fold (keep it equal to evaluation.model).",
     )
-    seed: int = Field(0, ge=0, description="Seed of the folds, the fold classifiers and the bootstrap.")
+    synthetic_holdout: float = Field(
+        0.2, ge=0.0, le=0.5, description="Share of each class's labeled images kept from everything the generator "
+        "learns from (base pretraining, fine-tuning, img2img sources, the feedback classifier), on which the choose "
+        "stage judges whether the synthetic data goes into the product (at least one image per class stays with "
+        "the generator). 0 = no such choice: the product always takes the synthetic data. Folds over images the "
+        "generator saw would judge its copies of them (augment.selection).",
+    )
+    synthetic_seeds: int = Field(3, ge=1, le=20, description="Paired training seeds of each option of the "
+                                 "synthetic choice.")
+    seed: int = Field(0, ge=0, description="Seed of the folds, the fold classifiers, the holdout and the bootstrap.")
 
 
 class FilterConfig(_Section):
@@ -372,9 +381,13 @@ class EvaluationConfig(_Section):
         description="Downstream classifier; `augment` is ignored (arms with `classic` switch augmentation on). "
         "It trains 400 steps by default (the filter's and the pseudo-labeler's CNNs 600; docs/speed.md).",
     )
-    synthetic_prob: float = Field(
-        0.5, gt=0, le=1, description="Mixing: each training example is synthetic with this probability "
-        "(DA-Fusion-style), whatever the sizes of the real and synthetic sets.",
+    synthetic_prob: list[float] = Field(
+        [0.25, 0.5], min_length=1, max_length=8,
+        description="Mixing: each training example is synthetic with this probability (DA-Fusion-style), whatever "
+        "the sizes of the real and synthetic sets. The candidates: under selection.rule=cross_validation (with "
+        "`arms: auto` and selection.synthetic_holdout > 0) the choose stage picks one of them on labeled images "
+        "the generator never saw, or leaves synthetic data out of the product when none beats the recipe alone; "
+        "otherwise the first. One number is a list of one. Each in (0, 1].",
     )
     split: Literal["test", "validation"] = Field(
         "test", description="Split the arms are scored on. `validation` is for choosing settings (benchmarks); "
@@ -395,6 +408,19 @@ class EvaluationConfig(_Section):
         "0 = one per CPU core, 1 = in this process. Results do not depend on it.",
     )
     seed: int = Field(0, ge=0, description="First training seed; seeds are seed, seed+1, ...")
+
+    @field_validator("synthetic_prob", mode="before")
+    @classmethod
+    def _one_prob(cls, v):
+        return [v] if isinstance(v, (int, float, str)) and not isinstance(v, bool) else v
+
+    @field_validator("synthetic_prob")
+    @classmethod
+    def _probs(cls, v):
+        bad = [p for p in v if not 0 < p <= 1]
+        if bad:
+            raise ValueError(f"every mixing probability must lie in (0, 1]; got {bad}")
+        return v
 
     @field_validator("arms")
     @classmethod

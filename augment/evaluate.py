@@ -5,7 +5,10 @@ The protocol (DESIGN.md, evidence rules):
   or without classic augmentation (`evaluation.recipe`; `auto` chooses), plus the pseudo-labeled pool when the job
   has one and it helps. Both choices are made on labeled data only: out of fold over every labeled image by the
   pseudo stage (augment.selection; passed in as `decisions`), or on validation (selection.rule=validation).
-  Classic augmentation then applies to the synthetic images too.
+  Classic augmentation then applies to the synthetic images too. Whether the product takes the synthetic data
+  at all, and at which mixing probability, is a choice too (the choose stage, on labeled images the generator
+  never saw): when they cannot show that it helps, the product is the recipe alone and the synthetic arms stay as
+  diagnostics.
 - Beside it stand the cheap alternatives that use the same information: real, real+classic and the recipe plus
   the pseudo-labeled pool. Both plain pairs (real+synthetic vs real, real+classic+synthetic vs real+classic) are
   always run: the recipe's own pair with every seed, the other one (which decides nothing) as a diagnostic.
@@ -93,7 +96,7 @@ def run_arm(cfg: EvaluationConfig, splits: Splits, data: Pair, synthetic: Pair |
         return {"skipped": "no training images (no synthetic samples were kept)"}
     t0 = time.time()
     clf = train_classifier(cfg.model, data[0], data[1], K, seed, augment=augment, synthetic=synthetic,
-                           synthetic_prob=cfg.synthetic_prob)
+                           synthetic_prob=cfg.synthetic_prob[0])
     scored = getattr(splits, cfg.split)
     out = {"seed": seed, **_scores(clf, scored.images, scored.labels, K)}
     val = splits.validation
@@ -235,7 +238,9 @@ def evaluate(cfg: EvaluationConfig, sets: TrainingSets, output_dir: str | Path,
              run_units: RunUnits | None = None, decisions: dict | None = None) -> Path:
     """Run the protocol (or the listed arms); writes the results file of `output_dir`. `run_units` runs each phase's
     (arm, recipe, seed) units elsewhere (default: this process or a local pool of `cfg.workers`). `decisions`: the
-    cross-validated choices of the pseudo stage (augment.selection); without them, choices read validation."""
+    cross-validated choices of the pseudo stage and, under "synthetic", the choose stage's (augment.selection);
+    without them, choices read validation and the product takes the synthetic data. Synthetic data is mixed in
+    at the first of cfg.synthetic_prob (the caller passes the chosen one)."""
     decisions = decisions or {}
 
     keys: dict[tuple[str, str], str] = {}
@@ -299,6 +304,10 @@ def evaluate(cfg: EvaluationConfig, sets: TrainingSets, output_dir: str | Path,
         finally:
             runner.close()
         product = arm_plus(product_recipe, "synthetic")
+        if "synthetic" in decisions:  # cross-validated: whether the product takes the synthetic data
+            selection["synthetic"] = dict(decisions["synthetic"])
+            if decisions["synthetic"].get("in_product") is False:
+                product = product_recipe
     else:
         arms = list(cfg.arms) + [Arm(filter=n).name for n in sets.ablation]
         recipe = "real+classic" if cfg.recipe != "none" and "real+classic" in cfg.arms else "real"
@@ -384,15 +393,17 @@ def summarize_results(results: dict) -> dict:
         out["best_baseline"] = best
         out["baselines"] = baselines
         out["gain_over_best_baseline"] = paired_difference(acc(product), acc(best))
-        out["gains"] = {b: diff(product, b) for b in baselines}
+        out["gains"] = {b: diff(product, b) for b in baselines if b != product}
         out["per_class_delta"] = {
             b: (np.array(arms[product]["per_class_accuracy"]) - np.array(arms[b]["per_class_accuracy"])).tolist()
-            for b in baselines}
+            for b in baselines if b != product}
     # What synthetic data adds to each training set that has a "+synthetic" counterpart.
     out["synthetic_adds"] = {adds_label(a): diff(arm_plus(a, "synthetic"), a)
                              for a in baselines if runs.get(arm_plus(a, "synthetic"))}
-    unfiltered = arm_plus(results.get("product_recipe") or "real", "synthetic_unfiltered")
-    if product and runs.get(unfiltered) and runs.get(product):
-        out["filter_gain"] = paired(acc(product), acc(unfiltered))
-        out["filter_gain"]["against"] = unfiltered
+    # What the filter is worth, on the recipe (the product's own arm when it takes the synthetic data).
+    recipe = results.get("product_recipe") or "real"
+    filtered, unfiltered = arm_plus(recipe, "synthetic"), arm_plus(recipe, "synthetic_unfiltered")
+    if runs.get(unfiltered) and runs.get(filtered):
+        out["filter_gain"] = paired(acc(filtered), acc(unfiltered))
+        out["filter_gain"].update(arm=filtered, against=unfiltered)
     return out

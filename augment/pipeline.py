@@ -198,7 +198,7 @@ def backend_for(cfg: RunConfig, splits: Splits):
 
 def base_model(cfg: RunConfig, log=print, progress: Callable[[int, int], None] | None = None) -> dict:
     with _Stage(cfg, "base"):
-        splits = load_splits(cfg)
+        splits = generator_splits(cfg)
         info = backend_for(cfg, splits).prepare(splits.train, splits.pool, log=log, progress=progress)
     return asdict(info)
 
@@ -248,7 +248,7 @@ def finetune_stage(cfg: RunConfig, base: dict, log=print, progress: Callable[[in
     from augment.finetune import finetune
 
     with _Stage(cfg, "finetune", "finetune", upstream=base["fingerprint"]).fresh() as st:
-        splits = load_splits(cfg)
+        splits = generator_splits(cfg)
         pseudo, _ = load_pseudo(cfg, splits)
         info = finetune(cfg.lora, backend_for(cfg, splits), BaseModelInfo(**base), splits.train, st.folder,
                         run_config=cfg.model_dump(mode="json"), log=log, pseudo=pseudo, progress=progress)
@@ -268,7 +268,7 @@ def generate_stage(cfg: RunConfig, base: dict, adapter: dict, progress: Callable
     st = _Stage(cfg, "generate", "candidates", upstream=adapter["adapter_hash"])
     if not st.reused(log):
         with st.fresh():
-            splits = load_splits(cfg)
+            splits = generator_splits(cfg)
             backend = backend_for(cfg, splits)
             from augment.parallel import worker_count
 
@@ -331,7 +331,7 @@ def generate_unit(cfg: RunConfig, base: dict, adapter: dict, shard: int) -> int:
     key = (str(run_dir(cfg)), adapter["adapter_hash"], cfg.fingerprint("generation"))
     if key not in _MODELS:
         _MODELS.clear()
-        splits = load_splits(cfg)
+        splits = generator_splits(cfg)
         backend = backend_for(cfg, splits)
         _MODELS[key] = (splits, backend, backend.load(BaseModelInfo(**base), adapter=adapter["path"]),
                         feedback_classifier(cfg, splits))
@@ -419,7 +419,71 @@ def load_filtered(cfg: RunConfig):
     return cands, table, kept
 
 
-# 7. Evaluate --------------------------------------------------------------------------------------------------
+# 7. Choose: whether the synthetic data goes into the product ------------------------------------------------
+
+
+def synthetic_holdout(cfg: RunConfig, splits: Splits) -> np.ndarray:
+    """Rows of the labeled train split kept from the generator for the synthetic choice (none when no choice is
+    made: selection.rule=validation, listed arms, or selection.synthetic_holdout=0)."""
+    from augment.selection import generator_holdout
+
+    sel = cfg.selection
+    if sel.rule != "cross_validation" or cfg.evaluation.arms != "auto" or sel.synthetic_holdout == 0:
+        return np.zeros(0, np.int64)
+    return generator_holdout(splits.train.labels, sel.synthetic_holdout, sel.seed)
+
+
+def generator_splits(cfg: RunConfig) -> Splits:
+    """The splits as everything the generator learns from sees them (base pretraining, fine-tuning, img2img
+    sources, the feedback classifier): the labeled train split without the synthetic choice's holdout."""
+    import dataclasses
+
+    splits = load_splits(cfg)
+    held = synthetic_holdout(cfg, splits)
+    if not len(held):
+        return splits
+    return dataclasses.replace(splits, train=splits.train.subset(np.setdiff1d(np.arange(len(splits.train)), held)))
+
+
+def choose_stage(cfg: RunConfig, log=print, progress: Callable[[int, int], None] | None = None) -> dict:
+    """Whether the product takes the kept synthetic samples, and at which of evaluation.synthetic_prob, judged on
+    the labeled images the generator never saw (synthetic_holdout; augment.selection.choose_synthetic). {} when
+    no choice is made: the product takes them at the first probability."""
+    from augment.selection import choose_synthetic
+
+    st = _Stage(cfg, "choose", "choice", upstream=_stage_key(cfg, "filter") + _stage_key(cfg, "pseudo"))
+    if st.reused(log):
+        return run_folder.read_json(st.stage_folder.decision, {})
+    with st.fresh():
+        decision: dict = {}
+        splits = load_splits(cfg)
+        holdout = synthetic_holdout(cfg, splits)
+        if len(holdout):
+            cands, _, kept = load_filtered(cfg)
+            decisions = load_selection(cfg)
+            recipe = (decisions.get("pseudo") or decisions["recipe"])["chosen"]
+            pseudo, _ = load_pseudo(cfg, splits)
+            pool = (pseudo.images, pseudo.labels) if has_part(recipe, "pseudo") and len(pseudo) else None
+            decision = {"skipped": "no synthetic sample was kept"} if not kept.any() else choose_synthetic(
+                cfg.selection, cfg.evaluation.synthetic_prob, recipe, splits.train.images, splits.train.labels,
+                len(splits.class_names), holdout, pool, (cands.images[kept], cands.labels[kept]),
+                workers=cfg.evaluation.workers, log=log, progress=progress)
+        run_folder.write_json(st.stage_folder.decision, decision)
+    return decision
+
+
+def load_choice(cfg: RunConfig) -> dict:
+    """The choose stage's decision ({} when nothing was chosen)."""
+    return run_folder.read_json(folder(cfg).choice.decision, {}) or {}
+
+
+def evaluation_config(cfg: RunConfig):
+    """cfg.evaluation with the one mixing probability the trainings use: the choose stage's, else the first."""
+    p = load_choice(cfg).get("synthetic_prob", cfg.evaluation.synthetic_prob[0])
+    return cfg.evaluation.model_copy(update={"synthetic_prob": [p]})
+
+
+# 8. Evaluate --------------------------------------------------------------------------------------------------
 
 
 def training_sets(cfg: RunConfig):
@@ -453,7 +517,7 @@ def train_unit(cfg: RunConfig, arm: str, recipe: str, seed: int) -> dict:
     if key not in _SETS:
         _SETS.clear()
         _SETS[key] = training_sets(cfg)
-    return train(cfg.evaluation, _SETS[key], arm, recipe, seed)
+    return train(evaluation_config(cfg), _SETS[key], arm, recipe, seed)
 
 
 def evaluate_stage(cfg: RunConfig, progress: Callable[[int, int], None] | None = None, log=print,
@@ -463,17 +527,20 @@ def evaluate_stage(cfg: RunConfig, progress: Callable[[int, int], None] | None =
     from augment.evaluate import evaluate, summarize_results
 
     st = _Stage(cfg, "evaluate", "evaluation",
-                upstream=_stage_key(cfg, "filter") + _stage_key(cfg, "pseudo"))
+                upstream=_stage_key(cfg, "filter") + _stage_key(cfg, "pseudo") + _stage_key(cfg, "choice"))
     if not st.reused(log):
         with st.fresh():
-            evaluate(cfg.evaluation, training_sets(cfg), st.folder, progress=progress, log=log, run_units=run_units,
-                     decisions=load_selection(cfg))
+            decisions, choice = load_selection(cfg), load_choice(cfg)
+            if choice:
+                decisions["synthetic"] = choice
+            evaluate(evaluation_config(cfg), training_sets(cfg), st.folder, progress=progress, log=log,
+                     run_units=run_units, decisions=decisions)
     summary = summarize_results(json.loads(st.stage_folder.results.read_text()))
     run_folder.write_json(st.stage_folder.summary, summary)
     return summary
 
 
-# 8. Publish ---------------------------------------------------------------------------------------------------
+# 9. Publish ---------------------------------------------------------------------------------------------------
 
 
 def publish_stage(cfg: RunConfig, base: dict, adapter: dict, log=print) -> dict:
@@ -605,6 +672,11 @@ STAGES: tuple[Stage, ...] = (
                                                                       run_shards=units)),
     Stage("filter", "filter", "", sections=("data", "base", *CHOICES, "lora", "generation", "filter"),
           call=lambda cfg, kept, log, progress, units: filter_stage(cfg, log=log)),
+    Stage("choose", "synthetic choice", "training",
+          sections=("data", "base", *CHOICES, "lora", "generation", "filter", "evaluation.synthetic_prob",
+                    "evaluation.arms"),
+          artifact=("choice", "Cross-validation trainings with synthetic data"),
+          call=lambda cfg, kept, log, progress, units: choose_stage(cfg, log=log, progress=progress)),
     # before publishing: it decides whether the pseudo-labeled pool rows are published
     Stage("evaluate", "evaluation", "training",
           sections=("data", "base", "pseudo", "selection", "lora", "generation", "filter", "evaluation"),

@@ -101,7 +101,9 @@ def collect_metrics(run: Path) -> dict:
                    "alia_thresholds": fsum["alia_thresholds"], "alia_oof_accuracy": fsum["alia_oof_accuracy"],
                    "memorization": mem},
         "evaluation": {
-            "model": cfg.evaluation.model.kind, "synthetic_prob": cfg.evaluation.synthetic_prob,
+            "model": cfg.evaluation.model.kind,
+            "synthetic_prob": ((evaluation.get("selection") or {}).get("synthetic") or {}).get(
+                "synthetic_prob", cfg.evaluation.synthetic_prob[0]),
             "split": cfg.evaluation.split,
             "arms": {k: v for k, v in evaluation["arms"].items() if Arm.of(k).filter is None},
             "product_arm": evaluation.get("product_arm"), "recipe": evaluation.get("recipe"),
@@ -133,24 +135,32 @@ def _selection_rows(m: dict) -> tuple[list, list, list, str]:
     ev, data = m["evaluation"], m["data"]
     sel = ev.get("selection") or {}
     rows = []
-    for name, what in (("recipe", "classic augmentation"), ("pseudo", "pseudo-labeled pool")):
+    for name, what in (("recipe", "classic augmentation"), ("pseudo", "pseudo-labeled pool"),
+                       ("synthetic", "synthetic data")):
         d = sel.get(name)
         if not d:
             continue
-        if "oof_accuracy" in d:  # cross-validated
+        if "skipped" in d:
+            rows.append([what, "cross-validation", "—", "—", "—", f"skipped: {d['skipped']}"])
+        elif "oof_accuracy" in d:  # cross-validated
             diff, score = d.get("difference"), d.get("oof_score") or {}
             scores = ", ".join(f"{o} {_pct(v)}" + (f" / {_pct(score[o])}" if o in score else "")
                                for o, v in d["oof_accuracy"].items())
             interval = "—" if diff is None else (f"{100 * diff['mean']:+.1f} [{100 * diff['ci_low']:+.1f}, "
                                                  f"{100 * diff['ci_high']:+.1f}] "
                                                  f"({100 * diff.get('confidence', 0.95):.0f}%)")
-            outcome = d["chosen"] if name == "recipe" else "in the recipe" if d["in_recipe"] else "left out"
+            outcome = (d["chosen"] if name == "recipe" else
+                       ("in the recipe" if d["in_recipe"] else "left out") if name == "pseudo" else
+                       f"in the product at p={d['synthetic_prob']:g}" if d["in_product"] else "left out")
             if d["rule"] not in ("cross_validation",):
                 outcome += " (set)"
             elif diff is not None:
                 outcome += " (decided by the data)" if d["decided"] else " (the data cannot decide: simpler)"
-            rows.append([what, "cross-validation" if d["rule"] == "cross_validation" else f"set: {d['rule']}",
-                         scores, interval, f"{d['images']} images, {d['folds']} folds x {d['repeats']}", outcome])
+            rests = (f"{d['images']} labeled images the generator never saw x {d['repeats']} seeds"
+                     if name == "synthetic" else f"{d['images']} images, {d['folds']} folds x {d['repeats']}")
+            rule = ("held-out labeled images" if name == "synthetic" else "cross-validation"
+                    ) if d["rule"] == "cross_validation" else f"set: {d['rule']}"
+            rows.append([what, rule, scores, interval, rests, outcome])
         elif name == "recipe":
             va = d["validation_accuracy"]
             rows.append([what, f"validation: {d['rule']}", f"real {_pct(va.get('real'))}, real+classic "
@@ -229,6 +239,21 @@ def headline(m: dict) -> str:
     rule = ((ev.get("selection") or {}).get("recipe") or {}).get("rule")
     how = ("chosen on labeled data by cross-validation" if rule == "cross_validation" else
            f"set by evaluation.recipe={rule}" if rule in ("classic", "none") else "chosen on validation")
+    if not Arm.of(product).synthetic:  # the choose stage left the synthetic data out
+        syn = (ev.get("selection") or {}).get("synthetic") or {}
+        label = adds_label(recipe)
+        adds = (ev.get("synthetic_adds") or {}).get(label, {}).get("accuracy")
+        without = (f"On the {syn.get('images')} labeled images the generator never saw, the synthetic data could "
+                   f"not show that it helps, so the product is your recipe alone ({recipe}; {how})")
+        against = ("it is the best baseline" if b == product else
+                   f"against {_pct(arms[b]['accuracy']['mean'])}% for the best baseline ({b}): a paired difference "
+                   f"of {100 * g['mean']:+.1f} points over {g['n']} seeds{interval}: **{g['verdict']}**")
+        diag = "" if not adds else (
+            f" With the synthetic data ({arm_plus(recipe, 'synthetic')}, a diagnostic): {100 * adds['mean']:+.1f} "
+            f"points" + ("" if adds["ci_low"] is None else
+                         f", 95% CI [{100 * adds['ci_low']:+.1f}, {100 * adds['ci_high']:+.1f}]") +
+            f": {adds['verdict']}.")
+        return f"{without}: {_pct(arms[product]['accuracy']['mean'])}% {ev['split']} accuracy; {against}.{diag}"
     return (f"Your recipe plus synthetic data ({product}; recipe {recipe} {how}) reached "
             f"{_pct(arms[product]['accuracy']['mean'])}% {ev['split']} accuracy against "
             f"{_pct(arms[b]['accuracy']['mean'])}% for the best baseline ({b}): a paired difference of "
@@ -247,6 +272,12 @@ def next_step(m: dict) -> str:
     if g is None:
         return ""
     ds = m["dataset"]["path"]
+    if not Arm.of(g["product_arm"] or "synthetic").synthetic:
+        rows = m["dataset"]["splits"]["train"]
+        with_pool = has_part(g["product_arm"], "pseudo") and rows.get("pseudo_labeled")
+        keep = "the real and pseudo-labeled rows" if with_pool else "the real rows"
+        return (f"Next: train on {keep} of `{ds}` (is_synthetic false) with your recipe. The synthetic rows are "
+                "published beside them (is_synthetic true) for inspection; the tables below show what they did.")
     if g["verdict"] == Verdict.GAIN:
         return f"Next: train on `{ds}` (train split) with your usual recipe; the gain above is what to expect."
     if g["verdict"] == Verdict.LOSS:
@@ -295,7 +326,8 @@ def sections(m: dict) -> list[tuple[str, str, list[tuple[list[str], list[list]]]
                                       adds[label]["macro_f1"]))
     if ev.get("filter_gain"):
         fg = ev["filter_gain"]
-        gain_rows.append(gain_row(f"{product} − {fg.get('against', 'unfiltered')} (what the filter is worth)",
+        gain_rows.append(gain_row(f"{fg.get('arm', product)} − {fg.get('against', 'unfiltered')} (what the filter is "
+                                  "worth)",
                                   fg, None))
     pc_arms = key_arms(ev)
     pc_rows = [[c] + [_pct(arms[a]["per_class_accuracy"][k]) for a in pc_arms] +
@@ -310,7 +342,8 @@ def sections(m: dict) -> list[tuple[str, str, list[tuple[list[str], list[list]]]
     abl_rows = [[name, _ci(v["accuracy"]), v["train_sizes"]["synthetic"] if v.get("train_sizes") else ""]
                 for name, v in ev["filter_ablation"].items() if "accuracy" in v]
     unfiltered = (ev.get("filter_gain") or {}).get("against", "real+synthetic_unfiltered")
-    for a, label in ((unfiltered, "no filter"), (product, "all, in order: " + " → ".join(flt["order"]))):
+    filtered = (ev.get("filter_gain") or {}).get("arm", product)
+    for a, label in ((unfiltered, "no filter"), (filtered, "all, in order: " + " → ".join(flt["order"]))):
         if a and "accuracy" in arms.get(a, {}):
             abl_rows.append([label, _ci(arms[a]["accuracy"]), arms[a]["train_sizes"]["synthetic"]])
     mem_rows = [[space, v["threshold_rule"], f"{v['threshold']:.4f}", _pct(v["kept_fraction_above"]),
@@ -360,7 +393,9 @@ def sections(m: dict) -> list[tuple[str, str, list[tuple[list[str], list[list]]]
         ("Verdict", verdict, [(["comparison", "Δ accuracy (pts)", "95% CI", "p", "verdict", "Δ macro-F1 (pts)"],
                                gain_rows)], []),
         ("How the recipe was chosen (labeled data only)",
-         f"The product arm is your recipe plus the synthetic data: {ev.get('product_arm')}. Every choice below "
+         f"The product arm is your recipe plus the synthetic data, when it helps on labeled images the generator "
+         f"never saw: "
+         f"{ev.get('product_arm')}. Every choice below "
          "reads labeled data only: out-of-fold scores of every labeled train image (cross-validation; the richer "
          "option wins only when its paired advantage over the simpler one, in the probability the fold's classifier "
          "gives each image's true class, has an interval above 0, at the level shown: a choice needs a lean, a "

@@ -59,6 +59,10 @@ class PseudoFolder(StageFolder):
     selection = property(lambda self: self.path / "selection.json")
 
 
+class ChoiceFolder(StageFolder):
+    decision = property(lambda self: self.path / "decision.json")
+
+
 class AdapterFolder(StageFolder):
     """The fine-tuned adapter in peft's format, plus our two files."""
 
@@ -117,6 +121,7 @@ class RunFolder:
         finetune/adapter/                       the LoRA adapter (safetensors + configs)
         candidates/shard-*.npz, plan.parquet    every generated candidate
         filter/scores.parquet, rejected/<why>/  scores and decisions, rejected images for inspection
+        choice/decision.json                    whether (and how much) synthetic data goes into the product
         dataset/                                the published DatasetDict (load_from_disk / load_dataset)
         evaluation/results.json                 every downstream run
         report.html, report.md, metrics.json    the report
@@ -141,6 +146,7 @@ class RunFolder:
     finetune = property(lambda self: FinetuneFolder(self.root / "finetune"))
     candidates = property(lambda self: CandidatesFolder(self.root / "candidates"))
     filter = property(lambda self: FilterFolder(self.root / "filter"))
+    choice = property(lambda self: ChoiceFolder(self.root / "choice"))
     evaluation = property(lambda self: EvaluationFolder(self.root / "evaluation"))
     dataset = property(lambda self: DatasetFolder(self.root / "dataset"))
 

@@ -192,3 +192,38 @@ def test_a_training_repeated_under_another_arm_name_runs_once(splits, tmp_path, 
     # every other unit trained once: the two repeated arms' 2 seeds each were not trained again
     assert len(trained) == sum(len(rs) for rs in runs.values()) - 4
     assert len({(arm, recipe, seed) for arm, recipe, seed in trained}) == len(trained)
+
+
+def test_a_product_without_synthetic_data_is_compared_and_explained_as_the_recipe_alone():
+    """When the synthetic choice leaves the samples out, the product is the recipe: no gain row against itself,
+    what the synthetic data would have added stays a row, the filter is judged on the recipe's synthetic arm, and
+    the verdict line says so instead of claiming synthetic data."""
+    from augment.report import headline, next_step
+
+    def runs(accs):
+        return [{"seed": s, "accuracy": a, "macro_f1": a, "per_class_accuracy": [a, a], "confusion": [[1, 0], [0, 1]]}
+                for s, a in enumerate(accs)]
+
+    results = {"seeds": [0, 1, 2], "product_arm": "real+classic", "recipe": "real+classic",
+               "product_recipe": "real+classic", "train_sizes": {},
+               "selection": {"synthetic": {"in_product": False, "images": 20, "synthetic_prob": 0.25}},
+               "runs": {"real": runs([0.90, 0.91, 0.92]), "real+classic": runs([0.95, 0.96, 0.95]),
+                        "real+classic+synthetic": runs([0.94, 0.95, 0.93]),
+                        "real+classic+synthetic_unfiltered": runs([0.93, 0.94, 0.92])}}
+    s = summarize_results(results)
+    assert s["best_baseline"] == "real+classic" and s["gain_over_best_baseline"]["mean"] == 0
+    assert set(s["gains"]) == {"real"}  # never the product against itself
+    assert s["synthetic_adds"]["real+classic+synthetic vs real+classic"]["accuracy"]["mean"] == pytest.approx(-0.0133,
+                                                                                                             abs=1e-3)
+    assert s["filter_gain"]["arm"] == "real+classic+synthetic" and s["filter_gain"]["mean"] == pytest.approx(0.01)
+    arms = {a: {"accuracy": v["accuracy"]} for a, v in s["arms"].items()}
+    m = {"gain_over_best_baseline": {**s["gain_over_best_baseline"], "baseline": s["best_baseline"],
+                                     "product_arm": "real+classic"},
+         "evaluation": {"arms": arms, "product_arm": "real+classic", "product_recipe": "real+classic",
+                        "split": "test", "selection": results["selection"], "synthetic_adds": s["synthetic_adds"]},
+         "dataset": {"path": "out/dataset", "splits": {"train": {"rows": 9, "synthetic": 4, "pseudo_labeled": 0}}}}
+    line = headline(m)
+    assert line.startswith("On the 20 labeled images the generator never saw") and "recipe alone (real+classic" in line
+    assert "it is the best baseline" in line and "real+classic+synthetic, a diagnostic): -1.3 points" in line
+    assert "Your recipe plus synthetic data" not in line
+    assert next_step(m).startswith("Next: train on the real rows of `out/dataset` (is_synthetic false)")

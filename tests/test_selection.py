@@ -9,7 +9,8 @@ import pytest
 
 from augment.config import ClassifierConfig, EvaluationConfig, PseudoConfig, SelectionConfig
 from augment.data import DataConfig, load_images, split
-from augment.selection import OOF, class_balanced, decide, out_of_fold, stratified_folds
+from augment.selection import (OOF, choose_synthetic, class_balanced, decide, generator_holdout, out_of_fold,
+                               stratified_folds)
 
 TINY_CNN = ClassifierConfig(width=8, steps=25, batch_size=16, augment=False)
 
@@ -157,6 +158,11 @@ def test_the_evaluation_follows_the_cross_validated_choices(few_shot, tmp_path):
     decisions["pseudo"]["chosen"] = "real+classic"
     res = json.loads(evaluate(cfg, sets, tmp_path / "b", log=lambda m: None, decisions=decisions).read_text())
     assert res["product_recipe"] == "real+classic" and not res["selection"]["pseudo"]["in_recipe"]
+    # the synthetic choice left the samples out: the product is the recipe, the synthetic arms stay beside it
+    decisions["synthetic"] = {"in_product": False, "synthetic_prob": 0.25, "chosen": "real+classic"}
+    res = json.loads(evaluate(cfg, sets, tmp_path / "c", log=lambda m: None, decisions=decisions).read_text())
+    assert res["product_arm"] == "real+classic" and res["selection"]["synthetic"]["synthetic_prob"] == 0.25
+    assert "real+classic+synthetic" in res["runs"]
 
 
 def test_the_report_says_how_many_images_each_choice_rests_on():
@@ -185,3 +191,77 @@ def test_the_choices_stage_key_follows_the_recipe_but_not_the_rest_of_evaluation
     assert key(tiny_cfg.model_copy(update={"evaluation": ev.model_copy(update={"recipe": "none"})})) != key(tiny_cfg)
     sel = tiny_cfg.selection
     assert key(tiny_cfg.model_copy(update={"selection": sel.model_copy(update={"folds": 4})})) != key(tiny_cfg)
+
+
+def test_the_generator_holdout_is_stratified_seeded_and_leaves_every_class_an_image():
+    labels = np.repeat(np.arange(4), [10, 5, 2, 1])
+    held = generator_holdout(labels, 0.2, seed=0)
+    assert np.bincount(labels[held], minlength=4).tolist() == [2, 1, 0, 0]  # round(0.2 n), one left to the generator
+    assert np.array_equal(held, generator_holdout(labels, 0.2, seed=0)) and np.all(np.diff(held) > 0)
+    assert not np.array_equal(held, generator_holdout(labels, 0.2, seed=1))
+    assert np.bincount(labels[generator_holdout(labels, 0.5, seed=0)], minlength=4).tolist() == [5, 2, 1, 0]
+    assert len(generator_holdout(labels, 0.0, seed=0)) == 0
+
+
+def test_the_synthetic_choice_takes_samples_that_help_on_the_holdout_and_leaves_out_ones_that_do_not(few_shot):
+    """Scored on the held-out labeled images only: samples that carry them with their true labels win; the same
+    samples with wrong labels lose, and the product keeps the recipe alone. Nothing else is scored."""
+    tr = few_shot.train
+    held = generator_holdout(tr.labels, 0.2, seed=0)
+    assert len(held) == 10
+    copies = (np.repeat(tr.images[held], 20, axis=0), np.repeat(tr.labels[held], 20))
+    wrong = (copies[0], (copies[1] + 1) % 10)
+    sel = SelectionConfig(model=TINY_CNN, bootstrap=200, synthetic_seeds=2)
+    args = (sel, [0.25, 0.5], "real+classic", tr.images, tr.labels, 10, held, None)
+    good = choose_synthetic(*args, copies, workers=1, log=lambda m: None)
+    assert good["in_product"] and good["decided"]
+    assert good["chosen"] == f"real+classic+synthetic at p={good['synthetic_prob']:g}"
+    assert good["images"] == 10 and good["repeats"] == 2 and good["holdout"] == 10 and good["generator_images"] == 50
+    bad = choose_synthetic(*args, wrong, workers=1, log=lambda m: None)
+    assert not bad["in_product"] and bad["chosen"] == "real+classic"
+    assert bad["oof_score"]["real+classic"] > max(v for o, v in bad["oof_score"].items() if o != "real+classic")
+    assert bad["synthetic_prob"] in (0.25, 0.5)  # the synthetic arms still run, at the best of the candidates
+    assert good["oof_score"]["real+classic"] == bad["oof_score"]["real+classic"]  # the same paired baseline
+
+
+def test_nothing_the_generator_learns_from_sees_the_synthetic_holdout(tiny_cfg, monkeypatch):
+    """Base pretraining, fine-tuning and img2img sources use the labeled images minus the holdout; the choose
+    stage scores on exactly those held-out images; the filter and the evaluation still see every labeled image."""
+    import pandas as pd
+
+    import augment.finetune as finetune
+    from augment import pipeline
+
+    cfg = tiny_cfg.model_copy(update={
+        "evaluation": tiny_cfg.evaluation.model_copy(update={"workers": 1}),
+        "generation": tiny_cfg.generation.model_copy(update={"strengths": [0.5]}),
+        "filter": tiny_cfg.filter.model_copy(update={"order": ["near_duplicates"]})})  # keeps the tiny samples
+    pipeline.prepare_data(cfg)
+    splits = pipeline.load_splits(cfg)
+    held = pipeline.synthetic_holdout(cfg, splits)
+    held_ids = {splits.train.ids[i] for i in held}
+    assert len(held) == 10  # one of the five per class
+    base = pipeline.base_model(cfg, log=lambda m: None)
+    meta = json.loads((pipeline.Path(base["path"]) / "base.json").read_text())
+    assert meta["num_images"] == len(splits.pool) + len(splits.train) - len(held)
+    pipeline.pseudo_stage(cfg, log=lambda m: None)
+    seen = {}
+    real = finetune.finetune
+
+    def spy(lora, backend, info, train, *a, **k):
+        seen["ids"] = set(train.ids)
+        return real(lora, backend, info, train, *a, **k)
+
+    monkeypatch.setattr(finetune, "finetune", spy)
+    adapter = pipeline.finetune_stage(cfg, base, log=lambda m: None)
+    assert seen["ids"] == set(splits.train.ids) - held_ids
+    pipeline.generate_stage(cfg, base, adapter, log=lambda m: None)
+    plan = pd.read_parquet(pipeline.folder(cfg).candidates.plan)
+    assert set(plan["source_id"]) and not set(plan["source_id"]) & held_ids
+    pipeline.filter_stage(cfg, log=lambda m: None)
+    decision = pipeline.choose_stage(cfg, log=lambda m: None)
+    assert decision["images"] == decision["holdout"] == 10 and decision["generator_images"] == len(splits.train) - 10
+    # without the choice nothing is held out
+    off = cfg.model_copy(update={"selection": cfg.selection.model_copy(update={"synthetic_holdout": 0.0})})
+    assert len(pipeline.synthetic_holdout(off, splits)) == 0
+    assert pipeline.generator_splits(off).train.ids == splits.train.ids
