@@ -399,8 +399,9 @@ def sections(m: dict) -> list[tuple[str, str, list[tuple[list[str], list[list]]]
          "reads labeled data only: out-of-fold scores of every labeled train image (cross-validation; the richer "
          "option wins only when its paired advantage over the simpler one, in the probability the fold's classifier "
          "gives each image's true class, has an interval above 0, at the level shown: a choice needs a lean, a "
-         "claim needs the report's 95%), or the validation split. The test split is read once, for the tables of "
-         "this report.",
+         "claim needs the report's 95%), or the validation split. The synthetic data is judged the same way on the "
+         "labeled images kept from the generator (its samples carry what the images it learned from look like). "
+         "The test split is read once, for the tables of this report.",
          [(["choice", "rule", "scores (%): accuracy / true-class p", "richer − simpler, true-class p (pts) [CI]",
             "rests on", "outcome"], sel_rows)],
          []),

@@ -254,6 +254,8 @@ class Workers:
 
 # The synthetic choice (the choose stage) ----------------------------------------------------------------------
 
+MIN_HOLDOUT = 10  # fewer held-out images than this never decide for the synthetic data (lfw at K=10 holds out 4)
+
 
 def option_name(recipe: str, prob: float) -> str:
     from augment.arms import arm_plus
@@ -305,6 +307,10 @@ def choose_synthetic(sel, probs: Sequence[float], recipe: str, images: np.ndarra
         options[option_name(recipe, p)] = scores(out[j * R:(j + 1) * R])
     choice = decide("synthetic", options, 1, sel.bootstrap, sel.seed, sel.confidence,
                     where="on the images the generator never saw")
+    if choice.decided and len(holdout) < MIN_HOLDOUT:  # a bootstrap over a handful of images proves nothing
+        choice.chosen, choice.decided = recipe, False
+        choice.reason = (f"{choice.best} scores higher, but {len(holdout)} images are too few to decide (at least "
+                         f"{MIN_HOLDOUT}): the simpler {recipe}")
     # the synthetic arms' probability: the best one, whether the product takes the samples or not
     best_p = names[max(names, key=lambda o: choice.oof_score[o])]
     result = {**choice.to_json(), "rule": "cross_validation", "synthetic_prob": best_p,

@@ -222,6 +222,10 @@ def test_the_synthetic_choice_takes_samples_that_help_on_the_holdout_and_leaves_
     assert bad["oof_score"]["real+classic"] > max(v for o, v in bad["oof_score"].items() if o != "real+classic")
     assert bad["synthetic_prob"] in (0.25, 0.5)  # the synthetic arms still run, at the best of the candidates
     assert good["oof_score"]["real+classic"] == bad["oof_score"]["real+classic"]  # the same paired baseline
+    few = choose_synthetic(sel, [0.5], "real+classic", tr.images, tr.labels, 10, held[:6], None,
+                           (np.repeat(tr.images[held[:6]], 20, axis=0), np.repeat(tr.labels[held[:6]], 20)),
+                           workers=1, log=lambda m: None)
+    assert not few["in_product"] and "6 images are too few to decide" in few["reason"]
 
 
 def test_nothing_the_generator_learns_from_sees_the_synthetic_holdout(tiny_cfg, monkeypatch):
