@@ -18,12 +18,12 @@ Two choices run before fine-tuning (the pseudo stage), on labeled data only:
    its share, as FlexMatch's per-class thresholds intend, rather than the easy classes taking all of it), with each
    fold's own pseudo-labeler (trained without the held-out images) labeling the pool for that fold; and whether
    the recipe takes them at all.
-One runs after the filter (the choose stage), on the same folds:
+One runs after the filter (the choose stage), on images set aside before the generator learned:
 3. the synthetic data: whether the product takes the kept samples, and at which mixing probability. Folds over
    the labeled images cannot judge it: the generator learned from every labeled image, so its samples carry what
    the held-out images look like. On digits without a pool, fold classifiers with synthetic data gained +3.0
-   points on their held-out images and -0.2 on test, even without every sample closer to a held-out image than
-   its nearest real training image. So a stratified share of the labeled images (selection.synthetic_holdout) is
+   points on their held-out images and -0.2 on test, even with every sample closer to a held-out image than its
+   nearest real training image removed. So a stratified share of the labeled images (selection.synthetic_holdout) is
    kept from everything the generator learns from, and the choice is scored on those images only: classifiers
    trained on the other labeled images (and the recipe's pool), with and without the samples, several seeds.
 """
