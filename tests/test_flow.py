@@ -163,7 +163,10 @@ def test_metrics_schema_and_report(finished_run):
     assert {"mean", "ci_low", "ci_high"} <= set(gain) and len(gain["differences"]) == cfg.evaluation.seeds
     ev = on_disk["evaluation"]
     product, recipe = ev["product_arm"], ev["product_recipe"]
-    assert product == recipe + "+synthetic" == on_disk["product_arm"] == gain["product_arm"]
+    syn = ev["selection"]["synthetic"]  # the choose stage: on labeled images the generator never saw
+    assert syn["images"] == syn["holdout"] == 10 and syn["synthetic_prob"] in cfg.evaluation.synthetic_prob
+    assert product == (recipe + "+synthetic" if syn["in_product"] else recipe)
+    assert product == on_disk["product_arm"] == gain["product_arm"]
     assert ev["selection"]["recipe"]["chosen"] in ("real", "real+classic")
     other = "real+synthetic" if ev["recipe"] == "real+classic" else "real+classic+synthetic"  # not the recipe's
     for arm in ("real", "real+classic", ev["recipe"] + "+synthetic", product):
@@ -190,7 +193,11 @@ def test_metrics_schema_and_report(finished_run):
     assert f"{metrics['data']['test_size']} real images" in md
     assert "## How the recipe was chosen (labeled data only)" in md and "## Pseudo-labels" in md
     assert f"| {metrics['data']['train_size']} images, 2 folds x 1 |" in md  # what each choice rests on
-    assert f"{product} − {best} (best baseline)" in md
+    assert "| synthetic data | held-out labeled images |" in md
+    if product != best:
+        assert f"{product} − {best} (best baseline)" in md
+    else:  # the recipe alone is the product and the best baseline: no row against itself
+        assert "it is the best baseline" in md and f"{product} − {best}" not in md
     assert "(what synthetic data adds) [diagnostic: 2 of 3 seeds]" in md  # a row on fewer seeds says so
 
 
