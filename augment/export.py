@@ -101,6 +101,10 @@ def export_model(run_dir: str | Path, output_dir: str | Path) -> Path:
 def _model_card(cfg: RunConfig, info: dict, names: list[str], backend, metrics: dict, precision: str) -> str:
     gain = metrics.get("gain_over_best_baseline") or {}
     verdict = gain.get("verdict", "not evaluated")
+    syn = ((metrics.get("evaluation") or {}).get("selection") or {}).get("synthetic") or {}
+    left_out = ("" if syn.get("in_product", True) else
+                f" The run left this generator's samples out of its product: on the {syn.get('images')} labeled "
+                "images it never saw, they did not help.")
     adapter = info["adapter"]
     trained = (f"{adapter.get('labeled_images', '?')} labeled images"
                + (f" and {adapter['pseudo_labeled_images']} pseudo-labeled pool images"
@@ -129,7 +133,7 @@ the UNet under `torch.autocast("cpu", dtype=torch.bfloat16)` when it says bf16).
 
 ## Evidence and limits
 The run's verdict on its own test split: **{verdict}** (product arm `{metrics.get('product_arm')}`, mean gain over
-the best baseline {gain.get('mean')} with 95% interval [{gain.get('ci_low')}, {gain.get('ci_high')}]). It was
+the best baseline {gain.get('mean')} with 95% interval [{gain.get('ci_low')}, {gain.get('ci_high')}]).{left_out} It was
 trained on a small labeled set: samples can be near copies of training images (the run's filter measured this;
 see its report) and are meant as training data for the same task, filtered, not as a general image generator.
 """
