@@ -12,16 +12,17 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from augment import pipeline
+from augment.stages import core, generator, outputs
 from augment import run as run_folder
 from augment.backends import BaseModelInfo
+from augment.finetune import AdapterInfo
 from augment.config import RunConfig
 from augment.configfile import load_config
 from augment.errors import ModelError
 from augment.generate import sampling_precision
 
 
-def load_run(run_dir: str | Path) -> tuple[RunConfig, dict]:
+def load_run(run_dir: str | Path) -> RunConfig:
     """The config and run.json of a finished run folder (the folder may have moved: its path is taken from here)."""
     run = run_folder.RunFolder(run_dir)
     if not run.config.exists() or not run.info.exists():
@@ -31,14 +32,15 @@ def load_run(run_dir: str | Path) -> tuple[RunConfig, dict]:
     info = run_folder.read_json(run.info) or {}
     if "adapter" not in info or not run.finetune.adapter.path.exists():
         raise FileNotFoundError(f"{run.root} has no fine-tuned adapter yet: run the job to its end first")
-    return cfg, info
+    return cfg
 
 
-def _model(cfg: RunConfig, info: dict):
-    splits = pipeline.load_splits(cfg)
-    backend = pipeline.backend_for(cfg, splits)
-    adapter = pipeline.folder(cfg).finetune.adapter.path
-    return splits, backend, backend.load(BaseModelInfo(**info["base"]), adapter=adapter)
+def _model(cfg: RunConfig):
+    splits = outputs.load_splits(cfg)
+    backend = generator.backend_for(cfg, splits)
+    adapter = core.folder(cfg).finetune.adapter.path
+    base, _ = generator.recorded(cfg)
+    return splits, backend, backend.load(base, adapter=adapter)
 
 
 def generate_more(run_dir: str | Path, class_name: str, n: int, seed: int = 0,
@@ -52,8 +54,9 @@ def generate_more(run_dir: str | Path, class_name: str, n: int, seed: int = 0,
 
     from augment.generate import sample_seed
 
-    cfg, info = load_run(run_dir)
-    splits, backend, model = _model(cfg, info)
+    cfg = load_run(run_dir)
+    splits, backend, model = _model(cfg)
+    base, adapter = generator.recorded(cfg)
     names = splits.class_names
     if class_name not in names:
         raise ModelError(f"class {class_name!r} is not one of this run's classes: {', '.join(names)}")
@@ -70,8 +73,8 @@ def generate_more(run_dir: str | Path, class_name: str, n: int, seed: int = 0,
         "sample_id": [f"more-{seed}-{k}-{j}" for j in range(n)], "label": k, "class": class_name,
         "seed": np.array(seeds, np.int64), "strength": 1.0, "guidance_scale": gen.guidance_scale,
         "num_inference_steps": gen.num_inference_steps, "scheduler": gen.scheduler, "prompt": prompt,
-        "negative_prompt": negative, "base_model": BaseModelInfo(**info["base"]).name,
-        "adapter_hash": info["adapter"]["adapter_hash"], "config_hash": cfg.fingerprint(),
+        "negative_prompt": negative, "base_model": base.name,
+        "adapter_hash": adapter.adapter_hash, "config_hash": cfg.fingerprint(),
     })
     if output_dir is not None:
         out = Path(output_dir)
@@ -86,29 +89,28 @@ def export_model(run_dir: str | Path, output_dir: str | Path) -> Path:
     """Write the fine-tuned generator as a standalone diffusers checkpoint with a model card: the pixel backend's
     merged `UNet2DModel` (K + 1 class rows, the last one the null class) and scheduler, or the Stable Diffusion
     pipeline with the LoRA fused into its UNet. No augment needed to load it."""
-    cfg, info = load_run(run_dir)
+    cfg = load_run(run_dir)
     out = Path(output_dir)
     if out.exists() and any(out.iterdir()):
         raise ModelError(f"{out} exists and is not empty; export writes into a new or empty folder")
-    splits, backend, model = _model(cfg, info)
+    splits, backend, model = _model(cfg)
     backend.export(model, out)
     metrics = run_folder.read_json(run_folder.RunFolder(run_dir).metrics) or {}
-    (out / "README.md").write_text(_model_card(cfg, info, splits.class_names, backend, metrics,
+    (out / "README.md").write_text(_model_card(cfg, *generator.recorded(cfg), splits.class_names, backend, metrics,
                                                sampling_precision(run_dir, cfg)))
     return out
 
 
-def _model_card(cfg: RunConfig, info: dict, names: list[str], backend, metrics: dict, precision: str) -> str:
+def _model_card(cfg: RunConfig, base: BaseModelInfo, adapter: AdapterInfo, names: list[str], backend, metrics: dict, precision: str) -> str:
     gain = metrics.get("gain_over_best_baseline") or {}
     verdict = gain.get("verdict", "not evaluated")
     syn = ((metrics.get("evaluation") or {}).get("selection") or {}).get("synthetic") or {}
     left_out = ("" if syn.get("in_product", True) else
                 f" The run left this generator's samples out of its product: on the {syn.get('images')} labeled "
                 "images it never saw, they did not help.")
-    adapter = info["adapter"]
-    trained = (f"{adapter.get('labeled_images', '?')} labeled images"
-               + (f" and {adapter['pseudo_labeled_images']} pseudo-labeled pool images"
-                  if adapter.get("pseudo_labeled_images") else ""))
+    trained = (f"{adapter.labeled_images} labeled images"
+               + (f" and {adapter.pseudo_labeled_images} pseudo-labeled pool images" if adapter.pseudo_labeled_images
+                  else ""))
     classes = "\n".join(f"- {k}: {n}" + (f" (prompt `{backend.prompt(k)[0]}`)" if backend.prompt(k)[0] else "")
                         for k, n in enumerate(names))
     return f"""---
@@ -117,9 +119,9 @@ tags: [augment, synthetic-data, lora, {backend.kind}]
 ---
 # {cfg.name}: class-conditional generator fine-tuned by augment
 
-Base: {BaseModelInfo(**info['base']).name}. LoRA (rank {cfg.lora.rank}, alpha
-{cfg.lora.lora_alpha}, {adapter.get('steps')} steps) trained on {trained} from `{cfg.data.source}`
-(adapter hash `{adapter['adapter_hash']}`, config hash `{cfg.fingerprint()}`), then merged into these weights.
+Base: {base.name}. LoRA (rank {cfg.lora.rank}, alpha
+{cfg.lora.lora_alpha}, {adapter.steps} steps) trained on {trained} from `{cfg.data.source}`
+(adapter hash `{adapter.adapter_hash}`, config hash `{cfg.fingerprint()}`), then merged into these weights.
 
 Classes (index: name):
 {classes}

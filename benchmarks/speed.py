@@ -101,16 +101,17 @@ def generation_vs_plain(res: dict, n_per_class: int, repeats: int = 2) -> list[l
     import torch
     from diffusers import DDIMScheduler
 
-    from augment import pipeline
+    from augment import run as run_folder
     from augment.backends import BaseModelInfo
     from augment.classifier import train_classifier
     from augment.diffusion import sample_noise, to_uint8
     from augment.diffusion.tensors import resolve_precision
+    from augment.stages import generator, outputs
 
     cfg, run = res["cfg"], res["run"]
-    splits = pipeline.load_splits(cfg)
-    backend = pipeline.backend_for(cfg, splits)
-    info = pipeline.run_folder.read_json(run / "run.json")
+    splits = outputs.load_splits(cfg)
+    backend = generator.backend_for(cfg, splits)
+    info = run_folder.read_json(run / "run.json")
     model = backend.load(BaseModelInfo(**info["base"]), adapter=info["adapter"]["path"])
     K = len(splits.class_names)
     labels = np.repeat(np.arange(K), n_per_class)
@@ -178,14 +179,15 @@ def stream(config: str, n: int, out: Path) -> list:
     code = f"""
 import resource, time, numpy as np, torch
 from pathlib import Path
-from augment import pipeline
+from augment import run as run_folder
 from augment.configfile import load_config
 from augment.generate import generate
+from augment.stages import generator, outputs
 cfg = load_config({config!r}, ["publish.output_dir={out / 'job-8px'}",
                   "base.cache_dir={out / 'cache-8px'}", "generation.num_per_class={n // 10}"])
-splits = pipeline.load_splits(cfg)
-backend = pipeline.backend_for(cfg, splits)
-info = pipeline.run_folder.read_json(Path(cfg.publish.output_dir) / "run.json")
+splits = outputs.load_splits(cfg)
+backend = generator.backend_for(cfg, splits)
+info = run_folder.read_json(Path(cfg.publish.output_dir) / "run.json")
 from augment.backends import BaseModelInfo
 model = backend.load(BaseModelInfo(**info["base"]), adapter=info["adapter"]["path"])
 t0 = time.time()

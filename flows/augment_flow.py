@@ -22,6 +22,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import TaskRunner
 
 from augment import pipeline, progress
+from augment.stages import generator, outcome
 from augment.cli import USER_ERRORS
 from augment.config import ConfigError, RunConfig
 from augment.configfile import apply_overrides, deep_merge, parse_config
@@ -70,7 +71,7 @@ def run_stage(cfg: RunConfig, stage: str, kept: dict) -> dict:
 @task(cache_policy=NO_CACHE)
 def train_unit(cfg: RunConfig, arm: str, recipe: str, seed: int) -> dict:
     """One downstream training (arm x seed): the unit the task runner spreads over processes or Dask workers."""
-    return pipeline.train_unit(cfg, arm, recipe, seed)
+    return outcome.train_unit(cfg, arm, recipe, seed)
 
 
 class SharedRunner(TaskRunner):
@@ -126,7 +127,7 @@ def task_runner(cfg: RunConfig):
 @task(cache_policy=NO_CACHE)
 def generate_unit(cfg: RunConfig, base: dict, adapter: dict, shard: int) -> int:
     """One shard of candidates: the generation unit the task runner spreads over processes or Dask workers."""
-    return pipeline.generate_unit(cfg, base, adapter, shard)
+    return generator.generate_unit(cfg, base, adapter, shard)
 
 
 def _units(cfg: RunConfig, stage: str, kept: dict):

@@ -364,7 +364,7 @@ def test_validate_accepts_a_messy_folder_and_the_summary_counts_what_was_skipped
     """End to end: `augment validate` on a Mac copy with a Lab TIFF; the data stage writes the skipped count."""
     import json
 
-    from augment import pipeline
+    from augment.stages import generator
     from augment.configfile import load_config
 
     src = Path(_junk(tmp_path, {"__MACOSX/cat/._0.png": b"\0\5", "cat/._1.png": b"\0\5", "dog/Thumbs.db": b"x"},
@@ -375,7 +375,7 @@ def test_validate_accepts_a_messy_folder_and_the_summary_counts_what_was_skipped
     assert main(["validate", TINY, *args]) == 0
     assert f"source: {src}" in capsys.readouterr().out and not (tmp_path / "out").exists()
     cfg = load_config(TINY, [a for a in args if a != "--set"])
-    pipeline.prepare_data(cfg)
+    generator.prepare_data(cfg)
     summary = json.loads((tmp_path / "out" / "data" / "summary.json").read_text())
     assert summary["skipped"]["reasons"] == {HIDDEN: 2, "not an image file": 1}
     assert "__MACOSX/ (hidden or __MACOSX)" in summary["skipped"]["examples"]

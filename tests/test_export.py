@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from augment import pipeline
+from augment.stages import core
 from augment.cli import main
 from augment.generate import load_candidates, sampling_precision
 
@@ -30,14 +31,14 @@ def test_the_library_run_walks_the_one_stage_list(finished):
     import json
 
     cfg, _ = finished
-    info = json.loads((pipeline.run_dir(cfg) / "run.json").read_text())
+    info = json.loads((core.run_dir(cfg) / "run.json").read_text())
     assert list(info["stages"]) == [s.name for s in pipeline.STAGES if s.timed]
     assert info["total_seconds"] > 0 and {"base", "adapter"} <= set(info)
 
 
 def test_generate_more_reproduces_the_runs_candidates_and_writes_provenance(finished, capsys):
     cfg, tmp = finished
-    run = pipeline.run_dir(cfg)
+    run = core.run_dir(cfg)
     assert main(["generate", str(run), "--class", "3", "-n", "4", "--seed", str(cfg.generation.seed),
                  "--out", str(tmp / "more")]) == 0
     assert "4 samples of '3'" in capsys.readouterr().out
@@ -62,7 +63,7 @@ def test_export_loads_in_plain_diffusers_and_reproduces_a_sample(finished, capsy
     from augment.diffusion import classifier_free, sample, to_uint8
 
     cfg, tmp = finished
-    run, out = pipeline.run_dir(cfg), tmp / "exported"
+    run, out = core.run_dir(cfg), tmp / "exported"
     assert main(["export", str(run), str(out)]) == 0
     unet = UNet2DModel.from_pretrained(out, subfolder="unet").eval()
     scheduler = DDPMScheduler.from_pretrained(out, subfolder="scheduler")
@@ -95,7 +96,7 @@ def test_adapter_loads_with_plain_peft_and_the_run_folder_travels(finished, tmp_
     from peft import PeftModel
 
     cfg, tmp = finished
-    adapter = pipeline.run_dir(cfg) / "finetune" / "adapter"
+    adapter = core.run_dir(cfg) / "finetune" / "adapter"
     # the base the adapter names loads from any working directory, as peft users load it
     from peft import PeftConfig
 
@@ -108,11 +109,11 @@ def test_adapter_loads_with_plain_peft_and_the_run_folder_travels(finished, tmp_
     unet = PeftModel.from_pretrained(UNet2DModel.from_pretrained(adapter / "base"), str(adapter)).merge_and_unload()
     from augment.export import _model, load_run
 
-    ours = _model(*load_run(pipeline.run_dir(cfg)))[2]  # what augment generates with
+    ours = _model(load_run(core.run_dir(cfg)))[2]  # what augment generates with
     theirs = dict(unet.state_dict())
     assert all(torch.equal(v, theirs[k]) for k, v in ours.state_dict().items())
     moved = tmp_path / "moved"
-    shutil.copytree(pipeline.run_dir(cfg), moved)
+    shutil.copytree(core.run_dir(cfg), moved)
     cache = tmp / "cache"
     shutil.move(cache, tmp_path / "cache-away")  # the machine it moved to has no base cache
     try:
@@ -131,7 +132,7 @@ def test_dataset_card_and_push_to_a_local_target(finished, capsys):
     import yaml
 
     cfg, tmp = finished
-    run = pipeline.run_dir(cfg)
+    run = core.run_dir(cfg)
     card = (run / "dataset" / "README.md").read_text()
     header = yaml.safe_load(card.split("---")[1])
     assert header["license"] == "unknown" and "synthetic" in header["tags"]

@@ -57,8 +57,11 @@ def steps(module):  # die at the nth optimizer step of a training loop that `mod
     module.train_loop = loop
 
 kind, _, name = point.partition(":")
-if kind == "after":
-    setattr(pipeline, name, after(getattr(pipeline, name)))
+if kind == "after":  # the stage whose function has this name, its function wrapped
+    import dataclasses, functools
+    s = next(s for s in pipeline.STAGES if s.fn.__name__ == name)
+    new = dataclasses.replace(s, fn=functools.wraps(s.fn)(after(s.fn)))
+    pipeline.STAGES = tuple(new if x is s else x for x in pipeline.STAGES)
 elif point == "inside:pretraining":
     from augment.backends import pixel_unet
     steps(pixel_unet)

@@ -218,14 +218,15 @@ def test_rerun_reuses_every_expensive_stage(finished_run):
 
 def test_a_changed_publish_setting_republishes_and_new_metrics_redraw(finished_run):
     from augment import pipeline
+    from augment.stages import generator, outcome
     from augment.report import build_report
 
     cfg, metrics, run = finished_run
     version = pipeline.run_folder.read_json(run / "dataset" / "augment_publish.json")["version"]
     renamed = cfg.model_copy(update={"publish": cfg.publish.model_copy(update={"dataset_name": "renamed"})})
     with pipeline.started(renamed):
-        base, adapter = (pipeline.run_folder.read_json(run / "run.json")[k] for k in ("base", "adapter"))
-        pipeline.publish_stage(renamed, base, adapter, log=lambda m: None)
+        base, adapter = generator.recorded(renamed)
+        outcome.publish_stage(renamed, base, adapter, log=lambda m: None)
     assert "renamed" in (run / "dataset" / "README.md").read_text()
     # every row carries the config hash, which covers the publish section: a new version
     assert pipeline.run_folder.read_json(run / "dataset" / "augment_publish.json")["version"] != version
@@ -309,6 +310,7 @@ def test_cli_reports_user_errors_clearly(tmp_path, capsys):
 def test_stages_run_without_prefect_even_with_nothing_to_generate(tiny_cfg):
     """balance=max on a balanced train split asks for zero samples: every stage and the report still work."""
     from augment import pipeline
+    from augment.stages import core
     from augment.report import build_report
 
     cfg = tiny_cfg.model_copy(deep=True)
@@ -317,23 +319,23 @@ def test_stages_run_without_prefect_even_with_nothing_to_generate(tiny_cfg):
     quiet = lambda m: None  # noqa: E731
     with pipeline.started(cfg):
         _run_stages_without_prefect(cfg, quiet)
-    m = build_report(pipeline.run_dir(cfg))
-    assert m["generation"]["generated"] == 0 and (pipeline.run_dir(cfg) / "report.html").exists()
+    m = build_report(core.run_dir(cfg))
+    assert m["generation"]["generated"] == 0 and (core.run_dir(cfg) / "report.html").exists()
     assert m["evaluation"]["arms"]["real"]["accuracy"]["ci_low"] is None
 
 
 def _run_stages_without_prefect(cfg, quiet):
-    from augment import pipeline
+    from augment.stages import choices, generator, outcome
 
-    pipeline.prepare_data(cfg)
-    base = pipeline.base_model(cfg, log=quiet)
-    pipeline.pseudo_stage(cfg, log=quiet)
-    adapter = pipeline.finetune_stage(cfg, base, log=quiet)
-    assert pipeline.generate_stage(cfg, base, adapter, log=quiet)["samples"] == 0
-    assert pipeline.filter_stage(cfg, log=quiet)["kept"] == 0
-    summary = pipeline.evaluate_stage(cfg, log=quiet)
+    generator.prepare_data(cfg)
+    base = generator.base_model(cfg, log=quiet)
+    choices.pseudo_stage(cfg, log=quiet)
+    adapter = generator.finetune_stage(cfg, base, log=quiet)
+    assert generator.generate_stage(cfg, base, adapter, log=quiet)["samples"] == 0
+    assert outcome.filter_stage(cfg, log=quiet)["kept"] == 0
+    summary = outcome.evaluate_stage(cfg, log=quiet)
     assert "skipped" in summary["arms"]["synthetic"]
-    assert pipeline.publish_stage(cfg, base, adapter)["train"]["synthetic"] == 0
+    assert outcome.publish_stage(cfg, base, adapter)["train"]["synthetic"] == 0
 
 
 def test_deployment_event_trigger():
@@ -346,22 +348,25 @@ def test_deployment_event_trigger():
 
 def test_a_stage_is_redone_when_what_it_consumes_changes(tiny_cfg):
     """Same config, another base (e.g. a re-pretrained cache entry): the adapter and everything after it is redone."""
+    import dataclasses
+
     from augment import pipeline
+    from augment.stages import choices, generator
 
     quiet = lambda m: None  # noqa: E731
     with pipeline.started(tiny_cfg) as out:
-        pipeline.prepare_data(tiny_cfg)
-        base = pipeline.base_model(tiny_cfg, log=quiet)
-        pipeline.pseudo_stage(tiny_cfg, log=quiet)
-        first = pipeline.finetune_stage(tiny_cfg, base, log=quiet)
+        generator.prepare_data(tiny_cfg)
+        base = generator.base_model(tiny_cfg, log=quiet)
+        choices.pseudo_stage(tiny_cfg, log=quiet)
+        first = generator.finetune_stage(tiny_cfg, base, log=quiet)
         adapter = out / "finetune" / "adapter" / "adapter_model.safetensors"
         stamp = adapter.stat().st_mtime_ns
-        assert pipeline.finetune_stage(tiny_cfg, base, log=quiet) == first and adapter.stat().st_mtime_ns == stamp
-        pipeline.generate_stage(tiny_cfg, base, first, log=quiet)
+        assert generator.finetune_stage(tiny_cfg, base, log=quiet) == first and adapter.stat().st_mtime_ns == stamp
+        generator.generate_stage(tiny_cfg, base, first, log=quiet)
         key = json.loads((out / "candidates" / "stage.json").read_text())["key"]
-        pipeline.finetune_stage(tiny_cfg, {**base, "fingerprint": "another-base"}, log=quiet)
+        generator.finetune_stage(tiny_cfg, dataclasses.replace(base, fingerprint="another-base"), log=quiet)
         assert adapter.stat().st_mtime_ns != stamp
-        changed = pipeline.generate_stage(tiny_cfg, base, {**first, "adapter_hash": "another"}, log=quiet)
+        changed = generator.generate_stage(tiny_cfg, base, dataclasses.replace(first, adapter_hash="another"), log=quiet)
         assert json.loads((out / "candidates" / "stage.json").read_text())["key"] != key and changed["samples"] > 0
 
 
@@ -415,9 +420,10 @@ def test_flow_leaves_progress_report_and_summary_artifacts(finished_run):
 def test_a_crashed_flow_run_is_retried_and_resumes(tiny_cfg, prefect_harness, monkeypatch):
     """The flow retries once; the retry reuses every stage that finished before the crash."""
     from augment import pipeline
+    from augment.stages import outcome
     from flows.augment_flow import augment_flow
 
-    real, calls = pipeline.filter_stage, {"n": 0}
+    real, calls = outcome.filter_stage, {"n": 0}
 
     def crash_once(*a, **k):
         calls["n"] += 1
@@ -433,7 +439,12 @@ def test_a_crashed_flow_run_is_retried_and_resumes(tiny_cfg, prefect_harness, mo
         generated["n"] += 1
         return real_generate(*a, **k)
 
-    monkeypatch.setattr(pipeline, "filter_stage", crash_once)
+    import dataclasses
+    import functools
+
+    crashing = dataclasses.replace(pipeline.STAGE["filter"], fn=functools.wraps(real)(crash_once))
+    monkeypatch.setattr(pipeline, "STAGES", tuple(crashing if s.name == "filter" else s for s in pipeline.STAGES))
+    monkeypatch.setitem(pipeline.STAGE, "filter", crashing)
     monkeypatch.setattr(gen, "generate", counting_generate)
     metrics = augment_flow.with_options(retry_delay_seconds=0)(config=tiny_cfg)
     assert calls["n"] == 2 and metrics["generation"]["generated"] > 0

@@ -307,15 +307,15 @@ def test_feedback_guidance_is_refused_for_latent_backends(tiny_cfg, monkeypatch)
 def test_the_feedback_classifier_reads_model_space_images_and_passes_gradients(splits, monkeypatch, image_size):
     """It trains on the recipe's images (here: the pseudo-labeled pool is in the recipe) and takes [-1, 1] images
     at the data's size, resized inside the module when the classifier works at another size."""
-    from augment import pipeline
     from augment.config import RunConfig
     from augment.data import ImageSet
+    from augment.stages import generator
 
     seen = {}
     pool = ImageSet(splits.pool.images[:6], np.arange(6) % len(splits.class_names), splits.class_names)
-    monkeypatch.setattr(pipeline, "load_selection", lambda cfg: {"recipe": {"chosen": "real"},
+    monkeypatch.setattr(generator, "load_selection", lambda cfg: {"recipe": {"chosen": "real"},
                                                                  "pseudo": {"chosen": "real+pseudo"}})
-    monkeypatch.setattr(pipeline, "load_pseudo", lambda cfg, s: (pool, None))
+    monkeypatch.setattr(generator, "load_pseudo", lambda cfg, s: (pool, None))
     import augment.classifier as classifier
 
     original = classifier.train_classifier
@@ -327,8 +327,8 @@ def test_the_feedback_classifier_reads_model_space_images_and_passes_gradients(s
     monkeypatch.setattr(classifier, "train_classifier", spy)
     cfg = RunConfig.model_validate({"generation": {"feedback_scale": 1.0},
                                     "pseudo": {"classifier": {"steps": 3, "width": 8, "image_size": image_size}}})
-    assert pipeline.feedback_classifier(cfg.model_copy(update={"generation": GenerationConfig()}), splits) is None
-    net = pipeline.feedback_classifier(cfg, splits)
+    assert generator.feedback_classifier(cfg.model_copy(update={"generation": GenerationConfig()}), splits) is None
+    net = generator.feedback_classifier(cfg, splits)
     assert seen == {"n": len(splits.train) + 6, "augment": False}
     x = torch.zeros(3, 1, 8, 8, requires_grad=True)
     logits = net(x)

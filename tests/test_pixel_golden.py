@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from augment import pipeline
+from augment.stages import choices, core, generator
 from augment.generate import load_candidates
 
 GOLDEN = Path(__file__).parent / "data" / "pixel_golden.npz"
@@ -25,12 +26,12 @@ def _run_tiny(tiny_cfg):
         "selection": tiny_cfg.selection.model_copy(update={"rule": "validation"})})
     log = lambda m: None  # noqa: E731
     with pipeline.started(cfg):
-        pipeline.prepare_data(cfg)
-        base = pipeline.base_model(cfg, log=log)
-        pipeline.pseudo_stage(cfg, log=log)
-        adapter = pipeline.finetune_stage(cfg, base, log=log)
-        pipeline.generate_stage(cfg, base, adapter, log=log)
-    return load_candidates(pipeline.run_dir(cfg) / "candidates")
+        generator.prepare_data(cfg)
+        base = generator.base_model(cfg, log=log)
+        choices.pseudo_stage(cfg, log=log)
+        adapter = generator.finetune_stage(cfg, base, log=log)
+        generator.generate_stage(cfg, base, adapter, log=log)
+    return load_candidates(core.run_dir(cfg) / "candidates")
 
 
 def test_pixel_backend_reproduces_the_pre_seam_samples(tiny_cfg):

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from augment import pipeline
+from augment.stages import core
 from augment import run as run_folder
 from augment.cli import main
 from conftest import ROOT, write_imagefolder
@@ -83,7 +84,7 @@ def test_stage_never_clears_a_folder_without_the_marker(tiny_cfg, tmp_path):
     out = Path(tiny_cfg.publish.output_dir)
     (out / "finetune").mkdir(parents=True)
     (out / "finetune" / "mine.txt").write_text("user data")
-    st = pipeline._Stage(tiny_cfg, "finetune", "finetune")
+    st = core.StageRun(tiny_cfg, "finetune")
     with pytest.raises(run_folder.RunFolderError, match="refusing to delete"):
         st.fresh()
     assert (out / "finetune" / "mine.txt").read_text() == "user data"
@@ -92,10 +93,10 @@ def test_stage_never_clears_a_folder_without_the_marker(tiny_cfg, tmp_path):
 def test_torn_or_foreign_state_files_are_rebuilt(tiny_cfg):
     with pipeline.started(tiny_cfg) as out:
         (out / "run.json").write_text('{"stages": ')  # torn by a crash of an older version
-        pipeline.record(tiny_cfg, "data", seconds=1.0)
+        core.record(tiny_cfg, "data", seconds=1.0)
         assert json.loads((out / "run.json").read_text()) == {"stages": {"data": {"seconds": 1.0}}}
         (out / "run.json").write_text('["another shape"]')
-        pipeline.record(tiny_cfg, None, total_seconds=2.0)
+        core.record(tiny_cfg, None, total_seconds=2.0)
         assert json.loads((out / "run.json").read_text())["total_seconds"] == 2.0
 
 

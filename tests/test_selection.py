@@ -3,6 +3,7 @@ pseudo rule, and that test never enters."""
 
 import hashlib
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -96,7 +97,7 @@ def test_the_folds_never_see_test_and_shuffled_test_labels_change_no_choice(tiny
     """Every image any fold classifier trains on or is scored on comes from the labeled train split or the pool;
     test images shuffled against their labels leave every choice as it was."""
     import augment.classifier as classifier
-    from augment import pipeline
+    from augment.stages import choices, core, generator, outputs
     from augment.data import ImageSet, Splits
 
     seen: list[np.ndarray] = []
@@ -111,10 +112,10 @@ def test_the_folds_never_see_test_and_shuffled_test_labels_change_no_choice(tiny
 
     monkeypatch.setattr(classifier, "train_classifier", spy)
     cfg = tiny_cfg.model_copy(update={"evaluation": tiny_cfg.evaluation.model_copy(update={"workers": 1})})
-    pipeline.prepare_data(cfg)
-    pipeline.pseudo_stage(cfg, log=lambda m: None)
-    first = json.loads((pipeline.run_dir(cfg) / "pseudo" / "selection.json").read_text())
-    splits = pipeline.load_splits(cfg)
+    generator.prepare_data(cfg)
+    choices.pseudo_stage(cfg, log=lambda m: None)
+    first = json.loads((core.run_dir(cfg) / "pseudo" / "selection.json").read_text())
+    splits = outputs.load_splits(cfg)
     digest = lambda im: hashlib.sha256(im.tobytes()).hexdigest()  # noqa: E731
     test = {digest(im) for im in splits.test.images}
     allowed = {digest(im) for part in (splits.train, splits.pool) for im in part.images}
@@ -126,13 +127,13 @@ def test_the_folds_never_see_test_and_shuffled_test_labels_change_no_choice(tiny
     scrambled = Splits(splits.train, splits.validation, ImageSet(t.images, rng.permutation(t.labels), t.class_names,
                                                                  t.ids), splits.pool)
     other = cfg.model_copy(update={"publish": cfg.publish.model_copy(
-        update={"output_dir": str(pipeline.run_dir(cfg)) + "-scrambled"})})
-    pipeline.prepare_data(other)
-    scrambled.save(pipeline.run_dir(other) / "data" / "splits.npz")
-    pipeline.pseudo_stage(other, log=lambda m: None)
-    assert json.loads((pipeline.run_dir(other) / "pseudo" / "selection.json").read_text()) == first
-    assert (pipeline.run_dir(other) / "pseudo" / "labels.parquet").read_bytes() == \
-        (pipeline.run_dir(cfg) / "pseudo" / "labels.parquet").read_bytes()
+        update={"output_dir": str(core.run_dir(cfg)) + "-scrambled"})})
+    generator.prepare_data(other)
+    scrambled.save(core.run_dir(other) / "data" / "splits.npz")
+    choices.pseudo_stage(other, log=lambda m: None)
+    assert json.loads((core.run_dir(other) / "pseudo" / "selection.json").read_text()) == first
+    assert (core.run_dir(other) / "pseudo" / "labels.parquet").read_bytes() == \
+        (core.run_dir(cfg) / "pseudo" / "labels.parquet").read_bytes()
 
 
 def test_the_evaluation_follows_the_cross_validated_choices(few_shot, tmp_path):
@@ -183,9 +184,9 @@ def test_the_report_says_how_many_images_each_choice_rests_on():
 
 
 def test_the_choices_stage_key_follows_the_recipe_but_not_the_rest_of_evaluation(tiny_cfg):
-    from augment.pipeline import STAGE_SECTIONS
+    from augment.pipeline import STAGE
 
-    key = lambda c: c.fingerprint(*STAGE_SECTIONS["pseudo"])  # noqa: E731
+    key = lambda c: c.fingerprint(*STAGE["pseudo"].sections)  # noqa: E731
     ev = tiny_cfg.evaluation
     assert key(tiny_cfg.model_copy(update={"evaluation": ev.model_copy(update={"seeds": 7})})) == key(tiny_cfg)
     assert key(tiny_cfg.model_copy(update={"evaluation": ev.model_copy(update={"recipe": "none"})})) != key(tiny_cfg)
@@ -234,21 +235,21 @@ def test_nothing_the_generator_learns_from_sees_the_synthetic_holdout(tiny_cfg, 
     import pandas as pd
 
     import augment.finetune as finetune
-    from augment import pipeline
+    from augment.stages import choices, core, generator, outcome, outputs
 
     cfg = tiny_cfg.model_copy(update={
         "evaluation": tiny_cfg.evaluation.model_copy(update={"workers": 1}),
         "generation": tiny_cfg.generation.model_copy(update={"strengths": [0.5]}),
         "filter": tiny_cfg.filter.model_copy(update={"order": ["near_duplicates"]})})  # keeps the tiny samples
-    pipeline.prepare_data(cfg)
-    splits = pipeline.load_splits(cfg)
-    held = pipeline.synthetic_holdout(cfg, splits)
+    generator.prepare_data(cfg)
+    splits = outputs.load_splits(cfg)
+    held = outputs.synthetic_holdout(cfg, splits)
     held_ids = {splits.train.ids[i] for i in held}
     assert len(held) == 10  # one of the five per class
-    base = pipeline.base_model(cfg, log=lambda m: None)
-    meta = json.loads((pipeline.Path(base["path"]) / "base.json").read_text())
+    base = generator.base_model(cfg, log=lambda m: None)
+    meta = json.loads((Path(base.path) / "base.json").read_text())
     assert meta["num_images"] == len(splits.pool) + len(splits.train) - len(held)
-    pipeline.pseudo_stage(cfg, log=lambda m: None)
+    choices.pseudo_stage(cfg, log=lambda m: None)
     seen = {}
     real = finetune.finetune
 
@@ -257,15 +258,15 @@ def test_nothing_the_generator_learns_from_sees_the_synthetic_holdout(tiny_cfg, 
         return real(lora, backend, info, train, *a, **k)
 
     monkeypatch.setattr(finetune, "finetune", spy)
-    adapter = pipeline.finetune_stage(cfg, base, log=lambda m: None)
+    adapter = generator.finetune_stage(cfg, base, log=lambda m: None)
     assert seen["ids"] == set(splits.train.ids) - held_ids
-    pipeline.generate_stage(cfg, base, adapter, log=lambda m: None)
-    plan = pd.read_parquet(pipeline.folder(cfg).candidates.plan)
+    generator.generate_stage(cfg, base, adapter, log=lambda m: None)
+    plan = pd.read_parquet(core.folder(cfg).candidates.plan)
     assert set(plan["source_id"]) and not set(plan["source_id"]) & held_ids
-    pipeline.filter_stage(cfg, log=lambda m: None)
-    decision = pipeline.choose_stage(cfg, log=lambda m: None)
+    outcome.filter_stage(cfg, log=lambda m: None)
+    decision = choices.choose_stage(cfg, log=lambda m: None)
     assert decision["images"] == decision["holdout"] == 10 and decision["generator_images"] == len(splits.train) - 10
     # without the choice nothing is held out
     off = cfg.model_copy(update={"selection": cfg.selection.model_copy(update={"synthetic_holdout": 0.0})})
-    assert len(pipeline.synthetic_holdout(off, splits)) == 0
-    assert pipeline.generator_splits(off).train.ids == splits.train.ids
+    assert len(outputs.synthetic_holdout(off, splits)) == 0
+    assert outputs.generator_splits(off).train.ids == splits.train.ids

@@ -1,0 +1,67 @@
+"""The run's choices, made on labeled data only: the pseudo-labeled pool and the recipe (cross-validated), and
+whether the synthetic samples go into the product (on labeled images the generator never saw)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from augment import run as run_folder
+from augment.arms import has_part
+from augment.config import RunConfig
+from augment.stages.core import CHOICES, StageRun, stage
+from augment.stages.outputs import load_filtered, load_pseudo, load_selection, load_splits, synthetic_holdout
+
+
+@stage("pseudo", "selection", "training", sections=("data", *CHOICES), folder="pseudo",
+       artifact=("selection", "Cross-validation trainings"))
+def pseudo_stage(cfg: RunConfig, log=print, progress: Callable[[int, int], None] | None = None) -> dict:
+    """The pseudo-labeled pool and, under selection.rule=cross_validation, the run's other choices (the recipe),
+    all made on labeled data only; the choices are saved beside the labels for the evaluation and the report."""
+    from augment.pseudo import pseudo_label, select_and_label
+
+    st = StageRun(cfg, "pseudo")
+    if not st.reused(log):
+        with st.fresh():
+            splits = load_splits(cfg)
+            if cfg.selection.rule == "cross_validation":
+                labels, decisions = select_and_label(cfg.pseudo, cfg.selection, splits.train, splits.pool,
+                                                     recipe=cfg.evaluation.recipe, workers=cfg.evaluation.workers,
+                                                     log=log, progress=progress)
+            else:
+                labels, decisions = pseudo_label(cfg.pseudo, splits.train, splits.validation, splits.pool,
+                                                 log=log), {}
+            run_folder.write_json(st.stage_folder.selection, decisions)
+            labels.save(st.stage_folder)
+    return run_folder.read_json(st.stage_folder.summary)
+
+
+@stage("choose", "synthetic choice", "training",
+       sections=("data", "base", *CHOICES, "lora", "generation", "filter", "evaluation.synthetic_prob",
+                 "evaluation.arms"),
+       upstream=("data", "pseudo", "filter"), folder="choice",
+       artifact=("choice", "Cross-validation trainings with synthetic data"))
+def choose_stage(cfg: RunConfig, log=print, progress: Callable[[int, int], None] | None = None) -> dict:
+    """Whether the product takes the kept synthetic samples, and at which of evaluation.synthetic_prob, judged on
+    the labeled images the generator never saw (synthetic_holdout; augment.selection.choose_synthetic). {} when
+    no choice is made: the product takes them at the first probability."""
+    from augment.selection import choose_synthetic
+
+    st = StageRun(cfg, "choose")
+    if st.reused(log):
+        return run_folder.read_json(st.stage_folder.decision, {})
+    with st.fresh():
+        decision: dict = {}
+        splits = load_splits(cfg)
+        holdout = synthetic_holdout(cfg, splits)
+        if len(holdout):
+            cands, _, kept = load_filtered(cfg)
+            decisions = load_selection(cfg)
+            recipe = (decisions.get("pseudo") or decisions["recipe"])["chosen"]
+            pseudo, _ = load_pseudo(cfg, splits)
+            pool = (pseudo.images, pseudo.labels) if has_part(recipe, "pseudo") and len(pseudo) else None
+            decision = {"skipped": "no synthetic sample was kept"} if not kept.any() else choose_synthetic(
+                cfg.selection, cfg.evaluation.synthetic_prob, recipe, splits.train.images, splits.train.labels,
+                len(splits.class_names), holdout, pool, (cands.images[kept], cands.labels[kept]),
+                workers=cfg.evaluation.workers, log=log, progress=progress)
+        run_folder.write_json(st.stage_folder.decision, decision)
+    return decision

@@ -1,0 +1,193 @@
+"""The generator's stages: the data split, the base model, LoRA fine-tuning and generation (sharded: `generate_unit`
+is the unit a task runner spreads over processes or Dask workers)."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterable
+
+import numpy as np
+
+from augment import run as run_folder
+from augment.arms import has_part
+from augment.backends import BaseModelInfo, create, resolve_device
+from augment.config import RunConfig
+from augment.data import Splits, data_fingerprint, make_splits
+from augment.finetune import AdapterInfo
+from augment.stages.core import CHOICES, StageRun, folder, run_dir, stage
+from augment.stages.outputs import generator_splits, load_pseudo, load_selection
+
+
+@stage("data", "data", sections=("data",), upstream=(), identity="fingerprint")
+def prepare_data(cfg: RunConfig) -> dict:
+    data = folder(cfg).data
+    with StageRun(cfg, "data") as st:
+        splits = make_splits(cfg.data)
+        splits.save(data.splits)
+        summary = {**splits.summary(), "fingerprint": data_fingerprint(splits), "source": cfg.data.source}
+        run_folder.write_json(data.summary, summary)
+    st.identify(summary)
+    return summary
+
+
+def recorded(cfg: RunConfig) -> tuple[BaseModelInfo, AdapterInfo]:
+    """The base and the adapter of the run folder's last run, as run.json records them."""
+    run = run_folder.read_json(folder(cfg).info, {}) or {}
+    return BaseModelInfo(**run["base"]), AdapterInfo(**run["adapter"])
+
+
+def backend_for(cfg: RunConfig, splits: Splits):
+    """The generator backend of this job (augment.backends), set up for its classes and image shape."""
+    _, h, _, c = splits.train.images.shape
+    return create(cfg.base, splits.class_names, h, c, resolve_device(cfg.device))
+
+
+@stage("base", "base pretraining", "step", identity="fingerprint", keeps="base",
+       artifact=("pretraining", "Base pretraining steps"))
+def base_model(cfg: RunConfig, log=print, progress: Callable[[int, int], None] | None = None) -> BaseModelInfo:
+    """The base model (the backend keeps its own cache of pretrained bases, keyed by what they learned from)."""
+    with StageRun(cfg, "base") as st:
+        splits = generator_splits(cfg)
+        info = backend_for(cfg, splits).prepare(splits.train, splits.pool, log=log, progress=progress)
+    st.identify(info)
+    return info
+
+
+@stage("finetune", "fine-tuning", "step", sections=("data", "base", *CHOICES, "lora"),
+       upstream=("data", "base", "pseudo"), folder="finetune", identity="adapter_hash", keeps="adapter",
+       artifact=("finetuning", "LoRA fine-tuning steps"))
+def finetune_stage(cfg: RunConfig, base: BaseModelInfo, log=print,
+                   progress: Callable[[int, int], None] | None = None) -> AdapterInfo:
+    from augment.finetune import finetune
+
+    st = StageRun(cfg, "finetune", consumed={"base": base})
+    if st.reused(log):
+        info = AdapterInfo.load(st.stage_folder.adapter.info)
+    else:
+        with st.fresh():
+            splits = generator_splits(cfg)
+            pseudo, _ = load_pseudo(cfg, splits)
+            info = finetune(cfg.lora, backend_for(cfg, splits), base, splits.train, st.folder,
+                            run_config=cfg.model_dump(mode="json"), log=log, pseudo=pseudo, progress=progress)
+    st.identify(info)
+    return info
+
+
+@stage("generate", "generation", "sample", sections=("data", "base", *CHOICES, "lora", "generation"),
+       upstream=("data", "finetune"), folder="candidates", artifact=("generation", "Candidates generated"),
+       distributed=True)
+def generate_stage(cfg: RunConfig, base: BaseModelInfo, adapter: AdapterInfo,
+                   progress: Callable[[int, int], None] | None = None, log=print,
+                   units: Callable[[list[int]], Iterable[int]] | None = None) -> dict:
+    """Generate every planned candidate; `units(shards)` generates the missing shards elsewhere (the flow passes its
+    task runner's map of `generate_unit`) and yields each shard's sample count in order as it finishes, else they
+    are generated here."""
+    from augment import generate as gen
+    from augment.parallel import worker_count
+
+    st = StageRun(cfg, "generate", consumed={"finetune": adapter})
+    if not st.reused(log):
+        with st.fresh():
+            splits = generator_splits(cfg)
+            backend = backend_for(cfg, splits)
+            workers = worker_count(cfg.evaluation.workers)
+            if units is None and backend.device.type == "cpu" and workers > 1:
+                units = _local_shards(cfg, base, adapter, workers)  # shards on CPU cores, one thread each
+            if units is None:
+                model = backend.load(base, adapter=adapter.path)
+                gen.generate(cfg.generation, backend, model, splits.train, st.folder, progress=progress, log=log,
+                             feedback=feedback_classifier(cfg, splits))
+            else:
+                t0 = time.time()
+                df = gen.write_plan(cfg.generation, backend, splits.train, st.folder)
+                todo = [int(s) for s in sorted(df["shard"].unique()) if not gen.shard_done(st.folder, df, s)]
+                log(f"generate: {len(todo)} of {df['shard'].nunique()} shards to generate")
+                done = len(df) - int(df["shard"].isin(todo).sum())
+                for n in units(todo):
+                    done += n
+                    if progress:
+                        progress(done, len(df))
+                gen.finish(st.folder, len(df), time.time() - t0, cfg.generation, backend.device)
+    return json.loads(st.stage_folder.done.read_text())
+
+
+def _local_shards(cfg: RunConfig, base: BaseModelInfo, adapter: AdapterInfo, workers: int):
+    """units for a local run: the shards on `workers` spawned processes (evaluation.workers, as the other CPU-bound
+    units; one torch thread each), each loading the model once; yields each shard's sample count as it finishes."""
+
+    def run(shards: list[int]):
+        from concurrent.futures import as_completed
+
+        from augment.parallel import spawn_pool
+
+        if len(shards) <= 1:  # not worth starting processes for
+            yield from (generate_unit(cfg, base, adapter, s) for s in shards)
+            _MODELS.clear()
+            return
+        pool = spawn_pool(min(workers, len(shards)))
+        try:
+            for f in as_completed([pool.submit(generate_unit, cfg, base, adapter, s) for s in shards]):
+                yield f.result()
+        finally:
+            pool.shutdown(cancel_futures=True)
+
+    return run
+
+
+_MODELS: dict = {}  # per process: a worker that generates many shards of one run loads its model once
+
+
+def generate_unit(cfg: RunConfig, base: BaseModelInfo, adapter: AdapterInfo, shard: int) -> int:
+    """Generate one shard of the run's plan in any process that sees the run folder: the unit that the flow's
+    task runner distributes. Returns the number of samples written."""
+    import pandas as pd
+
+    from augment import generate as gen
+
+    cands = folder(cfg).candidates
+    key = (str(run_dir(cfg)), adapter.adapter_hash, cfg.fingerprint("generation"))
+    if key not in _MODELS:
+        _MODELS.clear()
+        splits = generator_splits(cfg)
+        backend = backend_for(cfg, splits)
+        _MODELS[key] = (splits, backend, backend.load(base, adapter=adapter.path), feedback_classifier(cfg, splits))
+    splits, backend, model, feedback = _MODELS[key]
+    df = pd.read_parquet(cands.plan)
+    return gen.generate_shard(cfg.generation, backend, model, splits.train, cands.path, df, shard, feedback=feedback)
+
+
+def feedback_classifier(cfg: RunConfig, splits: Splits):
+    """The classifier of feedback-guided sampling (None when generation.feedback_scale is 0): `pseudo.classifier`
+    trained on the recipe's images (the labeled ones, plus the pseudo-labeled pool when the pseudo stage put it in
+    the recipe; classic augmentation when the recipe has it), seeded by generation.seed. Every process that
+    generates shards trains it again rather than reading it from disk: one training, on one torch thread, the same
+    model wherever it runs."""
+    if cfg.generation.feedback_scale == 0:
+        return None
+    import torch
+
+    from augment.classifier import train_classifier
+    from augment.parallel import one_thread
+
+    decisions = load_selection(cfg)
+    recipe = (decisions.get("recipe") or {}).get("chosen")
+    augment = recipe == "real+classic" if recipe else cfg.evaluation.recipe != "none"
+    pseudo_chosen = (decisions.get("pseudo") or {}).get("chosen", "")
+    pseudo, _ = load_pseudo(cfg, splits)
+    images, labels = splits.train.images, splits.train.labels
+    if len(pseudo) and (has_part(pseudo_chosen, "pseudo") or not decisions):
+        images, labels = np.concatenate([images, pseudo.images]), np.concatenate([labels, pseudo.labels])
+    with one_thread():
+        clf = train_classifier(cfg.pseudo.classifier, images, labels, len(splits.class_names), cfg.generation.seed,
+                               augment=augment)
+    net = clf.model.eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    size, h = clf.image_size, splits.train.images.shape[1]
+    if size is None or size == h:
+        return net
+    # inputs resized as TrainedClassifier resizes them (area averaging when shrinking), but differentiably
+    resize = (torch.nn.AdaptiveAvgPool2d(size) if size < h else
+              torch.nn.Upsample(size=(size, size), mode="bilinear", align_corners=False))
+    return torch.nn.Sequential(resize, net)

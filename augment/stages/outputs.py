@@ -1,0 +1,75 @@
+"""Reading what earlier stages wrote: the splits (and the generator's view of them), the run's choices, the
+pseudo-labeled pool, the filtered candidates and the synthetic choice, as the stages after them read them."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from augment import run as run_folder
+from augment.config import RunConfig
+from augment.data import ImageSet, Splits
+from augment.stages.core import folder
+
+
+def load_splits(cfg: RunConfig) -> Splits:
+    """The data stage's splits (test included: only the evaluation reads it)."""
+    return Splits.load(folder(cfg).data.splits)
+
+
+def synthetic_holdout(cfg: RunConfig, splits: Splits) -> np.ndarray:
+    """Rows of the labeled train split kept from the generator for the synthetic choice (none when no choice is
+    made: selection.rule=validation, listed arms, or selection.synthetic_holdout=0)."""
+    from augment.selection import generator_holdout
+
+    sel = cfg.selection
+    if sel.rule != "cross_validation" or cfg.evaluation.arms != "auto" or sel.synthetic_holdout == 0:
+        return np.zeros(0, np.int64)
+    return generator_holdout(splits.train.labels, sel.synthetic_holdout, sel.seed)
+
+
+def generator_splits(cfg: RunConfig) -> Splits:
+    """The splits as everything the generator learns from sees them (base pretraining, fine-tuning, img2img
+    sources, the feedback classifier): the labeled train split without the synthetic choice's holdout."""
+    splits = load_splits(cfg)
+    held = synthetic_holdout(cfg, splits)
+    if not len(held):
+        return splits
+    return dataclasses.replace(splits, train=splits.train.subset(np.setdiff1d(np.arange(len(splits.train)), held)))
+
+
+def load_selection(cfg: RunConfig) -> dict:
+    """The cross-validated decisions of the pseudo stage ({} under selection.rule=validation)."""
+    return run_folder.read_json(folder(cfg).pseudo.selection, {}) or {}
+
+
+def load_pseudo(cfg: RunConfig, splits: Splits):
+    """The pseudo-labeled pool images as an ImageSet (empty when there are none), and their labels' record."""
+    from augment.pseudo import PseudoLabels
+
+    p = PseudoLabels.load(folder(cfg).pseudo)
+    return ImageSet(splits.pool.images[p.index], p.labels, splits.class_names, p.ids), p
+
+
+def load_filtered(cfg: RunConfig):
+    """All candidates, the filter's score table and the kept mask, as the choice, publish and evaluate read them."""
+    import pandas as pd
+
+    from augment.generate import load_candidates
+
+    cands = load_candidates(folder(cfg).candidates.path)
+    table = pd.read_parquet(folder(cfg).filter.scores)
+    kept = table["kept"].to_numpy()
+    return cands, table, kept
+
+
+def load_choice(cfg: RunConfig) -> dict:
+    """The choose stage's decision ({} when nothing was chosen)."""
+    return run_folder.read_json(folder(cfg).choice.decision, {}) or {}
+
+
+def evaluation_config(cfg: RunConfig):
+    """cfg.evaluation with the one mixing probability the trainings use: the choose stage's, else the first."""
+    p = load_choice(cfg).get("synthetic_prob", cfg.evaluation.synthetic_prob[0])
+    return cfg.evaluation.model_copy(update={"synthetic_prob": [p]})
