@@ -145,7 +145,8 @@ def _command(args: argparse.Namespace) -> int:
         print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
         return 0
     if args.command == "report":
-        from augment.report import build_report, headline
+        from augment.report.render import build_report
+        from augment.report.sections import headline
 
         with using(args.run_dir, wait=args.wait):
             m = build_report(args.run_dir)
@@ -160,7 +161,7 @@ def _command(args: argparse.Namespace) -> int:
         out = Path(cfg.publish.output_dir)
         done = None if args.force else finished(cfg)
         if done is not None:
-            from augment.report import headline
+            from augment.report.sections import headline
 
             print(f"nothing changed since the last run in {out}: every stage, the dataset and the report are current "
                   "(--force runs the flow anyway)", file=sys.stderr)
@@ -175,7 +176,7 @@ def _command(args: argparse.Namespace) -> int:
         # the flow's imports (torch, diffusers: ~6 s) load here
         api = PrefectAPI(say=lambda s: print(s, file=sys.stderr))
         from flows.augment_flow import augment_flow
-        from augment.report import headline
+        from augment.report.sections import headline
 
         _stop_on_sigterm()
         # the API answers, then the lock, before the flow starts: a server that cannot start or a folder in use is

@@ -26,7 +26,7 @@ from augment.stages import generator, outcome
 from augment.cli import USER_ERRORS
 from augment.config import ConfigError, RunConfig
 from augment.configfile import apply_overrides, deep_merge, parse_config
-from augment.report import headline, key_arms
+from augment.report.sections import headline, key_arms
 from augment.run import RunFolder
 
 

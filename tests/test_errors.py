@@ -454,7 +454,7 @@ def test_decompression_bomb_is_a_data_error(tmp_path, monkeypatch):
 
 
 def test_class_names_with_dollar_signs_render(tmp_path):
-    from augment import plots
+    from augment.report import plots
 
     names = ["$\\foo$", "a_b$"]
     assert plots.per_class_plot({"real": {"per_class_accuracy": [0.5, 0.7]}}, names, ["real"])

@@ -198,7 +198,7 @@ def test_a_product_without_synthetic_data_is_compared_and_explained_as_the_recip
     """When the synthetic choice leaves the samples out, the product is the recipe: no gain row against itself,
     what the synthetic data would have added stays a row, the filter is judged on the recipe's synthetic arm, and
     the verdict line says so instead of claiming synthetic data."""
-    from augment.report import headline, next_step
+    from augment.report.sections import headline, next_step
 
     def runs(accs):
         return [{"seed": s, "accuracy": a, "macro_f1": a, "per_class_accuracy": [a, a], "confusion": [[1, 0], [0, 1]]}

@@ -219,7 +219,7 @@ def test_rerun_reuses_every_expensive_stage(finished_run):
 def test_a_changed_publish_setting_republishes_and_new_metrics_redraw(finished_run):
     from augment import pipeline
     from augment.stages import generator, outcome
-    from augment.report import build_report
+    from augment.report.render import build_report
 
     cfg, metrics, run = finished_run
     version = pipeline.run_folder.read_json(run / "dataset" / "augment_publish.json")["version"]
@@ -311,7 +311,7 @@ def test_stages_run_without_prefect_even_with_nothing_to_generate(tiny_cfg):
     """balance=max on a balanced train split asks for zero samples: every stage and the report still work."""
     from augment import pipeline
     from augment.stages import core
-    from augment.report import build_report
+    from augment.report.render import build_report
 
     cfg = tiny_cfg.model_copy(deep=True)
     cfg.generation.balance = "max"

@@ -167,7 +167,7 @@ def test_the_evaluation_follows_the_cross_validated_choices(few_shot, tmp_path):
 
 
 def test_the_report_says_how_many_images_each_choice_rests_on():
-    from augment.report import _selection_rows
+    from augment.report.sections import _choice_rows, _pseudo_table
 
     d = {"options": ["real", "real+classic"], "oof_accuracy": {"real": 0.71, "real+classic": 0.74},
          "oof_score": {"real": 0.65, "real+classic": 0.7}, "images": 120,
@@ -176,7 +176,7 @@ def test_the_report_says_how_many_images_each_choice_rests_on():
     m = {"data": {"validation_size": 0}, "evaluation": {"selection": {"recipe": d}},
          "pseudo": {"rule": "cross_validation", "per_class_amount": 50, "count": 500, "pool_size": 900, "folds": 5,
                     "labeled_images": 120, "labeler_oof_accuracy": 0.7, "per_class": [50] * 10}}
-    rows, table, head, text = _selection_rows(m)
+    rows, text = _choice_rows(m), _pseudo_table(m)[2]
     assert rows == [["classic augmentation", "cross-validation", "real 71.0 / 65.0, real+classic 74.0 / 70.0",
                      "+3.0 [-1.0, +7.0] (95%)",
                      "120 images, 5 folds x 2", "real (the data cannot decide: simpler)"]]

@@ -162,6 +162,6 @@ def _card_facts(cfg: RunConfig, evaluation: dict) -> dict:
 @stage("report", "report", upstream=(), timed=False)
 def report_stage(cfg: RunConfig) -> dict:
     """The report (HTML, Markdown, metrics.json) from the run folder; returns the metrics."""
-    from augment.report import build_report
+    from augment.report.render import build_report
 
     return build_report(run_dir(cfg))

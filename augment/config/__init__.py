@@ -1,0 +1,86 @@
+"""Typed configuration for every stage, loaded from YAML (augment.configfile): the run's config and the sections
+it holds (generator.py: data, base, lora, generation; choices.py: classifiers, pseudo, selection, filter,
+evaluation; here: publish, runner).
+
+Every field has a type, bounds and a description; unknown keys are errors. The same `RunConfig` is the Prefect
+flow's parameter, so Prefect renders it as a form. Field names follow the Hugging Face libraries
+(`num_inference_steps`, `guidance_scale`, `rank`, `lora_alpha`, `target_modules`, `seed`, `output_dir`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import ClassVar, Literal
+
+from pydantic import Field, model_validator
+
+from augment.config.choices import (ClassifierConfig, EvaluationConfig, FilterConfig, PseudoConfig,
+                                    SelectionConfig)
+from augment.config.common import BACKEND_NAMES, ConfigError, Section, UserPath
+from augment.config.generator import BaseModelConfig, DataConfig, GenerationConfig, LoRAConfig
+
+__all__ = ["BACKEND_NAMES", "BaseModelConfig", "ClassifierConfig", "ConfigError", "DataConfig", "EvaluationConfig",
+           "FilterConfig", "GenerationConfig", "LoRAConfig", "PseudoConfig", "PublishConfig", "RunConfig",
+           "RunnerConfig", "SelectionConfig"]
+
+class PublishConfig(Section):
+    output_dir: UserPath = Field("outputs/digits", description="Run folder: dataset, report, intermediate files.")
+    dataset_name: str = Field("augmented-digits", description="Name in the dataset card.")
+    license: str = Field("unknown", min_length=1, description="License in the dataset card (a Hub license id such "
+                         "as cc-by-4.0; your images' license decides it).")
+    max_shard_rows: int = Field(5000, ge=100, description="Rows per parquet shard.")
+
+
+class RunnerConfig(Section):
+    """Where the flow's independent units run: downstream trainings (arm x seed) as Prefect tasks on a task runner.
+    Results do not depend on it (tested)."""
+
+    kind: Literal["local", "processes", "dask"] = Field(
+        "local", description="`local`: the evaluation's own process pool (evaluation.workers), no task per unit; "
+        "`processes`: Prefect's ProcessPoolTaskRunner; `dask`: prefect-dask's DaskTaskRunner on a local cluster, "
+        "or on the scheduler at `address` (pip install augment[dask]). No thread runner: torch's random state is "
+        "per process, so trainings in threads of one process would not be reproducible.",
+    )
+    workers: int = Field(0, ge=0, le=1024, description="Workers of a processes/local-dask runner; 0 = one per CPU "
+                         "core. Each training uses one torch thread.")
+    address: str | None = Field(None, description="dask: an existing scheduler, e.g. tcp://10.0.0.5:8786 (its "
+                                "workers must see the run folder's path); None = a local cluster.")
+
+    @model_validator(mode="after")
+    def _address(self) -> "RunnerConfig":
+        if self.address and self.kind != "dask":
+            raise ValueError(f"runner.address is for runner.kind=dask, not {self.kind}")
+        return self
+
+
+class RunConfig(Section):
+    name: str = Field("digits", description="Name of the job.")
+    data: DataConfig = Field(default_factory=DataConfig)
+    base: BaseModelConfig = Field(default_factory=BaseModelConfig)
+    lora: LoRAConfig = Field(default_factory=LoRAConfig)
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    pseudo: PseudoConfig = Field(default_factory=PseudoConfig)
+    selection: SelectionConfig = Field(default_factory=SelectionConfig)
+    filter: FilterConfig = Field(default_factory=FilterConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    publish: PublishConfig = Field(default_factory=PublishConfig)
+    runner: RunnerConfig = Field(default_factory=RunnerConfig, description="Where the flow's units run.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Torch device; auto = cuda if available.")
+
+    # Where things are written and how many processes do the work change no result: not part of any hash.
+    UNHASHED: ClassVar[tuple] = (("publish", "output_dir"), ("base", "cache_dir"), ("evaluation", "workers"),
+                                 ("runner", None))
+
+    def fingerprint(self, *sections: str) -> str:
+        """Short hash of the named sections (all when none; `section.key` names one field), for cache keys and
+        provenance."""
+        dump = self.model_dump(mode="json")
+        for section, key in self.UNHASHED:
+            if key is None:
+                dump.pop(section, None)
+            else:
+                dump[section].pop(key, None)
+        picked = {s: dump[s.split(".")[0]][s.split(".")[1]] if "." in s else dump[s] for s in sections} \
+            if sections else dump
+        return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]

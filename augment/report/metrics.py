@@ -1,0 +1,118 @@
+"""The report's metrics (written as metrics.json): every number of the report, assembled from what the stages wrote
+in a run folder. Its schema is documented with the report, in the docs folder."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from augment.arms import Arm
+from augment.configfile import parse_config
+from augment.run import RunFolder
+
+SCHEMA_VERSION = 1
+
+
+def read_state(p: Path):
+    if not p.exists():
+        raise FileNotFoundError(f"{p} is missing: is {p.parent} part of a finished augment run folder?")
+    return json.loads(p.read_text())
+
+
+def _finite(x):
+    """JSON has no NaN: intervals that cannot be computed (one seed) become null."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_finite(v) for v in x]
+    return x
+
+
+def memorization_stats(sims: np.ndarray, reference: np.ndarray, threshold: float) -> dict:
+    sims, reference = np.asarray(sims, float), np.asarray(reference, float)
+    return {
+        "threshold": float(threshold),
+        "kept_fraction_above": float((sims > threshold).mean()) if len(sims) else None,
+        "kept_median": float(np.median(sims)) if len(sims) else None,
+        "train_to_train_median": float(np.median(reference)) if len(reference) else None,
+        "train_to_train_fraction_above": float((reference > threshold).mean()) if len(reference) else None,
+    }
+
+
+def collect_metrics(run: Path) -> dict:
+    """Assemble metrics.json from the run folder."""
+    from augment.generate import sampling_precision
+
+    rf = RunFolder(run)
+    cfg = parse_config(yaml.safe_load(rf.config.read_text()), str(rf.config))
+    data = read_state(rf.data.summary)
+    decisions = read_state(rf.filter.decisions)
+    fsum = read_state(rf.filter.summary)
+    evaluation = read_state(rf.evaluation.summary)
+    runinfo = read_state(rf.info)
+    publish_info = read_state(rf.dataset.record)
+    table = pd.read_parquet(rf.filter.scores)
+    kept = table[table["kept"]]
+    space = fsum["memorization_space"]
+    other = "features" if space == "pixels" else "pixels"
+    ref_other = np.asarray(fsum[f"train_nn_similarity_{other}"])
+    mem = {
+        space: memorization_stats(kept[f"nn_similarity_{space}"], fsum[f"train_nn_similarity_{space}"],
+                                  cfg.filter.max_similarity),
+        other: memorization_stats(kept[f"nn_similarity_{other}"], ref_other,
+                                  float(np.quantile(ref_other, 0.95)) if len(ref_other) else 1.0),
+    }
+    mem[other]["threshold_rule"] = "95th percentile of train-to-train nearest-neighbour similarity"
+    mem[space]["threshold_rule"] = "filter.max_similarity (the memorization gate)"
+    ablation = {f: v for k, v in evaluation["arms"].items() if (f := Arm.of(k).filter) is not None}
+    pseudo = read_state(rf.pseudo.summary) if rf.pseudo.summary.exists() else None
+    gain = evaluation.get("gain_over_best_baseline")
+    return _finite({
+        "schema_version": SCHEMA_VERSION,
+        "run": {"name": cfg.name, "output_dir": str(run), "config_hash": cfg.fingerprint(),
+                "stage_seconds": {k: v.get("seconds") for k, v in runinfo["stages"].items()},
+                "total_seconds": runinfo.get("total_seconds"), "versions": runinfo.get("versions", {}),
+                "cpu": runinfo.get("cpu"),
+                "base_model": runinfo.get("base", {}), "adapter": runinfo.get("adapter", {}),
+                "evaluation_seeds": evaluation["seeds"]},
+        "data": data,
+        "generation": {"generated": decisions["generated"], "kept": decisions["kept"],
+                       "per_class": decisions["per_class"], "scheduler": cfg.generation.scheduler,
+                       "num_inference_steps": cfg.generation.num_inference_steps,
+                       "precision": sampling_precision(run, cfg),
+                       "guidance_scale": cfg.generation.guidance_scale, "strengths": cfg.generation.strengths},
+        "filter": {"order": decisions["order"], "quality_classifier": fsum["quality_classifier"],
+                   "alia_thresholds": fsum["alia_thresholds"], "alia_oof_accuracy": fsum["alia_oof_accuracy"],
+                   "memorization": mem},
+        "evaluation": {
+            "model": cfg.evaluation.model.kind,
+            "synthetic_prob": ((evaluation.get("selection") or {}).get("synthetic") or {}).get(
+                "synthetic_prob", cfg.evaluation.synthetic_prob[0]),
+            "split": cfg.evaluation.split,
+            "arms": {k: v for k, v in evaluation["arms"].items() if Arm.of(k).filter is None},
+            "product_arm": evaluation.get("product_arm"), "recipe": evaluation.get("recipe"),
+            "product_recipe": evaluation.get("product_recipe"), "selection": evaluation.get("selection", {}),
+            "baselines": evaluation.get("baselines", []), "best_baseline": evaluation.get("best_baseline"),
+            "gains": evaluation.get("gains"), "synthetic_adds": evaluation.get("synthetic_adds", {}),
+            "per_class_delta": evaluation.get("per_class_delta"),
+            "filter_gain": evaluation.get("filter_gain"), "filter_ablation": ablation,
+        },
+        "pseudo": None if pseudo is None else {k: pseudo.get(k) for k in (
+            "rule", "threshold", "count", "pool_size", "per_class", "thresholds", "validation_accuracy",
+            "min_precision", "reason", "per_class_amount", "labeled_images", "folds", "repeats",
+            "labeler_oof_accuracy", "labeler_oof_per_class")},
+        "product_arm": evaluation.get("product_arm"),
+        "gain_over_best_baseline": (None if gain is None else
+                                    {k: gain[k] for k in ("mean", "ci_low", "ci_high", "std", "n", "p_value",
+                                                          "verdict", "differences")}
+                                    | {"baseline": evaluation.get("best_baseline"),
+                                       "product_arm": evaluation.get("product_arm")}),
+        "dataset": {"path": str(rf.dataset.path), "splits": publish_info["splits"]},
+    })
