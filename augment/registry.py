@@ -81,10 +81,10 @@ BACKENDS = Registry("backend", {
 })
 
 DATA_SOURCES = Registry("data source", {
-    "sklearn-digits": "augment.data:load_sklearn_digits",
-    "imagefolder": "augment.data:load_imagefolder",
-    "manifest": "augment.data:load_manifest",
-    "hf": "augment.data:load_hf",
+    "sklearn-digits": "augment.data.sources:load_sklearn_digits",
+    "imagefolder": "augment.data.sources:load_imagefolder",
+    "manifest": "augment.data.sources:load_manifest",
+    "hf": "augment.data.sources:load_hf",
 })
 
 CLASSIFIERS = Registry("classifier", {

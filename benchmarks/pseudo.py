@@ -34,7 +34,8 @@ DATASETS = {  # overrides of configs/digits.yaml
 
 def run_one(cfg, out: Path) -> dict:
     from augment.data import make_splits
-    from augment.evaluate import TrainingSets, evaluate, summarize_results
+    from augment.evaluate import evaluate, summarize_results
+    from augment.trainings import TrainingSets
     from augment.pseudo import pseudo_label, select_and_label
 
     t0 = time.time()

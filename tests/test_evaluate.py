@@ -9,7 +9,8 @@ import pytest
 from augment.arms import Arm, Verdict, adds_label, arm_plus, has_part, parse_arm
 from augment.config import ClassifierConfig, EvaluationConfig, PseudoConfig
 from augment.data import DataConfig, ImageSet, Splits, load_images, split
-from augment.evaluate import TrainingSets, arm_training_set, evaluate, summarize_results
+from augment.evaluate import evaluate, summarize_results
+from augment.trainings import TrainingSets, arm_training_set
 from augment.pseudo import choose_threshold, pseudo_label
 
 
@@ -168,7 +169,7 @@ def test_diagnostic_arms_train_on_the_first_seeds_only(splits, tmp_path):
 
 
 def test_a_training_repeated_under_another_arm_name_runs_once(splits, tmp_path, monkeypatch):
-    import augment.evaluate as ev
+    import augment.trainings as ev
 
     sets = _sets(splits)
     # one filter alone keeps what the chain keeps, another keeps every candidate, a third keeps its own subset

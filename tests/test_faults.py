@@ -72,8 +72,8 @@ elif point == "inside:generate":
     from augment import generate
     generate.generate_shard = before(generate.generate_shard)
 elif point == "inside:evaluate":
-    from augment import evaluate
-    evaluate.train_unit = before(evaluate.train_unit)
+    from augment import trainings
+    trainings.train_unit = before(trainings.train_unit)
 elif point == "inside:publish":
     from augment import publish
     publish._write_parquet = before(publish._write_parquet)

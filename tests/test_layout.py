@@ -141,3 +141,21 @@ def test_no_module_but_augment_run_spells_a_run_folder_file_name():
                 found.append(f"{p.relative_to(ROOT)}:{i}: {line.strip()}")
     assert not found, "run-folder file names outside augment/run.py (ask RunFolder for the path):\n" + \
         "\n".join(found)
+
+
+def test_no_module_of_augment_is_over_400_lines():
+    """A file that grows past ~400 lines is asking to be split along a seam (docs/pipeline.md, Code layout)."""
+    long = {str(p.relative_to(ROOT)): n for p in PACKAGE.rglob("*.py")
+            if (n := len(p.read_text().splitlines())) > 400}
+    assert not long, f"modules over 400 lines: {long}"
+
+
+def test_every_stage_is_declared_once_with_upstream_stages_that_run_before_it():
+    """The one stage list: each stage's key covers its upstream stages, which come before it in STAGES."""
+    from augment.pipeline import STAGES
+    from augment.stages.core import SPECS
+
+    names = [s.name for s in STAGES]
+    assert len(set(names)) == len(names) and set(names) == set(SPECS)
+    for i, s in enumerate(STAGES):
+        assert set(s.upstream) <= set(names[:i]), (s.name, s.upstream)

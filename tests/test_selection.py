@@ -137,7 +137,8 @@ def test_the_folds_never_see_test_and_shuffled_test_labels_change_no_choice(tiny
 
 
 def test_the_evaluation_follows_the_cross_validated_choices(few_shot, tmp_path):
-    from augment.evaluate import TrainingSets, evaluate
+    from augment.evaluate import evaluate
+    from augment.trainings import TrainingSets
 
     p = few_shot.pool
     sets = TrainingSets(few_shot, (few_shot.train.images[:20], few_shot.train.labels[:20]),

@@ -47,7 +47,7 @@ def filter_stage(cfg: RunConfig, log=print) -> dict:
 def training_sets(cfg: RunConfig):
     """Everything the downstream trainings read, from the run folder: the splits, the kept and all candidates, the
     pseudo-labeled pool, and what each filter alone would keep."""
-    from augment.evaluate import TrainingSets
+    from augment.trainings import TrainingSets
     from augment.filters import decide, load_scored
 
     splits = load_splits(cfg)
@@ -69,7 +69,7 @@ _SETS: dict = {}  # per process: a worker that trains many units of one run read
 def train_unit(cfg: RunConfig, arm: str, recipe: str, seed: int) -> dict:
     """One downstream training (arm x seed) in any process that sees the run folder: the unit that the flow's
     task runner (threads, processes, Dask) distributes."""
-    from augment.evaluate import train_unit as train
+    from augment.trainings import train_unit as train
 
     key = (str(run_dir(cfg)), identity(cfg, "filter"), identity(cfg, "pseudo"), cfg.fingerprint("filter"))
     if key not in _SETS:
