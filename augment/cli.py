@@ -146,11 +146,10 @@ def _command(args: argparse.Namespace) -> int:
         return 0
     if args.command == "report":
         from augment.report.render import build_report
-        from augment.report.sections import headline
 
         with using(args.run_dir, wait=args.wait):
             m = build_report(args.run_dir)
-        print(headline(m).replace("**", ""))
+        print(_verdict_line(m))
         print(f"report: {RunFolder(args.run_dir).report_html}")
         return 0
     if args.command == "run":
@@ -161,11 +160,9 @@ def _command(args: argparse.Namespace) -> int:
         out = Path(cfg.publish.output_dir)
         done = None if args.force else finished(cfg)
         if done is not None:
-            from augment.report.sections import headline
-
             print(f"nothing changed since the last run in {out}: every stage, the dataset and the report are current "
                   "(--force runs the flow anyway)", file=sys.stderr)
-            print(headline(done).replace("**", ""))
+            print(_verdict_line(done))
             print(f"dataset: {RunFolder(out).dataset.path}  (datasets.load_from_disk or datasets.load_dataset)")
             print(f"report:  {RunFolder(out).report_html}")
             print(f"wall time: {time.time() - t0:.1f} s")
@@ -176,7 +173,6 @@ def _command(args: argparse.Namespace) -> int:
         # the flow's imports (torch, diffusers: ~6 s) load here
         api = PrefectAPI(say=lambda s: print(s, file=sys.stderr))
         from flows.augment_flow import augment_flow
-        from augment.report.sections import headline
 
         _stop_on_sigterm()
         # the API answers, then the lock, before the flow starts: a server that cannot start or a folder in use is
@@ -184,7 +180,7 @@ def _command(args: argparse.Namespace) -> int:
         with api.active(), lock(claim(cfg.publish.output_dir, cfg.data.source, cfg.name), wait=args.wait):
             metrics = augment_flow.with_options(retries=0)(config=cfg, wait=args.wait)
         say()
-        print(headline(metrics).replace("**", ""))
+        print(_verdict_line(metrics))
         print(f"dataset: {RunFolder(out).dataset.path}  (datasets.load_from_disk or datasets.load_dataset)")
         print(f"report:  {RunFolder(out).report_html}")
         print(f"wall time: {time.time() - t0:.1f} s")
@@ -230,6 +226,14 @@ def _command(args: argparse.Namespace) -> int:
               trigger_event=args.trigger_event, limit=args.limit)
         return 0
     return 1
+
+
+def _verdict_line(metrics: dict) -> str:
+    """The report's verdict line, as plain text, for the metrics a run or a report build returned."""
+    from augment.report.schema import validate_metrics
+    from augment.report.sections import headline
+
+    return headline(validate_metrics(metrics)).replace("**", "")
 
 
 def _stop_on_sigterm() -> None:

@@ -20,6 +20,7 @@ from augment.config import RunConfig
 from augment.configfile import load_config
 from augment.errors import ModelError
 from augment.generate import sampling_precision
+from augment.report.schema import Metrics, read_metrics
 
 
 def load_run(run_dir: str | Path) -> RunConfig:
@@ -95,18 +96,21 @@ def export_model(run_dir: str | Path, output_dir: str | Path) -> Path:
         raise ModelError(f"{out} exists and is not empty; export writes into a new or empty folder")
     splits, backend, model = _model(cfg)
     backend.export(model, out)
-    metrics = run_folder.read_json(run_folder.RunFolder(run_dir).metrics) or {}
+    metrics = read_metrics(run_folder.RunFolder(run_dir).metrics)
     (out / "README.md").write_text(_model_card(cfg, *generator.recorded(cfg), splits.class_names, backend, metrics,
                                                sampling_precision(run_dir, cfg)))
     return out
 
 
-def _model_card(cfg: RunConfig, base: BaseModelInfo, adapter: AdapterInfo, names: list[str], backend, metrics: dict, precision: str) -> str:
-    gain = metrics.get("gain_over_best_baseline") or {}
-    verdict = gain.get("verdict", "not evaluated")
-    syn = ((metrics.get("evaluation") or {}).get("selection") or {}).get("synthetic") or {}
-    left_out = ("" if syn.get("in_product", True) else
-                f" The run left this generator's samples out of its product: on the {syn.get('images')} labeled "
+def _model_card(cfg: RunConfig, base: BaseModelInfo, adapter: AdapterInfo, names: list[str], backend,
+                metrics: Metrics | None, precision: str) -> str:
+    gain = metrics.gain_over_best_baseline if metrics else None
+    verdict = gain.verdict if gain else "not evaluated"
+    product = metrics.product_arm if metrics else None
+    mean, low, high = (gain.mean, gain.ci_low, gain.ci_high) if gain else (None, None, None)
+    syn = metrics.evaluation.selection.synthetic if metrics else None
+    left_out = ("" if syn is None or syn.in_product is not False else
+                f" The run left this generator's samples out of its product: on the {syn.images} labeled "
                 "images it never saw, they did not help.")
     trained = (f"{adapter.labeled_images} labeled images"
                + (f" and {adapter.pseudo_labeled_images} pseudo-labeled pool images" if adapter.pseudo_labeled_images
@@ -134,8 +138,8 @@ guidance {cfg.generation.guidance_scale}, {precision} (a sample is reproduced ex
 the UNet under `torch.autocast("cpu", dtype=torch.bfloat16)` when it says bf16).
 
 ## Evidence and limits
-The run's verdict on its own test split: **{verdict}** (product arm `{metrics.get('product_arm')}`, mean gain over
-the best baseline {gain.get('mean')} with 95% interval [{gain.get('ci_low')}, {gain.get('ci_high')}]).{left_out} It was
+The run's verdict on its own test split: **{verdict}** (product arm `{product}`, mean gain over
+the best baseline {mean} with 95% interval [{low}, {high}]).{left_out} It was
 trained on a small labeled set: samples can be near copies of training images (the run's filter measured this;
 see its report) and are meant as training data for the same task, filtered, not as a general image generator.
 """

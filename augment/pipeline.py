@@ -70,7 +70,12 @@ def finished(cfg: RunConfig) -> dict | None:
         return None
     if not all(f.is_file() for f in (out.metrics, out.report_html, out.dataset.record)):
         return None
-    return run_folder.read_json(out.metrics)
+    from augment.report.schema import MetricsError, read_metrics
+
+    try:  # metrics.json of another version, or edited: the run is done again and the file rewritten
+        return None if read_metrics(out.metrics) is None else run_folder.read_json(out.metrics)
+    except MetricsError:
+        return None
 
 
 def mark_finished(cfg: RunConfig, done: bool = True) -> None:

@@ -9,6 +9,9 @@ signature:
 
 - BACKENDS: a class with the Backend protocol (augment.backends.Backend), built as
   `cls(cfg: BaseModelConfig, class_names, image_size, channels, device)`.
+- BACKEND_DETECTORS (`base.kind: auto`), by backend name: `detects(index: dict | None, pretrained: str) -> bool`,
+  torch-free, given the checkpoint's parsed model_index.json (augment.backends.detect). `auto` asks them in order
+  and takes FALLBACK_BACKEND when none answers True.
 - DATA_SOURCES (`data.kind`): `load(cfg: DataConfig) -> ImageSet`, reading `cfg.source`.
 - CLASSIFIERS (`*.classifier.kind`, `evaluation.model.kind`): `train(cfg: ClassifierConfig, images, labels,
   num_classes, seed, augment, flip, synthetic, synthetic_prob) -> TrainedClassifier`, images at their final size.
@@ -79,6 +82,11 @@ BACKENDS = Registry("backend", {
     "pixel": "augment.backends.pixel_unet:PixelBackend",
     "stable_diffusion": "augment.backends.stable_diffusion:StableDiffusionBackend",
 })
+
+BACKEND_DETECTORS = Registry("backend detector", {
+    "stable_diffusion": "augment.backends.detect:stable_diffusion",
+})
+FALLBACK_BACKEND = "pixel"  # UNet checkpoints and the builtin base: what `auto` takes when no detector claims one
 
 DATA_SOURCES = Registry("data source", {
     "sklearn-digits": "augment.data.sources:load_sklearn_digits",

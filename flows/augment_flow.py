@@ -26,6 +26,7 @@ from augment.stages import generator, outcome
 from augment.cli import USER_ERRORS
 from augment.config import ConfigError, RunConfig
 from augment.configfile import apply_overrides, deep_merge, parse_config
+from augment.report.schema import validate_metrics
 from augment.report.sections import headline, key_arms
 from augment.run import RunFolder
 
@@ -183,30 +184,30 @@ def _key(cfg: RunConfig) -> str:
     return f"augment-{slug}"
 
 
-def _artifacts(cfg: RunConfig, m: dict) -> None:
-    ev = m["evaluation"]
-    rows = [{"arm": a, "accuracy_mean": v["accuracy"]["mean"], "accuracy_ci_low": v["accuracy"]["ci_low"],
-             "accuracy_ci_high": v["accuracy"]["ci_high"], "macro_f1_mean": v["macro_f1"]["mean"]}
-            for a, v in ev["arms"].items() if "accuracy" in v]
+def _artifacts(cfg: RunConfig, raw: dict) -> None:
+    m = validate_metrics(raw)
+    ev = m.evaluation
+    rows = [{"arm": a, "accuracy_mean": v.accuracy.mean, "accuracy_ci_low": v.accuracy.ci_low,
+             "accuracy_ci_high": v.accuracy.ci_high, "macro_f1_mean": v.macro_f1.mean}
+            for a, v in ev.arms.items() if v.ran]
     lines = [f"# augment: {cfg.name}", "", headline(m), "", "| arm | accuracy | 95% CI |", "|---|---|---|"]
     lines += [f"| {r['arm']} | {100 * r['accuracy_mean']:.1f} | "
               f"[{100 * (r['accuracy_ci_low'] or r['accuracy_mean']):.1f}, "
               f"{100 * (r['accuracy_ci_high'] or r['accuracy_mean']):.1f}] |" for r in rows]
-    lines += ["", f"Generated {m['generation']['generated']}, kept {m['generation']['kept']}. "
-              f"Dataset: `{m['dataset']['path']}`. Full report: the `{_key(cfg)}-report` artifact, and "
-              f"`{RunFolder(m['run']['output_dir']).report_html}` on the worker."]
+    lines += ["", f"Generated {m.generation.generated}, kept {m.generation.kept}. "
+              f"Dataset: `{m.dataset.path}`. Full report: the `{_key(cfg)}-report` artifact, and "
+              f"`{RunFolder(m.run.output_dir).report_html}` on the worker."]
     create_markdown_artifact(markdown="\n".join(lines), key=f"{_key(cfg)}-summary", description="augment summary")
-    names = m["data"]["class_names"]
     per_class = []
-    for k, c in enumerate(names):
+    for k, c in enumerate(m.data.class_names):
         row = {"class": c}
         for a in key_arms(ev):
-            row[a] = round(ev["arms"][a]["per_class_accuracy"][k], 4)
-        gen = m["generation"]["per_class"][k]
-        row.update(generated=gen["generated"], kept=gen["kept"])
+            row[a] = round(ev.arms[a].per_class_accuracy[k], 4)
+        gen = m.generation.per_class[k]
+        row.update(generated=gen.generated, kept=gen.kept)
         per_class.append(row)
     create_table_artifact(table=per_class, key=f"{_key(cfg)}-per-class", description="Per-class results")
-    create_markdown_artifact(markdown=_report_markdown(Path(m["run"]["output_dir"])), key=f"{_key(cfg)}-report",
+    create_markdown_artifact(markdown=_report_markdown(Path(m.run.output_dir)), key=f"{_key(cfg)}-report",
                              description="The full report (its figures are in report.html on the worker)")
 
 

@@ -457,7 +457,7 @@ def test_class_names_with_dollar_signs_render(tmp_path):
     from augment.report import plots
 
     names = ["$\\foo$", "a_b$"]
-    assert plots.per_class_plot({"real": {"per_class_accuracy": [0.5, 0.7]}}, names, ["real"])
+    assert plots.per_class_plot({"real": [0.5, 0.7]}, names)
     assert plots.confusion_plot({"real": [[1, 0], [0, 1]]}, names)
     assert plots.image_grid([(names[0], np.zeros((2, 8, 8, 1), np.uint8), ["$x", "y$"])])
 

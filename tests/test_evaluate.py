@@ -2,6 +2,7 @@
 and results that do not depend on the number of worker processes."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -199,6 +200,7 @@ def test_a_product_without_synthetic_data_is_compared_and_explained_as_the_recip
     """When the synthetic choice leaves the samples out, the product is the recipe: no gain row against itself,
     what the synthetic data would have added stays a row, the filter is judged on the recipe's synthetic arm, and
     the verdict line says so instead of claiming synthetic data."""
+    from augment.report.schema import validate_metrics
     from augment.report.sections import headline, next_step
 
     def runs(accs):
@@ -217,12 +219,15 @@ def test_a_product_without_synthetic_data_is_compared_and_explained_as_the_recip
     assert s["synthetic_adds"]["real+classic+synthetic vs real+classic"]["accuracy"]["mean"] == pytest.approx(-0.0133,
                                                                                                              abs=1e-3)
     assert s["filter_gain"]["arm"] == "real+classic+synthetic" and s["filter_gain"]["mean"] == pytest.approx(0.01)
-    arms = {a: {"accuracy": v["accuracy"]} for a, v in s["arms"].items()}
-    m = {"gain_over_best_baseline": {**s["gain_over_best_baseline"], "baseline": s["best_baseline"],
-                                     "product_arm": "real+classic"},
-         "evaluation": {"arms": arms, "product_arm": "real+classic", "product_recipe": "real+classic",
-                        "split": "test", "selection": results["selection"], "synthetic_adds": s["synthetic_adds"]},
-         "dataset": {"path": "out/dataset", "splits": {"train": {"rows": 9, "synthetic": 4, "pseudo_labeled": 0}}}}
+    m = json.loads((Path(__file__).parent / "data" / "tiny_run_golden.json").read_text())["metrics"]  # a real one
+    m["run"].update(stage_seconds={}, total_seconds=None, versions={}, cpu=None, output_dir="out")
+    m["gain_over_best_baseline"] = {k: s["gain_over_best_baseline"][k] for k in m["gain_over_best_baseline"]
+                                    if k in s["gain_over_best_baseline"]} | {"baseline": s["best_baseline"],
+                                                                             "product_arm": "real+classic"}
+    m["evaluation"].update(arms=s["arms"], product_arm="real+classic", product_recipe="real+classic",
+                           selection=results["selection"], synthetic_adds=s["synthetic_adds"])
+    m["dataset"] = {"path": "out/dataset", "splits": {"train": {"rows": 9, "synthetic": 4, "pseudo_labeled": 0}}}
+    m = validate_metrics(m)
     line = headline(m)
     assert line.startswith("On the 20 labeled images the generator never saw") and "recipe alone (real+classic" in line
     assert "it is the best baseline" in line and "real+classic+synthetic, a diagnostic): -1.3 points" in line

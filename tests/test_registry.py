@@ -10,12 +10,13 @@ import pytest
 import torch
 
 from augment import config as C
-from augment.registry import (BACKENDS, CLASSIFIERS, DATA_SOURCES, FEEDBACK_CRITERIA, FILTERS, SAMPLERS,
-                              Registry)
+from augment.registry import (BACKEND_DETECTORS, BACKENDS, CLASSIFIERS, DATA_SOURCES, FALLBACK_BACKEND,
+                              FEEDBACK_CRITERIA, FILTERS, SAMPLERS, Registry)
 from conftest import write_imagefolder
 
-REGISTRIES = {"backends": BACKENDS, "data sources": DATA_SOURCES, "classifiers": CLASSIFIERS,
-              "samplers": SAMPLERS, "feedback criteria": FEEDBACK_CRITERIA, "filters": FILTERS}
+REGISTRIES = {"backends": BACKENDS, "backend detectors": BACKEND_DETECTORS, "data sources": DATA_SOURCES,
+              "classifiers": CLASSIFIERS, "samplers": SAMPLERS, "feedback criteria": FEEDBACK_CRITERIA,
+              "filters": FILTERS}
 
 
 # The registry itself ---------------------------------------------------------------------------------------------
@@ -71,6 +72,57 @@ def test_every_backend_has_the_protocol(name):
         ours, theirs = inspect.signature(getattr(cls, method)), inspect.signature(getattr(Backend, method))
         assert list(ours.parameters) == list(theirs.parameters), (name, method)
     assert list(inspect.signature(cls).parameters) == ["cfg", "class_names", "image_size", "channels", "device"]
+
+
+# What each backend's checkpoints look like: a model_index.json it must claim, or None for the fallback's.
+CHECKPOINTS = {"stable_diffusion": {"_class_name": "StableDiffusionPipeline",
+                                    "unet": ["diffusers", "UNet2DConditionModel"]},
+               "pixel": None}
+
+
+def test_every_detector_belongs_to_a_backend_and_the_fallback_is_one():
+    assert set(BACKEND_DETECTORS) <= set(BACKENDS) and FALLBACK_BACKEND in BACKENDS
+    assert FALLBACK_BACKEND not in BACKEND_DETECTORS  # it takes what no detector claims
+    assert set(CHECKPOINTS) == set(BACKENDS), "add the new backend's checkpoint shape to CHECKPOINTS"
+
+
+@pytest.mark.parametrize("name", list(BACKEND_DETECTORS))
+def test_every_detector_claims_its_own_checkpoints_only(name, tmp_path):
+    """Torch-free; True for its backend's model_index.json, False for none (builtin, UNet-only) and for every other
+    backend's; and `auto` picks it from a checkpoint folder."""
+    import json
+    import subprocess
+    import sys
+
+    from augment.backends import detect_kind
+
+    detects = BACKEND_DETECTORS.load(name)
+    assert detects(CHECKPOINTS[name], "some/checkpoint") is True
+    for other, index in CHECKPOINTS.items():
+        if other != name:
+            assert detects(index, "some/checkpoint") is False, other
+    assert detects({}, "some/checkpoint") is False
+    folder = tmp_path / "checkpoint"
+    folder.mkdir()
+    (folder / "model_index.json").write_text(json.dumps(CHECKPOINTS[name]))
+    assert detect_kind(C.BaseModelConfig(pretrained=str(folder))) == name
+    module = BACKEND_DETECTORS.target(name).partition(":")[0]
+    code = f"import sys, {module}; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0, f"{module} imports torch"
+
+
+def test_auto_falls_back_when_no_detector_claims_the_checkpoint(tmp_path):
+    from augment.backends import detect_kind
+    from augment.errors import ModelError
+
+    assert detect_kind(C.BaseModelConfig()) == FALLBACK_BACKEND  # the builtin base
+    unet = tmp_path / "unet-only"
+    unet.mkdir()
+    (unet / "config.json").write_text("{}")
+    assert detect_kind(C.BaseModelConfig(pretrained=str(unet))) == FALLBACK_BACKEND
+    (unet / "model_index.json").write_text("[1, 2]")
+    with pytest.raises(ModelError, match="model_index.json: not a diffusers model_index.json"):
+        detect_kind(C.BaseModelConfig(pretrained=str(unet)))
 
 
 # Data sources --------------------------------------------------------------------------------------------------

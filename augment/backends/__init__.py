@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Protocol
 
 from augment.errors import ModelError
-from augment.registry import BACKENDS
+from augment.registry import BACKEND_DETECTORS, BACKENDS, FALLBACK_BACKEND
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -97,32 +97,41 @@ class Backend(Protocol):
         `feedback` (a classifier of model-space images), feedback-guided (generation.feedback_scale)."""
 
 
-def detect_kind(cfg: "BaseModelConfig") -> str:
-    """`base.kind`, or for `auto` what `base.pretrained` is: a diffusers pipeline whose model_index.json names a
-    Stable Diffusion pipeline is `stable_diffusion`; the builtin base and UNet checkpoints are `pixel`."""
-    if cfg.kind != "auto":
-        return cfg.kind
+def model_index(cfg: "BaseModelConfig") -> dict | None:
+    """The parsed model_index.json of `base.pretrained`: from its folder, or for a hub id from the hub when it can be
+    reached; None for the builtin base, a UNet-only checkpoint, or a hub that cannot be reached (the fallback
+    backend then explains what it cannot load)."""
     if cfg.pretrained == "builtin":
-        return "pixel"
+        return None
     index = Path(cfg.pretrained) / "model_index.json"
     if not index.exists() and not Path(cfg.pretrained).exists():  # a hub id: its model_index.json, if reachable
         try:
             from huggingface_hub import hf_hub_download
 
             index = Path(hf_hub_download(cfg.pretrained, "model_index.json", revision=cfg.revision))
-        except Exception:  # offline, or a UNet-only repository: the pixel backend explains what it cannot load
-            return "pixel"
-    if index.exists():
-        try:
-            name = str(json.loads(index.read_text()).get("_class_name", ""))
-        except (OSError, ValueError) as err:
-            raise ModelError(f"{index}: not a readable diffusers model_index.json ({err})") from None
-        if "StableDiffusion" in name:
-            if "XL" in name:
-                raise ModelError(f"{cfg.pretrained}: {name} (SDXL) is not supported yet; use an SD 1.x/2.x "
-                                 "checkpoint")
-            return "stable_diffusion"
-    return "pixel"
+        except Exception:  # offline, or a UNet-only repository
+            return None
+    if not index.exists():
+        return None
+    try:
+        parsed = json.loads(index.read_text())
+    except (OSError, ValueError) as err:
+        raise ModelError(f"{index}: not a readable diffusers model_index.json ({err})") from None
+    if not isinstance(parsed, dict):
+        raise ModelError(f"{index}: not a diffusers model_index.json (a JSON object was expected)")
+    return parsed
+
+
+def detect_kind(cfg: "BaseModelConfig") -> str:
+    """`base.kind`, or for `auto` the first registered backend whose detector claims `base.pretrained` (its
+    model_index.json read once), else the fallback: the builtin base and UNet checkpoints are `pixel`."""
+    if cfg.kind != "auto":
+        return cfg.kind
+    index = model_index(cfg)
+    for name in BACKEND_DETECTORS:
+        if BACKEND_DETECTORS.load(name)(index, cfg.pretrained):
+            return name
+    return FALLBACK_BACKEND
 
 
 def check_base(cfg: "BaseModelConfig") -> str:

@@ -13,9 +13,8 @@ import yaml
 
 from augment.arms import Arm
 from augment.configfile import parse_config
+from augment.report.schema import SCHEMA_VERSION
 from augment.run import RunFolder
-
-SCHEMA_VERSION = 1
 
 
 def read_state(p: Path):
@@ -47,7 +46,7 @@ def memorization_stats(sims: np.ndarray, reference: np.ndarray, threshold: float
 
 
 def collect_metrics(run: Path) -> dict:
-    """Assemble metrics.json from the run folder."""
+    """Assemble metrics.json from the run folder (augment.report.schema.Metrics is its schema)."""
     from augment.generate import sampling_precision
 
     rf = RunFolder(run)

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import io
+from typing import TYPE_CHECKING
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+
+if TYPE_CHECKING:  # pragma: no cover
+    from augment.report.schema import ArmResult
 
 COLORS = {"real": "#7f7f7f", "real+classic": "#1f77b4", "real+pseudo": "#8c564b", "real+classic+pseudo": "#8c564b",
           "real+synthetic": "#98df8a", "real+classic+synthetic": "#2ca02c", "real+pseudo+synthetic": "#17becf",
@@ -40,22 +44,22 @@ def _png(fig) -> bytes:
 
 
 @_literal
-def arms_plot(arms: dict, metric: str = "accuracy", split: str = "test") -> bytes:
+def arms_plot(arms: dict[str, ArmResult], metric: str = "accuracy", split: str = "test") -> bytes:
     """Mean with 95% CI per arm, and every seed as a dot."""
-    names = [a for a, v in arms.items() if metric in v]
+    names = [a for a, v in arms.items() if getattr(v, metric) is not None]
     fig, ax = plt.subplots(figsize=(7, 0.55 * len(names) + 1.2))
     for i, a in enumerate(names):
-        s = arms[a][metric]
+        s, seeds = getattr(arms[a], metric), getattr(arms[a], f"per_seed_{metric}")
         c = COLORS.get(a, "#444444")
         # one seed has no interval (null in metrics.json): draw the mean alone
-        lo = s["ci_low"] if s["ci_low"] is not None and np.isfinite(s["ci_low"]) else s["mean"]
-        hi = s["ci_high"] if s["ci_high"] is not None and np.isfinite(s["ci_high"]) else s["mean"]
-        ax.barh(i, s["mean"], color=c, alpha=0.35)
-        ax.errorbar(s["mean"], i, xerr=[[s["mean"] - lo], [hi - s["mean"]]], fmt="o", color=c, capsize=4)
-        ax.scatter(arms[a][f"per_seed_{metric}"], [i] * s["n"], color=c, s=12, zorder=3, marker="|")
+        lo = s.ci_low if s.ci_low is not None and np.isfinite(s.ci_low) else s.mean
+        hi = s.ci_high if s.ci_high is not None and np.isfinite(s.ci_high) else s.mean
+        ax.barh(i, s.mean, color=c, alpha=0.35)
+        ax.errorbar(s.mean, i, xerr=[[s.mean - lo], [hi - s.mean]], fmt="o", color=c, capsize=4)
+        ax.scatter(seeds, [i] * s.n, color=c, s=12, zorder=3, marker="|")
     ax.set_yticks(range(len(names)), names)
     ax.invert_yaxis()
-    vals = [v for a in names for v in arms[a][f"per_seed_{metric}"]]
+    vals = [v for a in names for v in getattr(arms[a], f"per_seed_{metric}")]
     ax.set_xlim(max(0.0, min(vals) - 0.05), min(1.0, max(vals) + 0.03))
     ax.set_xlabel(f"{split} {metric.replace('_', '-')} (bar: mean, whisker: 95% CI, ticks: seeds)")
     ax.grid(axis="x", alpha=0.3)
@@ -63,14 +67,13 @@ def arms_plot(arms: dict, metric: str = "accuracy", split: str = "test") -> byte
 
 
 @_literal
-def per_class_plot(arms: dict, class_names: list[str], which: list[str], split: str = "test") -> bytes:
-    which = [a for a in which if "per_class_accuracy" in arms.get(a, {})]
+def per_class_plot(per_class: dict[str, list[float]], class_names: list[str], split: str = "test") -> bytes:
+    """Per-class accuracy (mean over seeds) of each arm given, side by side."""
     fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(class_names) + 2), 3.2))
-    w = 0.8 / max(1, len(which))
+    w = 0.8 / max(1, len(per_class))
     x = np.arange(len(class_names))
-    for i, a in enumerate(which):
-        ax.bar(x + (i - (len(which) - 1) / 2) * w, arms[a]["per_class_accuracy"], w, label=a,
-               color=COLORS.get(a, "#444444"))
+    for i, (a, acc) in enumerate(per_class.items()):
+        ax.bar(x + (i - (len(per_class) - 1) / 2) * w, acc, w, label=a, color=COLORS.get(a, "#444444"))
     ax.set_xticks(x, class_names, rotation=45 if max(len(c) for c in class_names) > 3 else 0)
     ax.set_ylim(0, 1.05)
     ax.set_ylabel(f"{split} accuracy (mean over seeds)")

@@ -20,7 +20,8 @@ from augment.arms import Verdict
 from augment.data import Splits
 from augment.generate import load_candidates
 from augment.report import plots
-from augment.report.metrics import read_state, collect_metrics
+from augment.report.metrics import collect_metrics, read_state
+from augment.report.schema import Metrics, validate_metrics
 from augment.report.sections import key_arms, sections
 from augment.run import RunFolder, read_json, write_json, write_text
 
@@ -36,22 +37,22 @@ def _html_table(header: list[str], rows: list[list]) -> str:
     return f"<div class='scroll'><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>"
 
 
-def figures(run: Path, m: dict) -> dict[str, bytes]:
+def figures(run: Path, m: Metrics) -> dict[str, bytes]:
     rf = RunFolder(run)
     splits = Splits.load(rf.data.splits)
     cands = load_candidates(rf.candidates.path)
     table = pd.read_parquet(rf.filter.scores)
     fsum = read_state(rf.filter.summary)
-    arms, names = m["evaluation"]["arms"], m["data"]["class_names"]
-    shown = {a: v for a, v in arms.items() if "accuracy" in v}
+    arms, names = m.evaluation.arms, m.data.class_names
+    shown = {a: v for a, v in arms.items() if v.ran}
     figs = {}
     if shown:
-        split = m["evaluation"]["split"]
+        split = m.evaluation.split
         figs["arms_accuracy"] = plots.arms_plot(shown, "accuracy", split)
         figs["arms_macro_f1"] = plots.arms_plot(shown, "macro_f1", split)
-        which = key_arms(m["evaluation"])
-        figs["per_class"] = plots.per_class_plot(shown, names, which, split)
-        figs["confusion"] = plots.confusion_plot({a: shown[a]["confusion"] for a in which if a in shown}, names)
+        which = key_arms(m.evaluation)
+        figs["per_class"] = plots.per_class_plot({a: shown[a].per_class_accuracy for a in which}, names, split)
+        figs["confusion"] = plots.confusion_plot({a: shown[a].confusion for a in which}, names)
     kept = table["kept"].to_numpy()
     figs["quality_hist"] = plots.histogram_plot(
         {"kept": table.loc[kept, "p_intended"].to_numpy(), "rejected": table.loc[~kept, "p_intended"].to_numpy()},
@@ -60,7 +61,7 @@ def figures(run: Path, m: dict) -> dict[str, bytes]:
     figs["memorization_hist"] = plots.histogram_plot(
         {"kept synthetic → nearest train": table.loc[kept, f"nn_similarity_{space}"].to_numpy(),
          "train → nearest other train": np.asarray(fsum[f"train_nn_similarity_{space}"])},
-        f"cosine similarity ({space})", threshold=m["filter"]["memorization"][space]["threshold"])
+        f"cosine similarity ({space})", threshold=m.filter.memorization[space].threshold)
     rng = np.random.default_rng(0)  # which examples are shown; fixed so a rebuilt report is identical
     real_rows, kept_rows, rej_rows = [], [], []
     for k, c in enumerate(names):
@@ -106,13 +107,13 @@ overflow-wrap:anywhere}.scroll{overflow-x:auto;-webkit-overflow-scrolling:touch}
 th,td{padding:.25em .4em}.verdict{font-size:1.05em;padding:.6em .7em}h2{font-size:1.25em}}"""
 
 
-def render(m: dict, figs: dict[str, bytes]) -> tuple[str, str]:
+def render(m: Metrics, figs: dict[str, bytes]) -> tuple[str, str]:
     secs = sections(m)
-    verdict = (m.get("gain_over_best_baseline") or {}).get("verdict")
+    verdict = m.gain_over_best_baseline.verdict if m.gain_over_best_baseline else None
     tone = {Verdict.GAIN: "gain", Verdict.LOSS: "loss"}.get(verdict, "none")
-    md = [f"# augment report: {m['run']['name']}", ""]
-    body = [f"<h1>augment report: {html.escape(m['run']['name'])}</h1>",
-            f"<p class='muted'>run folder {html.escape(m['run']['output_dir'])} · config {m['run']['config_hash']}</p>"]
+    md = [f"# augment report: {m.run.name}", ""]
+    body = [f"<h1>augment report: {html.escape(m.run.name)}</h1>",
+            f"<p class='muted'>run folder {html.escape(m.run.output_dir)} · config {m.run.config_hash}</p>"]
     for title, text, tables, fig_names in secs:
         md += [f"## {title}", "", text, ""] if text else [f"## {title}", ""]
         body.append(f"<h2>{html.escape(title)}</h2>")
@@ -130,28 +131,30 @@ def render(m: dict, figs: dict[str, bytes]) -> tuple[str, str]:
                 body.append(f"<figure><img alt='{CAPTIONS[f]}' src='data:image/png;base64,{b64}'>"
                             f"<figcaption>{CAPTIONS[f]}</figcaption></figure>")
     page = (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>augment report: "
-            f"{html.escape(m['run']['name'])}</title>"
+            f"{html.escape(m.run.name)}</title>"
             "<meta name='viewport' content='width=device-width, initial-scale=1'>"
             f"<style>{CSS}</style></head><body>{''.join(body)}</body></html>")
     return "\n".join(md), page
 
 
 def build_report(run_dir: str | Path) -> dict:
-    """Write metrics.json, report.md (+ report_assets/) and report.html into the run folder; return the metrics."""
+    """Write metrics.json, report.md (+ report_assets/) and report.html into the run folder; return the metrics as
+    written to metrics.json (validated against the schema first)."""
     run = Path(run_dir)
     rf = RunFolder(run)
-    m = collect_metrics(run)
-    figs = _reused_figures(run, m)
+    raw = collect_metrics(run)
+    m = validate_metrics(raw, f"{rf.metrics} (as assembled)")
+    figs = _reused_figures(run, raw)
     if figs is None:
         figs = figures(run, m)
         rf.report_assets.mkdir(exist_ok=True)
         for name, png in figs.items():
             rf.figure(name).write_bytes(png)
-        write_json(rf.figures, {"key": _figures_key(run, m), "names": sorted(figs)})
+        write_json(rf.figures, {"key": _figures_key(run, raw), "names": sorted(figs)})
     md, page = render(m, figs)
-    for path, text in ((rf.metrics, json.dumps(m, indent=2)), (rf.report_md, md), (rf.report_html, page)):
+    for path, text in ((rf.metrics, json.dumps(raw, indent=2)), (rf.report_md, md), (rf.report_html, page)):
         write_text(path, text)
-    return m
+    return raw
 
 
 FIGURES_VERSION = 3  # bump when the figures' drawing changes, so that reports of earlier runs redraw them

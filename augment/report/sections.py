@@ -6,84 +6,82 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from augment.arms import Arm, Verdict, adds_label, arm_plus, has_part
+from augment.report.schema import ArmResult, Difference, Evaluation, Metrics, Summary, TrainSizes
 from augment.run import RunFolder
 
-def _choice_rows(m: dict) -> list[list]:
+
+def _choice_rows(m: Metrics) -> list[list]:
     """The choice table (recipe, pseudo, synthetic), for either selection rule."""
-    ev, data = m["evaluation"], m["data"]
-    sel = ev.get("selection") or {}
+    sel, n_val = m.evaluation.selection, m.data.validation_size
     rows = []
     for name, what in (("recipe", "classic augmentation"), ("pseudo", "pseudo-labeled pool"),
                        ("synthetic", "synthetic data")):
-        d = sel.get(name)
-        if not d:
+        d = getattr(sel, name)
+        if d is None:
             continue
-        if "skipped" in d:
-            rows.append([what, "cross-validation", "—", "—", "—", f"skipped: {d['skipped']}"])
-        elif "oof_accuracy" in d:  # cross-validated
-            diff, score = d.get("difference"), d.get("oof_score") or {}
+        if d.skipped is not None:
+            rows.append([what, "cross-validation", "—", "—", "—", f"skipped: {d.skipped}"])
+        elif d.cross_validated:
+            diff, score = d.difference, d.oof_score or {}
             scores = ", ".join(f"{o} {_pct(v)}" + (f" / {_pct(score[o])}" if o in score else "")
-                               for o, v in d["oof_accuracy"].items())
-            interval = "—" if diff is None else (f"{100 * diff['mean']:+.1f} [{100 * diff['ci_low']:+.1f}, "
-                                                 f"{100 * diff['ci_high']:+.1f}] "
-                                                 f"({100 * diff.get('confidence', 0.95):.0f}%)")
-            outcome = (d["chosen"] if name == "recipe" else
-                       ("in the recipe" if d["in_recipe"] else "left out") if name == "pseudo" else
-                       f"in the product at p={d['synthetic_prob']:g}" if d["in_product"] else "left out")
-            if d["rule"] not in ("cross_validation",):
+                               for o, v in d.oof_accuracy.items())
+            interval = "—" if diff is None else (f"{100 * diff.mean:+.1f} [{100 * diff.ci_low:+.1f}, "
+                                                 f"{100 * diff.ci_high:+.1f}] "
+                                                 f"({100 * diff.confidence:.0f}%)")
+            outcome = (d.chosen if name == "recipe" else
+                       ("in the recipe" if d.in_recipe else "left out") if name == "pseudo" else
+                       f"in the product at p={d.synthetic_prob:g}" if d.in_product else "left out")
+            if d.rule not in ("cross_validation",):
                 outcome += " (set)"
             elif diff is not None:
-                outcome += " (decided by the data)" if d["decided"] else " (the data cannot decide: simpler)"
-            rests = (f"{d['images']} labeled images the generator never saw x {d['repeats']} seeds"
-                     if name == "synthetic" else f"{d['images']} images, {d['folds']} folds x {d['repeats']}")
+                outcome += " (decided by the data)" if d.decided else " (the data cannot decide: simpler)"
+            rests = (f"{d.images} labeled images the generator never saw x {d.repeats} seeds"
+                     if name == "synthetic" else f"{d.images} images, {d.folds} folds x {d.repeats}")
             rule = ("held-out labeled images" if name == "synthetic" else "cross-validation"
-                    ) if d["rule"] == "cross_validation" else f"set: {d['rule']}"
+                    ) if d.rule == "cross_validation" else f"set: {d.rule}"
             rows.append([what, rule, scores, interval, rests, outcome])
         elif name == "recipe":
-            va = d["validation_accuracy"]
-            rows.append([what, f"validation: {d['rule']}", f"real {_pct(va.get('real'))}, real+classic "
-                         f"{_pct(va.get('real+classic'))}", "—",
-                         f"{data.get('validation_size', 0)} validation images", d["chosen"]])
+            va = d.validation_accuracy or {}
+            rows.append([what, f"validation: {d.rule}", f"real {_pct(va.get('real'))}, real+classic "
+                         f"{_pct(va.get('real+classic'))}", "—", f"{n_val} validation images", d.chosen])
         else:
             rows.append([what, "validation: kept if it raises accuracy",
-                         f"without {_pct(d['validation_accuracy_without'])}, with "
-                         f"{_pct(d['validation_accuracy_with'])}", "—",
-                         f"{data.get('validation_size', 0)} validation images",
-                         "in the recipe" if d["in_recipe"] else "left out"])
+                         f"without {_pct(d.validation_accuracy_without)}, with "
+                         f"{_pct(d.validation_accuracy_with)}", "—", f"{n_val} validation images",
+                         "in the recipe" if d.in_recipe else "left out"])
     return rows
 
 
-def _pseudo_table(m: dict) -> tuple[list, list, str]:
+def _pseudo_table(m: Metrics) -> tuple[list, list, str]:
     """The pseudo-label table (rows, header) and text, for either selection rule."""
-    sel = m["evaluation"].get("selection") or {}
-    ps = m.get("pseudo") or {}
-    if not ps:
+    choice, ps = m.evaluation.selection.pseudo, m.pseudo
+    if ps is None:
         return [], [], "No pseudo-labeling stage in this run."
-    if ps.get("rule") == "cross_validation":
-        chosen = ps.get("per_class_amount")
-        oof = (sel.get("pseudo") or {}).get("per_class_oof_accuracy") or {}
-        p_true = (sel.get("pseudo") or {}).get("per_class_oof_score") or {}
+    if ps.rule == "cross_validation":
+        chosen = ps.per_class_amount
+        oof = (choice.per_class_oof_accuracy if choice else None) or {}
+        p_true = (choice.per_class_oof_score if choice else None) or {}
         head = ["pool images per class", "out-of-fold accuracy (%)", "out-of-fold true-class p (%)", ""]
         table = [[k, _pct(v), _pct(p_true.get(k)), "chosen" if str(chosen) == k else ""] for k, v in oof.items()]
-        text = ("No pseudo-labels: " + ps["reason"] + "." if ps.get("reason") else
-                f"On each of {ps.get('folds')} folds a pseudo-labeler trained without the held-out images labeled "
+        text = ("No pseudo-labels: " + ps.reason + "." if ps.reason else
+                f"On each of {ps.folds} folds a pseudo-labeler trained without the held-out images labeled "
                 f"the pool, and the downstream classifier trained on the fold plus each class's most confident pool "
                 f"images (the same number for every class) scored the held-out images (the probability it gave "
                 f"their true class decides). The best number, "
-                f"{chosen} per class, labels {ps.get('count')} of {ps.get('pool_size')} pool images (per class: "
-                f"{ps.get('per_class')}), with the labeler trained on all {ps.get('labeled_images')} labeled "
-                f"images, whose own out-of-fold accuracy is {_pct(ps.get('labeler_oof_accuracy'))}%. These images "
+                f"{chosen} per class, labels {ps.count} of {ps.pool_size} pool images (per class: "
+                f"{ps.per_class}), with the labeler trained on all {ps.labeled_images} labeled "
+                f"images, whose own out-of-fold accuracy is {_pct(ps.labeler_oof_accuracy)}%. These images "
                 "also trained the generator when lora.use_pseudo_labeled is on.")
         return table, head, text
     head = ["threshold", "validation images above", "precision (%)", "coverage (%)", "meets rule", ""]
-    table = [[t["threshold"], t["validation_support"], _pct(t["validation_precision"]),
-              _pct(t["validation_coverage"]), "✓" if t["meets_rule"] else "",
-              "chosen" if t["threshold"] == ps.get("threshold") else ""] for t in ps.get("thresholds") or []]
-    text = ("No pseudo-labels: " + ps["reason"] + "." if ps.get("reason") else
+    table = [[t.threshold, t.validation_support, _pct(t.validation_precision),
+              _pct(t.validation_coverage), "✓" if t.meets_rule else "",
+              "chosen" if t.threshold == ps.threshold else ""] for t in ps.thresholds or []]
+    text = ("No pseudo-labels: " + ps.reason + "." if ps.reason else
             f"A classifier trained on the labeled train split only labeled the unlabeled pool; the threshold is "
-            f"the lowest whose confident validation predictions are at least {_pct(ps.get('min_precision'))}% "
-            f"accurate: {ps.get('threshold')}, which labels {ps.get('count')} of {ps.get('pool_size')} pool "
-            f"images (per class: {ps.get('per_class')}). These images also trained the generator when "
+            f"the lowest whose confident validation predictions are at least {_pct(ps.min_precision)}% "
+            f"accurate: {ps.threshold}, which labels {ps.count} of {ps.pool_size} pool "
+            f"images (per class: {ps.per_class}). These images also trained the generator when "
             "lora.use_pseudo_labeled is on.")
     return table, head, text
 
@@ -92,74 +90,73 @@ def _pct(x) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}"
 
 
-def _ci(s: dict) -> str:
-    if s.get("ci_low") is None:
-        return f"{_pct(s['mean'])}"
-    return f"{_pct(s['mean'])} ± {_pct(s['std'])} [{_pct(s['ci_low'])}, {_pct(s['ci_high'])}]"
+def _ci(s: Summary) -> str:
+    if s.ci_low is None:
+        return f"{_pct(s.mean)}"
+    return f"{_pct(s.mean)} ± {_pct(s.std)} [{_pct(s.ci_low)}, {_pct(s.ci_high)}]"
 
 
-def headline(m: dict) -> str:
-    g = m.get("gain_over_best_baseline")
-    ev = m["evaluation"]
-    arms, product = ev["arms"], ev.get("product_arm")
-    if g is None or product not in arms or "accuracy" not in arms[product]:
+def headline(m: Metrics) -> str:
+    g, ev = m.gain_over_best_baseline, m.evaluation
+    arms, product = ev.arms, ev.product_arm
+    if g is None or product not in arms or not arms[product].ran:
         return "No comparison of synthetic data against a baseline was run."
-    b = g["baseline"]
-    interval = ("" if g["ci_low"] is None else
-                f", 95% CI [{100 * g['ci_low']:+.1f}, {100 * g['ci_high']:+.1f}]")
-    recipe = ev.get("product_recipe") or "real"
-    rule = ((ev.get("selection") or {}).get("recipe") or {}).get("rule")
+    b = g.baseline
+    interval = ("" if g.ci_low is None else
+                f", 95% CI [{100 * g.ci_low:+.1f}, {100 * g.ci_high:+.1f}]")
+    recipe = ev.product_recipe or "real"
+    rule = ev.selection.recipe.rule if ev.selection.recipe else None
     how = ("chosen on labeled data by cross-validation" if rule == "cross_validation" else
            f"set by evaluation.recipe={rule}" if rule in ("classic", "none") else "chosen on validation")
     if not Arm.of(product).synthetic:  # the choose stage left the synthetic data out
-        syn = (ev.get("selection") or {}).get("synthetic") or {}
-        label = adds_label(recipe)
-        adds = (ev.get("synthetic_adds") or {}).get(label, {}).get("accuracy")
-        without = (f"On the {syn.get('images')} labeled images the generator never saw, the synthetic data could "
-                   f"not show that it helps, so the product is your recipe alone ({recipe}; {how})")
+        syn = ev.selection.synthetic
+        gain = ev.synthetic_adds.get(adds_label(recipe))
+        adds = gain.accuracy if gain else None
+        without = (f"On the {syn.images if syn else None} labeled images the generator never saw, the synthetic "
+                   f"data could not show that it helps, so the product is your recipe alone ({recipe}; {how})")
         against = ("it is the best baseline" if b == product else
-                   f"against {_pct(arms[b]['accuracy']['mean'])}% for the best baseline ({b}): a paired difference "
-                   f"of {100 * g['mean']:+.1f} points over {g['n']} seeds{interval}: **{g['verdict']}**")
+                   f"against {_pct(arms[b].accuracy.mean)}% for the best baseline ({b}): a paired difference "
+                   f"of {100 * g.mean:+.1f} points over {g.n} seeds{interval}: **{g.verdict}**")
         diag = "" if not adds else (
-            f" With the synthetic data ({arm_plus(recipe, 'synthetic')}, a diagnostic): {100 * adds['mean']:+.1f} "
-            f"points" + ("" if adds["ci_low"] is None else
-                         f", 95% CI [{100 * adds['ci_low']:+.1f}, {100 * adds['ci_high']:+.1f}]") +
-            f": {adds['verdict']}.")
-        return f"{without}: {_pct(arms[product]['accuracy']['mean'])}% {ev['split']} accuracy; {against}.{diag}"
+            f" With the synthetic data ({arm_plus(recipe, 'synthetic')}, a diagnostic): {100 * adds.mean:+.1f} "
+            f"points" + ("" if adds.ci_low is None else
+                         f", 95% CI [{100 * adds.ci_low:+.1f}, {100 * adds.ci_high:+.1f}]") +
+            f": {adds.verdict}.")
+        return f"{without}: {_pct(arms[product].accuracy.mean)}% {ev.split} accuracy; {against}.{diag}"
     return (f"Your recipe plus synthetic data ({product}; recipe {recipe} {how}) reached "
-            f"{_pct(arms[product]['accuracy']['mean'])}% {ev['split']} accuracy against "
-            f"{_pct(arms[b]['accuracy']['mean'])}% for the best baseline ({b}): a paired difference of "
-            f"{100 * g['mean']:+.1f} points over {g['n']} seeds{interval}: **{g['verdict']}**.")
+            f"{_pct(arms[product].accuracy.mean)}% {ev.split} accuracy against "
+            f"{_pct(arms[b].accuracy.mean)}% for the best baseline ({b}): a paired difference of "
+            f"{100 * g.mean:+.1f} points over {g.n} seeds{interval}: **{g.verdict}**.")
 
 
-def key_arms(ev: dict) -> list[str]:
+def key_arms(ev: Evaluation) -> list[str]:
     """The arms shown per class: real, real+classic, the best baseline and the product (each once, if run)."""
-    names = dict.fromkeys(("real", "real+classic", ev.get("best_baseline"), ev.get("product_arm")))
-    return [a for a in names if a and "per_class_accuracy" in ev["arms"].get(a, {})]
+    names = dict.fromkeys(("real", "real+classic", ev.best_baseline, ev.product_arm))
+    return [a for a in names if a and a in ev.arms and ev.arms[a].ran]
 
 
-def next_step(m: dict) -> str:
+def next_step(m: Metrics) -> str:
     """One line under the verdict: what a team should do with this result."""
-    g = m.get("gain_over_best_baseline")
+    g = m.gain_over_best_baseline
     if g is None:
         return ""
-    ds = m["dataset"]["path"]
-    if not Arm.of(g["product_arm"] or "synthetic").synthetic:
-        rows = m["dataset"]["splits"]["train"]
-        with_pool = has_part(g["product_arm"], "pseudo") and rows.get("pseudo_labeled")
+    ds = m.dataset.path
+    if not Arm.of(g.product_arm or "synthetic").synthetic:
+        rows = m.dataset.splits["train"]
+        with_pool = has_part(g.product_arm, "pseudo") and rows.pseudo_labeled
         keep = "the real and pseudo-labeled rows" if with_pool else "the real rows"
         return (f"Next: train on {keep} of `{ds}` (is_synthetic false) with your recipe. The synthetic rows are "
                 "published beside them (is_synthetic true) for inspection; the tables below show what they did.")
-    if g["verdict"] == Verdict.GAIN:
+    if g.verdict == Verdict.GAIN:
         return f"Next: train on `{ds}` (train split) with your usual recipe; the gain above is what to expect."
-    if g["verdict"] == Verdict.LOSS:
-        rows = m["dataset"]["splits"]["train"]
-        keep = ("the rows with is_synthetic false (real and pseudo-labeled)" if has_part(g["baseline"], "pseudo") and
-                rows.get("pseudo_labeled") else "the rows with is_synthetic false")
-        return (f"Next: train on {g['baseline']}: from `{ds}`, take {keep}. Look at the per-class table and the "
+    if g.verdict == Verdict.LOSS:
+        rows = m.dataset.splits["train"]
+        keep = ("the rows with is_synthetic false (real and pseudo-labeled)" if has_part(g.baseline, "pseudo") and
+                rows.pseudo_labeled else "the rows with is_synthetic false")
+        return (f"Next: train on {g.baseline}: from `{ds}`, take {keep}. Look at the per-class table and the "
                 "rejected samples below to see where the generator falls short.")
     return ("Next: the difference is within noise. Raise evaluation.seeds for a tighter interval, or keep "
-            f"{g['baseline']}, which costs less.")
+            f"{g.baseline}, which costs less.")
 
 
 class Section(NamedTuple):
@@ -171,42 +168,41 @@ class Section(NamedTuple):
     figures: list[str]
 
 
-def _verdict(m: dict) -> Section:
-    ev = m["evaluation"]
-    product, n_seeds = ev.get("product_arm"), len(m["run"]["evaluation_seeds"])
+def _verdict(m: Metrics) -> Section:
+    ev = m.evaluation
+    product, n_seeds = ev.product_arm, len(m.run.evaluation_seeds)
 
-    def gain_row(label: str, d: dict, f1: dict | None) -> list:
-        n = len(d.get("differences") or [])
+    def gain_row(label: str, d: Difference, f1: Difference | None) -> list:
+        n = len(d.differences)
         if 0 < n < n_seeds:  # a diagnostic arm, trained on the first evaluation.diagnostic_seeds seeds
             label += f" [diagnostic: {n} of {n_seeds} seeds]"
-        return [label, f"{100 * d['mean']:+.1f}",
-                "n/a" if d["ci_low"] is None else f"[{100 * d['ci_low']:+.1f}, {100 * d['ci_high']:+.1f}]",
-                "n/a" if d["p_value"] is None else f"{d['p_value']:.3g}", d["verdict"],
-                "" if f1 is None else f"{100 * f1['mean']:+.1f}"]
+        return [label, f"{100 * d.mean:+.1f}",
+                "n/a" if d.ci_low is None else f"[{100 * d.ci_low:+.1f}, {100 * d.ci_high:+.1f}]",
+                "n/a" if d.p_value is None else f"{d.p_value:.3g}", d.verdict,
+                "" if f1 is None else f"{100 * f1.mean:+.1f}"]
 
-    rows = [gain_row(f"{product} − {b}" + (" (best baseline)" if b == ev.get("best_baseline") else ""),
-                     d["accuracy"], d["macro_f1"]) for b, d in (ev.get("gains") or {}).items()]
-    adds = ev.get("synthetic_adds") or {}
-    for b in ev.get("baselines") or []:
+    rows = [gain_row(f"{product} − {b}" + (" (best baseline)" if b == ev.best_baseline else ""),
+                     d.accuracy, d.macro_f1) for b, d in (ev.gains or {}).items()]
+    adds = ev.synthetic_adds
+    for b in ev.baselines:
         label = adds_label(b)
         if label in adds and arm_plus(b, "synthetic") != product:  # the product's own pair is a row above
-            rows.append(gain_row(f"{label} (what synthetic data adds)", adds[label]["accuracy"],
-                                 adds[label]["macro_f1"]))
-    if ev.get("filter_gain"):
-        fg = ev["filter_gain"]
-        rows.append(gain_row(f"{fg.get('arm', product)} − {fg.get('against', 'unfiltered')} (what the filter is "
-                             "worth)", fg, None))
+            rows.append(gain_row(f"{label} (what synthetic data adds)", adds[label].accuracy,
+                                 adds[label].macro_f1))
+    if ev.filter_gain:
+        fg = ev.filter_gain
+        rows.append(gain_row(f"{fg.arm} − {fg.against} (what the filter is worth)", fg, None))
     verdict = headline(m) + (" " + next_step(m) if next_step(m) else "")
     return Section("Verdict", verdict, [(["comparison", "Δ accuracy (pts)", "95% CI", "p", "verdict",
                                           "Δ macro-F1 (pts)"], rows)], [])
 
 
-def _choices(m: dict) -> Section:
+def _choices(m: Metrics) -> Section:
     return Section(
         "How the recipe was chosen (labeled data only)",
         f"The product arm is your recipe plus the synthetic data, when it helps on labeled images the generator "
         f"never saw: "
-        f"{m['evaluation'].get('product_arm')}. Every choice below "
+        f"{m.evaluation.product_arm}. Every choice below "
         "reads labeled data only: out-of-fold scores of every labeled train image (cross-validation; the richer "
         "option wins only when its paired advantage over the simpler one, in the probability the fold's classifier "
         "gives each image's true class, has an interval above 0, at the level shown: a choice needs a lean, a "
@@ -217,78 +213,78 @@ def _choices(m: dict) -> Section:
            "rests on", "outcome"], _choice_rows(m))], [])
 
 
-def _pseudo(m: dict) -> Section:
+def _pseudo(m: Metrics) -> Section:
     rows, head, text = _pseudo_table(m)
     return Section("Pseudo-labels", text, [(head, rows)], [])
 
 
-def _arms(m: dict) -> Section:
-    ev = m["evaluation"]
+def _arms(m: Metrics) -> Section:
+    ev = m.evaluation
     rows = []
-    for a, v in ev["arms"].items():
-        if "accuracy" not in v:
-            rows.append([a, "skipped: " + v.get("skipped", ""), "", "", ""])
+    for a, v in ev.arms.items():
+        if not v.ran:
+            rows.append([a, "skipped: " + (v.skipped or ""), "", "", ""])
             continue
-        sizes = v.get("train_sizes") or {}
-        rows.append([a, _ci(v["accuracy"]), _ci(v["macro_f1"]), f"{sizes.get('real', 0)} / {sizes.get('synthetic', 0)}",
-                     " ".join(_pct(x) for x in v["per_seed_accuracy"])])
+        sizes = v.train_sizes or TrainSizes(real=0, synthetic=0)
+        rows.append([a, _ci(v.accuracy), _ci(v.macro_f1), f"{sizes.real} / {sizes.synthetic}",
+                     " ".join(_pct(x) for x in v.per_seed_accuracy)])
     return Section(
         "Downstream accuracy by arm",
-        f"The same {ev['model']} recipe trained from scratch on each arm, {len(m['run']['evaluation_seeds'])} seeds "
-        f"each (paired across arms), scored on the real {ev['split']} split. Accuracy and macro-F1 in %: mean ± std "
+        f"The same {ev.model} recipe trained from scratch on each arm, {len(m.run.evaluation_seeds)} seeds "
+        f"each (paired across arms), scored on the real {ev.split} split. Accuracy and macro-F1 in %: mean ± std "
         "[95% CI].",
         [(["arm", "accuracy", "macro-F1", "train real / synthetic", "per-seed accuracy"], rows)],
         ["arms_accuracy", "arms_macro_f1"])
 
 
-def _per_class(m: dict) -> Section:
-    ev, arms = m["evaluation"], m["evaluation"]["arms"]
-    shown, deltas = key_arms(ev), ev.get("per_class_delta") or {}
-    rows = [[c] + [_pct(arms[a]["per_class_accuracy"][k]) for a in shown] +
-            [f"{100 * deltas[b][k]:+.1f}" for b in deltas] for k, c in enumerate(m["data"]["class_names"])]
+def _per_class(m: Metrics) -> Section:
+    ev, arms = m.evaluation, m.evaluation.arms
+    shown, deltas = key_arms(ev), ev.per_class_delta or {}
+    rows = [[c] + [_pct(arms[a].per_class_accuracy[k]) for a in shown] +
+            [f"{100 * deltas[b][k]:+.1f}" for b in deltas] for k, c in enumerate(m.data.class_names)]
     header = ["class"] + shown + [f"Δ vs {b}" for b in deltas]
     return Section("Per class", "Test accuracy per class (mean over seeds) and the change that synthetic data made.",
                    [(header, rows)], ["per_class", "confusion"])
 
 
-def _generator(m: dict) -> Section:
-    gen, flt = m["generation"], m["filter"]
-    reasons = sorted({r for pc in gen["per_class"] for r in pc["rejected"]})
-    rows = [[pc["class"], pc["generated"], pc["kept"]] + [pc["rejected"].get(r, 0) for r in reasons]
-            for pc in gen["per_class"]]
-    rows.append(["all", gen["generated"], gen["kept"]] +
-                [sum(pc["rejected"].get(r, 0) for pc in gen["per_class"]) for r in reasons])
-    qc = flt["quality_classifier"]
+def _generator(m: Metrics) -> Section:
+    gen, flt = m.generation, m.filter
+    reasons = sorted({r for pc in gen.per_class for r in pc.rejected})
+    rows = [[pc.class_, pc.generated, pc.kept] + [pc.rejected.get(r, 0) for r in reasons]
+            for pc in gen.per_class]
+    rows.append(["all", gen.generated, gen.kept] +
+                [sum(pc.rejected.get(r, 0) for pc in gen.per_class) for r in reasons])
+    qc = flt.quality_classifier
     return Section(
         "What the generator and filter did",
-        f"Quality classifier ({qc['kind']}, trained on the real labeled train split only): validation accuracy "
-        f"{_pct(qc['validation_accuracy'])}% on {qc['validation_size']} real images; a weak judge makes a weak "
-        f"filter. Filter order: {' → '.join(flt['order'])}. ALIA out-of-fold accuracy on train: "
-        f"{_pct(flt['alia_oof_accuracy'])}%.",
+        f"Quality classifier ({qc.kind}, trained on the real labeled train split only): validation accuracy "
+        f"{_pct(qc.validation_accuracy)}% on {qc.validation_size} real images; a weak judge makes a weak "
+        f"filter. Filter order: {' → '.join(flt.order)}. ALIA out-of-fold accuracy on train: "
+        f"{_pct(flt.alia_oof_accuracy)}%.",
         [(["class", "generated", "kept"] + [f"rejected: {r}" for r in reasons], rows)],
         ["quality_hist", "grid_real", "grid_kept", "grid_rejected"])
 
 
-def _ablation(m: dict) -> Section:
-    ev, arms = m["evaluation"], m["evaluation"]["arms"]
-    product = ev.get("product_arm")
-    rows = [[name, _ci(v["accuracy"]), v["train_sizes"]["synthetic"] if v.get("train_sizes") else ""]
-            for name, v in ev["filter_ablation"].items() if "accuracy" in v]
-    unfiltered = (ev.get("filter_gain") or {}).get("against", "real+synthetic_unfiltered")
-    filtered = (ev.get("filter_gain") or {}).get("arm", product)
-    for a, label in ((unfiltered, "no filter"), (filtered, "all, in order: " + " → ".join(m["filter"]["order"]))):
-        if a and "accuracy" in arms.get(a, {}):
-            rows.append([label, _ci(arms[a]["accuracy"]), arms[a]["train_sizes"]["synthetic"]])
+def _ablation(m: Metrics) -> Section:
+    ev, arms = m.evaluation, m.evaluation.arms
+    product = ev.product_arm
+    rows = [[name, _ci(v.accuracy), v.train_sizes.synthetic if v.train_sizes else ""]
+            for name, v in ev.filter_ablation.items() if v.ran]
+    unfiltered = ev.filter_gain.against if ev.filter_gain else "real+synthetic_unfiltered"
+    filtered = ev.filter_gain.arm if ev.filter_gain else product
+    for a, label in ((unfiltered, "no filter"), (filtered, "all, in order: " + " → ".join(m.filter.order))):
+        if a and a in arms and arms[a].ran:
+            rows.append([label, _ci(arms[a].accuracy), arms[a].train_sizes.synthetic])
     return Section("Filter ablation", "Downstream accuracy (%) when only one filter is applied, none, or all. "
                    + _ablation_seeds(ev, arms, product), [(["filters", "accuracy", "synthetic kept"], rows)], [])
 
 
-def _memorization(m: dict) -> Section:
-    rows = [[space, v["threshold_rule"], f"{v['threshold']:.4f}", _pct(v["kept_fraction_above"]),
-             _pct(v["train_to_train_fraction_above"]),
-             "n/a" if v["kept_median"] is None else f"{v['kept_median']:.3f}",
-             "n/a" if v["train_to_train_median"] is None else f"{v['train_to_train_median']:.3f}"]
-            for space, v in m["filter"]["memorization"].items()]
+def _memorization(m: Metrics) -> Section:
+    rows = [[space, v.threshold_rule, f"{v.threshold:.4f}", _pct(v.kept_fraction_above),
+             _pct(v.train_to_train_fraction_above),
+             "n/a" if v.kept_median is None else f"{v.kept_median:.3f}",
+             "n/a" if v.train_to_train_median is None else f"{v.train_to_train_median:.3f}"]
+            for space, v in m.filter.memorization.items()]
     return Section(
         "Memorization",
         "Similarity of every kept synthetic image to its nearest real training image, against the same statistic "
@@ -297,68 +293,66 @@ def _memorization(m: dict) -> Section:
            "train-to-train median"], rows)], ["memorization_hist", "nn_pairs"])
 
 
-def _data(m: dict) -> Section:
-    data = m["data"]
-    test_rows = [[c, data["train_class_counts"][k], data["validation_class_counts"][k], data["test_class_counts"][k]]
-                 for k, c in enumerate(data["class_names"])]
-    ds_rows = [[s, v["rows"], v["synthetic"], v.get("pseudo_labeled", 0),
-                v["rows"] - v["synthetic"] - v.get("pseudo_labeled", 0)] for s, v in m["dataset"]["splits"].items()]
-    dup = data.get("duplicates_across_splits") or {}
-    dup_rows = [[d["split"], d["id"], d["copy_of"]] for d in dup.get("examples", [])]
+def _data(m: Metrics) -> Section:
+    data = m.data
+    test_rows = [[c, data.train_class_counts[k], data.validation_class_counts[k], data.test_class_counts[k]]
+                 for k, c in enumerate(data.class_names)]
+    ds_rows = [[s, v.rows, v.synthetic, v.pseudo_labeled, v.rows - v.synthetic - v.pseudo_labeled]
+               for s, v in m.dataset.splits.items()]
+    dup = data.duplicates_across_splits
+    dup_rows = [[d.split, d.id, d.copy_of] for d in dup.examples]
     dup_text = ""
-    if dup.get("count"):
-        dup_text = (f" **{dup['count']} image(s) in a less protected split are identical to one in test or "
+    if dup.count:
+        dup_text = (f" **{dup.count} image(s) in a less protected split are identical to one in test or "
                     "validation** (your own split folders; the first are listed below): " +
-                    ("they were removed from it (data.cross_split_duplicates: drop)." if dup["action"] == "drop" else
+                    ("they were removed from it (data.cross_split_duplicates: drop)." if dup.action == "drop" else
                      "they were left in place, so every arm's test accuracy may be inflated; set "
                      "data.cross_split_duplicates: drop to remove them."))
-    skipped = data.get("skipped") or {}
-    skip_text = "" if not skipped.get("count") else (
-        f" {skipped['count']} entries of the data source were skipped (" +
-        ", ".join(f"{why}: {n}" for why, n in skipped["reasons"].items()) + "), e.g. " +
-        ", ".join(skipped["examples"][:5]) + f"; {RunFolder('').data.summary.as_posix()} lists the first 20.")
+    skipped = data.skipped
+    skip_text = "" if not skipped.count else (
+        f" {skipped.count} entries of the data source were skipped (" +
+        ", ".join(f"{why}: {n}" for why, n in skipped.reasons.items()) + "), e.g. " +
+        ", ".join(skipped.examples[:5]) + f"; {RunFolder('').data.summary.as_posix()} lists the first 20.")
     return Section(
         "Data and test split",
-        f"Test split: {data['test_size']} real images, held out from fine-tuning, filtering and model selection. "
-        f"Labeled train: {data['train_size']}, validation: {data['validation_size']}, unlabeled pool: "
-        f"{data['pool_size']}." + dup_text + skip_text,
+        f"Test split: {data.test_size} real images, held out from fine-tuning, filtering and model selection. "
+        f"Labeled train: {data.train_size}, validation: {data.validation_size}, unlabeled pool: "
+        f"{data.pool_size}." + dup_text + skip_text,
         [(["class", "train", "validation", "test"], test_rows),
          (["published split", "rows", "synthetic", "pseudo-labeled", "real labeled"], ds_rows)]
         + ([(["split", "image", "identical to"], dup_rows)] if dup_rows else []), [])
 
 
-def _facts(m: dict) -> Section:
-    run, data, gen, ev = m["run"], m["data"], m["generation"], m["evaluation"]
-    facts = [["config hash", run["config_hash"]],
-             ["base model", f"{run['base_model'].get('description', '')} ({run['base_model'].get('kind', 'pixel')} "
-                            "backend)"],
-             ["base fingerprint", run["base_model"].get("fingerprint", "")],
-             ["adapter hash", run["adapter"].get("adapter_hash", "")],
-             ["data fingerprint", data["fingerprint"]], ["evaluation seeds", ", ".join(map(str, run["evaluation_seeds"]))],
-             ["sampler", f"{gen['scheduler']}, {gen['num_inference_steps']} steps, {gen.get('precision', 'fp32')}, "
-                         f"guidance {gen['guidance_scale']}, "
-                         f"strengths {gen['strengths']}"],
-             ["downstream model", f"{ev['model']}, synthetic share per batch {ev['synthetic_prob']}"]]
-    facts += [[f"{k} version", v] for k, v in run["versions"].items()]
-    if run.get("cpu"):
-        facts.append(["CPU", run["cpu"]])
-    facts += [[f"stage {k} (s)", f"{v:.1f}"] for k, v in run["stage_seconds"].items() if v is not None]
-    if run.get("total_seconds"):
-        facts.append(["total wall time (s)", f"{run['total_seconds']:.1f}"])
+def _facts(m: Metrics) -> Section:
+    run, data, gen, ev = m.run, m.data, m.generation, m.evaluation
+    facts = [["config hash", run.config_hash],
+             ["base model", f"{run.base_model.description} ({run.base_model.kind} backend)"],
+             ["base fingerprint", run.base_model.fingerprint],
+             ["adapter hash", run.adapter.adapter_hash],
+             ["data fingerprint", data.fingerprint], ["evaluation seeds", ", ".join(map(str, run.evaluation_seeds))],
+             ["sampler", f"{gen.scheduler}, {gen.num_inference_steps} steps, {gen.precision}, "
+                         f"guidance {gen.guidance_scale}, strengths {gen.strengths}"],
+             ["downstream model", f"{ev.model}, synthetic share per batch {ev.synthetic_prob}"]]
+    facts += [[f"{k} version", v] for k, v in run.versions.items()]
+    if run.cpu:
+        facts.append(["CPU", run.cpu])
+    facts += [[f"stage {k} (s)", f"{v:.1f}"] for k, v in run.stage_seconds.items() if v is not None]
+    if run.total_seconds:
+        facts.append(["total wall time (s)", f"{run.total_seconds:.1f}"])
     return Section("Run facts", "", [(["fact", "value"], facts)], [])
 
 
 SECTIONS = (_verdict, _choices, _pseudo, _arms, _per_class, _generator, _ablation, _memorization, _data, _facts)
 
 
-def sections(m: dict) -> list[Section]:
+def sections(m: Metrics) -> list[Section]:
     """The report's sections in order; both renderers walk this list."""
     return [section(m) for section in SECTIONS]
 
 
-def _ablation_seeds(ev: dict, arms: dict, product: str | None) -> str:
-    n_diag = {len(v["per_seed_accuracy"]) for v in ev["filter_ablation"].values() if "per_seed_accuracy" in v}
-    n_all = len(arms.get(product, {}).get("per_seed_accuracy", [])) if product else 0
+def _ablation_seeds(ev: Evaluation, arms: dict[str, ArmResult], product: str | None) -> str:
+    n_diag = {len(v.per_seed_accuracy) for v in ev.filter_ablation.values() if v.ran}
+    n_all = len(arms[product].per_seed_accuracy) if product in arms else 0
     if not n_diag or n_diag == {n_all}:
         return "Same seeds throughout."
     return (f"Single filters and no filter: the first {max(n_diag)} seeds (evaluation.diagnostic_seeds); all "
