@@ -168,15 +168,19 @@ def test_the_evaluation_follows_the_cross_validated_choices(few_shot, tmp_path):
 
 
 def test_the_report_says_how_many_images_each_choice_rests_on():
+    from augment.report.schema import (Choice, DataFacts, Evaluation, Metrics, Pseudo, Selection)
     from augment.report.sections import _choice_rows, _pseudo_table
 
     d = {"options": ["real", "real+classic"], "oof_accuracy": {"real": 0.71, "real+classic": 0.74},
          "oof_score": {"real": 0.65, "real+classic": 0.7}, "images": 120,
          "folds": 5, "repeats": 2, "difference": {"mean": 0.03, "ci_low": -0.01, "ci_high": 0.07}, "best":
          "real+classic", "chosen": "real", "decided": False, "rule": "cross_validation", "name": "recipe"}
-    m = {"data": {"validation_size": 0}, "evaluation": {"selection": {"recipe": d}},
-         "pseudo": {"rule": "cross_validation", "per_class_amount": 50, "count": 500, "pool_size": 900, "folds": 5,
-                    "labeled_images": 120, "labeler_oof_accuracy": 0.7, "per_class": [50] * 10}}
+    pseudo = {"rule": "cross_validation", "per_class_amount": 50, "count": 500, "pool_size": 900, "folds": 5,
+              "labeled_images": 120, "labeler_oof_accuracy": 0.7, "per_class": [50] * 10}
+    # only the parts these two tables read, each validated (a difference without `confidence` reads as 95%)
+    m = Metrics.model_construct(data=DataFacts.model_construct(validation_size=0),
+                                evaluation=Evaluation.model_construct(selection=Selection(recipe=Choice(**d))),
+                                pseudo=Pseudo(**dict.fromkeys(Pseudo.model_fields) | pseudo))
     rows, text = _choice_rows(m), _pseudo_table(m)[2]
     assert rows == [["classic augmentation", "cross-validation", "real 71.0 / 65.0, real+classic 74.0 / 70.0",
                      "+3.0 [-1.0, +7.0] (95%)",

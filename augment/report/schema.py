@@ -1,7 +1,7 @@
 """The schema of metrics.json as pydantic models: what the report reads, validated when it is assembled and when a
 finished run's metrics.json is read back (`read_metrics`). Every model forbids fields it does not declare, so a
-stage that writes a new number has to declare it here first; the field names are those of the file (docs/report.md
-describes what each one means).
+stage that writes a new number has to declare it here first; the field names are those of the file (the report's
+page in docs/ describes what each one means).
 
 Choices and arms appear in several shapes (cross-validated or on the validation split; skipped or run): their
 models declare every field of every shape, the ones a shape lacks as None.
@@ -75,7 +75,7 @@ class Interval(_Model):
     mean: float
     ci_low: float
     ci_high: float
-    confidence: float
+    confidence: float = 0.95
 
 
 # -- run, data, generation, filter ---------------------------------------------------------------------------------
