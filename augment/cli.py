@@ -15,9 +15,10 @@ from augment.config import ConfigError
 from augment.configfile import load_config
 from augment.data import DataError
 from augment.errors import ModelError
+from augment.report.schema import MetricsError
 from augment.run import RunFolder, RunFolderError, claim, lock, using
 
-USER_ERRORS = (ConfigError, DataError, ModelError, RunFolderError, FileNotFoundError)
+USER_ERRORS = (ConfigError, DataError, ModelError, RunFolderError, FileNotFoundError, MetricsError)
 
 
 def _version() -> str:
