@@ -70,10 +70,11 @@ def finished(cfg: RunConfig) -> dict | None:
         return None
     if not all(f.is_file() for f in (out.metrics, out.report_html, out.dataset.record)):
         return None
-    from augment.report.schema import MetricsError, read_metrics
+    from augment.report.schema import MetricsError, validate_metrics
 
+    raw = run_folder.read_json(out.metrics)
     try:  # metrics.json of another version, or edited: the run is done again and the file rewritten
-        return None if read_metrics(out.metrics) is None else run_folder.read_json(out.metrics)
+        return None if raw is None else validate_metrics(raw) and raw
     except MetricsError:
         return None
 
