@@ -15,10 +15,10 @@ from augment.config import ConfigError
 from augment.configfile import load_config
 from augment.data import DataError
 from augment.errors import ModelError
-from augment.report.schema import MetricsError
+from augment.results import RecordError
 from augment.run import RunFolder, RunFolderError, claim, lock, using
 
-USER_ERRORS = (ConfigError, DataError, ModelError, RunFolderError, FileNotFoundError, MetricsError)
+USER_ERRORS = (ConfigError, DataError, ModelError, RunFolderError, FileNotFoundError, RecordError)
 
 
 def _version() -> str:

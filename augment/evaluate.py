@@ -32,6 +32,7 @@ import numpy as np
 
 from augment.arms import Arm, adds_label, arm_plus, has_part
 from augment.config import EvaluationConfig
+from augment.results import Choice, EvaluationSummary, Selection
 from augment.stats import paired_difference, summarize
 from augment.trainings import MappedRunner, Runner, RunUnits, TrainingSets, arm_training_set, training_key
 
@@ -42,13 +43,13 @@ def _val_mean(runs: list[dict]) -> float:
 
 def evaluate(cfg: EvaluationConfig, sets: TrainingSets, output_dir: str | Path,
              progress: Callable[[int, int], None] | None = None, log=print,
-             run_units: RunUnits | None = None, decisions: dict | None = None) -> Path:
+             run_units: RunUnits | None = None, decisions: Selection | None = None) -> Path:
     """Run the protocol (or the listed arms); writes the results file of `output_dir`. `run_units` runs each phase's
     (arm, recipe, seed) units elsewhere (default: this process or a local pool of `cfg.workers`). `decisions`: the
     cross-validated choices of the pseudo stage and, under "synthetic", the choose stage's (augment.selection);
     without them, choices read validation and the product takes the synthetic data. Synthetic data is mixed in
     at the first of cfg.synthetic_prob (the caller passes the chosen one)."""
-    decisions = decisions or {}
+    decisions = decisions or Selection()
 
     keys: dict[tuple[str, str], str] = {}
 
@@ -79,16 +80,15 @@ def evaluate(cfg: EvaluationConfig, sets: TrainingSets, output_dir: str | Path,
         try:
             # 1. The team's recipe: classic augmentation or not (cross-validated, or on validation).
             results.update(runner.run(["real", "real+classic"], "real", seeds))
-            recipe = _choose_recipe(cfg, results, has_val, selection, decisions.get("recipe"))
+            recipe = _choose_recipe(cfg, results, has_val, selection, decisions.recipe)
             # 2. The pseudo-labeled pool: a baseline, and part of the recipe when it helps (out of fold, or on
             # validation).
             product_recipe = recipe
             if has_pseudo:
                 results.update(runner.run([arm_plus(recipe, "pseudo")], recipe, seeds))
-                if "pseudo" in decisions:
-                    d = decisions["pseudo"]
-                    helps = has_part(d["chosen"], "pseudo")
-                    selection["pseudo"] = {**d, "in_recipe": helps}
+                if decisions.pseudo is not None:
+                    helps = has_part(decisions.pseudo.chosen, "pseudo")
+                    selection["pseudo"] = {**decisions.pseudo.to_json(), "in_recipe": helps}
                 else:
                     helps = has_val and _val_mean(results[arm_plus(recipe, "pseudo")]) > _val_mean(results[recipe])
                     selection["pseudo"] = {"rule": "validation",
@@ -111,9 +111,9 @@ def evaluate(cfg: EvaluationConfig, sets: TrainingSets, output_dir: str | Path,
         finally:
             runner.close()
         product = arm_plus(product_recipe, "synthetic")
-        if "synthetic" in decisions:  # cross-validated: whether the product takes the synthetic data
-            selection["synthetic"] = dict(decisions["synthetic"])
-            if decisions["synthetic"].get("in_product") is False:
+        if decisions.synthetic is not None:  # cross-validated: whether the product takes the synthetic data
+            selection["synthetic"] = decisions.synthetic.to_json()
+            if decisions.synthetic.in_product is False:
                 product = product_recipe
     else:
         arms = list(cfg.arms) + [Arm(filter=n).name for n in sets.ablation]
@@ -121,8 +121,8 @@ def evaluate(cfg: EvaluationConfig, sets: TrainingSets, output_dir: str | Path,
         runner = make_runner(len(cfg.arms) * len(seeds) + len(sets.ablation) * len(diag_seeds))
         try:
             results.update(runner.run([a for a in arms if Arm.of(a).filter is None], recipe, seeds))
-            if cfg.recipe == "auto" and ({"real", "real+classic"} <= set(results) or "recipe" in decisions):
-                recipe = _choose_recipe(cfg, results, has_val, selection, decisions.get("recipe"))
+            if cfg.recipe == "auto" and ({"real", "real+classic"} <= set(results) or decisions.recipe is not None):
+                recipe = _choose_recipe(cfg, results, has_val, selection, decisions.recipe)
             results.update(runner.run([a for a in arms if Arm.of(a).filter is not None], recipe, diag_seeds))
         finally:
             runner.close()
@@ -146,10 +146,10 @@ def evaluate(cfg: EvaluationConfig, sets: TrainingSets, output_dir: str | Path,
 
 
 def _choose_recipe(cfg: EvaluationConfig, results: dict, has_val: bool, selection: dict,
-                   decided: dict | None = None) -> str:
+                   decided: Choice | None = None) -> str:
     if decided is not None:  # made by the pseudo stage, which already applied evaluation.recipe (part of its key)
-        selection["recipe"] = dict(decided)
-        return decided["chosen"]
+        selection["recipe"] = decided.to_json()
+        return decided.chosen
     val = {a: _val_mean(results[a]) for a in ("real", "real+classic")}
     if cfg.recipe == "auto":
         recipe = "real+classic" if not has_val or val["real+classic"] >= val["real"] else "real"
@@ -159,7 +159,7 @@ def _choose_recipe(cfg: EvaluationConfig, results: dict, has_val: bool, selectio
     return recipe
 
 
-def summarize_results(results: dict) -> dict:
+def summarize_results(results: dict) -> EvaluationSummary:
     """Per-arm statistics, per-class deltas and the paired gains that decide whether synthetic data helped."""
     runs = {a: [r for r in rs if "accuracy" in r] for a, rs in results["runs"].items()}
     arms = {}
@@ -213,4 +213,4 @@ def summarize_results(results: dict) -> dict:
     if runs.get(unfiltered) and runs.get(filtered):
         out["filter_gain"] = paired(acc(filtered), acc(unfiltered))
         out["filter_gain"].update(arm=filtered, against=unfiltered)
-    return out
+    return EvaluationSummary.model_validate(out)

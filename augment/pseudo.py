@@ -19,6 +19,8 @@ import pandas as pd
 from augment.classifier import train_classifier
 from augment.config import PseudoConfig, SelectionConfig
 from augment.data import ImageSet
+from augment import results
+from augment.results import PseudoSummary, Selection
 
 
 @dataclass
@@ -27,29 +29,33 @@ class PseudoLabels:
     labels: np.ndarray
     confidence: np.ndarray
     ids: list[str]
-    summary: dict
+    summary: PseudoSummary  # a dict is read as one
+
+    def __post_init__(self) -> None:
+        if isinstance(self.summary, dict):
+            self.summary = results.parse(PseudoSummary, self.summary, "pseudo-labels' summary")
 
     def __len__(self) -> int:
         return len(self.index)
 
     def save(self, folder: Path) -> None:
-        from augment.run import PseudoFolder, write_json
+        from augment.run import PseudoFolder
 
         out = PseudoFolder(folder)
         out.path.mkdir(parents=True, exist_ok=True)
         pd.DataFrame({"pool_index": self.index, "pool_id": self.ids, "label": self.labels,
                       "confidence": self.confidence}).to_parquet(out.labels)
-        write_json(out.summary, self.summary)
+        results.save(out.summary, self.summary)
 
     @classmethod
     def load(cls, folder: Path) -> "PseudoLabels":
-        from augment.run import PseudoFolder, read_json
+        from augment.run import PseudoFolder
 
         out = PseudoFolder(folder)
         df = pd.read_parquet(out.labels)
         return cls(df["pool_index"].to_numpy(np.int64), df["label"].to_numpy(np.int64),
                    df["confidence"].to_numpy(np.float32), df["pool_id"].astype(str).tolist(),
-                   read_json(out.summary, {}))
+                   results.load(out.summary, PseudoSummary, PseudoSummary()))
 
     @classmethod
     def empty(cls, reason: str) -> "PseudoLabels":
@@ -105,9 +111,10 @@ def pseudo_label(cfg: PseudoConfig, train: ImageSet, validation: ImageSet, pool:
 
 
 def select_and_label(cfg: PseudoConfig, sel: SelectionConfig, train: ImageSet, pool: ImageSet,
-                     recipe: str = "auto", workers: int = 0, log=print, progress=None) -> tuple[PseudoLabels, dict]:
+                     recipe: str = "auto", workers: int = 0, log=print,
+                     progress=None) -> tuple[PseudoLabels, Selection]:
     """The cross-validated choices (augment.selection) and the pseudo-labels they pick: returns the labels and the
-    decisions {"recipe": ..., "pseudo": ...} (Decision.to_json()).
+    decisions (the recipe's and, with a pool, the pool's: each a Decision.to_json() and what this adds).
 
     1. Out of fold, on every labeled image: the downstream classifier with and without classic augmentation (the
        recipe: chosen when `recipe` is `auto`, else as set, with both scores reported), and, per fold, a
@@ -153,7 +160,8 @@ def select_and_label(cfg: PseudoConfig, sel: SelectionConfig, train: ImageSet, p
             ", ".join(f"{a} {100 * v:.1f}% (true-class p {100 * choice.oof_score[a]:.1f})"
                       for a, v in choice.oof_accuracy.items()) + f"; {choice.reason})")
         if not use_pool:
-            return PseudoLabels.empty("pseudo.enabled is false" if not cfg.enabled else "no unlabeled pool"), decisions
+            why = "pseudo.enabled is false" if not cfg.enabled else "no unlabeled pool"
+            return PseudoLabels.empty(why), Selection.model_validate(decisions)
         labelers = out[2 * F:]
         labeler_oof = oof([held for _, held in labelers]).correct.mean(0)
         # 2. How many pool images per class, with the recipe.
@@ -189,4 +197,4 @@ def select_and_label(cfg: PseudoConfig, sel: SelectionConfig, train: ImageSet, p
                "labeler_oof_per_class": [float(labeler_oof[train.labels == k].mean()) for k in range(K)]}
     log(f"pseudo: {best_m} per class (chosen out of fold) labels {len(index)} of {len(pool)} pool images")
     return (PseudoLabels(index, pred[index].astype(np.int64), conf[index].astype(np.float32),
-                         [pool.ids[i] for i in index], summary), decisions)
+                         [pool.ids[i] for i in index], summary), Selection.model_validate(decisions))

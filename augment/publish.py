@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from augment import results
 from augment.data import ImageSet, Splits
 from augment.imagefiles import to_pil
+from augment.results import PublishRecord
 from augment.run import DatasetFolder
 
 PROVENANCE = {
@@ -174,10 +175,11 @@ ds = datasets.load_from_disk("<this folder>")   # or: datasets.load_dataset("<th
 
 def publish(splits: Splits, kept_images: np.ndarray, kept_table: pd.DataFrame, output_dir: str | Path,
             name: str, provenance: dict, max_shard_rows: int = 5000,
-            pseudo: tuple[ImageSet, np.ndarray] | None = None, key: str = "", about: dict | None = None) -> dict:
-    """Write the DatasetDict; returns row counts per split. `pseudo`: pseudo-labeled pool images and their
-    confidences, published in train after the real rows. `key`: the identity of the inputs, recorded in
-    augment_publish.json so that an unchanged re-run can keep this dataset."""
+            pseudo: tuple[ImageSet, np.ndarray] | None = None, key: str = "",
+            about: dict | None = None) -> PublishRecord:
+    """Write the DatasetDict; returns its record (row counts per split, provenance, version). `pseudo`:
+    pseudo-labeled pool images and their confidences, published in train after the real rows. `key`: the identity
+    of the inputs, recorded in augment_publish.json so that an unchanged re-run can keep this dataset."""
     import datasets
 
     out = Path(output_dir)
@@ -211,8 +213,8 @@ def publish(splits: Splits, kept_images: np.ndarray, kept_table: pd.DataFrame, o
     info = {s: {"rows": len(ds), "synthetic": int(sum(ds["is_synthetic"])),
                 "pseudo_labeled": int(sum(ds["is_pseudo_labeled"]))} for s, ds in dd.items()}
     DatasetFolder(tmp).card.write_text(_card(name, info, splits.class_names, provenance, list(dd), version, about))
-    DatasetFolder(tmp).record.write_text(json.dumps({"splits": info, "provenance": provenance,
-                                                          "version": version, "key": key}, indent=2))
+    record = PublishRecord.model_validate({"splits": info, "provenance": provenance, "version": version, "key": key})
+    results.save(DatasetFolder(tmp).record, record)
     if out.exists():
         shutil.rmtree(old, ignore_errors=True)
         out.rename(old)
@@ -220,7 +222,7 @@ def publish(splits: Splits, kept_images: np.ndarray, kept_table: pd.DataFrame, o
         shutil.rmtree(old, ignore_errors=True)
     else:
         tmp.rename(out)
-    return info
+    return record
 
 
 PUSHED = (DatasetFolder.CARD, f"{DatasetFolder.PARQUET}/*.parquet")  # the card and the parquet shards: the arrow copy stays local

@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from augment.config import ClassifierConfig
+from augment.results import Choice
 
 
 @dataclass(frozen=True)
@@ -266,7 +267,7 @@ def option_name(recipe: str, prob: float) -> str:
 def choose_synthetic(sel, probs: Sequence[float], recipe: str, images: np.ndarray, labels: np.ndarray,
                      num_classes: int, holdout: np.ndarray, pool: tuple[np.ndarray, np.ndarray] | None,
                      synthetic: tuple[np.ndarray, np.ndarray], workers: int = 0, log=print,
-                     progress: Callable[[int, int], None] | None = None) -> dict:
+                     progress: Callable[[int, int], None] | None = None) -> Choice:
     """Whether the product takes the kept synthetic samples, and at which mixing probability: on the `holdout`
     rows of the labeled set (which the generator never saw), classifiers trained on the other labeled rows with
     the recipe (`recipe`: classic augmentation or not; `pool`, its pseudo-labeled pool images and labels, or
@@ -320,4 +321,4 @@ def choose_synthetic(sel, probs: Sequence[float], recipe: str, images: np.ndarra
     log(f"choose: synthetic data {outcome} (on {len(holdout)} labeled images the generator never saw, {R} seeds: "
         + ", ".join(f"{o} {100 * choice.oof_accuracy[o]:.1f}% (p {100 * choice.oof_score[o]:.1f})"
                     for o in choice.options) + f"; {choice.reason})")
-    return result
+    return Choice.model_validate(result)

@@ -37,6 +37,7 @@ def run_one(cfg, out: Path) -> dict:
     from augment.evaluate import evaluate, summarize_results
     from augment.trainings import TrainingSets
     from augment.pseudo import pseudo_label, select_and_label
+    from augment.results import Selection
 
     t0 = time.time()
     splits = make_splits(cfg.data)
@@ -45,20 +46,20 @@ def run_one(cfg, out: Path) -> dict:
                                              workers=cfg.evaluation.workers, log=lambda m: None)
     else:
         labels, decisions = pseudo_label(cfg.pseudo, splits.train, splits.validation, splits.pool,
-                                         log=lambda m: None), {}
+                                         log=lambda m: None), Selection()
     t_select = time.time() - t0
     pseudo = (splits.pool.images[labels.index], labels.labels) if len(labels) else None
-    recipe = (decisions.get("recipe") or {}).get("chosen", "real+classic")
+    recipe = decisions.recipe.chosen if decisions.recipe else "real+classic"
     arms = ["real", "real+classic"] + ([f"{recipe}+pseudo"] if pseudo is not None else [])
     empty = (splits.train.images[:0], splits.train.labels[:0])
     ev = cfg.evaluation.model_copy(update={"arms": arms, "filter_ablation": False, "recipe": "auto"})
     sets = TrainingSets(splits, empty, empty, pseudo)
     res = json.loads(evaluate(ev, sets, out, log=lambda m: None, decisions=decisions).read_text())
     s = summarize_results(res)
-    chosen = (decisions.get("pseudo") or {}).get("chosen", res["recipe"])  # the recipe, with the pool if it helps
+    chosen = decisions.pseudo.chosen if decisions.pseudo else res["recipe"]  # the recipe, with the pool if it helps
     return {"runs": {a: [r["accuracy"] for r in rs] for a, rs in res["runs"].items()},
-            "recipe": res["recipe"], "product_recipe": chosen, "pseudo": labels.summary,
-            "decisions": decisions, "best_baseline": s.get("best_baseline"),
+            "recipe": res["recipe"], "product_recipe": chosen, "pseudo": labels.summary.to_json(),
+            "decisions": decisions.to_json(), "best_baseline": s.best_baseline,
             "seconds_select": t_select, "seconds": time.time() - t0}
 
 

@@ -92,15 +92,15 @@ def test_pseudo_labels_come_from_train_and_validation_only(splits):
     cfg = PseudoConfig(classifier=ClassifierConfig(width=8, steps=150), thresholds=[0.3, 0.5, 0.7], min_precision=0.8,
                        min_support=5)
     p = pseudo_label(cfg, splits.train, splits.validation, splits.pool, log=lambda m: None)
-    assert p.summary["threshold"] is not None and len(p) > 0
-    assert (p.confidence > p.summary["threshold"]).all()
+    assert p.summary.threshold is not None and len(p) > 0
+    assert (p.confidence > p.summary.threshold).all()
     assert set(p.ids) <= set(splits.pool.ids)
     # the pool's true labels (kept aside here) agree with most pseudo-labels
     cfg_d = DataConfig(shots_per_class=5, test_fraction=0.3, val_fraction=0.1, max_pool_size=300)
     truth = dict(zip(load_images(cfg_d).ids, load_images(cfg_d).labels))
     assert np.mean([truth[i] == y for i, y in zip(p.ids, p.labels)]) > 0.7
     assert pseudo_label(cfg.model_copy(update={"enabled": False}), splits.train, splits.validation,
-                        splits.pool).summary["reason"] == "pseudo.enabled is false"
+                        splits.pool).summary.reason == "pseudo.enabled is false"
 
 
 def _scrambled_test(splits: Splits) -> Splits:
@@ -125,8 +125,8 @@ def test_protocol_chooses_on_validation_and_never_on_test(splits, tmp_path):
                               f"{recipe}+pseudo+synthetic", f"{a['product_recipe']}+synthetic_unfiltered",
                               "synthetic", "filter:class_consistency"}
     s = summarize_results(a)
-    assert set(s["baselines"]) == {"real", "real+classic", f"{recipe}+pseudo"}
-    assert s["best_baseline"] == max(s["baselines"], key=lambda x: s["arms"][x]["accuracy"]["mean"])
+    assert set(s.baselines) == {"real", "real+classic", f"{recipe}+pseudo"}
+    assert s.best_baseline == max(s.baselines, key=lambda x: s.arms[x].accuracy.mean)
 
 
 def test_results_do_not_depend_on_the_number_of_workers(splits, tmp_path):
@@ -166,7 +166,7 @@ def test_diagnostic_arms_train_on_the_first_seeds_only(splits, tmp_path):
     assert diagnostic and all(len(res["runs"][a]) == 2 for a in diagnostic)
     assert all(len(rs) == 3 for a, rs in res["runs"].items() if a not in diagnostic)
     s = summarize_results(res)
-    assert len(s["filter_gain"]["differences"]) == 2 and len(s["gain_over_best_baseline"]["differences"]) == 3
+    assert len(s.filter_gain.differences) == 2 and len(s.gain_over_best_baseline.differences) == 3
 
 
 def test_a_training_repeated_under_another_arm_name_runs_once(splits, tmp_path, monkeypatch):
@@ -213,7 +213,7 @@ def test_a_product_without_synthetic_data_is_compared_and_explained_as_the_recip
                "runs": {"real": runs([0.90, 0.91, 0.92]), "real+classic": runs([0.95, 0.96, 0.95]),
                         "real+classic+synthetic": runs([0.94, 0.95, 0.93]),
                         "real+classic+synthetic_unfiltered": runs([0.93, 0.94, 0.92])}}
-    s = summarize_results(results)
+    s = summarize_results(results).to_json()  # as evaluation/summary.json holds it
     assert s["best_baseline"] == "real+classic" and s["gain_over_best_baseline"]["mean"] == 0
     assert set(s["gains"]) == {"real"}  # never the product against itself
     assert s["synthetic_adds"]["real+classic+synthetic vs real+classic"]["accuracy"]["mean"] == pytest.approx(-0.0133,

@@ -332,10 +332,10 @@ def _run_stages_without_prefect(cfg, quiet):
     choices.pseudo_stage(cfg, log=quiet)
     adapter = generator.finetune_stage(cfg, base, log=quiet)
     assert generator.generate_stage(cfg, base, adapter, log=quiet)["samples"] == 0
-    assert outcome.filter_stage(cfg, log=quiet)["kept"] == 0
+    assert outcome.filter_stage(cfg, log=quiet).kept == 0
     summary = outcome.evaluate_stage(cfg, log=quiet)
-    assert "skipped" in summary["arms"]["synthetic"]
-    assert outcome.publish_stage(cfg, base, adapter)["train"]["synthetic"] == 0
+    assert summary.arms["synthetic"].skipped and not summary.arms["synthetic"].ran
+    assert outcome.publish_stage(cfg, base, adapter).splits["train"].synthetic == 0
 
 
 def test_deployment_event_trigger():

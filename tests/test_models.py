@@ -309,12 +309,13 @@ def test_the_feedback_classifier_reads_model_space_images_and_passes_gradients(s
     at the data's size, resized inside the module when the classifier works at another size."""
     from augment.config import RunConfig
     from augment.data import ImageSet
+    from augment.results import Choice, Selection
     from augment.stages import generator
 
     seen = {}
     pool = ImageSet(splits.pool.images[:6], np.arange(6) % len(splits.class_names), splits.class_names)
-    monkeypatch.setattr(generator, "load_selection", lambda cfg: {"recipe": {"chosen": "real"},
-                                                                 "pseudo": {"chosen": "real+pseudo"}})
+    picked = Selection(recipe=Choice(chosen="real"), pseudo=Choice(chosen="real+pseudo"))
+    monkeypatch.setattr(generator, "load_selection", lambda cfg: picked)
     monkeypatch.setattr(generator, "load_pseudo", lambda cfg, s: (pool, None))
     import augment.classifier as classifier
 

@@ -21,7 +21,7 @@ def test_publish_roundtrip_and_atomic_replace(tmp_path):
     out = tmp_path / "ds"
     publish(splits, images, table, out, "t", prov, max_shard_rows=100)
     info = publish(splits, images, table, out, "t", prov, max_shard_rows=100)  # replaces in place
-    assert info["train"] == {"rows": 22, "synthetic": 2, "pseudo_labeled": 0}
+    assert info.splits["train"].to_json() == {"rows": 22, "synthetic": 2, "pseudo_labeled": 0}
     assert not (tmp_path / "ds.tmp").exists() and not (tmp_path / "ds.old").exists()
     assert len(list((out / "data").glob("test-*.parquet"))) > 1  # sharded
     a = datasets.load_from_disk(str(out))
@@ -47,7 +47,7 @@ def test_pseudo_labeled_pool_rows_are_published_marked(tmp_path):
     empty, prov = no_candidates(), NO_CANDIDATES_PROVENANCE
     info = publish(splits, splits.train.images[:0], empty, tmp_path / "ds", "t", prov,
                    pseudo=(pseudo, np.array([0.99, 0.97, 0.995], np.float32)))
-    assert info["train"] == {"rows": 23, "synthetic": 0, "pseudo_labeled": 3}
+    assert info.splits["train"].to_json() == {"rows": 23, "synthetic": 0, "pseudo_labeled": 3}
     train = datasets.load_from_disk(str(tmp_path / "ds"))["train"]
     rows = train.filter(lambda r: r["is_pseudo_labeled"])
     assert rows["label"] == [4, 5, 6] and rows["source_id"] == pool.ids[:3] and not any(rows["is_synthetic"])

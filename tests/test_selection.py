@@ -10,6 +10,7 @@ import pytest
 
 from augment.config import ClassifierConfig, EvaluationConfig, PseudoConfig, SelectionConfig
 from augment.data import DataConfig, load_images, split
+from augment.results import Selection
 from augment.selection import (OOF, choose_synthetic, class_balanced, decide, generator_holdout, out_of_fold,
                                stratified_folds)
 
@@ -84,11 +85,11 @@ def test_the_cross_validated_pseudo_rule_labels_pool_images_with_a_weak_labeler(
     sel = SelectionConfig(folds=3, model=TINY_CNN, bootstrap=200)
     labels, decisions = select_and_label(cfg, sel, few_shot.train, few_shot.pool, workers=1, log=lambda m: None)
     s = labels.summary
-    assert s["labeler_oof_accuracy"] < 0.98 and s["per_class_amount"] in (5, 15)
-    assert len(labels) > 0 and set(s["per_class"]) <= {s["per_class_amount"]} | set(range(s["per_class_amount"]))
-    assert max(s["per_class"]) == s["per_class_amount"]  # no class above the shared amount
-    assert decisions["recipe"]["images"] == decisions["pseudo"]["images"] == len(few_shot.train) == 60
-    assert set(decisions["pseudo"]["per_class_oof_accuracy"]) == {"5", "15"}
+    assert s.labeler_oof_accuracy < 0.98 and s.per_class_amount in (5, 15)
+    assert len(labels) > 0 and set(s.per_class) <= {s.per_class_amount} | set(range(s.per_class_amount))
+    assert max(s.per_class) == s.per_class_amount  # no class above the shared amount
+    assert decisions.recipe.images == decisions.pseudo.images == len(few_shot.train) == 60
+    assert set(decisions.pseudo.per_class_oof_accuracy) == {"5", "15"}
     # every labeled row names its pool image
     assert labels.ids == [few_shot.pool.ids[i] for i in labels.index]
 
@@ -153,16 +154,19 @@ def test_the_evaluation_follows_the_cross_validated_choices(few_shot, tmp_path):
                  "pseudo": {**base, "name": "pseudo", "options": ["real+classic", "real+classic+pseudo"],
                             "best": "real+classic+pseudo", "chosen": "real+classic+pseudo", "decided": True,
                             "reason": "p", "per_class": 3, "per_class_oof_accuracy": {"3": 0.7}}}
-    res = json.loads(evaluate(cfg, sets, tmp_path, log=lambda m: None, decisions=decisions).read_text())
+    res = json.loads(evaluate(cfg, sets, tmp_path, log=lambda m: None,
+                                 decisions=Selection.model_validate(decisions)).read_text())
     assert res["recipe"] == "real+classic" and res["product_recipe"] == "real+classic+pseudo"
     assert res["product_arm"] == "real+classic+pseudo+synthetic"
     assert res["selection"]["recipe"]["rule"] == "cross_validation" and res["selection"]["pseudo"]["in_recipe"]
     decisions["pseudo"]["chosen"] = "real+classic"
-    res = json.loads(evaluate(cfg, sets, tmp_path / "b", log=lambda m: None, decisions=decisions).read_text())
+    res = json.loads(evaluate(cfg, sets, tmp_path / "b", log=lambda m: None,
+                                 decisions=Selection.model_validate(decisions)).read_text())
     assert res["product_recipe"] == "real+classic" and not res["selection"]["pseudo"]["in_recipe"]
     # the synthetic choice left the samples out: the product is the recipe, the synthetic arms stay beside it
     decisions["synthetic"] = {"in_product": False, "synthetic_prob": 0.25, "chosen": "real+classic"}
-    res = json.loads(evaluate(cfg, sets, tmp_path / "c", log=lambda m: None, decisions=decisions).read_text())
+    res = json.loads(evaluate(cfg, sets, tmp_path / "c", log=lambda m: None,
+                                 decisions=Selection.model_validate(decisions)).read_text())
     assert res["product_arm"] == "real+classic" and res["selection"]["synthetic"]["synthetic_prob"] == 0.25
     assert "real+classic+synthetic" in res["runs"]
 
@@ -220,18 +224,18 @@ def test_the_synthetic_choice_takes_samples_that_help_on_the_holdout_and_leaves_
     sel = SelectionConfig(model=TINY_CNN, bootstrap=200, synthetic_seeds=2)
     args = (sel, [0.25, 0.5], "real+classic", tr.images, tr.labels, 10, held, None)
     good = choose_synthetic(*args, copies, workers=1, log=lambda m: None)
-    assert good["in_product"] and good["decided"]
-    assert good["chosen"] == f"real+classic+synthetic at p={good['synthetic_prob']:g}"
-    assert good["images"] == 10 and good["repeats"] == 2 and good["holdout"] == 10 and good["generator_images"] == 50
+    assert good.in_product and good.decided
+    assert good.chosen == f"real+classic+synthetic at p={good.synthetic_prob:g}"
+    assert good.images == 10 and good.repeats == 2 and good.holdout == 10 and good.generator_images == 50
     bad = choose_synthetic(*args, wrong, workers=1, log=lambda m: None)
-    assert not bad["in_product"] and bad["chosen"] == "real+classic"
-    assert bad["oof_score"]["real+classic"] > max(v for o, v in bad["oof_score"].items() if o != "real+classic")
-    assert bad["synthetic_prob"] in (0.25, 0.5)  # the synthetic arms still run, at the best of the candidates
-    assert good["oof_score"]["real+classic"] == bad["oof_score"]["real+classic"]  # the same paired baseline
+    assert not bad.in_product and bad.chosen == "real+classic"
+    assert bad.oof_score["real+classic"] > max(v for o, v in bad.oof_score.items() if o != "real+classic")
+    assert bad.synthetic_prob in (0.25, 0.5)  # the synthetic arms still run, at the best of the candidates
+    assert good.oof_score["real+classic"] == bad.oof_score["real+classic"]  # the same paired baseline
     few = choose_synthetic(sel, [0.5], "real+classic", tr.images, tr.labels, 10, held[:6], None,
                            (np.repeat(tr.images[held[:6]], 20, axis=0), np.repeat(tr.labels[held[:6]], 20)),
                            workers=1, log=lambda m: None)
-    assert not few["in_product"] and "6 images are too few to decide" in few["reason"]
+    assert not few.in_product and "6 images are too few to decide" in few.reason
 
 
 def test_nothing_the_generator_learns_from_sees_the_synthetic_holdout(tiny_cfg, monkeypatch):
@@ -270,7 +274,7 @@ def test_nothing_the_generator_learns_from_sees_the_synthetic_holdout(tiny_cfg, 
     assert set(plan["source_id"]) and not set(plan["source_id"]) & held_ids
     outcome.filter_stage(cfg, log=lambda m: None)
     decision = choices.choose_stage(cfg, log=lambda m: None)
-    assert decision["images"] == decision["holdout"] == 10 and decision["generator_images"] == len(splits.train) - 10
+    assert decision.images == decision.holdout == 10 and decision.generator_images == len(splits.train) - 10
     # without the choice nothing is held out
     off = cfg.model_copy(update={"selection": cfg.selection.model_copy(update={"synthetic_holdout": 0.0})})
     assert len(outputs.synthetic_holdout(off, splits)) == 0

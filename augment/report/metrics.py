@@ -11,16 +11,34 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from augment import results
 from augment.arms import Arm
 from augment.configfile import parse_config
 from augment.report.schema import SCHEMA_VERSION
+from augment.results import (EvaluationSummary, FilterSummary, PseudoFacts, PseudoSummary, PublishRecord, R,
+                             Record)
 from augment.run import RunFolder
+
+
+def _json(value):
+    """A record, or a dict of records, as JSON values (None stays None)."""
+    if isinstance(value, Record):
+        return value.to_json()
+    if isinstance(value, dict):
+        return {k: _json(v) for k, v in value.items()}
+    return value
 
 
 def read_state(p: Path):
     if not p.exists():
         raise FileNotFoundError(f"{p} is missing: is {p.parent} part of a finished augment run folder?")
     return json.loads(p.read_text())
+
+
+def read_record(p: Path, model: type[R]) -> R:
+    """A stage's record (augment.results), typed; a missing one is the same error as in read_state."""
+    read_state(p)
+    return results.load(p, model)
 
 
 def _finite(x):
@@ -52,11 +70,11 @@ def collect_metrics(run: Path) -> dict:
     rf = RunFolder(run)
     cfg = parse_config(yaml.safe_load(rf.config.read_text()), str(rf.config))
     data = read_state(rf.data.summary)
-    decisions = read_state(rf.filter.decisions)
+    decisions = read_record(rf.filter.decisions, FilterSummary)
     fsum = read_state(rf.filter.summary)
-    evaluation = read_state(rf.evaluation.summary)
+    evaluation = read_record(rf.evaluation.summary, EvaluationSummary)
     runinfo = read_state(rf.info)
-    publish_info = read_state(rf.dataset.record)
+    publish_info = read_record(rf.dataset.record, PublishRecord)
     table = pd.read_parquet(rf.filter.scores)
     kept = table[table["kept"]]
     space = fsum["memorization_space"]
@@ -70,9 +88,11 @@ def collect_metrics(run: Path) -> dict:
     }
     mem[other]["threshold_rule"] = "95th percentile of train-to-train nearest-neighbour similarity"
     mem[space]["threshold_rule"] = "filter.max_similarity (the memorization gate)"
-    ablation = {f: v for k, v in evaluation["arms"].items() if (f := Arm.of(k).filter) is not None}
-    pseudo = read_state(rf.pseudo.summary) if rf.pseudo.summary.exists() else None
-    gain = evaluation.get("gain_over_best_baseline")
+    arms = {k: v.to_json() for k, v in evaluation.arms.items()}
+    ablation = {f: v for k, v in arms.items() if (f := Arm.of(k).filter) is not None}
+    pseudo = read_record(rf.pseudo.summary, PseudoSummary) if rf.pseudo.summary.exists() else None
+    gain = evaluation.gain_over_best_baseline
+    synthetic = evaluation.selection.synthetic
     return _finite({
         "schema_version": SCHEMA_VERSION,
         "run": {"name": cfg.name, "output_dir": str(run), "config_hash": cfg.fingerprint(),
@@ -80,38 +100,34 @@ def collect_metrics(run: Path) -> dict:
                 "total_seconds": runinfo.get("total_seconds"), "versions": runinfo.get("versions", {}),
                 "cpu": runinfo.get("cpu"),
                 "base_model": runinfo.get("base", {}), "adapter": runinfo.get("adapter", {}),
-                "evaluation_seeds": evaluation["seeds"]},
+                "evaluation_seeds": evaluation.seeds},
         "data": data,
-        "generation": {"generated": decisions["generated"], "kept": decisions["kept"],
-                       "per_class": decisions["per_class"], "scheduler": cfg.generation.scheduler,
+        "generation": {"generated": decisions.generated, "kept": decisions.kept,
+                       "per_class": [c.to_json() for c in decisions.per_class], "scheduler": cfg.generation.scheduler,
                        "num_inference_steps": cfg.generation.num_inference_steps,
                        "precision": sampling_precision(run, cfg),
                        "guidance_scale": cfg.generation.guidance_scale, "strengths": cfg.generation.strengths},
-        "filter": {"order": decisions["order"], "quality_classifier": fsum["quality_classifier"],
+        "filter": {"order": decisions.order, "quality_classifier": fsum["quality_classifier"],
                    "alia_thresholds": fsum["alia_thresholds"], "alia_oof_accuracy": fsum["alia_oof_accuracy"],
                    "memorization": mem},
         "evaluation": {
             "model": cfg.evaluation.model.kind,
-            "synthetic_prob": ((evaluation.get("selection") or {}).get("synthetic") or {}).get(
-                "synthetic_prob", cfg.evaluation.synthetic_prob[0]),
+            "synthetic_prob": (cfg.evaluation.synthetic_prob[0] if synthetic is None or synthetic.synthetic_prob is None
+                               else synthetic.synthetic_prob),
             "split": cfg.evaluation.split,
-            "arms": {k: v for k, v in evaluation["arms"].items() if Arm.of(k).filter is None},
-            "product_arm": evaluation.get("product_arm"), "recipe": evaluation.get("recipe"),
-            "product_recipe": evaluation.get("product_recipe"), "selection": evaluation.get("selection", {}),
-            "baselines": evaluation.get("baselines", []), "best_baseline": evaluation.get("best_baseline"),
-            "gains": evaluation.get("gains"), "synthetic_adds": evaluation.get("synthetic_adds", {}),
-            "per_class_delta": evaluation.get("per_class_delta"),
-            "filter_gain": evaluation.get("filter_gain"), "filter_ablation": ablation,
+            "arms": {k: v for k, v in arms.items() if Arm.of(k).filter is None},
+            "product_arm": evaluation.product_arm, "recipe": evaluation.recipe,
+            "product_recipe": evaluation.product_recipe, "selection": evaluation.selection.to_json(),
+            "baselines": evaluation.baselines, "best_baseline": evaluation.best_baseline,
+            "gains": _json(evaluation.gains), "synthetic_adds": _json(evaluation.synthetic_adds),
+            "per_class_delta": evaluation.per_class_delta,
+            "filter_gain": _json(evaluation.filter_gain), "filter_ablation": ablation,
         },
-        "pseudo": None if pseudo is None else {k: pseudo.get(k) for k in (
-            "rule", "threshold", "count", "pool_size", "per_class", "thresholds", "validation_accuracy",
-            "min_precision", "reason", "per_class_amount", "labeled_images", "folds", "repeats",
-            "labeler_oof_accuracy", "labeler_oof_per_class")},
-        "product_arm": evaluation.get("product_arm"),
+        "pseudo": None if pseudo is None else pseudo.model_dump(mode="json", include=set(PseudoFacts.model_fields)),
+        "product_arm": evaluation.product_arm,
         "gain_over_best_baseline": (None if gain is None else
-                                    {k: gain[k] for k in ("mean", "ci_low", "ci_high", "std", "n", "p_value",
-                                                          "verdict", "differences")}
-                                    | {"baseline": evaluation.get("best_baseline"),
-                                       "product_arm": evaluation.get("product_arm")}),
-        "dataset": {"path": str(rf.dataset.path), "splits": publish_info["splits"]},
+                                    gain.model_dump(mode="json", exclude={"confidence"})
+                                    | {"baseline": evaluation.best_baseline,
+                                       "product_arm": evaluation.product_arm}),
+        "dataset": {"path": str(rf.dataset.path), "splits": _json(publish_info.splits)},
     })

@@ -13,69 +13,23 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict
 
 from augment.arms import Verdict
+from augment.results import (ArmResult, Choice, ClassFilter, Difference, FilterGain, Gain, Interval, PseudoFacts,
+                             RecordError, Selection, SplitRows, Summary, ThresholdRow, TrainSizes, parse)
+
+# the stages' models the file is built from (augment.results), by the names the report's modules import
+__all__ = ["ArmResult", "Choice", "ClassFilter", "Difference", "FilterGain", "Gain", "Interval", "Pseudo",
+           "Selection", "SplitRows", "Summary", "ThresholdRow", "TrainSizes", "Metrics", "MetricsError",
+           "read_metrics", "validate_metrics"]
+Pseudo = PseudoFacts
 
 SCHEMA_VERSION = 1
 
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-# -- statistics (augment.stats) ------------------------------------------------------------------------------------
-class Summary(_Model):
-    """Mean, sample std and a Student-t interval of the mean over seeds (null bounds with one seed)."""
-
-    mean: float
-    std: float
-    n: int
-    ci_low: float | None
-    ci_high: float | None
-    confidence: float
-
-
-class Difference(Summary):
-    """A paired difference (same seeds), with its p-value, the differences themselves and a verdict."""
-
-    p_value: float | None
-    differences: list[float]
-    verdict: Verdict
-
-
-class FilterGain(Difference):
-    arm: str
-    against: str
-
-
-class HeadlineGain(_Model):
-    """The product against the best baseline: the report's verdict (a Difference without its confidence)."""
-
-    mean: float
-    std: float
-    n: int
-    ci_low: float | None
-    ci_high: float | None
-    p_value: float | None
-    differences: list[float]
-    verdict: Verdict
-    baseline: str | None
-    product_arm: str | None
-
-
-class Gain(_Model):
-    accuracy: Difference
-    macro_f1: Difference
-
-
-class Interval(_Model):
-    """An out-of-fold paired difference: mean over images and a bootstrap interval at `confidence`."""
-
-    mean: float
-    ci_low: float
-    ci_high: float
-    confidence: float = 0.95
 
 
 # -- run, data, generation, filter ---------------------------------------------------------------------------------
@@ -152,17 +106,10 @@ class DataFacts(_Model):
     source: str
 
 
-class ClassGeneration(_Model):
-    class_: str = Field(alias="class")
-    generated: int
-    kept: int
-    rejected: dict[str, int]
-
-
 class Generation(_Model):
     generated: int
     kept: int
-    per_class: list[ClassGeneration]
+    per_class: list[ClassFilter]
     scheduler: str
     num_inference_steps: int
     precision: str
@@ -194,73 +141,19 @@ class FilterFacts(_Model):
 
 
 # -- evaluation ----------------------------------------------------------------------------------------------------
-class TrainSizes(_Model):
-    real: int
-    synthetic: int
+class HeadlineGain(_Model):
+    """The product against the best baseline: the report's verdict (a Difference without its confidence)."""
 
-
-class ArmResult(_Model):
-    """One arm over its seeds, or why it was skipped (then only `skipped`)."""
-
-    skipped: str | None = None
-    accuracy: Summary | None = None
-    macro_f1: Summary | None = None
-    per_seed_accuracy: list[float] = []
-    per_seed_macro_f1: list[float] = []
-    per_seed_validation_accuracy: list[float | None] = []
-    per_class_accuracy: list[float] = []
-    confusion: list[list[int]] = []
-    train_sizes: TrainSizes | None = None
-
-    @property
-    def ran(self) -> bool:
-        return self.accuracy is not None
-
-
-class Choice(_Model):
-    """One choice (recipe, pseudo-labeled pool, synthetic data): cross-validated (augment.selection.Decision and
-    what its stage adds), made on the validation split, or skipped."""
-
-    skipped: str | None = None
-    rule: str | None = None
-    chosen: str | None = None
-    # cross-validated
-    name: str | None = None
-    options: list[str] | None = None
-    oof_accuracy: dict[str, float] | None = None
-    oof_score: dict[str, float] | None = None
-    best: str | None = None
-    decided: bool | None = None
-    difference: Interval | None = None
-    images: int | None = None
-    folds: int | None = None
-    repeats: int | None = None
-    reason: str | None = None
-    # the pseudo-labeled pool
-    in_recipe: bool | None = None
-    per_class: int | None = None
-    per_class_oof_accuracy: dict[str, float] | None = None
-    per_class_oof_score: dict[str, float] | None = None
-    validation_accuracy_without: float | None = None
-    validation_accuracy_with: float | None = None
-    # the recipe on the validation split
-    validation_accuracy: dict[str, float | None] | None = None
-    # the synthetic data, on labeled images the generator never saw
-    synthetic_prob: float | None = None
-    in_product: bool | None = None
-    samples: int | None = None
-    generator_images: int | None = None
-    holdout: int | None = None
-
-    @property
-    def cross_validated(self) -> bool:
-        return self.oof_accuracy is not None
-
-
-class Selection(_Model):
-    recipe: Choice | None = None
-    pseudo: Choice | None = None
-    synthetic: Choice | None = None
+    mean: float
+    std: float
+    n: int
+    ci_low: float | None
+    ci_high: float | None
+    p_value: float | None
+    differences: list[float]
+    verdict: Verdict
+    baseline: str | None
+    product_arm: str | None
 
 
 class Evaluation(_Model):
@@ -282,38 +175,6 @@ class Evaluation(_Model):
 
 
 # -- pseudo-labels, dataset, the whole file ------------------------------------------------------------------------
-class ThresholdRow(_Model):
-    threshold: float
-    validation_support: int
-    validation_precision: float | None
-    validation_coverage: float
-    meets_rule: bool
-
-
-class Pseudo(_Model):
-    rule: str | None
-    threshold: float | None
-    count: int | None
-    pool_size: int | None
-    per_class: list[int] | None
-    thresholds: list[ThresholdRow] | None
-    validation_accuracy: float | None
-    min_precision: float | None
-    reason: str | None
-    per_class_amount: int | None
-    labeled_images: int | None
-    folds: int | None
-    repeats: int | None
-    labeler_oof_accuracy: float | None
-    labeler_oof_per_class: list[float] | None
-
-
-class SplitRows(_Model):
-    rows: int
-    synthetic: int
-    pseudo_labeled: int = 0
-
-
 class DatasetFacts(_Model):
     path: str
     splits: dict[str, SplitRows]
@@ -328,24 +189,18 @@ class Metrics(_Model):
     generation: Generation
     filter: FilterFacts
     evaluation: Evaluation
-    pseudo: Pseudo | None
+    pseudo: PseudoFacts | None
     product_arm: str | None
     gain_over_best_baseline: HeadlineGain | None
     dataset: DatasetFacts
 
 
-class MetricsError(ValueError):
+class MetricsError(RecordError):
     """A metrics.json that does not follow the schema (written by another version, or edited)."""
 
 
 def validate_metrics(raw: dict, origin: str = "metrics") -> Metrics:
-    try:
-        return Metrics.model_validate(raw)
-    except ValidationError as err:
-        first = err.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise MetricsError(f"{origin}: {where}: {first['msg']} ({err.error_count()} problem(s); the schema is "
-                           "augment.report.schema.Metrics)") from None
+    return parse(Metrics, raw, origin, MetricsError)
 
 
 def read_metrics(path: str | Path) -> Metrics | None:

@@ -5,16 +5,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from augment import run as run_folder
+from augment import results
 from augment.arms import has_part
 from augment.config import RunConfig
+from augment.results import Choice, PseudoSummary, Selection
 from augment.stages.core import CHOICES, StageRun, stage
-from augment.stages.outputs import load_filtered, load_pseudo, load_selection, load_splits, synthetic_holdout
+from augment.stages.outputs import (load_choice, load_filtered, load_pseudo, load_selection, load_splits,
+                                    synthetic_holdout)
 
 
 @stage("pseudo", "selection", "training", sections=("data", *CHOICES), folder="pseudo",
        artifact=("selection", "Cross-validation trainings"))
-def pseudo_stage(cfg: RunConfig, log=print, progress: Callable[[int, int], None] | None = None) -> dict:
+def pseudo_stage(cfg: RunConfig, log=print, progress: Callable[[int, int], None] | None = None) -> PseudoSummary:
     """The pseudo-labeled pool and, under selection.rule=cross_validation, the run's other choices (the recipe),
     all made on labeled data only; the choices are saved beside the labels for the evaluation and the report."""
     from augment.pseudo import pseudo_label, select_and_label
@@ -29,10 +31,10 @@ def pseudo_stage(cfg: RunConfig, log=print, progress: Callable[[int, int], None]
                                                      log=log, progress=progress)
             else:
                 labels, decisions = pseudo_label(cfg.pseudo, splits.train, splits.validation, splits.pool,
-                                                 log=log), {}
-            run_folder.write_json(st.stage_folder.selection, decisions)
+                                                 log=log), Selection()
+            results.save(st.stage_folder.selection, decisions)
             labels.save(st.stage_folder)
-    return run_folder.read_json(st.stage_folder.summary)
+    return results.load(st.stage_folder.summary, PseudoSummary)
 
 
 @stage("choose", "synthetic choice", "training",
@@ -40,28 +42,28 @@ def pseudo_stage(cfg: RunConfig, log=print, progress: Callable[[int, int], None]
                  "evaluation.arms"),
        upstream=("data", "pseudo", "filter"), folder="choice",
        artifact=("choice", "Cross-validation trainings with synthetic data"))
-def choose_stage(cfg: RunConfig, log=print, progress: Callable[[int, int], None] | None = None) -> dict:
+def choose_stage(cfg: RunConfig, log=print, progress: Callable[[int, int], None] | None = None) -> Choice:
     """Whether the product takes the kept synthetic samples, and at which of evaluation.synthetic_prob, judged on
     the labeled images the generator never saw (synthetic_holdout; augment.selection.choose_synthetic). {} when
-    no choice is made: the product takes them at the first probability."""
+    no choice is made (an empty Choice): the product takes them at the first probability."""
     from augment.selection import choose_synthetic
 
     st = StageRun(cfg, "choose")
     if st.reused(log):
-        return run_folder.read_json(st.stage_folder.decision, {})
+        return load_choice(cfg)
     with st.fresh():
-        decision: dict = {}
+        decision = Choice()
         splits = load_splits(cfg)
         holdout = synthetic_holdout(cfg, splits)
         if len(holdout):
             cands, _, kept = load_filtered(cfg)
             decisions = load_selection(cfg)
-            recipe = (decisions.get("pseudo") or decisions["recipe"])["chosen"]
+            recipe = (decisions.pseudo or decisions.recipe).chosen
             pseudo, _ = load_pseudo(cfg, splits)
             pool = (pseudo.images, pseudo.labels) if has_part(recipe, "pseudo") and len(pseudo) else None
-            decision = {"skipped": "no synthetic sample was kept"} if not kept.any() else choose_synthetic(
+            decision = Choice(skipped="no synthetic sample was kept") if not kept.any() else choose_synthetic(
                 cfg.selection, cfg.evaluation.synthetic_prob, recipe, splits.train.images, splits.train.labels,
                 len(splits.class_names), holdout, pool, (cands.images[kept], cands.labels[kept]),
                 workers=cfg.evaluation.workers, log=log, progress=progress)
-        run_folder.write_json(st.stage_folder.decision, decision)
+        results.save(st.stage_folder.decision, decision)
     return decision

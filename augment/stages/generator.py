@@ -171,12 +171,12 @@ def feedback_classifier(cfg: RunConfig, splits: Splits):
     from augment.parallel import one_thread
 
     decisions = load_selection(cfg)
-    recipe = (decisions.get("recipe") or {}).get("chosen")
+    recipe = decisions.recipe.chosen if decisions.recipe else None
     augment = recipe == "real+classic" if recipe else cfg.evaluation.recipe != "none"
-    pseudo_chosen = (decisions.get("pseudo") or {}).get("chosen", "")
+    pseudo_chosen = (decisions.pseudo.chosen if decisions.pseudo else None) or ""
     pseudo, _ = load_pseudo(cfg, splits)
     images, labels = splits.train.images, splits.train.labels
-    if len(pseudo) and (has_part(pseudo_chosen, "pseudo") or not decisions):
+    if len(pseudo) and (has_part(pseudo_chosen, "pseudo") or not decisions.to_json()):
         images, labels = np.concatenate([images, pseudo.images]), np.concatenate([labels, pseudo.labels])
     with one_thread():
         clf = train_classifier(cfg.pseudo.classifier, images, labels, len(splits.class_names), cfg.generation.seed,

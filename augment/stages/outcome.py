@@ -6,25 +6,26 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 
-from augment import run as run_folder
+from augment import results
 from augment.arms import has_part
 from augment.backends import BaseModelInfo
 from augment.config import RunConfig
 from augment.finetune import AdapterInfo
+from augment.results import ClassFilter, EvaluationSummary, FilterSummary, PublishRecord
 from augment.stages.core import CHOICES, StageRun, folder, identity, run_dir, stage
-from augment.stages.outputs import (evaluation_config, load_choice, load_filtered, load_pseudo, load_selection,
-                                    load_splits)
+from augment.stages.outputs import (evaluation_config, load_choice, load_evaluation, load_filter_summary,
+                                    load_filtered, load_published, load_pseudo, load_selection, load_splits)
 
 
 @stage("filter", "filter", sections=("data", "base", *CHOICES, "lora", "generation", "filter"),
        upstream=("data", "generate"), folder="filter")
-def filter_stage(cfg: RunConfig, log=print) -> dict:
+def filter_stage(cfg: RunConfig, log=print) -> FilterSummary:
     from augment.filters import decide, save_outcome, score_candidates
     from augment.generate import load_candidates
 
     st = StageRun(cfg, "filter")
     if st.reused(log):
-        return json.loads(st.stage_folder.decisions.read_text())
+        return load_filter_summary(cfg)
     with st.fresh():
         splits = load_splits(cfg)
         cands = load_candidates(folder(cfg).candidates.path)
@@ -35,12 +36,13 @@ def filter_stage(cfg: RunConfig, log=print) -> dict:
         per_class = []
         for k, name in enumerate(splits.class_names):
             rows = table[table["label"] == k]
-            per_class.append({"class": name, "generated": int(len(rows)), "kept": int(rows["kept"].sum()),
-                              "rejected": {r: int(n) for r, n in rows.loc[~rows["kept"], "reason"].value_counts().items()}})
-        summary = {"generated": int(len(table)), "kept": int(kept.sum()), "order": list(cfg.filter.order),
-                   "per_class": per_class}
-        run_folder.write_json(st.stage_folder.decisions, summary)
-        log(f"filter: kept {summary['kept']} of {summary['generated']}")
+            rejected = rows.loc[~rows["kept"], "reason"].value_counts()
+            per_class.append(ClassFilter(class_=name, generated=len(rows), kept=int(rows["kept"].sum()),
+                                         rejected={r: int(n) for r, n in rejected.items()}))
+        summary = FilterSummary(generated=len(table), kept=int(kept.sum()), order=list(cfg.filter.order),
+                                per_class=per_class)
+        results.save(st.stage_folder.decisions, summary)
+        log(f"filter: kept {summary.kept} of {summary.generated}")
     return summary
 
 
@@ -84,7 +86,7 @@ def train_unit(cfg: RunConfig, arm: str, recipe: str, seed: int) -> dict:
        upstream=("data", "pseudo", "filter", "choose"), folder="evaluation",
        artifact=("evaluation", "Downstream training runs finished"), distributed=True)
 def evaluate_stage(cfg: RunConfig, progress: Callable[[int, int], None] | None = None, log=print,
-                   units=None) -> dict:
+                   units=None) -> EvaluationSummary:
     """Downstream trainings; `units(units)` runs each phase's (arm, recipe, seed) units elsewhere (the flow passes
     its task runner's map of `train_unit`)."""
     from augment.evaluate import evaluate, summarize_results
@@ -93,52 +95,51 @@ def evaluate_stage(cfg: RunConfig, progress: Callable[[int, int], None] | None =
     if not st.reused(log):
         with st.fresh():
             decisions, choice = load_selection(cfg), load_choice(cfg)
-            if choice:
-                decisions["synthetic"] = choice
+            if choice.to_json():
+                decisions = decisions.with_(synthetic=choice)
             evaluate(evaluation_config(cfg), training_sets(cfg), st.folder, progress=progress, log=log,
                      run_units=units, decisions=decisions)
     summary = summarize_results(json.loads(st.stage_folder.results.read_text()))
-    run_folder.write_json(st.stage_folder.summary, summary)
+    results.save(st.stage_folder.summary, summary)
     return summary
 
 
 @stage("publish", "publish", sections=(), upstream=("data", "base", "finetune", "pseudo", "filter", "evaluate"),
        retries=2)
-def publish_stage(cfg: RunConfig, base: BaseModelInfo, adapter: AdapterInfo, log=print) -> dict:
+def publish_stage(cfg: RunConfig, base: BaseModelInfo, adapter: AdapterInfo, log=print) -> PublishRecord:
     """Publish real train + kept synthetic rows (+ the pseudo-labeled pool rows when the evaluation put them in
     the recipe), validation and test. A dataset already published under the same key (the whole config and every
     upstream stage's output) is kept as it is (same version, no rewrite)."""
     from augment.publish import publish
 
     with StageRun(cfg, "publish", consumed={"base": base, "finetune": adapter}) as st:
-        done = run_folder.read_json(folder(cfg).dataset.record) or {}
-        if done.get("key") == st.key:
-            log(f"publish: reusing {folder(cfg).dataset.path} (version {done.get('version')})")
-            return done["splits"]
-        evaluation = run_folder.read_json(folder(cfg).evaluation.summary, {})
+        done = load_published(cfg)
+        if done is not None and done.key == st.key:
+            log(f"publish: reusing {folder(cfg).dataset.path} (version {done.version})")
+            return done
+        evaluation = load_evaluation(cfg)
         provenance = {"base_model": base.name, "base_fingerprint": base.fingerprint,
                       "adapter_hash": adapter.adapter_hash, "config_hash": cfg.fingerprint(),
                       "data_fingerprint": identity(cfg, "data")}
         splits = load_splits(cfg)
         cands, table, kept = load_filtered(cfg)
         pseudo = None
-        if has_part(evaluation.get("product_recipe"), "pseudo"):
+        if has_part(evaluation.product_recipe, "pseudo"):
             pseudo_set, labels = load_pseudo(cfg, splits)
             pseudo = (pseudo_set, labels.confidence)
-        info = publish(splits, cands.images[kept], table[kept].reset_index(drop=True),
+        return publish(splits, cands.images[kept], table[kept].reset_index(drop=True),
                        folder(cfg).dataset.path, cfg.publish.dataset_name, provenance, cfg.publish.max_shard_rows,
                        pseudo=pseudo, key=st.key, about=_card_facts(cfg, evaluation))
-    return info
 
 
-def _card_facts(cfg: RunConfig, evaluation: dict) -> dict:
+def _card_facts(cfg: RunConfig, evaluation: EvaluationSummary) -> dict:
     """What the dataset card says about how the data was made and what the evaluation found."""
     from augment.generate import sampling_precision
 
-    decisions = run_folder.read_json(folder(cfg).filter.decisions) or {}
+    decisions = load_filter_summary(cfg)
     rejected: dict[str, int] = {}
-    for pc in decisions.get("per_class", []):
-        for reason, n in pc.get("rejected", {}).items():
+    for pc in decisions.per_class:
+        for reason, n in pc.rejected.items():
             rejected[reason] = rejected.get(reason, 0) + n
     g, b = cfg.generation, cfg.base
     how = (f"Source images: `{cfg.data.source}`, {cfg.data.shots_per_class or 'all'} labeled per class. Generator: "
@@ -146,14 +147,15 @@ def _card_facts(cfg: RunConfig, evaluation: dict) -> dict:
            f" + LoRA rank {cfg.lora.rank}, {cfg.lora.max_train_steps} steps. Sampling: {g.scheduler}, "
            f"{g.num_inference_steps} steps, {sampling_precision(run_dir(cfg), cfg)}, guidance {g.guidance_scale}, "
            f"strengths {g.strengths}. Filters, in order: {', '.join(cfg.filter.order)}; "
-           f"{decisions.get('generated', 0)} generated, {decisions.get('kept', 0)} kept; rejected: "
+           f"{decisions.generated} generated, {decisions.kept} kept; rejected: "
            + (", ".join(f"{r} {n}" for r, n in sorted(rejected.items())) or "none") + ".")
-    gain = evaluation.get("gain_over_best_baseline")
+    gain = evaluation.gain_over_best_baseline
     if gain:
+        low, high = (gain.mean if b is None else b for b in (gain.ci_low, gain.ci_high))
         evidence = (f"Downstream classifiers ({cfg.evaluation.seeds} paired seeds, real test split): "
-                    f"`{evaluation.get('product_arm')}` against the best baseline `{evaluation.get('best_baseline')}`: "
-                    f"{100 * gain['mean']:+.1f} points (95% CI [{100 * (gain.get('ci_low') or gain['mean']):+.1f}, "
-                    f"{100 * (gain.get('ci_high') or gain['mean']):+.1f}]), **{gain.get('verdict')}**.")
+                    f"`{evaluation.product_arm}` against the best baseline `{evaluation.best_baseline}`: "
+                    f"{100 * gain.mean:+.1f} points (95% CI [{100 * low:+.1f}, {100 * high:+.1f}]), "
+                    f"**{gain.verdict}**.")
     else:
         evidence = "No downstream comparison was possible (no synthetic sample was kept, or no baseline ran)."
     return {"license": cfg.publish.license, "how": how, "evidence": evidence}

@@ -7,9 +7,10 @@ import dataclasses
 
 import numpy as np
 
-from augment import run as run_folder
+from augment import results
 from augment.config import RunConfig
 from augment.data import ImageSet, Splits
+from augment.results import Choice, EvaluationSummary, FilterSummary, PublishRecord, Selection
 from augment.stages.core import folder
 
 
@@ -39,9 +40,9 @@ def generator_splits(cfg: RunConfig) -> Splits:
     return dataclasses.replace(splits, train=splits.train.subset(np.setdiff1d(np.arange(len(splits.train)), held)))
 
 
-def load_selection(cfg: RunConfig) -> dict:
-    """The cross-validated decisions of the pseudo stage ({} under selection.rule=validation)."""
-    return run_folder.read_json(folder(cfg).pseudo.selection, {}) or {}
+def load_selection(cfg: RunConfig) -> Selection:
+    """The cross-validated decisions of the pseudo stage (none under selection.rule=validation)."""
+    return results.load(folder(cfg).pseudo.selection, Selection, Selection())
 
 
 def load_pseudo(cfg: RunConfig, splits: Splits):
@@ -64,12 +65,32 @@ def load_filtered(cfg: RunConfig):
     return cands, table, kept
 
 
-def load_choice(cfg: RunConfig) -> dict:
-    """The choose stage's decision ({} when nothing was chosen)."""
-    return run_folder.read_json(folder(cfg).choice.decision, {}) or {}
+def load_choice(cfg: RunConfig) -> Choice:
+    """The choose stage's decision (empty when nothing was chosen)."""
+    return results.load(folder(cfg).choice.decision, Choice, Choice())
+
+
+def load_filter_summary(cfg: RunConfig) -> FilterSummary:
+    """What the filter kept, per class and by reason."""
+    return results.load(folder(cfg).filter.decisions, FilterSummary)
+
+
+def load_evaluation(cfg: RunConfig) -> EvaluationSummary | None:
+    """The evaluation's summary (None before the evaluation has run)."""
+    return results.load(folder(cfg).evaluation.summary, EvaluationSummary)
+
+
+def load_published(cfg: RunConfig) -> PublishRecord | None:
+    """The published dataset's record (None before anything was published, or when another version wrote it: then
+    the dataset is published again)."""
+    try:
+        return results.load(folder(cfg).dataset.record, PublishRecord)
+    except results.RecordError:
+        return None
 
 
 def evaluation_config(cfg: RunConfig):
     """cfg.evaluation with the one mixing probability the trainings use: the choose stage's, else the first."""
-    p = load_choice(cfg).get("synthetic_prob", cfg.evaluation.synthetic_prob[0])
+    p = load_choice(cfg).synthetic_prob
+    p = cfg.evaluation.synthetic_prob[0] if p is None else p
     return cfg.evaluation.model_copy(update={"synthetic_prob": [p]})
