@@ -19,7 +19,6 @@ Filters:
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,13 +27,15 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedKFold
 
+from augment import results
 from augment.classifier import TrainedClassifier, train_classifier
 from augment.config import ClassifierConfig, FilterConfig
 from augment.data import ImageSet
 from augment.generate import Candidates
 from augment.parallel import run_each
 from augment.registry import FILTERS
-from augment.run import FilterFolder, write_json
+from augment.results import FilterScores, QualityClassifier
+from augment.run import FilterFolder
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -61,7 +62,7 @@ class Scored:
 
     table: pd.DataFrame  # one row per candidate
     features: np.ndarray  # memorization/duplicate space, one row per candidate
-    summary: dict
+    summary: FilterScores
 
 
 PIXEL_SPACE_MAX = 64  # memorization is judged at <= 64 px: a near-copy at 512 px is one at 64 px too
@@ -150,15 +151,15 @@ def score_candidates(cfg: FilterConfig, cands: Candidates, train: ImageSet, vali
     # 4. Reference: nearest-neighbour similarity between real training images (leave one out).
     tt_pix, _ = nearest(train_pix, train_pix, exclude_self=True)
     tt_feat, _ = nearest(train_feat, train_feat, exclude_self=True)
-    summary = {
-        "quality_classifier": {"kind": cfg.quality_classifier.kind, "validation_accuracy": val_acc,
-                               "validation_size": len(validation)},
-        "alia_thresholds": [None if np.isnan(t) else float(t) for t in thresholds],
-        "alia_oof_accuracy": None if np.isnan(oof).any() else float((oof.argmax(1) == train.labels).mean()),
-        "train_nn_similarity_pixels": tt_pix.tolist(),
-        "train_nn_similarity_features": tt_feat.tolist(),
-        "memorization_space": space,
-    }
+    summary = FilterScores(
+        quality_classifier=QualityClassifier(kind=cfg.quality_classifier.kind, validation_accuracy=val_acc,
+                                             validation_size=len(validation)),
+        alia_thresholds=[None if np.isnan(t) else float(t) for t in thresholds],
+        alia_oof_accuracy=None if np.isnan(oof).any() else float((oof.argmax(1) == train.labels).mean()),
+        train_nn_similarity_pixels=tt_pix.tolist(),
+        train_nn_similarity_features=tt_feat.tolist(),
+        memorization_space=space,
+    )
     return Scored(table, cand_pix if space == "pixels" else cand_feat, summary), judge
 
 
@@ -168,7 +169,7 @@ FilterFn = Callable[[Scored, np.ndarray, FilterConfig], tuple[np.ndarray, np.nda
 
 
 def class_consistency(s: Scored, alive: np.ndarray, cfg: FilterConfig):
-    K = len(s.summary["alia_thresholds"])
+    K = len(s.summary.alia_thresholds)
     tau = 1.0 / K if cfg.min_confidence == "1/K" else float(cfg.min_confidence)
     reject = alive & (s.table["p_intended"].to_numpy() <= tau)
     return reject, np.where(reject, "low_confidence", "")
@@ -208,7 +209,7 @@ def near_duplicates(s: Scored, alive: np.ndarray, cfg: FilterConfig):
 def quota(s: Scored, alive: np.ndarray, cfg: FilterConfig):
     labels = s.table["label"].to_numpy()
     score = s.table["p_intended"].to_numpy()
-    K = len(s.summary["alia_thresholds"])
+    K = len(s.summary.alia_thresholds)
     counts = np.bincount(labels[alive], minlength=K)
     limit = cfg.max_per_class if cfg.max_per_class is not None else int(counts.max(initial=0))
     if cfg.balance_classes and len(counts):
@@ -239,7 +240,7 @@ def save_outcome(s: Scored, kept: np.ndarray, reason: np.ndarray, cands: Candida
     out.path.mkdir(parents=True, exist_ok=True)
     table = s.table.assign(kept=kept, reason=reason.astype(str))
     table.to_parquet(out.scores)
-    write_json(out.summary, s.summary)
+    results.save(out.summary, s.summary)
     np.save(out.features, s.features)
     for i in np.flatnonzero(~kept):
         d = out.rejected(str(reason[i]))
@@ -252,6 +253,6 @@ def save_outcome(s: Scored, kept: np.ndarray, reason: np.ndarray, cands: Candida
 def load_scored(folder: Path) -> tuple[Scored, pd.DataFrame]:
     out = FilterFolder(folder)
     table = pd.read_parquet(out.scores)
-    summary = json.loads(out.summary.read_text())
+    summary = results.load(out.summary, FilterScores)
     s = Scored(table.drop(columns=["kept", "reason"]), np.load(out.features), summary)
     return s, table

@@ -13,35 +13,18 @@ import hashlib
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from augment import results
 from augment.backends import Backend, BaseModelInfo
 from augment.config import LoRAConfig
 from augment.data import ImageSet
 from augment.diffusion import LoopSpec, diffusion_loss, train_loop
-from augment.run import FinetuneFolder, write_json
-
-
-@dataclass
-class AdapterInfo:
-    path: str
-    adapter_hash: str
-    train_seconds: float
-    final_loss: float | None
-    steps: int
-    labeled_images: int = 0
-    pseudo_labeled_images: int = 0
-
-    def save(self, path: Path) -> None:
-        write_json(path, asdict(self))
-
-    @classmethod
-    def load(cls, path: Path) -> "AdapterInfo":
-        return cls(**json.loads(path.read_text()))
+from augment.results import AdapterInfo
+from augment.run import FinetuneFolder
 
 
 def file_hash(path: Path) -> str:
@@ -65,7 +48,7 @@ def finetune(
     final = out.adapter.path
     if out.adapter.info.exists():
         log(f"finetune: reusing adapter {final}")
-        return AdapterInfo.load(out.adapter.info)
+        return results.load(out.adapter.info, AdapterInfo)
 
     # 1. The base, wrapped with LoRA on the backend's targets.
     K, n, device = len(train.class_names), len(train), backend.device
@@ -112,15 +95,16 @@ def finetune(
     shutil.rmtree(tmp, ignore_errors=True)
     weights = backend.save_adapter(model, tmp, final=final)
     out.adapter_tmp.training_config.write_text(json.dumps(
-        {"lora": cfg.model_dump(mode="json"), "base": asdict(base), "backend": backend.kind, "num_classes": K,
+        {"lora": cfg.model_dump(mode="json"), "base": base.to_json(), "backend": backend.kind, "num_classes": K,
          "class_names": train.class_names, "prompts": [backend.prompt(k) for k in range(K)],
          "run_config": run_config,
          # provenance: exactly which images the generator learned from
          "trained_on": {"labeled_ids": train.ids, "pseudo_labeled_ids": seen.ids[n:],
                         "pseudo_labels": seen.labels[n:].tolist(), "labeled_share": cfg.labeled_share if n_pseudo
                         else 1.0}}, indent=2))
-    info = AdapterInfo(str(final), file_hash(weights), time.time() - t0, final_loss, steps, n, n_pseudo)
-    info.save(out.adapter_tmp.info)
+    info = AdapterInfo(path=str(final), adapter_hash=file_hash(weights), train_seconds=time.time() - t0,
+                       final_loss=final_loss, steps=steps, labeled_images=n, pseudo_labeled_images=n_pseudo)
+    results.save(out.adapter_tmp.info, info)
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     shutil.rmtree(ckpt_dir, ignore_errors=True)

@@ -17,10 +17,12 @@ import numpy as np
 import pandas as pd
 import torch
 
+from augment import results
 from augment.config import GenerationConfig
 from augment.data import ImageSet
 from augment.diffusion.tensors import resolve_precision
-from augment.run import CandidatesFolder, write_json
+from augment.results import GenerationRecord
+from augment.run import CandidatesFolder
 
 if TYPE_CHECKING:  # pragma: no cover
     from augment.backends import Backend
@@ -158,8 +160,8 @@ def finish(output_dir: str | Path, samples: int, seconds: float, cfg: Generation
            device: torch.device) -> None:
     """Mark the candidates complete, with the precision `cfg.mixed_precision` resolved to on `device` ("no" = fp32,
     "bf16"): reproducing a sample exactly needs it."""
-    write_json(CandidatesFolder(output_dir).done, {"samples": samples, "seconds": seconds,
-                                                "precision": resolve_precision(device, cfg.mixed_precision)})
+    results.save(CandidatesFolder(output_dir).done, GenerationRecord(
+        samples=samples, seconds=seconds, precision=resolve_precision(device, cfg.mixed_precision)))
 
 
 def _plan_hash(df: pd.DataFrame) -> str:
@@ -187,10 +189,11 @@ def sampling_precision(run_dir: str | Path, cfg) -> str:
     """The precision the candidates of the run folder `run_dir` were sampled in, as its generate stage recorded
     it: "fp32" or "bf16" (`generation.mixed_precision: auto` resolves per machine; runs from before the record
     sampled in fp32 unless bf16 was asked for)."""
-    from augment.run import RunFolder, read_json
+    from augment.run import RunFolder
 
-    done = read_json(RunFolder(run_dir).candidates.done) or {}
-    return "bf16" if done.get("precision", cfg.generation.mixed_precision) == "bf16" else "fp32"
+    done = results.load(RunFolder(run_dir).candidates.done, GenerationRecord)
+    recorded = done.precision if done is not None else None
+    return "bf16" if (recorded or cfg.generation.mixed_precision) == "bf16" else "fp32"
 
 
 def load_candidates(output_dir: str | Path) -> Candidates:

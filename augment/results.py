@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -59,6 +59,93 @@ def load(path: str | Path, model: type[R], default: R | None = None) -> R | None
     except (OSError, ValueError):
         return default
     return parse(model, raw, str(path))
+
+
+class Info(Record):
+    """A result handed to later stages and recorded whole in run.json (defaults included)."""
+
+    def to_json(self) -> dict:
+        return self.model_dump(mode="json")
+
+
+# -- the data stage (RunFolder.data.summary) ------------------------------------------------------------------------
+class Duplicate(Record):
+    split: str
+    id: str
+    copy_of: str
+
+
+class Duplicates(Record):
+    count: int
+    action: str
+    examples: list[Duplicate]
+
+
+class Skipped(Record):
+    count: int
+    reasons: dict[str, int]
+    examples: list[str]
+
+
+class DataSummary(Record):
+    """The splits: sizes and class counts, what was skipped or duplicated, and the data's fingerprint (the data
+    stage's identity)."""
+
+    class_names: list[str]
+    image_shape: list[int]
+    train_size: int
+    validation_size: int
+    test_size: int
+    pool_size: int
+    train_class_counts: list[int]
+    validation_class_counts: list[int]
+    test_class_counts: list[int]
+    duplicates_across_splits: Duplicates
+    skipped: Skipped
+    fingerprint: str
+    source: str
+
+
+# -- the base and fine-tuning stages: what they hand to the stages after them ----------------------------------------
+class BaseModelInfo(Info):
+    """What the base stage hands to fine-tuning: where the base is and what it is."""
+
+    path: str  # a folder (the builtin cache entry, a local checkpoint) or a hub id
+    subfolder: str | None = None
+    description: str
+    fingerprint: str
+    pretrain_seconds: float = 0.0
+    final_loss: float | None = None
+    kind: str = "pixel"
+    revision: str | None = None
+    reference: str = ""  # what a published row names as its base: a builtin base's description, or ref[@revision]
+
+    @property
+    def name(self) -> str:
+        """How provenance, cards and generated rows name this base."""
+        return self.reference or self.description
+
+
+class AdapterInfo(Info):
+    """What fine-tuning hands to generation: the adapter's folder and content hash (its identity)."""
+
+    path: str
+    adapter_hash: str
+    train_seconds: float
+    final_loss: float | None
+    steps: int
+    labeled_images: int = 0
+    pseudo_labeled_images: int = 0
+
+
+# -- the generate stage (RunFolder.candidates.done) ----------------------------------------------------------------
+class GenerationRecord(Record):
+    """The candidates are complete: how many, in how long, and the precision sampling resolved to on this machine
+    ("no": fp32, or "bf16"; reproducing a sample exactly needs it). Runs from before the record have none."""
+
+    samples: int
+    seconds: float
+    precision: str | None = None
 
 
 # -- statistics (augment.stats) ------------------------------------------------------------------------------------
@@ -190,7 +277,26 @@ class Selection(Record):
         return Selection.model_validate({**self.to_json(), **{k: v.to_json() for k, v in choices.items()}})
 
 
-# -- the filter stage (RunFolder.filter.decisions) -----------------------------------------------------------------
+# -- the filter stage (RunFolder.filter: summary, decisions) --------------------------------------------------------
+class QualityClassifier(Record):
+    kind: str
+    validation_accuracy: float | None
+    validation_size: int
+
+
+class FilterScores(Record):
+    """What the filters decided from, beside the per-candidate table: the quality judge, ALIA's per-class thresholds
+    and out-of-fold accuracy, and the train-to-train nearest-neighbour similarities (both spaces) that the
+    memorization gate's threshold is read against."""
+
+    quality_classifier: QualityClassifier
+    alia_thresholds: list[float | None]
+    alia_oof_accuracy: float | None
+    train_nn_similarity_pixels: list[float]
+    train_nn_similarity_features: list[float]
+    memorization_space: Literal["pixels", "features"]
+
+
 class ClassFilter(Record):
     class_: str = Field(alias="class")
     generated: int

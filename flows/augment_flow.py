@@ -28,6 +28,7 @@ from augment.config import ConfigError, RunConfig
 from augment.configfile import apply_overrides, deep_merge, parse_config
 from augment.report.schema import validate_metrics
 from augment.report.sections import headline, key_arms
+from augment.results import AdapterInfo, BaseModelInfo, Record
 from augment.run import RunFolder
 
 
@@ -60,7 +61,7 @@ def _progress(cfg: RunConfig, stage: str):
 
 
 @task(cache_policy=NO_CACHE, task_run_name="{stage}")
-def run_stage(cfg: RunConfig, stage: str, kept: dict) -> dict:
+def run_stage(cfg: RunConfig, stage: str, kept: dict) -> Record | dict:
     """One stage of pipeline.STAGES, here in the flow's process; the report's also leaves its artifacts."""
     with _progress(cfg, stage) as p:
         out = pipeline.STAGE[stage].call(cfg, kept, log=_log, progress=p, units=None)
@@ -126,7 +127,7 @@ def task_runner(cfg: RunConfig):
 
 
 @task(cache_policy=NO_CACHE)
-def generate_unit(cfg: RunConfig, base: dict, adapter: dict, shard: int) -> int:
+def generate_unit(cfg: RunConfig, base: BaseModelInfo, adapter: AdapterInfo, shard: int) -> int:
     """One shard of candidates: the generation unit the task runner spreads over processes or Dask workers."""
     return generator.generate_unit(cfg, base, adapter, shard)
 
@@ -150,7 +151,7 @@ def _units(cfg: RunConfig, stage: str, kept: dict):
 
 
 @flow(name="augment-units", flow_run_name="augment-{stage}")
-def run_stage_on_runner(cfg: RunConfig, stage: str, kept: dict) -> dict:
+def run_stage_on_runner(cfg: RunConfig, stage: str, kept: dict) -> Record:
     """A distributed stage (generation, evaluation) with each of its units a task on this flow's task runner."""
     with _progress(cfg, stage) as p:
         return pipeline.STAGE[stage].call(cfg, kept, log=_log, progress=p, units=_units(cfg, stage, kept))

@@ -65,3 +65,12 @@ def no_candidates():
 
     return pd.DataFrame(columns=["sample_id", "label", "seed", "strength", "source_id", "guidance_scale",
                                  "num_inference_steps", "scheduler", "p_intended", "nn_similarity"])
+
+
+def scores_summary(alia_thresholds):
+    """The filter's summary (augment.results.FilterScores) of a hand-made scored table: what the filters read."""
+    from augment.results import FilterScores, QualityClassifier
+
+    return FilterScores(quality_classifier=QualityClassifier(kind="cnn", validation_accuracy=None, validation_size=0),
+                        alia_thresholds=alia_thresholds, alia_oof_accuracy=None, train_nn_similarity_pixels=[],
+                        train_nn_similarity_features=[], memorization_space="pixels")

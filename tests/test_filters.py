@@ -6,6 +6,7 @@ from augment.config import ClassifierConfig, DataConfig, FilterConfig
 from augment.data import load_images, split
 from augment.filters import Scored, decide, nearest, score_candidates
 from augment.registry import FILTERS
+from conftest import scores_summary
 from augment.generate import Candidates
 
 
@@ -21,7 +22,7 @@ def _scored(labels, p_intended, predicted=None, confidence=None, thresholds=None
                       "alia_threshold": [0.99] * n if thresholds is None else thresholds,
                       "nn_similarity": [0.0] * n if nn is None else nn})
     feats = np.eye(n, 4 + n)[:, :] if features is None else features
-    return Scored(t, feats, {"alia_thresholds": [0.5, 0.5, 0.5]})
+    return Scored(t, feats, scores_summary([0.5, 0.5, 0.5]))
 
 
 def test_registry_has_every_configurable_filter():
@@ -95,7 +96,7 @@ def test_real_judge_rejects_a_copy_and_a_confidently_wrong_sample(digits):
                        alia_reject=["mislabeled"], max_similarity=0.99)
     scored, judge = score_candidates(cfg, cands, train, digits.validation, log=lambda m: None)
     assert scored.table["nn_similarity_pixels"][0] == pytest.approx(1.0, abs=1e-5)
-    assert scored.summary["quality_classifier"]["validation_accuracy"] > 0.5
+    assert scored.summary.quality_classifier.validation_accuracy > 0.5
     kept, reason = decide(scored, cfg)
     assert reason[0] == "memorized"
     assert reason[1] == "mislabeled"

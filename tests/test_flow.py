@@ -331,7 +331,7 @@ def _run_stages_without_prefect(cfg, quiet):
     base = generator.base_model(cfg, log=quiet)
     choices.pseudo_stage(cfg, log=quiet)
     adapter = generator.finetune_stage(cfg, base, log=quiet)
-    assert generator.generate_stage(cfg, base, adapter, log=quiet)["samples"] == 0
+    assert generator.generate_stage(cfg, base, adapter, log=quiet).samples == 0
     assert outcome.filter_stage(cfg, log=quiet).kept == 0
     summary = outcome.evaluate_stage(cfg, log=quiet)
     assert summary.arms["synthetic"].skipped and not summary.arms["synthetic"].ran
@@ -348,8 +348,6 @@ def test_deployment_event_trigger():
 
 def test_a_stage_is_redone_when_what_it_consumes_changes(tiny_cfg):
     """Same config, another base (e.g. a re-pretrained cache entry): the adapter and everything after it is redone."""
-    import dataclasses
-
     from augment import pipeline
     from augment.stages import choices, generator
 
@@ -364,10 +362,11 @@ def test_a_stage_is_redone_when_what_it_consumes_changes(tiny_cfg):
         assert generator.finetune_stage(tiny_cfg, base, log=quiet) == first and adapter.stat().st_mtime_ns == stamp
         generator.generate_stage(tiny_cfg, base, first, log=quiet)
         key = json.loads((out / "candidates" / "stage.json").read_text())["key"]
-        generator.finetune_stage(tiny_cfg, dataclasses.replace(base, fingerprint="another-base"), log=quiet)
+        generator.finetune_stage(tiny_cfg, base.model_copy(update={"fingerprint": "another-base"}), log=quiet)
         assert adapter.stat().st_mtime_ns != stamp
-        changed = generator.generate_stage(tiny_cfg, base, dataclasses.replace(first, adapter_hash="another"), log=quiet)
-        assert json.loads((out / "candidates" / "stage.json").read_text())["key"] != key and changed["samples"] > 0
+        other = first.model_copy(update={"adapter_hash": "another"})
+        changed = generator.generate_stage(tiny_cfg, base, other, log=quiet)
+        assert json.loads((out / "candidates" / "stage.json").read_text())["key"] != key and changed.samples > 0
 
 
 @pytest.mark.parametrize("kind", ["processes", pytest.param("dask", marks=pytest.mark.slow)])

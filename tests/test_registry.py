@@ -12,7 +12,7 @@ import torch
 from augment import config as C
 from augment.registry import (BACKEND_DETECTORS, BACKENDS, CLASSIFIERS, DATA_SOURCES, FALLBACK_BACKEND,
                               FEEDBACK_CRITERIA, FILTERS, SAMPLERS, Registry)
-from conftest import write_imagefolder
+from conftest import scores_summary, write_imagefolder
 
 REGISTRIES = {"backends": BACKENDS, "backend detectors": BACKEND_DETECTORS, "data sources": DATA_SOURCES,
               "classifiers": CLASSIFIERS, "samplers": SAMPLERS, "feedback criteria": FEEDBACK_CRITERIA,
@@ -272,7 +272,7 @@ def _scored(n=40, seed=0):
                           "alia_threshold": np.full(n, 0.7), "nn_similarity": rng.random(n)})
     features = rng.normal(size=(n, 5)).astype(np.float32)
     features[1] = features[0]
-    return Scored(table, features, {"alia_thresholds": [0.7, 0.7, 0.7]})
+    return Scored(table, features, scores_summary([0.7, 0.7, 0.7]))
 
 
 @pytest.mark.parametrize("name", list(FILTERS))

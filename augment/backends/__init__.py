@@ -12,12 +12,12 @@ This module imports no torch. The registry's names live in augment.registry, whi
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Protocol
 
 from augment.errors import ModelError
 from augment.registry import BACKEND_DETECTORS, BACKENDS, FALLBACK_BACKEND
+from augment.results import BaseModelInfo
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -25,26 +25,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from augment.config import BaseModelConfig, GenerationConfig, LoRAConfig
     from augment.data import ImageSet
-
-@dataclass
-class BaseModelInfo:
-    """What the base stage hands to fine-tuning: where the base is and what it is."""
-
-    path: str  # a folder (the builtin cache entry, a local checkpoint) or a hub id
-    subfolder: str | None
-    description: str
-    fingerprint: str
-    pretrain_seconds: float = 0.0
-    final_loss: float | None = None
-    kind: str = "pixel"
-    revision: str | None = None
-    reference: str = ""  # what a published row names as its base: a builtin base's description, or ref[@revision]
-
-    @property
-    def name(self) -> str:
-        """How provenance, cards and generated rows name this base."""
-        return self.reference or self.description
-
 
 class Backend(Protocol):
     """The protocol every backend implements (see pixel_unet.py and stable_diffusion.py)."""

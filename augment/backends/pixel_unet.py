@@ -41,8 +41,7 @@ class PixelBackend(DiffusionBackend):
         """The base UNet, or with `adapter` the fine-tuned one (LoRA merged). An adapter folder carries its own
         copy of the base (`base/`), so a run folder copied to another machine samples without the base cache."""
         if adapter is not None and (Path(adapter) / "base" / "config.json").is_file():
-            info = BaseModelInfo(**{**vars(info), "path": str(Path(adapter) / "base"), "subfolder": None,
-                                    "revision": None})
+            info = info.model_copy(update={"path": str(Path(adapter) / "base"), "subfolder": None, "revision": None})
         self.info = info
         unet, self.scheduler = load_base(info, len(self.class_names), self.image_size, self.channels)
         if adapter is None:
@@ -247,8 +246,8 @@ def prepare_base(cfg: BaseModelConfig, train: ImageSet, pool: ImageSet, device: 
         fp = hashlib.sha256(f"{cfg.pretrained}:{cfg.subfolder}".encode()
                             + (f":{cfg.revision}".encode() if cfg.revision else b"")).hexdigest()[:16]
         ref = cfg.pretrained + (f"@{cfg.revision}" if cfg.revision else "")
-        return BaseModelInfo(cfg.pretrained, cfg.subfolder, f"checkpoint {ref}", fp, revision=cfg.revision,
-                             reference=ref)
+        return BaseModelInfo(path=cfg.pretrained, subfolder=cfg.subfolder, description=f"checkpoint {ref}",
+                             fingerprint=fp, revision=cfg.revision, reference=ref)
     images = np.concatenate([pool.images, train.images])  # labels deliberately not used
     # A canonical order: the base depends on the set of images only, so jobs that split the same images into
     # labeled and pool differently (K = 5, 10, 20 shots of one draw) share one cached base.
@@ -260,7 +259,8 @@ def prepare_base(cfg: BaseModelConfig, train: ImageSet, pool: ImageSet, device: 
     if (out / "base.json").exists():
         meta = json.loads((out / "base.json").read_text())
         log(f"base: reusing cached builtin base {out}")
-        return BaseModelInfo(str(out), None, desc, key, meta["pretrain_seconds"], meta["final_loss"], reference=desc)
+        return BaseModelInfo(path=str(out), description=desc, fingerprint=key,
+                             pretrain_seconds=meta["pretrain_seconds"], final_loss=meta["final_loss"], reference=desc)
     log(f"base: pretraining builtin base for {cfg.pretrain_steps} steps on {len(images)} images -> {out}")
     t0 = time.time()
     unet, final_loss = pretrain(cfg, images, device, Path(cfg.cache_dir) / f"base-{key}.partial", log=log,
@@ -277,7 +277,8 @@ def prepare_base(cfg: BaseModelConfig, train: ImageSet, pool: ImageSet, device: 
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     shutil.rmtree(Path(cfg.cache_dir) / f"base-{key}.partial", ignore_errors=True)
-    return BaseModelInfo(str(out), None, desc, key, seconds, final_loss, reference=desc)
+    return BaseModelInfo(path=str(out), description=desc, fingerprint=key, pretrain_seconds=seconds,
+                         final_loss=final_loss, reference=desc)
 
 
 def pretrain(cfg: BaseModelConfig, images: np.ndarray, device: torch.device, ckpt_dir: Path,

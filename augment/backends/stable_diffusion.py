@@ -59,8 +59,8 @@ class StableDiffusionBackend(DiffusionBackend):
                     h.update(f"{f.relative_to(local)}:{st.st_size}:{int(st.st_mtime)}".encode())
         name = ref + (f"@{rev}" if rev else "")
         log(f"base: Stable Diffusion checkpoint {name}")
-        return BaseModelInfo(ref, None, f"Stable Diffusion {name}", h.hexdigest()[:16], kind=self.kind,
-                             revision=rev, reference=name)
+        return BaseModelInfo(path=ref, description=f"Stable Diffusion {name}", fingerprint=h.hexdigest()[:16],
+                             kind=self.kind, revision=rev, reference=name)
 
     def _components(self, info: BaseModelInfo) -> None:
         """VAE, text encoder, tokenizer, scheduler and the class embeddings, loaded once per backend."""

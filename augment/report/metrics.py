@@ -15,8 +15,8 @@ from augment import results
 from augment.arms import Arm
 from augment.configfile import parse_config
 from augment.report.schema import SCHEMA_VERSION
-from augment.results import (EvaluationSummary, FilterSummary, PseudoFacts, PseudoSummary, PublishRecord, R,
-                             Record)
+from augment.results import (DataSummary, EvaluationSummary, FilterScores, FilterSummary, PseudoFacts, PseudoSummary,
+                             PublishRecord, R, Record)
 from augment.run import RunFolder
 
 
@@ -69,20 +69,20 @@ def collect_metrics(run: Path) -> dict:
 
     rf = RunFolder(run)
     cfg = parse_config(yaml.safe_load(rf.config.read_text()), str(rf.config))
-    data = read_state(rf.data.summary)
+    data = read_record(rf.data.summary, DataSummary)
     decisions = read_record(rf.filter.decisions, FilterSummary)
-    fsum = read_state(rf.filter.summary)
+    fsum = read_record(rf.filter.summary, FilterScores)
     evaluation = read_record(rf.evaluation.summary, EvaluationSummary)
     runinfo = read_state(rf.info)
     publish_info = read_record(rf.dataset.record, PublishRecord)
     table = pd.read_parquet(rf.filter.scores)
     kept = table[table["kept"]]
-    space = fsum["memorization_space"]
+    space = fsum.memorization_space
     other = "features" if space == "pixels" else "pixels"
-    ref_other = np.asarray(fsum[f"train_nn_similarity_{other}"])
+    reference = {"pixels": fsum.train_nn_similarity_pixels, "features": fsum.train_nn_similarity_features}
+    ref_other = np.asarray(reference[other])
     mem = {
-        space: memorization_stats(kept[f"nn_similarity_{space}"], fsum[f"train_nn_similarity_{space}"],
-                                  cfg.filter.max_similarity),
+        space: memorization_stats(kept[f"nn_similarity_{space}"], reference[space], cfg.filter.max_similarity),
         other: memorization_stats(kept[f"nn_similarity_{other}"], ref_other,
                                   float(np.quantile(ref_other, 0.95)) if len(ref_other) else 1.0),
     }
@@ -101,14 +101,14 @@ def collect_metrics(run: Path) -> dict:
                 "cpu": runinfo.get("cpu"),
                 "base_model": runinfo.get("base", {}), "adapter": runinfo.get("adapter", {}),
                 "evaluation_seeds": evaluation.seeds},
-        "data": data,
+        "data": data.to_json(),
         "generation": {"generated": decisions.generated, "kept": decisions.kept,
                        "per_class": [c.to_json() for c in decisions.per_class], "scheduler": cfg.generation.scheduler,
                        "num_inference_steps": cfg.generation.num_inference_steps,
                        "precision": sampling_precision(run, cfg),
                        "guidance_scale": cfg.generation.guidance_scale, "strengths": cfg.generation.strengths},
-        "filter": {"order": decisions.order, "quality_classifier": fsum["quality_classifier"],
-                   "alia_thresholds": fsum["alia_thresholds"], "alia_oof_accuracy": fsum["alia_oof_accuracy"],
+        "filter": {"order": decisions.order, "quality_classifier": fsum.quality_classifier.to_json(),
+                   "alia_thresholds": fsum.alia_thresholds, "alia_oof_accuracy": fsum.alia_oof_accuracy,
                    "memorization": mem},
         "evaluation": {
             "model": cfg.evaluation.model.kind,

@@ -16,14 +16,15 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict
 
 from augment.arms import Verdict
-from augment.results import (ArmResult, Choice, ClassFilter, Difference, FilterGain, Gain, Interval, PseudoFacts,
-                             RecordError, Selection, SplitRows, Summary, ThresholdRow, TrainSizes, parse)
+from augment.results import (AdapterInfo, ArmResult, BaseModelInfo, Choice, ClassFilter, DataSummary, Difference,
+                             FilterGain, Gain, Interval, PseudoFacts, QualityClassifier, RecordError, Selection,
+                             SplitRows, Summary, ThresholdRow, TrainSizes, parse)
 
 # the stages' models the file is built from (augment.results), by the names the report's modules import
-__all__ = ["ArmResult", "Choice", "ClassFilter", "Difference", "FilterGain", "Gain", "Interval", "Pseudo",
-           "Selection", "SplitRows", "Summary", "ThresholdRow", "TrainSizes", "Metrics", "MetricsError",
+__all__ = ["ArmResult", "Choice", "ClassFilter", "DataFacts", "Difference", "FilterGain", "Gain", "Interval",
+           "Pseudo", "Selection", "SplitRows", "Summary", "ThresholdRow", "TrainSizes", "Metrics", "MetricsError",
            "read_metrics", "validate_metrics"]
-Pseudo = PseudoFacts
+Pseudo, DataFacts = PseudoFacts, DataSummary
 
 SCHEMA_VERSION = 1
 
@@ -33,30 +34,22 @@ class _Model(BaseModel):
 
 
 # -- run, data, generation, filter ---------------------------------------------------------------------------------
-class BaseModelFacts(_Model):
-    """The base stage's BaseModelInfo (augment.backends)."""
+class BaseModelFacts(BaseModelInfo):
+    """The base as run.json recorded it; stages run one by one (no pipeline.walk) record none, so none is needed."""
 
     path: str | None = None
-    subfolder: str | None = None
     description: str = ""
     fingerprint: str = ""
-    pretrain_seconds: float = 0.0
-    final_loss: float | None = None
-    kind: str = "pixel"
-    revision: str | None = None
-    reference: str = ""
 
 
-class AdapterFacts(_Model):
-    """Fine-tuning's AdapterInfo (augment.finetune)."""
+class AdapterFacts(AdapterInfo):
+    """The adapter as run.json recorded it (none when the stages ran one by one)."""
 
     path: str | None = None
     adapter_hash: str = ""
     train_seconds: float | None = None
     final_loss: float | None = None
     steps: int | None = None
-    labeled_images: int | None = None
-    pseudo_labeled_images: int | None = None
 
 
 class RunFacts(_Model):
@@ -72,40 +65,6 @@ class RunFacts(_Model):
     evaluation_seeds: list[int]
 
 
-class Duplicate(_Model):
-    split: str
-    id: str
-    copy_of: str
-
-
-class Duplicates(_Model):
-    count: int
-    action: str
-    examples: list[Duplicate]
-
-
-class Skipped(_Model):
-    count: int
-    reasons: dict[str, int]
-    examples: list[str]
-
-
-class DataFacts(_Model):
-    class_names: list[str]
-    image_shape: list[int]
-    train_size: int
-    validation_size: int
-    test_size: int
-    pool_size: int
-    train_class_counts: list[int]
-    validation_class_counts: list[int]
-    test_class_counts: list[int]
-    duplicates_across_splits: Duplicates
-    skipped: Skipped
-    fingerprint: str
-    source: str
-
-
 class Generation(_Model):
     generated: int
     kept: int
@@ -115,12 +74,6 @@ class Generation(_Model):
     precision: str
     guidance_scale: float
     strengths: list[float]
-
-
-class QualityClassifier(_Model):
-    kind: str
-    validation_accuracy: float | None
-    validation_size: int
 
 
 class Memorization(_Model):
@@ -185,7 +138,7 @@ class Metrics(_Model):
 
     schema_version: Literal[1]
     run: RunFacts
-    data: DataFacts
+    data: DataSummary
     generation: Generation
     filter: FilterFacts
     evaluation: Evaluation

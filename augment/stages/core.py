@@ -15,11 +15,12 @@ import json
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, is_dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from augment import run as run_folder
 from augment.config import RunConfig
+from augment.results import Record
 
 # The pseudo stage also makes the run's cross-validated choices, starting from the team's recipe.
 CHOICES = ("pseudo", "selection", "evaluation.recipe")
@@ -90,7 +91,7 @@ def stage(name: str, what: str, unit: str = "", **declared) -> Callable:
 
 def to_json(result):
     """A stage result as run.json records it."""
-    return asdict(result) if is_dataclass(result) else result
+    return result.to_json() if isinstance(result, Record) else result
 
 
 def identity(cfg: RunConfig, name: str) -> str:

@@ -3,30 +3,31 @@ is the unit a task runner spreads over processes or Dask workers)."""
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Iterable
 
 import numpy as np
 
+from augment import results
 from augment import run as run_folder
 from augment.arms import has_part
-from augment.backends import BaseModelInfo, create, resolve_device
+from augment.backends import create, resolve_device
 from augment.config import RunConfig
 from augment.data import Splits, data_fingerprint, make_splits
-from augment.finetune import AdapterInfo
+from augment.results import AdapterInfo, BaseModelInfo, DataSummary, GenerationRecord
 from augment.stages.core import CHOICES, StageRun, folder, run_dir, stage
 from augment.stages.outputs import generator_splits, load_pseudo, load_selection
 
 
 @stage("data", "data", sections=("data",), upstream=(), identity="fingerprint")
-def prepare_data(cfg: RunConfig) -> dict:
+def prepare_data(cfg: RunConfig) -> DataSummary:
     data = folder(cfg).data
     with StageRun(cfg, "data") as st:
         splits = make_splits(cfg.data)
         splits.save(data.splits)
-        summary = {**splits.summary(), "fingerprint": data_fingerprint(splits), "source": cfg.data.source}
-        run_folder.write_json(data.summary, summary)
+        summary = results.parse(DataSummary, {**splits.summary(), "fingerprint": data_fingerprint(splits),
+                                              "source": cfg.data.source}, "the data's summary")
+        results.save(data.summary, summary)
     st.identify(summary)
     return summary
 
@@ -34,7 +35,8 @@ def prepare_data(cfg: RunConfig) -> dict:
 def recorded(cfg: RunConfig) -> tuple[BaseModelInfo, AdapterInfo]:
     """The base and the adapter of the run folder's last run, as run.json records them."""
     run = run_folder.read_json(folder(cfg).info, {}) or {}
-    return BaseModelInfo(**run["base"]), AdapterInfo(**run["adapter"])
+    return (results.parse(BaseModelInfo, run.get("base"), f"{folder(cfg).info}: base"),
+            results.parse(AdapterInfo, run.get("adapter"), f"{folder(cfg).info}: adapter"))
 
 
 def backend_for(cfg: RunConfig, splits: Splits):
@@ -63,7 +65,7 @@ def finetune_stage(cfg: RunConfig, base: BaseModelInfo, log=print,
 
     st = StageRun(cfg, "finetune", consumed={"base": base})
     if st.reused(log):
-        info = AdapterInfo.load(st.stage_folder.adapter.info)
+        info = results.load(st.stage_folder.adapter.info, AdapterInfo)
     else:
         with st.fresh():
             splits = generator_splits(cfg)
@@ -79,7 +81,7 @@ def finetune_stage(cfg: RunConfig, base: BaseModelInfo, log=print,
        distributed=True)
 def generate_stage(cfg: RunConfig, base: BaseModelInfo, adapter: AdapterInfo,
                    progress: Callable[[int, int], None] | None = None, log=print,
-                   units: Callable[[list[int]], Iterable[int]] | None = None) -> dict:
+                   units: Callable[[list[int]], Iterable[int]] | None = None) -> GenerationRecord:
     """Generate every planned candidate; `units(shards)` generates the missing shards elsewhere (the flow passes its
     task runner's map of `generate_unit`) and yields each shard's sample count in order as it finishes, else they
     are generated here."""
@@ -109,7 +111,7 @@ def generate_stage(cfg: RunConfig, base: BaseModelInfo, adapter: AdapterInfo,
                     if progress:
                         progress(done, len(df))
                 gen.finish(st.folder, len(df), time.time() - t0, cfg.generation, backend.device)
-    return json.loads(st.stage_folder.done.read_text())
+    return results.load(st.stage_folder.done, GenerationRecord)
 
 
 def _local_shards(cfg: RunConfig, base: BaseModelInfo, adapter: AdapterInfo, workers: int):

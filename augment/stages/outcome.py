@@ -8,10 +8,8 @@ from collections.abc import Callable
 
 from augment import results
 from augment.arms import has_part
-from augment.backends import BaseModelInfo
 from augment.config import RunConfig
-from augment.finetune import AdapterInfo
-from augment.results import ClassFilter, EvaluationSummary, FilterSummary, PublishRecord
+from augment.results import AdapterInfo, BaseModelInfo, ClassFilter, EvaluationSummary, FilterSummary, PublishRecord
 from augment.stages.core import CHOICES, StageRun, folder, identity, run_dir, stage
 from augment.stages.outputs import (evaluation_config, load_choice, load_evaluation, load_filter_summary,
                                     load_filtered, load_published, load_pseudo, load_selection, load_splits)
