@@ -44,8 +44,8 @@ def pseudo_stage(cfg: RunConfig, log=print, progress: Callable[[int, int], None]
        artifact=("choice", "Cross-validation trainings with synthetic data"))
 def choose_stage(cfg: RunConfig, log=print, progress: Callable[[int, int], None] | None = None) -> Choice:
     """Whether the product takes the kept synthetic samples, and at which of evaluation.synthetic_prob, judged on
-    the labeled images the generator never saw (synthetic_holdout; augment.selection.choose_synthetic). {} when
-    no choice is made (an empty Choice): the product takes them at the first probability."""
+    the labeled images the generator never saw (synthetic_holdout; augment.selection.choose_synthetic). An empty
+    Choice when no choice is made: the product then takes them at the first probability."""
     from augment.selection import choose_synthetic
 
     st = StageRun(cfg, "choose")
