@@ -73,10 +73,13 @@ def finished(cfg: RunConfig) -> dict | None:
     from augment.report.schema import MetricsError, validate_metrics
 
     raw = run_folder.read_json(out.metrics)
-    try:  # metrics.json of another version, or edited: the run is done again and the file rewritten
-        return None if raw is None else validate_metrics(raw) and raw
-    except MetricsError:
+    if raw is None:
         return None
+    try:
+        validate_metrics(raw)
+    except MetricsError:  # metrics.json of another version, or edited: the run is done again and the file rewritten
+        return None
+    return raw
 
 
 def mark_finished(cfg: RunConfig, done: bool = True) -> None:

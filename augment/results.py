@@ -296,6 +296,10 @@ class FilterScores(Record):
     train_nn_similarity_features: list[float]
     memorization_space: Literal["pixels", "features"]
 
+    def train_similarity(self, space: str) -> list[float]:
+        """Each real train image's similarity to its nearest other train image, in `space` (pixels or features)."""
+        return self.train_nn_similarity_pixels if space == "pixels" else self.train_nn_similarity_features
+
 
 class ClassFilter(Record):
     class_: str = Field(alias="class")

@@ -29,16 +29,19 @@ def _json(value):
     return value
 
 
-def read_state(p: Path):
+def _require(p: Path) -> Path:
     if not p.exists():
         raise FileNotFoundError(f"{p} is missing: is {p.parent} part of a finished augment run folder?")
-    return json.loads(p.read_text())
+    return p
+
+
+def read_state(p: Path):
+    return json.loads(_require(p).read_text())
 
 
 def read_record(p: Path, model: type[R]) -> R:
-    """A stage's record (augment.results), typed; a missing one is the same error as in read_state."""
-    read_state(p)
-    return results.load(p, model)
+    """A stage's record (augment.results), typed; a missing one is the same error as in read_state (run.json)."""
+    return results.load(_require(p), model)
 
 
 def _finite(x):
@@ -79,10 +82,10 @@ def collect_metrics(run: Path) -> dict:
     kept = table[table["kept"]]
     space = fsum.memorization_space
     other = "features" if space == "pixels" else "pixels"
-    reference = {"pixels": fsum.train_nn_similarity_pixels, "features": fsum.train_nn_similarity_features}
-    ref_other = np.asarray(reference[other])
+    ref_other = np.asarray(fsum.train_similarity(other))
     mem = {
-        space: memorization_stats(kept[f"nn_similarity_{space}"], reference[space], cfg.filter.max_similarity),
+        space: memorization_stats(kept[f"nn_similarity_{space}"], fsum.train_similarity(space),
+                                  cfg.filter.max_similarity),
         other: memorization_stats(kept[f"nn_similarity_{other}"], ref_other,
                                   float(np.quantile(ref_other, 0.95)) if len(ref_other) else 1.0),
     }

@@ -20,8 +20,9 @@ from augment.arms import Verdict
 from augment.data import Splits
 from augment.generate import load_candidates
 from augment.report import plots
-from augment.report.metrics import collect_metrics, read_state
+from augment.report.metrics import collect_metrics, read_record
 from augment.report.schema import Metrics, validate_metrics
+from augment.results import FilterScores
 from augment.report.sections import key_arms, sections
 from augment.run import RunFolder, read_json, write_json, write_text
 
@@ -42,7 +43,7 @@ def figures(run: Path, m: Metrics) -> dict[str, bytes]:
     splits = Splits.load(rf.data.splits)
     cands = load_candidates(rf.candidates.path)
     table = pd.read_parquet(rf.filter.scores)
-    fsum = read_state(rf.filter.summary)
+    fsum = read_record(rf.filter.summary, FilterScores)
     arms, names = m.evaluation.arms, m.data.class_names
     shown = {a: v for a, v in arms.items() if v.ran}
     figs = {}
@@ -57,10 +58,10 @@ def figures(run: Path, m: Metrics) -> dict[str, bytes]:
     figs["quality_hist"] = plots.histogram_plot(
         {"kept": table.loc[kept, "p_intended"].to_numpy(), "rejected": table.loc[~kept, "p_intended"].to_numpy()},
         "quality score p(intended class)")
-    space = fsum["memorization_space"]
+    space = fsum.memorization_space
     figs["memorization_hist"] = plots.histogram_plot(
         {"kept synthetic → nearest train": table.loc[kept, f"nn_similarity_{space}"].to_numpy(),
-         "train → nearest other train": np.asarray(fsum[f"train_nn_similarity_{space}"])},
+         "train → nearest other train": np.asarray(fsum.train_similarity(space))},
         f"cosine similarity ({space})", threshold=m.filter.memorization[space].threshold)
     rng = np.random.default_rng(0)  # which examples are shown; fixed so a rebuilt report is identical
     real_rows, kept_rows, rej_rows = [], [], []
