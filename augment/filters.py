@@ -121,7 +121,8 @@ def score_candidates(cfg: FilterConfig, cands: Candidates, train: ImageSet, vali
                                                                   train.labels, K))
     val_acc = float((judge.predict_proba(validation.images).argmax(1) == validation.labels).mean()) \
         if len(validation) else None
-    log(f"filter: quality classifier validation accuracy {val_acc}")
+    log(f"filter: quality classifier validation accuracy {100 * val_acc:.1f}% on {len(validation)} images"
+        if val_acc is not None else "filter: quality classifier trained on every labeled image (no validation split)")
     # 2. ALIA thresholds from out-of-fold predictions (p(class | image) from a classifier that did not see it).
     oof = np.full((len(train), K), np.nan, np.float32)
     for (_, te), clf in zip(folds, fold_models):

@@ -11,7 +11,7 @@ Where each file lives: augment.run.RunFolder.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import numpy as np
@@ -127,6 +127,18 @@ STAGES: tuple[Stage, ...] = tuple(f.stage for f in (
 STAGE = {s.name: s for s in STAGES}
 
 
+@contextmanager
+def _worker_processes() -> Iterator[None]:
+    """The run's stages share one pool of worker processes (augment.parallel.spawn_pool); it stops with the run, so
+    that no idle process outlives it (a served flow's process runs many)."""
+    from augment.parallel import close_pool
+
+    try:
+        yield
+    finally:
+        close_pool()
+
+
 def walk(cfg: RunConfig, call: Callable[[Stage, dict], dict], wait: bool = False,
          t0: float | None = None) -> dict:
     """Every stage of STAGES in order, inside `started` (inputs checked, the run folder claimed and locked):
@@ -134,7 +146,7 @@ def walk(cfg: RunConfig, call: Callable[[Stage, dict], dict], wait: bool = False
     result: the report's metrics."""
     t0 = time.time() if t0 is None else t0
     kept: dict = {}
-    with started(cfg, wait=wait):
+    with started(cfg, wait=wait), _worker_processes():
         mark_finished(cfg, False)
         record(cfg, None, versions=versions(), cpu=cpu_kind())
         timing = True

@@ -14,6 +14,7 @@ from augment.arms import has_part
 from augment.backends import create, resolve_device
 from augment.config import RunConfig
 from augment.data import Splits, data_fingerprint, make_splits
+from augment.parallel import worker_cache
 from augment.results import AdapterInfo, BaseModelInfo, DataSummary, GenerationRecord
 from augment.stages.core import CHOICES, StageRun, folder, run_dir, stage
 from augment.stages.outputs import generator_splits, load_pseudo, load_selection
@@ -127,7 +128,7 @@ def _local_shards(cfg: RunConfig, base: BaseModelInfo, adapter: AdapterInfo, wor
             yield from (generate_unit(cfg, base, adapter, s) for s in shards)
             _MODELS.clear()
             return
-        pool = spawn_pool(min(workers, len(shards)))
+        pool = spawn_pool(workers)
         try:
             for f in as_completed([pool.submit(generate_unit, cfg, base, adapter, s) for s in shards]):
                 yield f.result()
@@ -137,7 +138,8 @@ def _local_shards(cfg: RunConfig, base: BaseModelInfo, adapter: AdapterInfo, wor
     return run
 
 
-_MODELS: dict = {}  # per process: a worker that generates many shards of one run loads its model once
+# per process: a worker that generates many shards of one run loads its model once (emptied after the batch)
+_MODELS: dict = worker_cache()
 
 
 def generate_unit(cfg: RunConfig, base: BaseModelInfo, adapter: AdapterInfo, shard: int) -> int:
