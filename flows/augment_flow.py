@@ -185,6 +185,15 @@ def _key(cfg: RunConfig) -> str:
     return f"augment-{slug}"
 
 
+def _interval(row: dict) -> str:
+    """An arm's 95% interval in points; "n/a" where it could not be computed (one seed). A bound of exactly 0.0 is
+    a bound (an arm that never got a test image right), not a missing one."""
+    low, high = row["accuracy_ci_low"], row["accuracy_ci_high"]
+    if low is None or high is None:
+        return "n/a"
+    return f"[{100 * low:.1f}, {100 * high:.1f}]"
+
+
 def _artifacts(cfg: RunConfig, raw: dict) -> None:
     m = validate_metrics(raw)
     ev = m.evaluation
@@ -192,9 +201,7 @@ def _artifacts(cfg: RunConfig, raw: dict) -> None:
              "accuracy_ci_high": v.accuracy.ci_high, "macro_f1_mean": v.macro_f1.mean}
             for a, v in ev.arms.items() if v.ran]
     lines = [f"# augment: {cfg.name}", "", headline(m), "", "| arm | accuracy | 95% CI |", "|---|---|---|"]
-    lines += [f"| {r['arm']} | {100 * r['accuracy_mean']:.1f} | "
-              f"[{100 * (r['accuracy_ci_low'] or r['accuracy_mean']):.1f}, "
-              f"{100 * (r['accuracy_ci_high'] or r['accuracy_mean']):.1f}] |" for r in rows]
+    lines += [f"| {r['arm']} | {100 * r['accuracy_mean']:.1f} | {_interval(r)} |" for r in rows]
     lines += ["", f"Generated {m.generation.generated}, kept {m.generation.kept}. "
               f"Dataset: `{m.dataset.path}`. Full report: the `{_key(cfg)}-report` artifact, and "
               f"`{RunFolder(m.run.output_dir).report_html}` on the worker."]

@@ -473,3 +473,11 @@ def test_rerunning_a_finished_job_returns_at_once(finished_run, capsys):
         assert pipeline.finished(cfg) is None
     finally:
         (run / "report.html.away").rename(run / "report.html")
+
+
+def test_summary_artifact_prints_a_zero_bound_as_zero_and_a_missing_interval_as_na():
+    from flows.augment_flow import _interval
+
+    row = {"accuracy_mean": 0.02, "accuracy_ci_low": 0.0, "accuracy_ci_high": 0.05}
+    assert _interval(row) == "[0.0, 5.0]"
+    assert _interval({**row, "accuracy_ci_low": None, "accuracy_ci_high": None}) == "n/a"
