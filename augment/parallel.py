@@ -10,6 +10,7 @@ depend on where a unit ran run under `one_thread()`.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Iterator
 
 
@@ -28,8 +29,6 @@ def one_thread() -> Iterator[None]:
 
 def worker_count(workers: int) -> int:
     """`workers` as configured: 0 = one per CPU core."""
-    import os
-
     return workers or (os.cpu_count() or 1)
 
 
@@ -46,6 +45,8 @@ def spawn_pool(workers: int, initializer: Callable | None = None, initargs: tupl
 
 
 _POOL: dict = {}  # the process's one pool: {"workers": n, "executor": ProcessPoolExecutor}
+# A forked child (a task runner's process) starts its own pool: the parent's executor has no threads there.
+os.register_at_fork(after_in_child=_POOL.clear)
 
 
 def _executor(workers: int):
@@ -95,7 +96,6 @@ class Batch:
         """End the batch: with `cancel_futures` its queued units are dropped; `wait` for the running ones. A batch
         that did not finish every unit cleanly (an error, an interrupt) stops the processes, so that a later
         batch never meets a worker in an unknown state."""
-        import os
         from concurrent.futures import wait as wait_for
 
         clean = all(f.done() and not f.cancelled() and f.exception() is None for f in self.futures)

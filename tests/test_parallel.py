@@ -89,3 +89,13 @@ def test_a_run_leaves_no_worker_process_behind(tiny_cfg):
 
     pipeline.walk(tiny_cfg, call)
     assert started and not parallel._POOL
+
+
+def test_a_forked_child_does_not_reuse_the_parents_pool():
+    run_each(_unit, [(i,) for i in range(2)], 2, _share, (0,))
+    assert parallel._POOL
+    pid = os.fork()
+    if pid == 0:  # the child: the parent's executor has no management thread here
+        os._exit(0 if not parallel._POOL else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0 and parallel._POOL
