@@ -118,6 +118,8 @@ def _card(name: str, splits_info: dict, class_names: list[str], provenance: dict
     import yaml
 
     about = about or {}
+    missing = [s for s in ("validation", "test") if s not in splits]
+    absent = f" (here: {', '.join(f'`{s}`' for s in missing)})" if missing else ""
     header = {
         "pretty_name": name,
         "license": about.get("license", "unknown"),
@@ -138,7 +140,7 @@ def _card(name: str, splits_info: dict, class_names: list[str], provenance: dict
 Augmented image-classification dataset produced by **augment**: the real labeled training images plus
 synthetic images from a class-conditional diffusion model fine-tuned with LoRA on them, kept only if they passed
 the quality filters. `validation` and `test` are real images only; `test` was never seen by fine-tuning,
-filtering or model selection.
+filtering or model selection. A split the job left empty is not published{absent}.
 
 | split | rows | synthetic | pseudo-labeled real | real (labeled) |
 |---|---|---|---|---|
@@ -194,11 +196,12 @@ def publish(splits: Splits, kept_images: np.ndarray, kept_table: pd.DataFrame, o
     for part in parts:
         for k in train_rows:
             train_rows[k] = train_rows[k] + part[k]
-    dd = datasets.DatasetDict({
-        "train": datasets.Dataset.from_dict(train_rows, features=feats),
-        "validation": datasets.Dataset.from_dict(_real_rows(splits.validation), features=feats),
-        "test": datasets.Dataset.from_dict(_real_rows(splits.test), features=feats),
-    })
+    # An empty split is left out of the DatasetDict and the card: `datasets` 5 cannot load a 0-row split from
+    # either form (load_from_disk: IndexError in concat_tables; load_dataset: "corresponds to no data"), and
+    # the default job holds out no validation images (data.val_fraction: 0).
+    dd = datasets.DatasetDict({"train": datasets.Dataset.from_dict(train_rows, features=feats), **{
+        name: datasets.Dataset.from_dict(_real_rows(part), features=feats)
+        for name, part in (("validation", splits.validation), ("test", splits.test)) if len(part)}})
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     quiet = not datasets.are_progress_bars_disabled()

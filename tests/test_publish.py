@@ -1,5 +1,6 @@
 import numpy as np
 import pandas as pd
+import pytest
 
 from augment.config import DataConfig
 from augment.data import load_images, split
@@ -90,3 +91,37 @@ def test_a_torch_dataloader_reads_the_whole_train_split_and_seeds_stay_exact(tmp
     assert batch["image"].dtype == torch.uint8 and batch["label"].shape == (22,)
     assert batch["seed"].dtype == torch.int64 and batch["seed"][-2:].tolist() == seeds
     assert (batch["seed"][:20] == -1).all() and torch.isnan(batch["strength"][:20]).all()
+
+
+@pytest.mark.parametrize("val_fraction", [0.0, 0.05], ids=["default-shape-no-validation", "every-split"])
+def test_every_published_split_loads_with_both_loaders_a_dataloader_and_pandas(tmp_path, val_fraction):
+    """The default job holds out no validation images (val_fraction: 0): an empty split is left out, and every
+    split that is published loads with load_from_disk, load_dataset, a torch DataLoader and to_pandas."""
+    import datasets
+    import torch
+
+    from augment.data import ImageSet
+
+    cfg = DataConfig(shots_per_class=2, test_fraction=0.1, val_fraction=val_fraction)
+    splits = split(load_images(cfg), cfg)
+    table = pd.DataFrame({"sample_id": ["syn-0-0"], "label": [0], "seed": [7], "strength": [1.0],
+                          "source_id": [""], "guidance_scale": [2.0], "num_inference_steps": [5],
+                          "scheduler": ["ddim"], "p_intended": [0.9], "nn_similarity": [0.3]})
+    pool = splits.pool
+    pseudo = (ImageSet(pool.images[:2], np.array([1, 2]), splits.class_names, pool.ids[:2]),
+              np.array([0.9, 0.8], np.float32))
+    out = tmp_path / "dataset"
+    info = publish(splits, splits.train.images[:1], table, out, "t", NO_CANDIDATES_PROVENANCE, pseudo=pseudo)
+    expected = {"train": 23, "test": len(splits.test), **({"validation": len(splits.validation)}
+                                                          if val_fraction else {})}
+    assert {s: v.rows for s, v in info.splits.items()} == expected
+    card = (out / "README.md").read_text()
+    assert ("data/validation-" in card) == bool(val_fraction)
+    assert ("(here: `validation`)" in card) == (not val_fraction)
+    for loaded in (datasets.load_from_disk(str(out)), datasets.load_dataset(str(out))):
+        assert {s: len(d) for s, d in loaded.items()} == expected
+        for name, d in loaded.items():
+            frame = d.to_pandas()
+            assert len(frame) == expected[name] and frame["label"].between(0, 9).all()
+            (batch,) = list(torch.utils.data.DataLoader(d.with_format("torch"), batch_size=len(d)))
+            assert batch["image"].shape[0] == expected[name] and batch["label"].dtype == torch.int64
