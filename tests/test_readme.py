@@ -84,3 +84,46 @@ def test_readme_code_runs_on_a_published_dataset(published, section, monkeypatch
         assert tuple(scope["images"].shape) == (16, 1, 8, 8) and scope["images"].float().std() > 0
     else:
         assert next(iter(scope["loader"]))["label"].dtype.is_floating_point is False
+
+
+def _install_commands() -> str:
+    text = (ROOT / "README.md").read_text()
+    body = text[text.index("## The two commands"):text.index("## Tests")]
+    return re.findall(r"```bash\n(.*?)```", body, re.S)[0]
+
+
+def test_ci_installs_from_the_lock_and_runs_exactly_the_readmes_test_commands():
+    """The README's install command uses the lock; .ci/run does too, in fresh environments, and runs the README's
+    test commands (each, verbatim) in the locked one and the default suite in the newest one."""
+    ci = (ROOT / ".ci" / "run").read_text()
+    readme = (ROOT / "README.md").read_text()
+    tests = re.findall(r"```bash\n(.*?)```", readme[readme.index("## Tests"):], re.S)[0].strip().splitlines()
+    assert "-r requirements/lock.txt" in _install_commands()
+    assert "python -m venv" in _install_commands()
+    locked, newest = ci.split('section "newest environment')
+    assert "-r requirements/lock.txt" in locked and "python -m venv" in ci
+    assert "--upgrade -e" in newest and "requirements/lock.txt -e" not in newest
+    for command in tests:
+        assert command in locked, f".ci/run does not run the README's test command {command!r}"
+    assert tests[0] in newest
+
+
+def test_the_lock_satisfies_pyprojects_ranges_and_bounds_every_major_version():
+    """requirements/lock.txt was made from pyproject.toml's current ranges (requirements/refresh): every direct
+    dependency is pinned inside its range, and every range has an upper bound."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    direct = [Requirement(r) for r in project["dependencies"] + project["optional-dependencies"]["dev"]]
+    pins = dict(re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)", (ROOT / "requirements" / "lock.txt").read_text(), re.M))
+    pins = {canonicalize_name(k): v for k, v in pins.items()}
+    for req in direct:
+        name = canonicalize_name(req.name)
+        assert name in pins, f"{req.name} is not in requirements/lock.txt: run requirements/refresh"
+        assert req.specifier.contains(pins[name], prereleases=True), \
+            f"requirements/lock.txt pins {req.name}=={pins[name]} outside pyproject's {req.specifier}"
+        assert any(s.operator in ("<", "<=", "==", "~=") for s in req.specifier), f"{req} has no upper bound"
+    assert pins["torch"].endswith("+cpu"), "the lock is resolved against torch's CPU build"
