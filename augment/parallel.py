@@ -28,8 +28,11 @@ def one_thread() -> Iterator[None]:
 
 
 def worker_count(workers: int) -> int:
-    """`workers` as configured: 0 = one per CPU core."""
-    return workers or (os.cpu_count() or 1)
+    """`workers` as configured: 0 = one per CPU this job may use, its fair share beside the other augment jobs
+    running now (augment/cpus.py)."""
+    from augment.cpus import fair_share
+
+    return workers or fair_share()
 
 
 def spawn_pool(workers: int, initializer: Callable | None = None, initargs: tuple = ()) -> "Batch":

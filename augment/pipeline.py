@@ -28,7 +28,9 @@ def preflight(cfg: RunConfig) -> None:
     base checkpoint exists, the output and cache folders may be used. A user error raises here, before anything is
     written."""
     from augment.backends import check_base
+    from augment.cpus import fair_share
 
+    fair_share()  # a bad AUGMENT_THREADS is refused here, not when the first stage starts
     run_folder.check_output_dir(cfg.publish.output_dir, cfg.data.source)
     run_folder.check_writable_dir(cfg.base.cache_dir, "base.cache_dir", cfg.data.source)
     kind = check_base(cfg.base)
@@ -93,9 +95,11 @@ def started(cfg: RunConfig, wait: bool = False):
     for it), and save the config in it.
 
     Every entry point (the flow, the CLI, a notebook) runs the stages inside this block."""
+    from augment.cpus import job
+
     preflight(cfg)
     out = run_folder.claim(cfg.publish.output_dir, cfg.data.source, cfg.name)
-    with run_folder.lock(out, wait=wait):
+    with run_folder.lock(out, wait=wait), job():  # counted among the machine's running jobs (augment/cpus.py)
         run_folder.save_config(cfg, out)
         yield out
 

@@ -9,7 +9,6 @@ annotations then no longer resolve to `RunConfig` ("Augment_FlowModel is not ful
 failed before its first stage. tests/test_serve.py runs a served deployment against a real server.
 """
 
-import os
 import time
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -106,8 +105,10 @@ def task_runner(cfg: RunConfig):
     """The Prefect task runner that `cfg.runner` names (not used for `local`)."""
     from prefect.task_runners import ProcessPoolTaskRunner
 
+    from augment.cpus import fair_share
+
     r = cfg.runner
-    n = r.workers or os.cpu_count() or 1
+    n = r.workers or fair_share()
     if r.kind == "processes":
         return ProcessPoolTaskRunner(max_workers=n)
     try:

@@ -66,6 +66,9 @@ class Stage:
 
     def call(self, cfg: RunConfig, kept: dict, log=print, progress=None, units=None):
         """Run the stage with what its function names among `kept` and the run's callbacks."""
+        from augment.cpus import share_threads
+
+        share_threads()  # this job's share of the CPUs as the stage starts, kept to its end (augment/cpus.py)
         offered = {**kept, "log": log, "progress": progress, "units": units}
         return self.fn(cfg, **{k: v for k, v in offered.items() if k in self._takes})
 
