@@ -5,7 +5,10 @@ itself is augment.config.
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
+from types import UnionType
+from typing import Annotated, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -13,15 +16,62 @@ from pydantic import BaseModel, ValidationError
 from augment.config import ConfigError, RunConfig
 
 
+def _keys(model) -> dict:
+    """The fields of a config section (none for any other type: a list, a union, a number)."""
+    return model.model_fields if isinstance(model, type) and issubclass(model, BaseModel) else {}
+
+
+def _field(loc: tuple) -> int:
+    """How many leading parts of an error's location name config sections and fields; the rest are list indices
+    and the names pydantic gives the members of a union (`base.block_out_channels.list[int].0`)."""
+    model = RunConfig
+    for i, part in enumerate(loc):
+        if part not in _keys(model):
+            return i
+        model = _keys(model)[part].annotation
+    return len(loc)
+
+
+def _suggestion(loc: tuple) -> str:
+    """` (did you mean ...?)` for an unknown key that is close to a key of its section (a typo, a wrong case)."""
+    model = RunConfig
+    for part in loc[:-1]:
+        model = _keys(model)[part].annotation if part in _keys(model) else None
+    keys, typed = list(_keys(model)), str(loc[-1])
+    close = difflib.get_close_matches(typed, keys, n=1, cutoff=0.6) or [k for k in keys if k.lower() == typed.lower()]
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def _problem(errors: list[dict]) -> str:
+    """One line for the errors of one field: a value that fits no member of a union gets one error per member,
+    which read as several problems; they are joined, with the value given once."""
+    n = _field(errors[0]["loc"])
+    key = ".".join(str(p) for p in errors[0]["loc"][:n]) or "(top level)"
+    msgs = []
+    for e in errors:
+        index = "".join(f"[{p}]" for p in e["loc"][n:] if isinstance(p, int))  # an item of a list
+        msg = e["msg"].removeprefix("Value error, ")  # our validators' messages need no label
+        msgs.append(f"{index}: {msg}" if index and len(errors) > 1 else msg)
+        if index and len(errors) == 1:
+            key += index
+    given = min(errors, key=lambda e: len(e["loc"]))["input"]
+    got = repr(given)
+    # a section's own check (a dict as input) names its values itself
+    value = "" if isinstance(given, dict) else f" (got {got if len(got) <= 100 else got[:97] + '...'})"
+    if len(errors) == 1 and errors[0]["type"] == "value_error" and (n == 0 or msgs[0].startswith(key + ".")):
+        return f"{msgs[0]}{value}"  # a section's check whose message names its fields itself
+    return f"{key}: {', or '.join(msgs)}{value}"
+
+
 def _format_errors(err: ValidationError, origin: str) -> str:
     """One line for one error; a list, one line each, for several."""
-    problems = []
+    problems, fields = [], {}
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
-        got = repr(e.get("input"))
-        value = "" if e["type"] == "extra_forbidden" else f" (got {got if len(got) <= 100 else got[:97] + '...'})"
-        problems.append(f"{key}: {msg}{value}")
+        if e["type"] == "extra_forbidden":
+            problems.append(f"{'.'.join(str(p) for p in e['loc'])}: unknown key{_suggestion(e['loc'])}")
+        else:
+            fields.setdefault(e["loc"][:_field(e["loc"])], []).append(e)
+    problems += [_problem(errors) for errors in fields.values()]
     if len(problems) == 1:
         return f"invalid configuration in {origin}: {problems[0]}"
     return "\n".join([f"invalid configuration in {origin}:"] + [f"  {p}" for p in problems])
@@ -153,6 +203,32 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     return parse_config(apply_overrides(data, overrides), str(path))
 
 
+_SYMBOLS = {"ge": "≥", "gt": ">", "le": "≤", "lt": "<", "min_length": "min items", "max_length": "max items"}
+
+
+def _bounds(metadata, text: bool = False) -> list[str]:
+    """A field's or a type's constraints (`≥ 1`, `max items 4`; a string's min_length is its length)."""
+    found = [m for x in metadata for m in getattr(x, "metadata", [x])]
+    return [f"{_SYMBOLS[k].replace('items', 'length') if text else _SYMBOLS[k]} {getattr(m, k)}"
+            for m in found for k in _SYMBOLS if getattr(m, k, None) is not None]
+
+
+def _type_name(ann, inner: list[str], where: str = "") -> str:
+    """A type as the config's source writes it (`int | None`, `list[int]`); the bounds of values inside it (a
+    list's items, a member of a union) are added to `inner`."""
+    origin, args = get_origin(ann), get_args(ann)
+    if origin is Annotated:
+        inner += [f"{where}{b}" for b in _bounds(args[1:], args[0] is str)]
+        return _type_name(args[0], inner, where)
+    if origin is Literal:
+        return f"Literal[{', '.join(map(repr, args))}]"
+    if origin in (Union, UnionType):
+        return " | ".join(_type_name(a, inner, where) for a in args)
+    if origin is not None:
+        return f"{origin.__name__}[{', '.join(_type_name(a, inner, 'items ') for a in args)}]"
+    return "None" if ann is type(None) else getattr(ann, "__name__", str(ann))
+
+
 def reference_markdown() -> str:
     """Every config key with its type, default and description (docs/reference.md is generated by this). Defaults
     are read from a default config, not from each section's class: a section's own default can differ from its
@@ -165,11 +241,9 @@ def reference_markdown() -> str:
             if isinstance(default, BaseModel):
                 walk(default, f"{prefix}{name}.")
                 continue
-            typ = str(ann).replace("typing.", "").replace("<class '", "").replace("'>", "")
-            symbols = {"ge": "≥", "gt": ">", "le": "≤", "lt": "<", "min_length": "min items",
-                       "max_length": "max items"}
-            bounds = ", ".join(f"{symbols[k]} {getattr(m, k)}" for m in f.metadata for k in symbols
-                               if getattr(m, k, None) is not None)
+            inner: list[str] = []
+            typ = _type_name(ann, inner)
+            bounds = ", ".join(_bounds(f.metadata, typ in ("str", "str | None")) + inner)
             lines.append(f"| `{prefix}{name}` | `{typ}` | `{default!r}` | {f.description or ''}"
                          f"{f' ({bounds})' if bounds else ''} |")
 

@@ -181,9 +181,12 @@ def announce(cfg: RunConfig, m: dict) -> None:
 
 
 def _key(cfg: RunConfig) -> str:
-    """Artifact keys are stable per job name, so their history accumulates across runs."""
-    slug = "".join(c if c.isalnum() else "-" for c in cfg.name.lower()).strip("-") or "job"
-    return f"augment-{slug}"
+    """Artifact keys are stable per job name, so their history accumulates across runs. Prefect allows only
+    lowercase ASCII letters, digits and dashes: `isalnum` kept the `é` of `café`, and the run failed at its first
+    artifact."""
+    from augment.config import slug
+
+    return f"augment-{slug(cfg.name)}"
 
 
 def _interval(row: dict) -> str:

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from augment.config import ConfigError, RunConfig
@@ -92,3 +94,96 @@ def test_config_hash_ignores_where_and_how_many():
     assert a.fingerprint() == b.fingerprint() and a.fingerprint("base", "evaluation") == b.fingerprint("base",
                                                                                                        "evaluation")
     assert a.publish.output_dir != b.publish.output_dir  # the config itself still holds them
+
+
+def test_slug_is_a_valid_prefect_key_for_any_name():
+    import re
+
+    from augment.config import slug
+
+    assert slug("café") == "cafe" and slug("Ünïcödé  Name!") == "unicode-name" and slug("--a__b--") == "a-b"
+    for name in ("日本", "!!!", "", "ß", "İstanbul", "a/b\\c", "x" * 300):
+        assert re.fullmatch(r"[a-z0-9-]+", slug(name)), (name, slug(name))  # Prefect's rule for artifact keys
+    assert slug("日本") != slug("中国")  # nothing ASCII left: a hash of the name, still one key per name
+
+
+def test_artifact_keys_of_any_job_name_are_valid():
+    """`--set name=café` passed validate, then the run failed at its first artifact: Prefect refused
+    `augment-café-selection`."""
+    import re
+
+    from flows.augment_flow import _key
+
+    for name in ("café", "日本", "Ünïcödé  Name!", "digits"):
+        assert re.fullmatch(r"[a-z0-9-]+", _key(RunConfig(name=name)) + "-report"), name
+    assert _key(RunConfig(name="café")) == "augment-cafe"
+
+
+def _numeric_fields(model=RunConfig, prefix=()):
+    """(path, annotation) of every int or float field of every section (a list of them too)."""
+    from pydantic import BaseModel
+
+    for name, f in model.model_fields.items():
+        ann = f.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            yield from _numeric_fields(ann, prefix + (name,))
+        elif any(t in str(ann) for t in ("int", "float")) and "bool" not in str(ann):
+            yield prefix + (name,), str(ann)
+
+
+def _nested(path, value) -> dict:
+    for key in reversed(path):
+        value = {key: value}
+    return value
+
+
+@pytest.mark.parametrize("field", list(_numeric_fields()), ids=lambda f: ".".join(f[0]))
+def test_every_number_is_bounded_and_finite(field):
+    """A NaN min_confidence switched the filter off, an infinite lora_alpha trained to NaN, a seed of 2**64 failed
+    after the generator had run: every number of every section has a lower and an upper bound, and no float may be
+    NaN or infinite. Each refusal names the field."""
+    path, ann = field
+    name = ".".join(path)
+    values = [10**30, -10**30] + ([float("nan"), float("inf"), float("-inf"), "nan"] if "float" in ann else [])
+    for v in values:
+        with pytest.raises(ConfigError, match=re.escape(name)):
+            parse_config(_nested(path, [v] if ann.startswith("list") else v))
+
+
+def test_seeds_fit_every_generator_they_reach():
+    """numpy, torch and scikit-learn (random_state < 2**32) take every seed, with the offsets the stages add
+    (evaluation seeds are seed .. seed+99)."""
+    from augment.config import MAX_SEED
+
+    seeded = [p for p, _ in _numeric_fields() if p[-1] == "seed"]
+    assert len(seeded) == 8
+    for path in seeded:
+        assert parse_config(_nested(path, MAX_SEED))
+        with pytest.raises(ConfigError, match=re.escape(".".join(path))):
+            parse_config(_nested(path, MAX_SEED + 1))
+    assert MAX_SEED + 100 < 2**32
+
+
+def test_a_value_that_fits_no_form_of_a_union_is_one_line():
+    for key, value in (("base.block_out_channels", "wide"), ("evaluation.arms", 5), ("filter.min_confidence", 7)):
+        with pytest.raises(ConfigError) as err:
+            parse_config(_nested(key.split("."), value))
+        assert len(str(err.value).splitlines()) == 1 and f"{key}: " in str(err.value), str(err.value)
+
+
+def test_unknown_keys_suggest_the_near_miss():
+    with pytest.raises(ConfigError, match=r"lora\.lora_alhpa: unknown key \(did you mean lora_alpha\?\)"):
+        parse_config({"lora": {"lora_alhpa": 4}})
+    with pytest.raises(ConfigError, match=r"Data: unknown key \(did you mean data\?\)"):
+        parse_config({"Data": {}})
+    with pytest.raises(ConfigError, match=r"lora\.banana: unknown key$"):
+        parse_config({"lora": {"banana": 4}})
+
+
+def test_blank_paths_and_names_are_refused():
+    """An empty cache_dir wrote the cache into the working directory."""
+    for key in ("base.cache_dir", "publish.output_dir", "data.source", "base.pretrained", "name",
+                "publish.dataset_name", "data.label_column"):
+        for blank in ("", ) + ((" ",) if key.endswith(("_dir", "source", "pretrained")) else ()):
+            with pytest.raises(ConfigError, match=re.escape(key)):
+                parse_config(_nested(key.split("."), blank))

@@ -55,6 +55,40 @@ def test_datasets_saved_to_disk(tmp_path):
         load_images(DataConfig(source=str(tmp_path / "hf"), label_column="y"))
 
 
+def test_datasets_rows_without_a_label_are_skipped_counted_and_never_read(tmp_path):
+    """None or -1 is datasets' "no label" (an unlabeled split): such a row is no class, its image is not read (it
+    may have none), and the data summary counts it."""
+    import datasets
+
+    from PIL import Image
+    imgs = [Image.fromarray(np.full((6, 6), 30 * i, np.uint8)) for i in range(8)] + [None]
+    ds = datasets.Dataset.from_dict({"image": imgs, "label": [0, 1, 0, 1, 0, 1, -1, None, None]}).cast_column(
+        "label", datasets.ClassLabel(names=["a", "b"]))
+    ds.save_to_disk(str(tmp_path / "hf"))
+    cfg = DataConfig(source=str(tmp_path / "hf"), image_size=8, shots_per_class=None, test_fraction=0.35)
+    data = load_images(cfg)
+    assert data.class_names == ["a", "b"] and data.labels.tolist() == [0, 1, 0, 1, 0, 1]
+    assert data.ids[-1].endswith(":5") and data.skipped == [("row 6", "no label"), ("row 7", "no label"),
+                                                           ("row 8", "no label")]
+    skipped = split(data, cfg).summary()["skipped"]
+    assert skipped["reasons"] == {"no label": 3} and skipped["examples"][0] == "row 6 (no label)"
+    assert not [p for p in (tmp_path / "hf").iterdir() if p.name.startswith("cache-")]  # nothing written there
+
+
+def test_the_same_image_under_two_labels_names_files_of_both(tmp_path):
+    """Six copies in one class came first, and the message named only that class's files."""
+    import shutil
+
+    root = write_imagefolder(tmp_path / "imgs", per_class=12)
+    for i in range(8):
+        shutil.copyfile(root / "cat" / "0.png", root / "cat" / f"copy{i}.png")
+    shutil.copyfile(root / "cat" / "0.png", root / "dog" / "stolen.png")
+    cfg = DataConfig(source=str(root), channels=3, image_size=10)
+    with pytest.raises(DataError, match=r"cat/0\.png \(cat\), cat/copy0\.png \(cat\), cat/copy1\.png \(cat\), "
+                                        r"dog/stolen\.png \(dog\) and 6 more copies"):
+        split(load_images(cfg), cfg)
+
+
 def test_bad_inputs_name_the_problem(tmp_path):
     root = write_imagefolder(tmp_path / "imgs")
     (root / "cat" / "broken.png").write_bytes(b"not a png")

@@ -83,6 +83,49 @@ def _broken_link(u: Path) -> str:
     return src
 
 
+def _same_image_many_copies(u: Path) -> str:
+    """Seven copies of one image in cat, one in fox: the message named only the first six files, all cat's."""
+    src = Path(_folder(u))
+    for i in range(6):
+        (src / "cat" / f"c{i}.png").write_bytes((src / "cat" / "0.png").read_bytes())
+    (src / "fox" / "dup.png").write_bytes((src / "cat" / "0.png").read_bytes())
+    return str(src)
+
+
+def _skipped_only_class(u: Path) -> str:
+    """A class folder whose every file is skipped (a Mac copy, a thumbnail cache): a class with no images."""
+    src = Path(_folder(u))
+    for name in ("Thumbs.db", ".DS_Store", "._0.png"):
+        (src / "emu" / name).parent.mkdir(exist_ok=True)
+        (src / "emu" / name).write_bytes(b"x")
+    return str(src)
+
+
+def _parquet(u: Path, paths: list, labels: list) -> str:
+    """A parquet manifest beside the images of _folder (3 classes x 12)."""
+    import pandas as pd
+
+    src = Path(_folder(u))
+    pd.DataFrame({"path": paths, "label": labels}).to_parquet(src / "labels.parquet")
+    return str(src / "labels.parquet")
+
+
+def _hf(u: Path, labels: list, feature=None) -> str:
+    """A `datasets` dataset saved to disk, one distinct 10x10 image per label; `feature` types the label column."""
+    import datasets
+
+    ds = datasets.Dataset.from_dict({"image": [_img(100 + i) for i in range(len(labels))], "label": labels})
+    ds = ds.cast_column("label", feature) if feature is not None else ds
+    ds.save_to_disk(str(u / "hf"))
+    return str(u / "hf")
+
+
+def _class_label(*names: str):
+    import datasets
+
+    return datasets.ClassLabel(names=list(names))
+
+
 # Every bad input a user has sent us: (setup(U) -> data.source or None, extra arguments, what the one line names).
 # `{src}` in an argument is the setup's return value; `{U}` the user's folder.
 BAD_INPUTS = {
@@ -161,6 +204,52 @@ BAD_INPUTS = {
                                                            for i in range(12)] + [("cat/0.png", "dog")]), [],
                                        "cat/0.png (cat), cat/0.png (dog)"),
     "manifest: empty file": (lambda u: _with_file(u, "labels.csv", b"") + "/labels.csv", [], "labels.csv is empty"),
+    # issue: a user-fault battery (numbers without bounds, labels `datasets` leaves empty, blank paths)
+    "min_confidence NaN": (None, ["--set", "filter.min_confidence=nan"],
+                           "filter.min_confidence: must be a probability"),
+    "min_confidence below 0": (None, ["--set", "filter.min_confidence=-3"], "filter.min_confidence"),
+    "min_confidence above 1": (None, ["--set", "filter.min_confidence=7"], "filter.min_confidence"),
+    "infinite lora_alpha": (None, ["--set", "lora.lora_alpha=inf"], "lora.lora_alpha: Input should be a finite"),
+    "huge lora_alpha": (None, ["--set", "lora.lora_alpha=1e300"], "lora.lora_alpha"),
+    "seed 2**64": (None, ["--set", f"evaluation.seed={2**64}"], "evaluation.seed"),
+    "seed past scikit-learn": (None, ["--set", f"data.seed={2**32}"], "data.seed"),
+    "guidance NaN": (None, ["--set", "generation.guidance_scale=.nan"], "generation.guidance_scale"),
+    "infinite snr_gamma": (None, ["--set", "base.snr_gamma=.inf"], "base.snr_gamma"),
+    "zero learning rate": (None, ["--set", "lora.learning_rate=0"], "lora.learning_rate"),
+    "NaN strength": (None, ["--set", "generation.strengths=[.nan]"], "generation.strengths"),
+    "NaN threshold": (None, ["--set", "pseudo.thresholds=[0.5, .nan]"], "pseudo.thresholds[1]"),
+    "zero UNet width": (None, ["--set", "base.block_out_channels=[0, 8]"], "base.block_out_channels"),
+    "huge num_per_class": (None, ["--set", f"generation.num_per_class={10**12}"], "generation.num_per_class"),
+    "image size the UNet cannot halve": (None, ["--set", "data.image_size=13"], "data.image_size=13 does not fit"),
+    "empty cache_dir": (None, ["--set", "base.cache_dir=''"], "base.cache_dir: must be a path"),
+    "blank output_dir": (None, ["--output-dir", "' '"], "publish.output_dir: must be a path"),
+    "empty name": (None, ["--set", "name=''"], "name: String should have at least 1 character"),
+    "empty target module": (None, ["--set", "lora.target_modules=['']"], "lora.target_modules[0]"),
+    "union value, one line": (None, ["--set", "base.block_out_channels=wide"], "base.block_out_channels: Input"),
+    "the same arm twice": (None, ["--set", "evaluation.arms=[real+classic, classic+real]"],
+                           "lists the arm real+classic twice"),
+    "near-miss key": (None, ["--set", "lora.lora_alhpa=4"], "lora.lora_alhpa: unknown key (did you mean lora_alpha?)"),
+    "override without =": (None, ["--set", "lora.rank"], "override 'lora.rank' must look like section.key=value"),
+    "section given a number": (None, ["--set", "data=5"], "data: Input should be a valid dictionary"),
+    "config is a scalar": (lambda u: _config_file(u, "hello\n"), ["CONFIG={src}"], "must hold a mapping of sections"),
+    "same image, many copies, two labels": (_same_image_many_copies, [], "fox/dup.png (fox)"),
+    "class of skipped files only": (_skipped_only_class, [], "imgs/emu holds no images"),
+    "class folders differ by case": (lambda u: _folder(u, classes=("cat", "Cat", "dog")), [],
+                                     "class folders 'Cat' and 'cat' differ only in case"),
+    "manifest path is a folder": (lambda u: _manifest(u, [("cat", "cat"), ("dog/0.png", "dog")]), [],
+                                  "imgs/cat is a folder, not an image file"),
+    "manifest: bytes paths not UTF-8": (lambda u: _parquet(u, [b"\xff\xfe.png"] * 4, ["cat"] * 4), [],
+                                        "path column holds bytes that are not UTF-8"),
+    "manifest: a path that is a number": (lambda u: _parquet(u, [7] * 4, ["cat"] * 4), [], "path 7 is a int"),
+    "manifest: fractional labels": (lambda u: _parquet(u, [f"{c}/{i}.png" for c in CATS for i in range(12)],
+                                                       [1.0, 2.5, 3.0] * 12), [],
+                                    "label 2.5 in column 'label' is not a whole number"),
+    "datasets: no labels at all": (lambda u: _hf(u, [None] * 12, _class_label("cat", "dog")), [],
+                                   "column 'label' has no labels: all 12 rows"),
+    "datasets: fractional labels": (lambda u: _hf(u, [0.5, 1.0, 2.0] * 12), [], "label 0.5 in column 'label'"),
+    "datasets: list labels": (lambda u: _hf(u, [[0], [1], [2]] * 12), [], "column 'label' holds list values"),
+    "datasets: a class with no rows": (lambda u: _hf(u, [0, 1, 2] * 12, _class_label("cat", "dog", "fox", "emu")),
+                                       [], "class 'emu' of column 'label' has no labeled rows"),
 }
 
 
@@ -295,6 +384,24 @@ GOOD_INPUTS = {
     "manifest with NA and None classes": (lambda u: _csv(u, "path,label\n|{p},{l}\n", rows=[
         (f"{c}/{i}.png", n) for c, n in (("cat", "NA"), ("dog", "None"), ("fox", "null")) for i in range(4)]),
         12, ["NA", "None", "null"], {}),
+    # rows `datasets` leaves without a label are skipped and counted, never a class (None was a class "None", a
+    # None in a ClassLabel a TypeError, and -1 rows vanished uncounted)
+    "datasets: None in a text label column": (lambda u: _hf(u, CATS * 4 + [None, " "]), 12, CATS, {"no label": 2}),
+    "datasets: None and -1 in a ClassLabel": (lambda u: _hf(u, [0, 1, 2] * 4 + [None, -1], _class_label(*CATS)),
+                                              12, CATS, {"no label": 2}),
+    "datasets: -1 and None in an integer column": (lambda u: _hf(u, [0, 1, 2] * 4 + [-1, None]), 12,
+                                                   ["0", "1", "2"], {"no label": 2}),
+    "datasets: whole-number float labels": (lambda u: _hf(u, [1.0, 2.0, 10.0] * 4 + [float("nan")]), 12,
+                                            ["1", "2", "10"], {"no label": 1}),
+    "parquet manifest with bytes paths": (lambda u: _parquet(u, [f"{c}/{i}.png".encode() for c in CATS
+                                                                 for i in range(4)], [c for c in CATS for _ in
+                                                                                      range(4)]), 12, CATS, {}),
+    "parquet manifest with float class ids": (lambda u: _parquet(u, [f"{c}/{i}.png" for c in CATS for i in range(4)],
+                                                                 [float(k) for k in (3, 1, 2) for _ in range(4)]),
+                                              12, ["1", "2", "3"], {}),
+    "manifest labels that differ only in case": (lambda u: _csv(u, "path,label\n|{p},{l}\n", rows=[
+        (f"{c}/{i}.png", n) for c, n in (("cat", "cat"), ("dog", "Cat"), ("fox", "fox")) for i in range(4)]),
+        12, ["Cat", "cat", "fox"], {}),
 }
 
 
@@ -409,7 +516,7 @@ def test_bad_input_is_one_line_naming_the_culprit_and_changes_nothing(tmp_path, 
 
 
 def test_the_bad_input_table_is_long_enough():
-    assert len(BAD_INPUTS) >= 55
+    assert len(BAD_INPUTS) >= 94 and len(GOOD_INPUTS) >= 30
 
 
 @pytest.mark.timeout(30)

@@ -17,19 +17,19 @@ from pydantic import Field, model_validator
 
 from augment.config.choices import (ClassifierConfig, EvaluationConfig, FilterConfig, PseudoConfig,
                                     SelectionConfig)
-from augment.config.common import BACKEND_NAMES, ConfigError, Section, UserPath
+from augment.config.common import BACKEND_NAMES, MAX_SEED, ConfigError, Section, UserPath, slug
 from augment.config.generator import BaseModelConfig, DataConfig, GenerationConfig, LoRAConfig
 
-__all__ = ["BACKEND_NAMES", "BaseModelConfig", "ClassifierConfig", "ConfigError", "DataConfig", "EvaluationConfig",
-           "FilterConfig", "GenerationConfig", "LoRAConfig", "PseudoConfig", "PublishConfig", "RunConfig",
-           "RunnerConfig", "SelectionConfig"]
+__all__ = ["BACKEND_NAMES", "MAX_SEED", "BaseModelConfig", "ClassifierConfig", "ConfigError", "DataConfig",
+           "EvaluationConfig", "FilterConfig", "GenerationConfig", "LoRAConfig", "PseudoConfig", "PublishConfig",
+           "RunConfig", "RunnerConfig", "SelectionConfig", "slug"]
 
 class PublishConfig(Section):
     output_dir: UserPath = Field("outputs/digits", description="Run folder: dataset, report, intermediate files.")
-    dataset_name: str = Field("augmented-digits", description="Name in the dataset card.")
+    dataset_name: str = Field("augmented-digits", min_length=1, description="Name in the dataset card.")
     license: str = Field("unknown", min_length=1, description="License in the dataset card (a Hub license id such "
                          "as cc-by-4.0; your images' license decides it).")
-    max_shard_rows: int = Field(5000, ge=100, description="Rows per parquet shard.")
+    max_shard_rows: int = Field(5000, ge=100, le=10_000_000, description="Rows per parquet shard.")
 
 
 class RunnerConfig(Section):
@@ -55,7 +55,7 @@ class RunnerConfig(Section):
 
 
 class RunConfig(Section):
-    name: str = Field("digits", description="Name of the job.")
+    name: str = Field("digits", min_length=1, description="Name of the job.")
     data: DataConfig = Field(default_factory=DataConfig)
     base: BaseModelConfig = Field(default_factory=BaseModelConfig)
     lora: LoRAConfig = Field(default_factory=LoRAConfig)
@@ -84,3 +84,18 @@ class RunConfig(Section):
         picked = {s: dump[s.split(".")[0]][s.split(".")[1]] if "." in s else dump[s] for s in sections} \
             if sections else dump
         return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
+
+    @model_validator(mode="after")
+    def _unet_fits_the_images(self) -> "RunConfig":
+        """A builtin UNet with its levels given halves the image side at every level but the last: a side that does
+        not halve evenly failed when pretraining started (augment.backends.pixel_unet.build_unet), not here. The
+        `auto` layout stops halving where the side is odd, so it always fits."""
+        b, size = self.base, self.data.image_size
+        given = b.block_out_channels if b.block_out_channels != "auto" else b.attention_levels
+        if b.pretrained != "builtin" or b.kind == "stable_diffusion" or given == "auto":
+            return self
+        if size % 2 ** (len(given) - 1):
+            raise ValueError(f"data.image_size={size} does not fit the builtin UNet's {len(given)} levels "
+                             f"(base.block_out_channels / base.attention_levels): it must be divisible by "
+                             f"{2 ** (len(given) - 1)}; change data.image_size or give fewer levels")
+        return self

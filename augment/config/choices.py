@@ -3,12 +3,12 @@ and the downstream evaluation."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from augment.arms import ARM_PARTS, Arm
-from augment.config.common import AutoPrecision, Section
+from augment.config.common import AutoPrecision, Section, seed_field
 from augment.registry import CLASSIFIERS, FILTERS
 
 
@@ -51,19 +51,17 @@ class PseudoConfig(Section):
         "the validation split.",
     )
     min_support: int = Field(
-        10, ge=1, description="selection.rule=validation: a threshold counts only if at least this many validation "
-        "images pass it.",
+        10, ge=1, le=1_000_000, description="selection.rule=validation: a threshold counts only if at least this "
+        "many validation images pass it.",
     )
-    per_class: list[int] = Field(
+    per_class: list[Annotated[int, Field(ge=1, le=1_000_000)]] = Field(
         [25, 100, 400], min_length=1, description="selection.rule=cross_validation: candidate numbers of pool "
         "images per class (each class's most confident predictions, class-balanced); the best out of fold wins.",
     )
-    seed: int = Field(0, ge=0, description="Seed of the pseudo-labeler.")
+    seed: int = seed_field("Seed of the pseudo-labeler.")
 
     @model_validator(mode="after")
     def _grid(self) -> "PseudoConfig":
-        if any(m < 1 for m in self.per_class):
-            raise ValueError(f"pseudo.per_class must hold positive counts; got {self.per_class}")
         bad = [t for t in self.thresholds if not 0.0 <= t < 1.0]
         if bad:
             raise ValueError(f"pseudo.thresholds must lie in [0, 1); got {bad}")
@@ -100,7 +98,7 @@ class SelectionConfig(Section):
     )
     synthetic_seeds: int = Field(3, ge=1, le=20, description="Paired training seeds of each option of the "
                                  "synthetic choice.")
-    seed: int = Field(0, ge=0, description="Seed of the folds, the fold classifiers, the holdout and the bootstrap.")
+    seed: int = seed_field("Seed of the folds, the fold classifiers, the holdout and the bootstrap.")
 
 
 class FilterConfig(Section):
@@ -109,8 +107,9 @@ class FilterConfig(Section):
         description="Filters to apply, in order; drop one to switch it off, add `quota` to cap or balance classes.",
     )
     quality_classifier: ClassifierConfig = Field(default_factory=ClassifierConfig)
-    min_confidence: float | Literal["1/K"] = Field(
-        0.5, description="Class consistency: keep if p(intended class) > this; `1/K` = chance level."
+    min_confidence: Annotated[float, Field(ge=0, le=1)] | Literal["1/K"] = Field(
+        0.5, description="Class consistency: keep if p(intended class) > this (a probability in [0, 1]); `1/K` = "
+        "chance level."
     )
     alia_folds: int = Field(5, ge=2, le=20, description="Folds for the out-of-fold ALIA thresholds.")
     alia_reject: list[Literal["too_easy", "mislabeled"]] = Field(
@@ -119,16 +118,26 @@ class FilterConfig(Section):
     memorization_space: Literal["features", "pixels"] = Field("pixels", description="Space for near-copy checks.")
     max_similarity: float = Field(0.99, gt=0, le=1.0, description="Reject candidates this similar to a train image.")
     duplicate_similarity: float = Field(0.995, gt=0, le=1.0, description="Candidates this similar are duplicates.")
-    max_per_class: int | None = Field(None, ge=1, description="Quota: keep at most this many per class.")
+    max_per_class: int | None = Field(None, ge=1, le=100_000_000,
+                                      description="Quota: keep at most this many per class.")
     balance_classes: bool = Field(True, description="Quota: keep the same count for every class (the minimum).")
-    seed: int = Field(0, ge=0, description="Seed of the quality classifier.")
+    seed: int = seed_field("Seed of the quality classifier.")
+
+    @field_validator("min_confidence", mode="wrap")
+    @classmethod
+    def _probability_or_chance(cls, v, handler):
+        """One message for both forms (a union reports one per form, which read as two problems)."""
+        try:
+            return handler(v)
+        except ValidationError:
+            raise ValueError("must be a probability in [0, 1] or 1/K (chance level)") from None
 
 
 
 
 class EvaluationConfig(Section):
     arms: Literal["auto"] | list[str] = Field(
-        "auto",
+        "auto", min_length=1,
         description="Downstream training sets. `auto` = the protocol: real, real+classic, the recipe + pseudo "
         "(with a pool), the recipe + synthetic for both recipes, the recipe + pseudo + synthetic, unfiltered "
         "synthetic and synthetic only. Or a list of names joined with `+` from: " + ", ".join(ARM_PARTS) + ".",
@@ -173,7 +182,7 @@ class EvaluationConfig(Section):
         "run: downstream and cross-validation trainings, the filter's classifiers and generation shards on the CPU; "
         "0 = one per CPU core, 1 = in this process. Results do not depend on it.",
     )
-    seed: int = Field(0, ge=0, description="First training seed; seeds are seed, seed+1, ...")
+    seed: int = seed_field("First training seed; seeds are seed, seed+1, ...")
 
     @field_validator("synthetic_prob", mode="before")
     @classmethod
@@ -192,4 +201,10 @@ class EvaluationConfig(Section):
     @classmethod
     def _arms(cls, arms):
         """Each arm valid, and named in the canonical order of its parts (`classic+real` is `real+classic`)."""
-        return arms if arms == "auto" else [Arm.of(a).name for a in arms]
+        if arms == "auto":
+            return arms
+        names = [Arm.of(a).name for a in arms]
+        twice = next((n for i, n in enumerate(names) if n in names[:i]), None)
+        if twice:  # it would train and report the same arm twice
+            raise ValueError(f"lists the arm {twice} twice (`classic+real` and `real+classic` are the same arm)")
+        return names

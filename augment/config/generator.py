@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
-from augment.config.common import BACKEND_NAMES, AutoPrecision, Precision, Section, UserPath
+from augment.config.common import BACKEND_NAMES, AutoPrecision, Precision, Section, UserPath, seed_field
 from augment.registry import DATA_SOURCES, FEEDBACK_CRITERIA, SAMPLERS
 
 
@@ -19,9 +19,9 @@ class DataConfig(Section):
     kind: Literal[("auto",) + DATA_SOURCES.names] = Field(
         "auto", description="How to read `source`; `auto` infers it from what `source` points at."
     )
-    image_column: str = Field("image", description="Image column of a `datasets` source.")
-    label_column: str = Field("label", description="Label column of a `datasets` or manifest source.")
-    hf_split: str = Field("train", description="Split of a `datasets` source to draw from.")
+    image_column: str = Field("image", min_length=1, description="Image column of a `datasets` source.")
+    label_column: str = Field("label", min_length=1, description="Label column of a `datasets` or manifest source.")
+    hf_split: str = Field("train", min_length=1, description="Split of a `datasets` source to draw from.")
     image_size: int = Field(8, ge=4, le=512, description="Images are resized to image_size x image_size.")
     channels: Literal[1, 3] = Field(1, description="1 = grayscale, 3 = RGB; images are converted.")
     test_fraction: float = Field(0.3, gt=0.0, lt=0.9, description="Stratified share of images held out as test.")
@@ -29,13 +29,14 @@ class DataConfig(Section):
         0.0, ge=0.0, lt=0.9, description="Stratified share held out as validation. 0: every labeled image trains, "
         "and choices are cross-validated (selection.rule); a validation split then only adds scores to the report.")
     shots_per_class: int | None = Field(
-        10, ge=1, description="Labeled train images per class (the small labeled set); None = all the rest."
+        10, ge=1, le=1_000_000,
+        description="Labeled train images per class (the small labeled set); None = all the rest."
     )
     use_unlabeled_pool: bool = Field(
         True, description="Images not used as labeled train/val/test form an unlabeled pool (labels dropped) "
         "that the built-in base model pretrains on."
     )
-    max_pool_size: int | None = Field(None, ge=1, description="Cap on the unlabeled pool size.")
+    max_pool_size: int | None = Field(None, ge=1, le=100_000_000, description="Cap on the unlabeled pool size.")
     allow_outside_paths: bool = Field(
         False, description="Allow manifest paths and image-folder symlinks that resolve outside the data folder "
         "(the manifest's folder or the image folder's root).",
@@ -46,7 +47,7 @@ class DataConfig(Section):
         "together). `report`: named in the report, which then warns that test accuracy may be inflated; `drop`: "
         "removed from the less protected split.",
     )
-    seed: int = Field(0, ge=0, description="Seed for the splits and few-shot sampling.")
+    seed: int = seed_field("Seed for the splits and few-shot sampling.")
 
     @model_validator(mode="after")
     def _fractions(self) -> "DataConfig":
@@ -61,14 +62,14 @@ class BaseModelConfig(Section):
         "Diffusion pipeline (its model_index.json says so), else `pixel`.",
     )
     pretrained: UserPath = Field(
-        "builtin",
+        "builtin", min_length=1,
         description="`builtin` pretrains a pixel-space UNet on the unlabeled pool (cached); otherwise a diffusers "
         "checkpoint, a local folder or a hub id: a UNet2DModel (e.g. google/ddpm-cifar10-32) for the pixel backend, "
         "a Stable Diffusion 1.x/2.x pipeline (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5) for "
         "`stable_diffusion`.",
     )
-    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of `pretrained`, pinned "
-                                 "in every published row.")
+    revision: str | None = Field(None, min_length=1, description="Hub revision (branch, tag or commit) of "
+                                 "`pretrained`, pinned in every published row.")
     subfolder: str | None = Field(None, description="Subfolder of the checkpoint holding the UNet (e.g. `unet`).")
     prompt_template: str = Field(
         "a photo of a {name}", min_length=1,
@@ -81,7 +82,7 @@ class BaseModelConfig(Section):
     gradient_checkpointing: bool = Field(
         False, description="Stable Diffusion: recompute UNet activations in the backward pass (less memory).",
     )
-    block_out_channels: Literal["auto"] | list[int] = Field(
+    block_out_channels: Literal["auto"] | list[Annotated[int, Field(ge=1, le=2048)]] = Field(
         "auto", min_length=1, max_length=4,
         description="Builtin UNet widths, one per level. `auto`: one level per halving of the image side down to "
         "4-7 px (8 px: 2 levels, 16 and 28 px: 3, 32 px and up: 4), 64 channels at the bottom, halved per level "
@@ -103,10 +104,10 @@ class BaseModelConfig(Section):
     pretrain_batch_size: int = Field(64, ge=1, le=4096, description="Batch size of builtin pretraining.")
     learning_rate: float = Field(2e-3, gt=0, le=1.0, description="Peak learning rate of builtin pretraining.")
     ema_decay: float | None = Field(0.999, gt=0, lt=1, description="EMA of the base weights; None = off.")
-    snr_gamma: float | None = Field(5.0, gt=0, description="Min-SNR loss weighting gamma; None = plain MSE.")
+    snr_gamma: float | None = Field(5.0, gt=0, le=1000, description="Min-SNR loss weighting gamma; None = plain MSE.")
     mixed_precision: Precision = Field("no", description="bf16 autocast (CPU AMX or GPU).")
     cache_dir: UserPath = Field("outputs/.cache", description="Where pretrained builtin bases are cached.")
-    seed: int = Field(0, ge=0, description="Seed of initialization and noise draws.")
+    seed: int = seed_field("Seed of initialization and noise draws.")
 
     @model_validator(mode="after")
     def _shapes(self) -> "BaseModelConfig":
@@ -129,9 +130,9 @@ class BaseModelConfig(Section):
 
 class LoRAConfig(Section):
     rank: int = Field(8, ge=1, le=256, description="LoRA rank r.")
-    lora_alpha: float = Field(8.0, gt=0, description="LoRA scaling alpha (update scaled by alpha / r).")
+    lora_alpha: float = Field(8.0, gt=0, le=1024, description="LoRA scaling alpha (update scaled by alpha / r).")
     lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA branch.")
-    target_modules: list[str] | None = Field(
+    target_modules: list[Annotated[str, Field(min_length=1)]] | None = Field(
         None, min_length=1,
         description="Module name suffixes that get LoRA; None = the backend's: attention projections and resnet "
         "convolutions (pixel), the UNet's attention projections (Stable Diffusion).",
@@ -148,7 +149,7 @@ class LoRAConfig(Section):
     )
     label_dropout: float = Field(0.1, ge=0, lt=1, description="Share of labels replaced by the null class.")
     ema_decay: float | None = Field(None, gt=0, lt=1, description="EMA of the trained weights; None = off.")
-    checkpointing_steps: int = Field(200, ge=1, description="Save a resumable checkpoint every N steps.")
+    checkpointing_steps: int = Field(200, ge=1, le=1_000_000, description="Save a resumable checkpoint every N steps.")
     augment_flip: bool = Field(False, description="Random horizontal flips of the labeled images while training.")
     use_pseudo_labeled: bool = Field(
         True, description="Semi-supervised fine-tuning (DPT-style): also train on the pool images that the `pseudo` "
@@ -158,17 +159,18 @@ class LoRAConfig(Section):
         0.5, gt=0, le=1, description="With pseudo-labeled images: expected share of every batch drawn from the "
         "labeled images (they are weighted up; the rest comes from the pseudo-labeled ones).",
     )
-    seed: int = Field(0, ge=0, description="Seed of the LoRA init, batches and noise.")
+    seed: int = seed_field("Seed of the LoRA init, batches and noise.")
 
 
 class GenerationConfig(Section):
     num_per_class: int | None = Field(
-        200, ge=1, description="Candidates generated per class (used when balance is `none`)."
+        200, ge=1, le=1_000_000, description="Candidates generated per class (used when balance is `none`)."
     )
     balance: Literal["none", "max", "target"] = Field(
         "none", description="`max`: fill every class up to the largest class; `target`: up to balance_target."
     )
-    balance_target: int | None = Field(None, ge=1, description="Per-class target count for balance=target.")
+    balance_target: int | None = Field(None, ge=1, le=1_000_000,
+                                       description="Per-class target count for balance=target.")
     scheduler: Literal[SAMPLERS.names] = Field("dpmsolver++", description="Sampler.")
     num_inference_steps: int = Field(20, ge=1, le=1000, description="Sampling steps.")
     eta: float = Field(
@@ -194,12 +196,12 @@ class GenerationConfig(Section):
         "training image of the class (DA-Fusion uses 0.25, 0.5, 0.75, 1.0).",
     )
     batch_size: int = Field(256, ge=1, le=65536, description="Samples per UNet batch.")
-    shard_size: int = Field(500, ge=1, description="Samples per shard file on disk.")
+    shard_size: int = Field(500, ge=1, le=1_000_000, description="Samples per shard file on disk.")
     mixed_precision: AutoPrecision = Field(
         "auto", description="bf16 autocast while sampling. `auto`: bf16 where the device computes it natively (a "
         "GPU with bf16, a CPU with AVX-512 bf16/AMX), else fp32.",
     )
-    seed: int = Field(0, ge=0, description="Base seed; every sample's own seed derives from it.")
+    seed: int = seed_field("Base seed; every sample's own seed derives from it.")
 
     @model_validator(mode="after")
     def _balance(self) -> "GenerationConfig":

@@ -3,6 +3,8 @@ dataset (registry: DATA_SOURCES), each into one ImageSet; bad entries are one cl
 
 from __future__ import annotations
 
+import math
+import unicodedata
 from pathlib import Path, PureWindowsPath
 
 import numpy as np
@@ -27,6 +29,43 @@ def _finish(images: list[np.ndarray], labels: list, ids: list[str], origin: str,
 
 def _natural_key(s: str):
     return (0, int(s), "") if s.lstrip("-").isdigit() else (1, 0, s)
+
+
+NO_LABEL = "no label"  # the data summary's reason for a row of a `datasets` source that has no label
+
+
+def _label(value, where: str, column: str):
+    """One cell of a label column as a class: a name (trimmed text, True/False) or an integer id; None when the cell
+    holds no label (None, NaN, blank text). A float must be a whole number: 1.0 is class 1, but 2.5 is a
+    measurement (a regression target), and each distinct value would have become a class."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if isinstance(value, str):
+        return value.strip() or None
+    if isinstance(value, (bool, np.bool_)):
+        return str(bool(value))
+    if isinstance(value, (float, np.floating)):
+        if not float(value).is_integer():
+            raise DataError(f"{where}: label {value} in column {column!r} is not a whole number; labels are class "
+                            "names or integer class ids")
+        return int(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+    raise DataError(f"{where}: column {column!r} holds {type(value).__name__} values ({shown}), not class labels "
+                    "(a class name or an integer class id per row)")
+
+
+def _same_but_case(names: list[str], root: Path) -> None:
+    """Refuse class folders whose names differ only in case (or Unicode form): on macOS and Windows they are one
+    folder, so the same data would have a different number of classes there."""
+    seen: dict[str, str] = {}
+    for name in names:
+        key = unicodedata.normalize("NFC", name).casefold()
+        if key in seen:
+            raise DataError(f"image folder {root}: class folders {seen[key]!r} and {name!r} differ only in case; on "
+                            "macOS and Windows they are one folder: merge them or rename one")
+        seen[key] = name
 
 
 def load_sklearn_digits(cfg: DataConfig) -> ImageSet:
@@ -62,6 +101,7 @@ def load_imagefolder(cfg: DataConfig) -> ImageSet:
     class_dirs.sort(key=lambda d: _natural_key(d.name))
     if not class_dirs:
         raise DataError(f"image folder {root} has no class subfolders (expected {root}/<class>/<image>)")
+    _same_but_case([d.name for d in class_dirs], root)
     images, labels, ids = [], [], []
     for label, d in enumerate(class_dirs):
         files, skip = image_files(d, root)
@@ -100,14 +140,13 @@ def load_manifest(cfg: DataConfig) -> ImageSet:
     for col in ("path", cfg.label_column):
         if col not in df.columns:
             raise DataError(f"manifest {path} has no column {col!r} (columns: {list(df.columns)})")
-    missing = df[cfg.label_column].isna().to_numpy()  # class names: `" cat "` is `cat`, `3` is `"3"`
-    labels = ["" if m else str(v).strip() for v, m in zip(df[cfg.label_column], missing)]
     images, ids, names, skipped, seen = [], [], [], [], set()
-    for row, (rel, label) in enumerate(zip(df["path"], labels), start=2):
-        if not isinstance(rel, str) or not rel:
-            raise DataError(f"manifest {path}, row {row}: empty path")
-        if not label:
+    for row, (rel, value) in enumerate(zip(df["path"], df[cfg.label_column]), start=2):
+        rel = _manifest_path(rel, f"manifest {path}, row {row}")
+        label = _label(value, f"manifest {path}, row {row}", cfg.label_column)  # `" cat "` is `cat`, `3` is `"3"`
+        if label is None:
             raise DataError(f"manifest {path}, row {row}: missing label")
+        label = str(label)
         if "://" in rel:
             raise DataError(f"manifest {path}, row {row}: {rel} is a URL; augment reads local files (download the "
                             "images and list their paths)")
@@ -120,6 +159,8 @@ def load_manifest(cfg: DataConfig) -> ImageSet:
             p = path.parent / PureWindowsPath(rel).as_posix()
         if not cfg.allow_outside_paths:
             inside(p, path.parent, f"manifest {path}, row {row}: image")
+        if p.is_dir():
+            raise DataError(f"manifest {path}, row {row}: {p} is a folder, not an image file")
         if not p.is_file():
             raise DataError(f"manifest {path}, row {row}: image file not found: {p}")
         images.append(open_image(p, cfg.image_size, cfg.channels))
@@ -128,6 +169,42 @@ def load_manifest(cfg: DataConfig) -> ImageSet:
     data = _finish(images, names, ids, str(path))
     data.skipped = skipped
     return data
+
+
+def _manifest_path(value, where: str) -> str:
+    """One cell of a manifest's path column as text. A parquet file may hold paths as bytes (a binary column):
+    they are UTF-8 text, not an "empty path"."""
+    if isinstance(value, bytes):
+        try:
+            value = value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise DataError(f"{where}: the path column holds bytes that are not UTF-8 text ({value[:40]!r}); "
+                            "write the paths as text") from None
+    if value is None or (isinstance(value, float) and math.isnan(value)) or value == "":
+        raise DataError(f"{where}: empty path")
+    if not isinstance(value, str):
+        raise DataError(f"{where}: path {value!r} is a {type(value).__name__}, not a file path; the path column "
+                        "must hold text")
+    return value
+
+
+def _hf_labels(ds, cfg: DataConfig) -> tuple[list, list[str] | None]:
+    """Every row's class of a `datasets` source (an index into the ClassLabel's names, or a name or integer id),
+    None for a row with no label: None, NaN, blank text, or -1 (datasets' "no label", e.g. an unlabeled test split)
+    in a ClassLabel or integer column. Such a row is never a class (None became a class named "None")."""
+    import datasets
+
+    column, source = cfg.label_column, cfg.source
+    feature = ds.features[column]
+    if isinstance(feature, datasets.ClassLabel):
+        labels = [None if v is None or v == -1 else int(v) for v in ds[column]]
+        bad = next(((i, v) for i, v in enumerate(labels) if v is not None and not 0 <= v < feature.num_classes), None)
+        if bad:
+            raise DataError(f"{source}, row {bad[0]}: label {bad[1]} in column {column!r} is not one of its "
+                            f"{feature.num_classes} ClassLabel names")
+        return labels, list(feature.names)
+    labels = [_label(v, f"{source}, row {i}", column) for i, v in enumerate(ds[column])]
+    return [None if y == -1 else y for y in labels], None
 
 
 def load_hf(cfg: DataConfig) -> ImageSet:
@@ -151,16 +228,26 @@ def load_hf(cfg: DataConfig) -> ImageSet:
         if col not in ds.column_names:
             raise DataError(f"{source}: no column {col!r} (columns: {ds.column_names}); set data.image_column / "
                             "data.label_column")
-    feature = ds.features[cfg.label_column]
-    names = list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
-    images = []
-    for i, img in enumerate(ds[cfg.image_column]):
+    labels, names = _hf_labels(ds, cfg)
+    keep = [i for i, y in enumerate(labels) if y is not None]
+    if len(ds) and not keep:
+        raise DataError(f"{source}: column {cfg.label_column!r} has no labels: all {len(ds)} rows of split "
+                        f"{cfg.hf_split!r} are missing one (None or -1)")
+    images = []  # the images of labeled rows only: an unlabeled row's image is never read
+    labeled = ds.select(keep, keep_in_memory=True) if len(keep) < len(ds) else ds  # nothing written beside the data
+    for i, img in zip(keep, labeled[cfg.image_column]):
         try:
             images.append(normalize(img, cfg.image_size, cfg.channels))
         except Exception as err:  # a missing image (None), a path string, a mode PIL cannot convert
             raise DataError(f"{source}, row {i}: column {cfg.image_column!r} is not a usable image ({err})") from None
-    ids = [f"{source}:{cfg.hf_split}:{i}" for i in range(len(ds))]
-    return _finish(images, ds[cfg.label_column], ids, source, names=names)
+    ids = [f"{source}:{cfg.hf_split}:{i}" for i in keep]
+    data = _finish(images, [labels[i] for i in keep], ids, source, names=names)
+    data.skipped = [(f"row {i}", NO_LABEL) for i, y in enumerate(labels) if y is None]
+    empty = [n for n, c in zip(data.class_names, data.class_counts()) if c == 0]
+    if empty:
+        raise DataError(f"{source}: class {empty[0]!r} of column {cfg.label_column!r} has no labeled rows in split "
+                        f"{cfg.hf_split!r}; give it images, or cast the column to a ClassLabel without it")
+    return data
 
 
 def detect_kind(cfg: DataConfig) -> str:

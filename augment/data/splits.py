@@ -102,14 +102,25 @@ def _keep_duplicates_together(data: ImageSet, parts: dict[str, list[int]]) -> No
             continue
         labels = {int(data.labels[i]) for i in members}
         if len(labels) > 1:
-            names = ", ".join(f"{data.ids[i]} ({data.class_names[int(data.labels[i])]})" for i in members[:6])
-            raise DataError(f"the same image has different labels: {names}; fix or remove these files")
+            raise DataError(f"the same image has different labels: {_label_clash(data, members)}; fix or remove "
+                            "these files")
         target = min((where[i] for i in members), key=order.index)
         for i in members:
             if where[i] != target:
                 parts[where[i]].remove(i)
                 parts[target].append(i)
                 where[i] = target
+
+
+def _label_clash(data: ImageSet, members: list[int], per_class: int = 3) -> str:
+    """The copies of one image under several labels, a few of every class: the first six copies could all be of
+    one class, and the message then named only that class's files."""
+    by_class: dict[int, list[int]] = {}
+    for i in members:
+        by_class.setdefault(int(data.labels[i]), []).append(i)
+    shown = [i for copies in by_class.values() for i in copies[:per_class]]
+    more = f" and {len(members) - len(shown)} more copies" if len(members) > len(shown) else ""
+    return ", ".join(f"{data.ids[i]} ({data.class_names[int(data.labels[i])]})" for i in shown) + more
 
 
 SPLIT_FOLDERS = ("train", "validation", "test", "pool")
