@@ -8,7 +8,10 @@ Both read only the run folder (its config.yaml, run.json and adapter) and the ba
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
+from urllib.parse import quote
 
 import numpy as np
 import pandas as pd
@@ -21,6 +24,11 @@ from augment.configfile import load_config
 from augment.errors import ModelError
 from augment.generate import sampling_precision
 from augment.report.schema import Metrics, read_metrics
+from augment.run import RunFolderError
+
+# Every sample stays in memory until all are drawn (and the Python API returns them): a request that needs more
+# is refused at once instead of running out of memory hours in.
+MEMORY_BUDGET = 4 << 30
 
 
 def load_run(run_dir: str | Path) -> RunConfig:
@@ -36,12 +44,75 @@ def load_run(run_dir: str | Path) -> RunConfig:
     return cfg
 
 
-def _model(cfg: RunConfig):
-    splits = outputs.load_splits(cfg)
+def _model(cfg: RunConfig, splits=None):
+    splits = outputs.load_splits(cfg) if splits is None else splits
     backend = generator.backend_for(cfg, splits)
     adapter = core.folder(cfg).finetune.adapter.path
     base, _ = generator.recorded(cfg)
     return splits, backend, backend.load(base, adapter=adapter)
+
+
+def class_folder(name: str) -> str:
+    """The folder `generate` writes class `name` into: the name itself when it is one ordinary path component, else
+    percent-encoded (a leading dot too), so that a label such as `../x` or `/abs` (a manifest or `datasets` label can
+    be anything) cannot put images outside --out. provenance.parquet keeps the true name."""
+    if name and not name.startswith(".") and not any(c in name for c in "/\\\0"):
+        return name
+    if not name:
+        return "%"  # quote() never yields a bare "%", so no other name maps here
+    encoded = quote(name, safe="")
+    return "%2E" + encoded[1:] if encoded.startswith(".") else encoded
+
+
+def _check_new_folder(out: Path, what: str, cfg: RunConfig) -> Path:
+    """`out` resolved, or RunFolderError with nothing written: generate and export write only into a new or empty
+    folder that this process may write, outside the run's data source (synthetic images among the real ones) and
+    outside the run folder (which augment itself rewrites and deletes in)."""
+    resolved = run_folder.check_writable_dir(out, what, str(cfg.data.source))
+    root = Path(cfg.publish.output_dir).expanduser().resolve()
+    if resolved == root or root in resolved.parents:
+        raise RunFolderError(f"{what} {out} lies inside the run folder {root}: choose a folder outside it")
+    if resolved.is_dir() and any(resolved.iterdir()):
+        raise RunFolderError(f"{what} {out} exists and is not empty: choose a new or empty folder")
+    return resolved
+
+
+def _write_new_folder(out: Path, write) -> None:
+    """Fill `out` by `write(folder)` so that a failure or Ctrl-C leaves nothing half-written there: a new `out` is
+    written as a temporary sibling and renamed into place; an existing empty one (maybe a mount point or the
+    working directory, which a rename must not replace) gets a temporary folder inside, whose entries move up."""
+    fresh = not out.exists()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = (out.parent / f".{out.name}.{os.getpid()}.tmp") if fresh else out / f".augment-{os.getpid()}.tmp"
+    try:
+        tmp.mkdir()
+        write(tmp)
+        if fresh:
+            tmp.rename(out)
+            return
+        for entry in sorted(tmp.iterdir()):
+            entry.rename(out / entry.name)
+        tmp.rmdir()
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _sample_index(splits, class_name: str, n: int, seed: int) -> int:
+    """The class index, after refusing a request that cannot be met (before the model loads)."""
+    names = splits.class_names
+    if class_name not in names:
+        raise ModelError(f"class {class_name!r} is not one of this run's classes: {', '.join(names)}")
+    if n < 1:
+        raise ModelError(f"-n must be at least 1 (got {n})")
+    if seed < 0:  # numpy's SeedSequence, which derives every sample's seed, takes no negative seed
+        raise ModelError(f"--seed must be 0 or more (got {seed})")
+    _, h, w, c = splits.train.images.shape
+    limit = max(1, MEMORY_BUDGET // (h * w * c))
+    if n > limit:
+        raise ModelError(f"-n {n} is more than one call holds in memory ({limit} images of {h}x{w}x{c}): draw them in "
+                         "several calls, each with its own --seed and --out")
+    return names.index(class_name)
 
 
 def generate_more(run_dir: str | Path, class_name: str, n: int, seed: int = 0,
@@ -49,21 +120,17 @@ def generate_more(run_dir: str | Path, class_name: str, n: int, seed: int = 0,
     """Draw `n` new samples of `class_name` from the run's fine-tuned generator, with the run's sampler settings.
 
     Sample j of class k gets the seed the run's plan would give it under generation seed `seed` (so `--seed` equal
-    to the run's generation.seed reproduces its candidates). With `output_dir`, writes `<class>/<sample_id>.png`
-    and `provenance.parquet` there. Returns the provenance table (with an `image` column of uint8 arrays)."""
-    from augment.imagefiles import to_pil
-
+    to the run's generation.seed reproduces its candidates). With `output_dir` (a new or empty folder), writes
+    `<class>/<sample_id>.png` (the class as `class_folder` names it) and `provenance.parquet` there. Returns the
+    provenance table (with an `image` column of uint8 arrays)."""
     from augment.generate import sample_seed
 
     cfg = load_run(run_dir)
-    splits, backend, model = _model(cfg)
+    splits = outputs.load_splits(cfg)
+    k = _sample_index(splits, class_name, n, seed)
+    out = None if output_dir is None else _check_new_folder(Path(output_dir), "--out", cfg)
+    splits, backend, model = _model(cfg, splits)
     base, adapter = generator.recorded(cfg)
-    names = splits.class_names
-    if class_name not in names:
-        raise ModelError(f"class {class_name!r} is not one of this run's classes: {', '.join(names)}")
-    if n < 1:
-        raise ModelError(f"-n must be at least 1 (got {n})")
-    k = names.index(class_name)
     seeds = [sample_seed(seed, k, j) for j in range(n)]
     gen = cfg.generation
     images = np.concatenate([backend.sample(model, np.full(len(seeds[i:i + gen.batch_size]), k),
@@ -77,13 +144,18 @@ def generate_more(run_dir: str | Path, class_name: str, n: int, seed: int = 0,
         "negative_prompt": negative, "base_model": base.name,
         "adapter_hash": adapter.adapter_hash, "config_hash": cfg.fingerprint(),
     })
-    if output_dir is not None:
-        out = Path(output_dir)
-        (out / class_name).mkdir(parents=True, exist_ok=True)
-        for sid, img in zip(table["sample_id"], images):
-            to_pil(img).save(out / class_name / f"{sid}.png")
-        table.to_parquet(out / "provenance.parquet")
+    if out is not None:
+        _write_new_folder(out, lambda folder: _write_samples(folder, class_name, table, images))
     return table.assign(image=list(images))
+
+
+def _write_samples(folder: Path, class_name: str, table: pd.DataFrame, images: np.ndarray) -> None:
+    from augment.imagefiles import to_pil
+
+    (folder / class_folder(class_name)).mkdir()
+    for sid, img in zip(table["sample_id"], images):
+        to_pil(img).save(folder / class_folder(class_name) / f"{sid}.png")
+    table.to_parquet(folder / "provenance.parquet")
 
 
 def export_model(run_dir: str | Path, output_dir: str | Path) -> Path:
@@ -91,15 +163,18 @@ def export_model(run_dir: str | Path, output_dir: str | Path) -> Path:
     merged `UNet2DModel` (K + 1 class rows, the last one the null class) and scheduler, or the Stable Diffusion
     pipeline with the LoRA fused into its UNet. No augment needed to load it."""
     cfg = load_run(run_dir)
-    out = Path(output_dir)
-    if out.exists() and any(out.iterdir()):
-        raise ModelError(f"{out} exists and is not empty; export writes into a new or empty folder")
+    out = _check_new_folder(Path(output_dir), "OUT", cfg)
     splits, backend, model = _model(cfg)
-    backend.export(model, out)
     metrics = read_metrics(run_folder.RunFolder(run_dir).metrics)
-    (out / "README.md").write_text(_model_card(cfg, *generator.recorded(cfg), splits.class_names, backend, metrics,
-                                               sampling_precision(run_dir, cfg)))
-    return out
+    card = _model_card(cfg, *generator.recorded(cfg), splits.class_names, backend, metrics,
+                       sampling_precision(run_dir, cfg))
+
+    def write(folder: Path) -> None:
+        backend.export(model, folder)
+        (folder / "README.md").write_text(card)
+
+    _write_new_folder(out, write)
+    return Path(output_dir)
 
 
 def _model_card(cfg: RunConfig, base: BaseModelInfo, adapter: AdapterInfo, names: list[str], backend,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 import shutil
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from augment import results
 from augment.data import ImageSet, Splits
 from augment.imagefiles import to_pil
 from augment.results import PublishRecord
-from augment.run import DatasetFolder
+from augment.run import DatasetFolder, RunFolderError, check_writable_dir
 
 PROVENANCE = {
     "sample_id": "string", "source_id": "string", "is_pseudo_labeled": "bool", "pseudo_confidence": "float32",
@@ -229,29 +230,105 @@ def publish(splits: Splits, kept_images: np.ndarray, kept_table: pd.DataFrame, o
 
 
 PUSHED = (DatasetFolder.CARD, f"{DatasetFolder.PARQUET}/*.parquet")  # the card and the parquet shards: the arrow copy stays local
+# A shard as `_write_parquet` names it: what a push target may hold besides our card (and, on the Hub, the
+# .gitattributes every new repo starts with). Anything else there is someone else's: push refuses to touch it.
+SHARD = re.compile(r"[A-Za-z0-9_.]+-[0-9a-f]{12}-[0-9]{5}-of-[0-9]{5}\.parquet")
+HUB_OWN = (".gitattributes",)
+
+
+def is_augment_card(text: str) -> bool:
+    """Whether `text` is a dataset card `_card` wrote: a YAML header whose tags include "augment"."""
+    import yaml
+
+    text = text.lstrip("\ufeff").replace("\r\n", "\n")
+    header, sep, _ = text[4:].partition("\n---\n") if text.startswith("---\n") else ("", "", "")
+    try:
+        meta = yaml.safe_load(header) if sep else None
+    except yaml.YAMLError:
+        return False
+    tags = meta.get("tags") if isinstance(meta, dict) else None
+    return isinstance(tags, list) and "augment" in tags
+
+
+def _pushed_name(path: str, card) -> bool:
+    """Whether `path` (relative, with /) is a file augment push writes: our card (`card()` reads it) or a shard."""
+    if path == DatasetFolder.CARD:
+        return is_augment_card(card())
+    folder, _, name = path.partition("/")
+    return folder == DatasetFolder.PARQUET and SHARD.fullmatch(name) is not None
+
+
+def _foreign_in_folder(target: Path) -> list[str]:
+    """What `target` holds that augment push did not write; links count as foreign (a copy would write through)."""
+    def ours(p: Path) -> bool:
+        rel = p.relative_to(target).as_posix()
+        if p.is_symlink():
+            return False
+        if rel == DatasetFolder.PARQUET:
+            return p.is_dir()
+        return p.is_file() and _pushed_name(rel, lambda: p.read_text(errors="replace"))
+
+    return [p.relative_to(target).as_posix() for p in sorted(target.rglob("*")) if not ours(p)]
+
+
+def _refuse(target: str, foreign: list[str], instead: str) -> None:
+    shown = ", ".join(repr(f) for f in foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+    raise RunFolderError(f"{target} holds files augment push did not write ({shown}); nothing was changed: push "
+                         f"into {instead}")
+
+
+def _push_to_folder(folder: Path, files: list[str], local_target: str | Path) -> None:
+    """Copy `files` into `local_target`, which must be new, empty or an earlier push's copy (its old shards go)."""
+    target = check_writable_dir(local_target, "--to-folder")
+    if target == folder.resolve():
+        raise RunFolderError(f"--to-folder {local_target} is the dataset being pushed: choose another folder")
+    foreign = _foreign_in_folder(target) if target.is_dir() else []
+    if foreign:
+        _refuse(f"--to-folder {local_target}", foreign, "a new or empty folder, or one augment push wrote before")
+    parquet = DatasetFolder(target).parquet
+    old = [p for p in parquet.glob("*.parquet") if f"{DatasetFolder.PARQUET}/{p.name}" not in files]
+    parquet.mkdir(parents=True, exist_ok=True)
+    # the card last and the old shards after it: the card names its version's shards, so a reader meanwhile loads
+    # the old dataset or the new one
+    for f in files[1:] + files[:1]:
+        shutil.copyfile(folder / f, target / f)
+    for p in old:
+        p.unlink()
+
+
+def _push_to_hub(folder: Path, files: list[str], repo_id: str, private: bool, token: str | None) -> None:
+    """One commit that adds `files` and deletes the earlier push's shards, by name, in a repo holding nothing else."""
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
+
+    api = HfApi(token=token)
+    api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
+    present = api.list_repo_files(repo_id, repo_type="dataset")
+
+    def card() -> str:
+        return Path(api.hf_hub_download(repo_id, DatasetFolder.CARD, repo_type="dataset")).read_text(errors="replace")
+
+    foreign = [f for f in present if f not in HUB_OWN and not _pushed_name(f, card)]
+    if foreign:
+        _refuse(f"Hub dataset repo {repo_id}", foreign, "a new dataset repo, or one augment push wrote before")
+    old = [f for f in present if f.startswith(f"{DatasetFolder.PARQUET}/") and f not in files]
+    api.create_commit(repo_id, repo_type="dataset", commit_message="augment: publish dataset", operations=[
+        *(CommitOperationAdd(path_in_repo=f, path_or_fileobj=str(folder / f)) for f in files),
+        *(CommitOperationDelete(path_in_repo=f) for f in old)])
 
 
 def push(dataset_dir: str | Path, repo_id: str, local_target: str | Path | None = None, private: bool = False,
          token: str | None = None) -> list[str]:
     """Upload a published dataset's card and parquet shards to the Hub dataset repo `repo_id` (created if needed),
-    or copy exactly those files into `local_target` (no network needed). Returns the files sent."""
+    or copy exactly those files into `local_target` (no network needed). Returns the files sent. The target must
+    be new, empty or hold only what an earlier push wrote (whose shards this push replaces): anything else is
+    refused with RunFolderError before anything changes."""
     ds = DatasetFolder(dataset_dir)
     folder = ds.path
-    if not ds.card.exists() or not list(ds.parquet.glob("*.parquet")):
+    if not ds.card.is_file() or not list(ds.parquet.glob("*.parquet")):
         raise FileNotFoundError(f"{folder} is not a published augment dataset (no {' or '.join(PUSHED)})")
     files = [DatasetFolder.CARD] + sorted(f"{DatasetFolder.PARQUET}/{p.name}" for p in ds.parquet.glob("*.parquet"))
     if local_target is not None:
-        target = DatasetFolder(local_target)
-        target.parquet.mkdir(parents=True, exist_ok=True)
-        for old in target.parquet.glob("*.parquet"):  # a re-push replaces the previous version's shards
-            old.unlink()
-        for f in files:
-            shutil.copyfile(folder / f, target.path / f)
-        return files
-    from huggingface_hub import HfApi
-
-    api = HfApi(token=token)
-    api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
-    api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="dataset", allow_patterns=list(PUSHED),
-                      delete_patterns=[PUSHED[1]], commit_message="augment: publish dataset")
+        _push_to_folder(folder, files, local_target)
+    else:
+        _push_to_hub(folder, files, repo_id, private, token)
     return files
