@@ -47,6 +47,7 @@ def spawn_pool(workers: int, initializer: Callable | None = None, initargs: tupl
     return Batch(_executor(workers), initializer, initargs)
 
 
+BATCH_PREFIX = "augment-batch-"  # a batch's shared data in the temporary folder (augment/tempfiles.py)
 _POOL: dict = {}  # the process's one pool: {"workers": n, "executor": ProcessPoolExecutor}
 # A forked child (a task runner's process) starts its own pool: the parent's executor has no threads there.
 os.register_at_fork(after_in_child=_POOL.clear)
@@ -60,17 +61,33 @@ def _executor(workers: int):
         close_pool()
     if not _POOL:
         _POOL.update(workers=workers, executor=ProcessPoolExecutor(
-            workers, mp_context=multiprocessing.get_context("spawn"), initializer=_one_thread))
+            workers, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_start,
+            initargs=(os.getpid(),)))
     return _POOL["executor"]
 
 
-def close_pool() -> None:
-    """Stop the worker processes (queued units are dropped; running ones finish). The next batch starts new
+def close_pool(kill: bool = False) -> None:
+    """Stop the worker processes (queued units are dropped; running ones finish, or with `kill` are cut short:
+    an interrupted run stops in seconds, and its units are recomputed on resume). The next batch starts new
     ones."""
-    if _POOL:
-        executor = _POOL.pop("executor")
-        _POOL.clear()
+    if not _POOL:
+        return
+    executor = _POOL.pop("executor")
+    _POOL.clear()
+    if not kill:
         executor.shutdown(wait=True, cancel_futures=True)
+        return
+    processes = list((getattr(executor, "_processes", None) or {}).values())
+    for p in processes:
+        with contextlib.suppress(Exception):
+            p.terminate()
+    executor.shutdown(wait=False, cancel_futures=True)
+    for p in processes:
+        with contextlib.suppress(Exception):
+            p.join(5)
+            if p.is_alive():
+                p.kill()
+                p.join(1)
 
 
 class Batch:
@@ -80,13 +97,14 @@ class Batch:
 
     def __init__(self, executor, initializer: Callable | None, initargs: tuple):
         import pickle
-        import tempfile
         import uuid
+
+        from augment import tempfiles
 
         self.executor, self.initializer, self.futures = executor, initializer, []
         self.key, self.path = uuid.uuid4().hex, None
         if initializer is not None:
-            fd, self.path = tempfile.mkstemp(prefix="augment-batch-", suffix=".pkl")
+            fd, self.path = tempfiles.create(BATCH_PREFIX, ".pkl")
             with open(fd, "wb") as f:
                 pickle.dump(initargs, f, protocol=pickle.HIGHEST_PROTOCOL)
 
@@ -105,13 +123,14 @@ class Batch:
         if cancel_futures:
             for f in self.futures:
                 f.cancel()
-        if wait:
+        ours = _POOL.get("executor") is self.executor
+        if not clean and ours:  # an error or an interrupt: units in flight are cut, not waited for (minutes)
+            close_pool(kill=True)
+        elif wait:
             wait_for(self.futures)
         if self.path is not None:
             with contextlib.suppress(OSError):
                 os.remove(self.path)
-        if not clean and _POOL.get("executor") is self.executor:
-            close_pool()
 
 
 _BATCH: dict = {}  # in a worker: the key of the batch whose shared data its initializer last received
@@ -170,10 +189,25 @@ def run_each(fn: Callable, calls: list[tuple], workers: int, initializer: Callab
         pool.shutdown(cancel_futures=True)
 
 
-def _one_thread() -> None:
+def _worker_start(parent: int) -> None:
+    """A worker: one torch thread; Ctrl-C is the parent's to handle (it stops the workers); and it exits when the
+    parent is gone, even killed by SIGKILL, instead of waiting on its pipe forever (~400 MB each)."""
+    import signal
+    import threading
+
     import torch
 
     torch.set_num_threads(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True, name="augment-parent-watch").start()
+
+
+def _exit_with_parent(parent: int, every: float = 1.0) -> None:  # pragma: no cover (runs in a worker)
+    import time
+
+    while os.getppid() == parent:
+        time.sleep(every)
+    os._exit(1)
 
 
 def here(fn: Callable, calls: list[tuple], tick: Callable[[], None]) -> list:

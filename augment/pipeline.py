@@ -139,6 +139,9 @@ def _worker_processes() -> Iterator[None]:
 
     try:
         yield
+    except BaseException:  # an error or an interrupt: cut the units in flight (recomputed on resume)
+        close_pool(kill=True)
+        raise
     finally:
         close_pool()
 
@@ -150,9 +153,13 @@ def walk(cfg: RunConfig, call: Callable[[Stage, dict], dict], wait: bool = False
     result: the report's metrics."""
     t0 = time.time() if t0 is None else t0
     kept: dict = {}
+    from augment.cpus import fair_share, running_jobs, usable_cpus
+
     with started(cfg, wait=wait), _worker_processes():
         mark_finished(cfg, False)
-        record(cfg, None, versions=versions(), cpu=cpu_kind())
+        # trainings round by their thread count: it is recorded with the CPU (augment/cpus.py says how it is chosen)
+        record(cfg, None, versions=versions(), cpu=cpu_kind(), threads=fair_share(), usable_cpus=usable_cpus(),
+               jobs_running=running_jobs())
         timing = True
         for s in STAGES:
             if timing and not s.timed:

@@ -21,16 +21,18 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+
+from augment import tempfiles
 
 # Long enough for a first start on a slow, busy machine; the user's own PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
 # wins when set. The wait is never silent (a line every REPORT_EVERY seconds) and ends at once if the server dies.
 STARTUP_ALLOWANCE = 600.0
 REPORT_EVERY = 15.0
 TIMEOUT_ENV = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
+LOG_PREFIX = "augment-prefect-server-"  # the temporary server's log: <tmp>/augment-prefect-server-<pid>-<random>.log
 HOW_TO_FIX = ("start a server yourself (`prefect server start`, in another terminal) and set "
               "PREFECT_API_URL=http://127.0.0.1:4200/api")
 
@@ -73,7 +75,7 @@ class TemporaryServer:
         self.say = say
         self.process: subprocess.Popen | None = None
         self.port = 0
-        self.log = Path(tempfile.gettempdir()) / f"augment-prefect-server-{os.getpid()}.log"
+        self.log: Path | None = None
         self.started = 0.0
         self.ready = False
 
@@ -108,9 +110,14 @@ class TemporaryServer:
         cmd = [sys.executable, "-m", "uvicorn", "--app-dir", str(Path(spec.origin).parent.parent), "--factory",
                "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(self.port),
                "--log-level", "error", "--lifespan", "on"]
-        with open(self.log, "wb") as log:
+        # a new private file (a predictable name could be a planted link); a killed run's old logs are swept
+        fd, self.log = tempfiles.create(LOG_PREFIX, ".log")
+        with open(fd, "wb") as log:
+            # its own session: Ctrl-C in a terminal (SIGINT to the whole process group) stops augment, which then
+            # stops the server; the server must not die first, or the interrupted run's last API calls retry for
+            # minutes
             self.process = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL,
+                                            stdin=subprocess.DEVNULL, start_new_session=True,
                                             preexec_fn=_die_with_parent if sys.platform == "linux" else None)
         self.started = time.monotonic()
         atexit.register(self.stop)
@@ -140,7 +147,7 @@ class TemporaryServer:
     def _last_log_line(self) -> str:
         try:
             lines = [ln.strip() for ln in self.log.read_text(errors="replace").splitlines() if ln.strip()]
-        except OSError:
+        except (OSError, AttributeError):
             return ""
         if not lines:
             return ""
@@ -161,7 +168,7 @@ class TemporaryServer:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
-        if self.ready:
+        if self.ready and self.log is not None:
             with contextlib.suppress(OSError):
                 self.log.unlink()
 

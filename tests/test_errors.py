@@ -660,3 +660,65 @@ def test_quiet_run_prints_only_the_result(tmp_path):
     lines = done.stdout.strip().splitlines()
     assert len(lines) == 4 and lines[1].startswith("dataset: ") and lines[3].startswith("wall time: "), lines
     assert "INFO" not in done.stderr and "Traceback" not in done.stderr, done.stderr[-2000:]
+
+
+def _descendants(pid: int) -> set[int]:
+    """Every live process below `pid` (by /proc's parent links)."""
+    import os
+
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[0] != "Z":
+                children.setdefault(int(fields[1]), []).append(int(entry))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_a_terminal_stops_the_run_in_seconds_with_one_line_and_leaves_no_process(tmp_path):
+    """Ctrl-C sends SIGINT to the whole process group: augment, its worker processes and the temporary Prefect
+    server. The server died first and the run retried its API calls for 2 minutes (~140 lines of tracebacks, exit
+    1); SIGTERM waited for the trainings in flight (2 min 30 s at 32 px)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "augment.cli", "run", TINY, "--output-dir", str(out),
+           "--set", f"base.cache_dir={tmp_path / 'cache'}", "--set", "evaluation.workers=2",
+           "--set", "evaluation.model.steps=20000"]  # evaluation units that would each run for minutes
+    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # its own process group, as a terminal's foreground job
+    t0 = time.time()
+    while not (out / "choice").exists():  # the synthetic choice's long units are on the worker processes
+        assert proc.poll() is None and time.time() - t0 < 300, "the run ended before the synthetic choice"
+        time.sleep(0.5)
+    time.sleep(3)
+    below = _descendants(proc.pid)
+    assert below, "no worker processes or server to check"
+    os.killpg(proc.pid, signal.SIGINT)
+    t1 = time.time()
+    _, err = proc.communicate(timeout=120)
+    assert time.time() - t1 < 30 and proc.returncode == 130, (proc.returncode, err[-3000:])
+    assert "run the same command again to resume" in err and "Traceback" not in err, err[-3000:]
+
+    def alive(pids):
+        return {p for p in pids if os.path.exists(f"/proc/{p}") and " Z " not in open(f"/proc/{p}/stat").read()}
+
+    deadline = time.time() + 15
+    while alive(below) and time.time() < deadline:
+        time.sleep(0.5)
+    assert not alive(below), f"processes left behind: {alive(below)}"

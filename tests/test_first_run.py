@@ -137,3 +137,44 @@ def test_the_startup_allowance_is_generous_unless_the_user_sets_one(monkeypatch)
         assert server.PrefectAPI().allowance == server.STARTUP_ALLOWANCE > 20  # Prefect's own limit is 20 s
         monkeypatch.setenv(server.TIMEOUT_ENV, "45")
         assert server.PrefectAPI().allowance == 45
+
+
+class _Recorded:
+    """A Popen stand-in: records how the server would have been started, starts nothing."""
+
+    calls: list = []
+
+    def __init__(self, cmd, **kwargs):
+        _Recorded.calls.append(kwargs)
+        self.pid = 0
+
+    def poll(self):
+        return 0
+
+
+def test_the_server_log_is_a_new_private_file_that_no_planted_link_redirects(tmp_path, monkeypatch):
+    """Its old name (<tmp>/augment-prefect-server-<pid>.log, opened "wb") truncated whatever a planted link pointed
+    at; a killed run's log is swept by the next run; the server gets its own session, so Ctrl-C in a terminal does
+    not kill it before augment has stopped."""
+    import tempfile
+
+    import flows.server
+    from flows.server import TemporaryServer
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(flows.server.subprocess, "Popen", _Recorded)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    (tmp_path / f"augment-prefect-server-{os.getpid()}.log").symlink_to(victim)
+    stale = tmp_path / f"augment-prefect-server-{dead}-x1y2.log"
+    stale.write_text("a killed run's log")
+    server = TemporaryServer(say=lambda s: None)
+    server.start()
+    server.process = None  # nothing to stop
+    assert victim.read_text() == "precious" and not stale.exists()
+    assert server.log.parent == tmp_path and not server.log.is_symlink()
+    assert server.log.name.startswith(f"augment-prefect-server-{os.getpid()}-")
+    assert (server.log.stat().st_mode & 0o777) == 0o600
+    assert _Recorded.calls[-1]["start_new_session"] is True

@@ -99,3 +99,97 @@ def test_a_forked_child_does_not_reuse_the_parents_pool():
         os._exit(0 if not parallel._POOL else 1)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0 and parallel._POOL
+
+
+def _sleep(seconds):
+    import time
+
+    time.sleep(seconds)
+    return os.getpid()
+
+
+def _gone(pids, within: float) -> bool:
+    import time
+
+    t0 = time.time()
+    while time.time() - t0 < within:
+        alive = []
+        for pid in pids:
+            try:
+                os.kill(pid, 0)
+                with open(f"/proc/{pid}/stat") as f:  # a zombie (not yet reaped) counts as gone
+                    alive += [pid] if f.read().split(") ")[1][0] != "Z" else []
+            except (ProcessLookupError, FileNotFoundError):
+                pass
+        if not alive:
+            return True
+        time.sleep(0.2)
+    return False
+
+
+HOLDER = r"""
+import sys, time
+from augment.parallel import spawn_pool
+from tests_parallel_unit import sleep_unit
+batch = spawn_pool(2)
+futures = [batch.submit(sleep_unit, 300) for _ in range(2)]
+print(" ".join(str(p.pid) for p in batch.executor._processes.values()), flush=True)
+time.sleep(300)
+"""
+
+
+def test_workers_exit_when_the_run_is_killed_with_sigkill(tmp_path):
+    """kill -9 of a run leaves no worker behind (they were orphaned, ~400 MB each, blocked on a pipe)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    (tmp_path / "tests_parallel_unit.py").write_text("import time, os\n\ndef sleep_unit(s):\n    time.sleep(s)\n")
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    run = subprocess.Popen([sys.executable, "-c", HOLDER], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        line = run.stdout.readline()
+        workers = [int(p) for p in line.split()]
+        time.sleep(1.0)
+        assert len(workers) == 2 and not _gone(workers, 0.1)
+    finally:
+        run.send_signal(signal.SIGKILL)
+        run.wait()
+    assert _gone(workers, 10), "a worker outlived its killed run"
+
+
+def test_an_interrupt_cuts_the_units_in_flight_instead_of_waiting_for_them():
+    """Ctrl-C or SIGTERM during a batch of long units stops in seconds (the units are recomputed on resume)."""
+    import time
+
+    calls = [(0.1,)] + [(60,)] * 3
+
+    def interrupt():
+        raise KeyboardInterrupt
+
+    t0 = time.time()
+    with pytest.raises(KeyboardInterrupt):
+        run_each(_sleep, calls, 2, tick=interrupt)
+    assert time.time() - t0 < 15 and not parallel._POOL
+
+
+def test_a_killed_runs_batch_files_are_swept_and_live_ones_kept(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    stale = tmp_path / f"augment-batch-{dead}-abc.pkl"
+    live = tmp_path / f"augment-batch-{os.getppid()}-abc.pkl"
+    foreign = tmp_path / f"notes-{dead}-abc.pkl"
+    for f in (stale, live, foreign):
+        f.write_bytes(b"x")
+    batch = spawn_pool(2, _share, (5,))
+    try:
+        assert batch.submit(_unit, 1).result()[1] == 6
+        assert not stale.exists() and live.exists() and foreign.exists()
+    finally:
+        batch.shutdown()
