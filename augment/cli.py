@@ -14,11 +14,11 @@ from augment.backends import check_base
 from augment.config import ConfigError
 from augment.configfile import load_config
 from augment.data import DataError
-from augment.errors import ModelError
+from augment.errors import ModelError, StorageError
 from augment.results import RecordError
 from augment.run import RunFolder, RunFolderError, claim, lock, using
 
-USER_ERRORS = (ConfigError, DataError, ModelError, RunFolderError, FileNotFoundError, RecordError)
+USER_ERRORS = (ConfigError, DataError, ModelError, RunFolderError, FileNotFoundError, RecordError, StorageError)
 
 
 def _version() -> str:
@@ -128,6 +128,13 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:
+        if err.errno not in StorageError.DISK_ERRNOS:
+            raise
+        if args.debug:
+            traceback.print_exc()
+        print(f"error: {StorageError.wrap(err)}", file=sys.stderr)  # a full or read-only disk outside a stage
+        return 2
     except KeyboardInterrupt:
         print("interrupted: the run folder keeps every finished stage, checkpoint and shard; run the same command "
               "again to resume", file=sys.stderr)
@@ -168,18 +175,12 @@ def _command(args: argparse.Namespace) -> int:
             print(f"report:  {RunFolder(out).report_html}")
             print(f"wall time: {time.time() - t0:.1f} s")
             return 0
-        from flows.server import PrefectAPI
+        from augment.cpus import job
 
-        # Prefect's API server (a temporary one unless PREFECT_API_URL is set) starts now, on the other core, while
-        # the flow's imports (torch, diffusers: ~6 s) load here
-        api = PrefectAPI(say=lambda s: print(s, file=sys.stderr))
-        from flows.augment_flow import augment_flow
-
-        _stop_on_sigterm()
-        # the API answers, then the lock, before the flow starts: a server that cannot start or a folder in use is
-        # one line (and the first leaves nothing written), not a crashed flow run
-        with api.active(), lock(claim(cfg.publish.output_dir, cfg.data.source, cfg.name), wait=args.wait):
-            metrics = augment_flow.with_options(retries=0)(config=cfg, wait=args.wait)
+        # counted among the machine's running jobs from now, before any stage sizes its threads (augment/cpus.py):
+        # two jobs started together both see two
+        with job():
+            metrics = _run_flow(cfg, args.wait)
         say()
         print(_verdict_line(metrics))
         print(f"dataset: {RunFolder(out).dataset.path}  (datasets.load_from_disk or datasets.load_dataset)")
@@ -187,17 +188,17 @@ def _command(args: argparse.Namespace) -> int:
         print(f"wall time: {time.time() - t0:.1f} s")
         return 0
     if args.command == "generate":
-        from augment.export import generate_more
+        from augment.export import class_folder, generate_more
 
-        with using(args.run_dir, wait=args.wait):
+        with using(args.run_dir, wait=args.wait, read_only=True):
             table = generate_more(args.run_dir, args.class_name, args.n, args.seed, args.out)
-        print(f"{len(table)} samples of {args.class_name!r} in {Path(args.out) / args.class_name} "
+        print(f"{len(table)} samples of {args.class_name!r} in {Path(args.out) / class_folder(args.class_name)} "
               f"(provenance: {Path(args.out) / 'provenance.parquet'})")
         return 0
     if args.command == "push":
         from augment.publish import push as push_dataset
 
-        with using(args.run_dir, wait=args.wait):
+        with using(args.run_dir, wait=args.wait, read_only=True):
             files = push_dataset(RunFolder(args.run_dir).dataset.path, args.repo_id, local_target=args.to_folder,
                                  private=args.private)
         print(f"{len(files)} files ({', '.join(files[:3])}{', ...' if len(files) > 3 else ''}) -> "
@@ -206,7 +207,7 @@ def _command(args: argparse.Namespace) -> int:
     if args.command == "export":
         from augment.export import export_model
 
-        with using(args.run_dir, wait=args.wait):
+        with using(args.run_dir, wait=args.wait, read_only=True):
             out = export_model(args.run_dir, args.out)
         print(f"diffusers checkpoint and model card in {out}")
         return 0
@@ -227,6 +228,21 @@ def _command(args: argparse.Namespace) -> int:
               trigger_event=args.trigger_event, limit=args.limit)
         return 0
     return 1
+
+
+def _run_flow(cfg, wait: bool) -> dict:
+    from flows.server import PrefectAPI
+
+    # Prefect's API server (a temporary one unless PREFECT_API_URL is set) starts now, on the other core, while
+    # the flow's imports (torch, diffusers: ~6 s) load here
+    api = PrefectAPI(say=lambda s: print(s, file=sys.stderr))
+    from flows.augment_flow import augment_flow
+
+    _stop_on_sigterm()
+    # the API answers, then the lock, before the flow starts: a server that cannot start or a folder in use is
+    # one line (and the first leaves nothing written), not a crashed flow run
+    with api.active(), lock(claim(cfg.publish.output_dir, cfg.data.source, cfg.name), wait=wait):
+        return augment_flow.with_options(retries=0)(config=cfg, wait=wait)
 
 
 def _verdict_line(metrics: dict) -> str:

@@ -24,11 +24,31 @@ from augment.config import LoRAConfig
 from augment.data import ImageSet
 from augment.diffusion import LoopSpec, diffusion_loss, train_loop
 from augment.results import AdapterInfo
-from augment.run import FinetuneFolder
+from augment.run import AdapterFolder, FinetuneFolder
 
 
 def file_hash(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def adapter_damage(adapter: AdapterFolder) -> str | None:
+    """What of a finished adapter no longer reads (None when it is whole): the weights must still hash to the
+    recorded adapter_hash, and every safetensors file in it (the pixel backend's base copy too) must load."""
+    from safetensors import SafetensorError, safe_open
+
+    info = results.load(adapter.info, AdapterInfo)
+    if info is None:
+        return f"{adapter.info} is missing or unreadable"
+    if not any(file_hash(p) == info.adapter_hash for p in adapter.path.glob("*.safetensors")):
+        return f"the adapter's weights in {adapter.path} changed since training (hash {info.adapter_hash})"
+    for path in sorted(adapter.path.rglob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():
+                    f.get_tensor(name)
+        except (SafetensorError, OSError, ValueError) as err:
+            return f"{path} cannot be read ({err})"
+    return None
 
 
 def finetune(

@@ -90,6 +90,26 @@ def write_plan(cfg: GenerationConfig, backend: "Backend", train: ImageSet, outpu
     return df
 
 
+def damaged_shards(output_dir: str | Path) -> list[Path]:
+    """The finished shards that no longer read whole (a flipped byte fails the zip's CRC, a truncated file its
+    directory): removed, so that the generate stage makes them again."""
+    import zipfile
+    import zlib
+
+    bad = []
+    for path in sorted(Path(output_dir).glob("shard-*.npz")):
+        if path.name.endswith(".tmp.npz"):
+            continue
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                for name in z.files:
+                    z[name]
+        except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error):
+            path.unlink()
+            bad.append(path)
+    return bad
+
+
 def shard_done(output_dir: str | Path, df: pd.DataFrame, shard: int) -> bool:
     """True when the shard's file exists and was written for this plan (by this or an earlier, killed run)."""
     path = CandidatesFolder(output_dir).shard(shard)
@@ -181,7 +201,7 @@ def _shard_plan(path: Path) -> str | None:
     try:
         with np.load(path, allow_pickle=False) as z:
             return str(z["plan"]) if "plan" in z.files else None
-    except (OSError, ValueError, KeyError):  # torn or foreign file: regenerate it
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):  # torn or foreign file: regenerate it
         return None
 
 

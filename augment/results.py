@@ -127,7 +127,9 @@ class BaseModelInfo(Info):
 
 
 class AdapterInfo(Info):
-    """What fine-tuning hands to generation: the adapter's folder and content hash (its identity)."""
+    """What fine-tuning hands to generation: the adapter's folder and content hash (its identity). `path` is where
+    it was written, as typed; readers take the adapter from the run folder they are given (the folder may have been
+    copied or moved since)."""
 
     path: str
     adapter_hash: str

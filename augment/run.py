@@ -13,6 +13,7 @@ Guarantees (docs/run-folder.md tells users):
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import socket
@@ -180,11 +181,13 @@ def write_json(path: str | Path, obj, indent: int | None = 2) -> None:
 
 
 def read_json(path: str | Path, default=None):
-    """Read a state file; a missing or unreadable one (a crash of an older version) gives `default`."""
+    """Read a state file (always a JSON object); a missing, unreadable or edited one (a crash of an older version,
+    `[1]` typed over it) gives `default`, and the state it held is rebuilt."""
     try:
-        return json.loads(Path(path).read_text())
-    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+        value = json.loads(Path(path).read_text())
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, json.JSONDecodeError, UnicodeDecodeError):
         return default
+    return value if isinstance(value, dict) else default
 
 
 def _local_source(source: str) -> Path | None:
@@ -296,14 +299,37 @@ def lock(output_dir: str | Path, wait: bool = False):
 
 
 @contextlib.contextmanager
-def using(run_dir: str | Path, wait: bool = False):
+def using(run_dir: str | Path, wait: bool = False, read_only: bool = False):
     """Hold a finished run folder's lock while reading or rewriting it (`augment report`, `generate`, `export`):
-    never while a run is writing it. A folder augment did not create is refused, and no lock file is left in it."""
+    never while a run is writing it. A folder augment did not create is refused, and no lock file is left in it.
+
+    `read_only` (a command that only reads the folder): on a folder that cannot be written (a read-only mount, an
+    archive), no run can be writing it either, so it is read without the lock instead of failing on the lock
+    file."""
     if not is_ours(run_dir):
         raise RunFolderError(f"{run_dir} is not an augment run folder (no {MARKER}); give the publish.output_dir "
                              "of a run")
+    if read_only and not _writable(RunFolder(run_dir).lock):
+        yield Path(run_dir)
+        return
     with lock(run_dir, wait=wait):
         yield Path(run_dir)
+
+
+def _writable(path: Path) -> bool:
+    """Whether `path` can be opened for writing (created if missing, then left as it was)."""
+    existed = path.exists()
+    try:
+        with open(path, "a"):
+            pass
+    except OSError as err:
+        if err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            return False
+        raise
+    if not existed:
+        with contextlib.suppress(OSError):
+            path.unlink()
+    return True
 
 
 def save_config(cfg, run_dir: str | Path) -> None:

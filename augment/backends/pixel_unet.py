@@ -269,11 +269,15 @@ def prepare_base(cfg: BaseModelConfig, train: ImageSet, pool: ImageSet, device: 
     # Publish the cache entry atomically: a killed run never leaves a half-written base that looks finished.
     tmp = Path(cfg.cache_dir) / f"base-{key}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    unet.save_pretrained(tmp / "unet")
-    build_scheduler(cfg).save_pretrained(tmp / "scheduler")
-    (tmp / "base.json").write_text(json.dumps({
-        "description": desc, "config": cfg.model_dump(mode="json"), "num_images": len(images),
-        "pretrain_seconds": seconds, "final_loss": final_loss}, indent=2))
+    try:
+        unet.save_pretrained(tmp / "unet")
+        build_scheduler(cfg).save_pretrained(tmp / "scheduler")
+        (tmp / "base.json").write_text(json.dumps({
+            "description": desc, "config": cfg.model_dump(mode="json"), "num_images": len(images),
+            "pretrain_seconds": seconds, "final_loss": final_loss}, indent=2))
+    except BaseException:  # a full disk or an interrupt: no half-written copy stays behind (the checkpoint does)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     shutil.rmtree(Path(cfg.cache_dir) / f"base-{key}.partial", ignore_errors=True)

@@ -70,7 +70,14 @@ class Stage:
 
         share_threads()  # this job's share of the CPUs as the stage starts, kept to its end (augment/cpus.py)
         offered = {**kept, "log": log, "progress": progress, "units": units}
-        return self.fn(cfg, **{k: v for k, v in offered.items() if k in self._takes})
+        try:
+            return self.fn(cfg, **{k: v for k, v in offered.items() if k in self._takes})
+        except OSError as err:
+            from augment.errors import StorageError
+
+            if err.errno in StorageError.DISK_ERRNOS and not isinstance(err, StorageError):
+                raise StorageError.wrap(err) from None  # a full disk is the user's to fix: one line, no retry
+            raise
 
     @property
     def _takes(self) -> set[str]:
@@ -101,7 +108,8 @@ def identity(cfg: RunConfig, name: str) -> str:
     """The identity of a stage's output as it last finished in this run folder ("" when it has not)."""
     run = run_folder.read_json(folder(cfg).info, {})
     stages = run.get("stages") if isinstance(run, dict) else None
-    return str(((stages or {}).get(name) or {}).get("key", "")) if isinstance(stages, dict) else ""
+    entry = stages.get(name) if isinstance(stages, dict) else None
+    return str(entry.get("key", "")) if isinstance(entry, dict) else ""  # an edited entry: the stage runs again
 
 
 def _identity_of(result, field: str) -> str:
@@ -115,7 +123,9 @@ def record(cfg: RunConfig, stage: str | None, **facts) -> None:
     run = run_folder.read_json(path, {})
     if not isinstance(run, dict) or not isinstance(run.get("stages"), dict):  # torn or foreign: start over
         run = {"stages": {}}
-    (run if stage is None else run["stages"].setdefault(stage, {})).update(facts)
+    if stage is not None and not isinstance(run["stages"].get(stage), dict):  # an edited entry: start it over
+        run["stages"][stage] = {}
+    (run if stage is None else run["stages"][stage]).update(facts)
     run_folder.write_json(path, run)
 
 
@@ -139,9 +149,15 @@ class StageRun:
     def folder(self) -> Path | None:
         return self.stage_folder.path if self.stage_folder is not None else None
 
-    def reused(self, log=print) -> bool:
-        """True (logged, and its identity recorded) when the folder holds this stage's result under the same key."""
+    def reused(self, log=print, damage: Callable[[], str | None] | None = None) -> bool:
+        """True (logged, and its identity recorded) when the folder holds this stage's result under the same key.
+        `damage()` says what of that result no longer reads (a flipped byte, a truncated file), or None: a damaged
+        result is made again (its folder keeps what is intact, for the stage to resume from)."""
         if self.stage_folder is not None and (run_folder.read_json(self.stage_folder.stage) or {}).get("key") == self.key:
+            problem = damage() if damage is not None else None
+            if problem is not None:
+                log(f"{self.name}: {problem}; running it again")
+                return False
             log(f"{self.name}: reusing {self.folder}")
             if self.spec.identity is None:
                 record(self.cfg, self.name, key=self.key)

@@ -3,6 +3,7 @@ is the unit a task runner spreads over processes or Dask workers)."""
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Callable, Iterable
 
@@ -62,10 +63,17 @@ def base_model(cfg: RunConfig, log=print, progress: Callable[[int, int], None] |
        artifact=("finetuning", "LoRA fine-tuning steps"))
 def finetune_stage(cfg: RunConfig, base: BaseModelInfo, log=print,
                    progress: Callable[[int, int], None] | None = None) -> AdapterInfo:
-    from augment.finetune import finetune
+    from augment.finetune import adapter_damage, finetune
 
     st = StageRun(cfg, "finetune", consumed={"base": base})
-    if st.reused(log):
+
+    def damage() -> str | None:
+        problem = adapter_damage(st.stage_folder.adapter)
+        if problem is not None:  # trained again below (finetune reuses any adapter it finds in place)
+            shutil.rmtree(st.stage_folder.adapter.path)
+        return problem
+
+    if st.reused(log, damage=damage):
         info = results.load(st.stage_folder.adapter.info, AdapterInfo)
     else:
         with st.fresh():
@@ -90,7 +98,12 @@ def generate_stage(cfg: RunConfig, base: BaseModelInfo, adapter: AdapterInfo,
     from augment.parallel import worker_count
 
     st = StageRun(cfg, "generate", consumed={"finetune": adapter})
-    if not st.reused(log):
+
+    def damage() -> str | None:
+        bad = gen.damaged_shards(st.folder)
+        return f"{len(bad)} shard(s) cannot be read ({', '.join(p.name for p in bad[:3])})" if bad else None
+
+    if not st.reused(log, damage=damage):
         with st.fresh():
             splits = generator_splits(cfg)
             backend = backend_for(cfg, splits)
@@ -98,7 +111,7 @@ def generate_stage(cfg: RunConfig, base: BaseModelInfo, adapter: AdapterInfo,
             if units is None and backend.device.type == "cpu" and workers > 1:
                 units = _local_shards(cfg, base, adapter, workers)  # shards on CPU cores, one thread each
             if units is None:
-                model = backend.load(base, adapter=adapter.path)
+                model = backend.load(base, adapter=folder(cfg).finetune.adapter.path)
                 gen.generate(cfg.generation, backend, model, splits.train, st.folder, progress=progress, log=log,
                              feedback=feedback_classifier(cfg, splits))
             else:
@@ -155,7 +168,10 @@ def generate_unit(cfg: RunConfig, base: BaseModelInfo, adapter: AdapterInfo, sha
         _MODELS.clear()
         splits = generator_splits(cfg)
         backend = backend_for(cfg, splits)
-        _MODELS[key] = (splits, backend, backend.load(base, adapter=adapter.path), feedback_classifier(cfg, splits))
+        # the adapter of the run folder in hand, not the path run.json recorded: a copied or moved folder (cp -a, or a
+        # relative --output-dir re-run from elsewhere) must not read the original's
+        adapter_dir = folder(cfg).finetune.adapter.path
+        _MODELS[key] = (splits, backend, backend.load(base, adapter=adapter_dir), feedback_classifier(cfg, splits))
     splits, backend, model, feedback = _MODELS[key]
     df = pd.read_parquet(cands.plan)
     return gen.generate_shard(cfg.generation, backend, model, splits.train, cands.path, df, shard, feedback=feedback)
