@@ -14,11 +14,12 @@ from augment.backends import check_base
 from augment.config import ConfigError
 from augment.configfile import load_config
 from augment.data import DataError
-from augment.errors import ModelError, StorageError
+from augment.errors import ModelError, StorageError, WorkerError
 from augment.results import RecordError
 from augment.run import RunFolder, RunFolderError, claim, lock, using
 
-USER_ERRORS = (ConfigError, DataError, ModelError, RunFolderError, FileNotFoundError, RecordError, StorageError)
+USER_ERRORS = (ConfigError, DataError, ModelError, RunFolderError, FileNotFoundError, RecordError, StorageError,
+               WorkerError)
 
 
 def _version() -> str:
@@ -139,6 +140,15 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted: the run folder keeps every finished stage, checkpoint and shard; run the same command "
               "again to resume", file=sys.stderr)
         return 130
+    except Exception as err:
+        if not _api_gone(err):
+            raise
+        if args.debug:
+            traceback.print_exc()
+        print(f"error: the Prefect API at {os.environ.get('PREFECT_API_URL') or 'PREFECT_API_URL'} stopped answering "
+              f"during the run ({type(_api_gone(err)).__name__}); the run folder keeps every finished stage: start "
+              "the server again and run the same command to resume", file=sys.stderr)
+        return 2
 
 
 def _command(args: argparse.Namespace) -> int:
@@ -228,6 +238,20 @@ def _command(args: argparse.Namespace) -> int:
               trigger_event=args.trigger_event, limit=args.limit)
         return 0
     return 1
+
+
+def _api_gone(err: BaseException) -> BaseException | None:
+    """The connection error behind `err` when the Prefect server went away mid-run (Prefect retried it for about a
+    minute first), else None."""
+    import httpx
+
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, httpx.TransportError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def _run_flow(cfg, wait: bool) -> dict:

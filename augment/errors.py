@@ -9,6 +9,10 @@ class DataError(ValueError):
     """Input data the user must fix; the message names the file, column or value."""
 
 
+class WorkerError(RuntimeError):
+    """A worker process kept dying (memory): what to lower, and that the same command resumes."""
+
+
 class StorageError(OSError):
     """The disk refused a write (full, over quota, read-only): the message names the file and says how to resume."""
 

@@ -21,6 +21,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -78,6 +79,8 @@ class TemporaryServer:
         self.log: Path | None = None
         self.started = 0.0
         self.ready = False
+        self._lock = threading.Lock()  # the watcher's restart and `stop` never interleave
+        self._watched = False
 
     _running: "TemporaryServer | None" = None
 
@@ -98,11 +101,15 @@ class TemporaryServer:
 
     def start(self) -> None:
         """Launch the server process (returns at once; `wait` waits for it to answer)."""
+        self.port = _free_port()
+        self._launch()
+        atexit.register(self.stop)
+
+    def _launch(self) -> None:
         from prefect.settings import get_current_settings
 
         spec = importlib.util.find_spec("prefect")
         assert spec is not None and spec.origin is not None
-        self.port = _free_port()
         env = {**os.environ, **get_current_settings().to_environment_variables(exclude_unset=True),
                # as Prefect's own temporary server: no UI, ephemeral-mode services only
                "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
@@ -120,7 +127,37 @@ class TemporaryServer:
                                             stdin=subprocess.DEVNULL, start_new_session=True,
                                             preexec_fn=_die_with_parent if sys.platform == "linux" else None)
         self.started = time.monotonic()
-        atexit.register(self.stop)
+
+    def keep_alive(self, allowance: float, every: float = 0.5) -> None:
+        """Watch the server while the run uses it: one that dies (killed, out of memory) is started again on the
+        same port and database, so the run's API calls, which Prefect retries for about a minute, reach it again
+        instead of ending the run. A daemon thread; `stop` ends it."""
+        if self._watched:
+            return
+        self._watched = True
+
+        def watch() -> None:
+            while True:
+                time.sleep(every)
+                with self._lock:
+                    p = self.process
+                    if p is None:
+                        return
+                    code = p.poll()
+                    if code is None:
+                        continue
+                    self.say(f"Prefect's temporary API server stopped (exit code {code}); starting it again on "
+                             f"port {self.port}")
+                    with contextlib.suppress(OSError):
+                        self.log.unlink()
+                    self._launch()
+                try:
+                    self.wait(allowance)
+                except ServerError as err:
+                    self.say(str(err))
+                    return
+
+        threading.Thread(target=watch, daemon=True, name="augment-server-watch").start()
 
     def wait(self, allowance: float) -> None:
         """Block until the server answers; raise ServerError if its process exits or `allowance` seconds pass."""
@@ -158,7 +195,8 @@ class TemporaryServer:
     def stop(self) -> None:
         """Stop the server: SIGTERM, then SIGKILL after a short grace (SQLite keeps what it committed either way).
         Runs at interpreter exit, after Prefect's own exit hooks have sent their last logs and events."""
-        p, self.process = self.process, None
+        with self._lock:
+            p, self.process = self.process, None
         if p is None:
             return
         if p.poll() is None:
@@ -211,6 +249,7 @@ class PrefectAPI:
             yield self.user_url
             return
         self.server.wait(self.allowance)
+        self.server.keep_alive(self.allowance)
         url = self.server.api_url
         # no UI URL: the temporary server serves no UI and is gone after the run ("View at ..." would mislead)
         env = {"PREFECT_API_URL": url, "PREFECT_UI_URL": ""}

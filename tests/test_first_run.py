@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import ROOT
 
 TINY = str(ROOT / "configs" / "tiny.yaml")
@@ -178,3 +180,58 @@ def test_the_server_log_is_a_new_private_file_that_no_planted_link_redirects(tmp
     assert server.log.name.startswith(f"augment-prefect-server-{os.getpid()}-")
     assert (server.log.stat().st_mode & 0o777) == 0o600
     assert _Recorded.calls[-1]["start_new_session"] is True
+
+
+def test_a_server_that_goes_away_mid_run_is_one_line(tmp_path, monkeypatch, capsys):
+    """A user's Prefect server that stops during a run ended in ~140 lines of connection tracebacks."""
+    import httpx
+
+    import augment.cli
+    from augment.cli import main
+
+    def gone(cfg, wait):
+        try:
+            raise httpx.ConnectError("All connection attempts failed")
+        except httpx.ConnectError as err:
+            raise RuntimeError("Failed to set task run state") from err
+
+    monkeypatch.setattr(augment.cli, "_run_flow", gone)
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
+    code = main(["run", TINY, "--output-dir", str(tmp_path / "out"), "--set", f"base.cache_dir={tmp_path / 'c'}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith("error: the Prefect API at http://127.0.0.1:9/api stopped answering") and \
+        "ConnectError" in err[0] and "run the same command to resume" in err[0]
+
+
+@pytest.mark.slow
+def test_a_temporary_server_killed_mid_run_is_started_again_and_the_run_finishes(tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "augment.cli", "run", TINY, "--output-dir", str(out),
+           "--set", f"base.cache_dir={tmp_path / 'cache'}", "--set", "lora.max_train_steps=300"]
+    proc = subprocess.Popen(cmd, env=_env(PREFECT_HOME=str(tmp_path / "home")), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    t0 = time.time()
+    while not (out / "finetune").exists():
+        assert proc.poll() is None and time.time() - t0 < 300, "the run ended before fine-tuning"
+        time.sleep(0.5)
+    servers = [int(p) for p in os.listdir("/proc") if p.isdigit() and _is_server_of(int(p), proc.pid)]
+    assert len(servers) == 1
+    os.kill(servers[0], signal.SIGKILL)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    assert "Prefect's temporary API server stopped (exit code -9); starting it again" in err
+    assert (out / "dataset" / "README.md").exists()
+
+
+def _is_server_of(pid: int, parent: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        with open(f"/proc/{pid}/cmdline") as f:
+            return ppid == parent and "prefect.server.api.server:create_app" in f.read()
+    except OSError:
+        return False

@@ -193,3 +193,36 @@ def test_a_killed_runs_batch_files_are_swept_and_live_ones_kept(tmp_path, monkey
         assert not stale.exists() and live.exists() and foreign.exists()
     finally:
         batch.shutdown()
+
+
+def _die_once(marker: str, i: int):
+    """A unit whose worker is killed (as by the out-of-memory killer) the first time any unit runs."""
+    import signal
+    from pathlib import Path
+
+    if i == 1 and not Path(marker).exists():
+        Path(marker).touch()
+        os.kill(os.getpid(), signal.SIGKILL)
+    if i == 1 and marker.endswith("always"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return i * 10
+
+
+@pytest.mark.parametrize("always", [False, True], ids=["once", "every-time"])
+def test_a_worker_killed_mid_stage_is_replaced_once_then_one_line(tmp_path, always, capsys):
+    """A worker killed mid-shard (kill -9, the OOM killer) was a BrokenProcessPool traceback: the stage now runs
+    again on new workers once (resuming from what is finished), and a second death is one line."""
+    from augment.cli import USER_ERRORS
+    from augment.stages.core import Stage
+
+    marker = str(tmp_path / ("always" if always else "once"))
+    said = []
+    probe = Stage("probe", "probe", "", lambda cfg: run_each(_die_once, [(marker, i) for i in range(4)], 2))
+    if not always:
+        assert probe.call(None, {}, log=said.append) == [0, 10, 20, 30]
+        assert len(said) == 1 and "a worker process died" in said[0] and "again on new workers" in said[0]
+        return
+    with pytest.raises(USER_ERRORS) as err:
+        probe.call(None, {}, log=said.append)
+    assert "died twice" in str(err.value) and "evaluation.workers" in str(err.value) and "\n" not in str(err.value)
+    assert not parallel._POOL

@@ -15,6 +15,7 @@ import json
 import shutil
 import time
 from collections.abc import Callable
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,8 +71,22 @@ class Stage:
 
         share_threads()  # this job's share of the CPUs as the stage starts, kept to its end (augment/cpus.py)
         offered = {**kept, "log": log, "progress": progress, "units": units}
+        args = {k: v for k, v in offered.items() if k in self._takes}
         try:
-            return self.fn(cfg, **{k: v for k, v in offered.items() if k in self._takes})
+            try:
+                return self.fn(cfg, **args)
+            except BrokenProcessPool:
+                # a worker was killed (the kernel's out-of-memory killer, a `kill -9`): the stage resumes from its
+                # finished units on new workers, once
+                log(f"{self.name}: a worker process died (killed by the system? out of memory?); running the stage "
+                    "again on new workers, from what is finished")
+                return self.fn(cfg, **args)
+        except BrokenProcessPool:
+            from augment.errors import WorkerError
+
+            raise WorkerError(f"a worker process of the {self.what} stage died twice (the system kills processes "
+                              "when memory runs out): lower evaluation.workers or free memory, then run the same "
+                              "command again; it resumes from every finished unit") from None
         except OSError as err:
             from augment.errors import StorageError
 
