@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
@@ -254,6 +255,30 @@ def _api_gone(err: BaseException) -> BaseException | None:
     return None
 
 
+class _UserErrorsOnce(logging.Filter):
+    """A user error raised in a stage (a full disk, a worker that kept dying) is printed by `main` as one `error:`
+    line; Prefect's console would print it three times first, twice with a traceback. Only the console is
+    filtered: the API's logs (the UI) keep every record."""
+
+    NAMES = tuple(cls.__name__ for cls in USER_ERRORS)
+    MARKS = ("failed with exception", "Finished in state Failed", "Encountered exception")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR:
+            return True
+        if record.exc_info and isinstance(record.exc_info[1], USER_ERRORS):
+            return False
+        msg = record.getMessage()
+        return not (any(m in msg for m in self.MARKS) and any(n in msg for n in self.NAMES))
+
+
+def _quiet_user_errors() -> None:
+    for handler in logging.getLogger().handlers:
+        if type(handler).__name__ == "PrefectConsoleHandler" and \
+                not any(isinstance(f, _UserErrorsOnce) for f in handler.filters):
+            handler.addFilter(_UserErrorsOnce())
+
+
 def _run_flow(cfg, wait: bool) -> dict:
     from flows.server import PrefectAPI
 
@@ -261,6 +286,8 @@ def _run_flow(cfg, wait: bool) -> dict:
     # the flow's imports (torch, diffusers: ~6 s) load here
     api = PrefectAPI(say=lambda s: print(s, file=sys.stderr))
     from flows.augment_flow import augment_flow
+
+    _quiet_user_errors()
 
     _stop_on_sigterm()
     # the API answers, then the lock, before the flow starts: a server that cannot start or a folder in use is

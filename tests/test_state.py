@@ -71,32 +71,33 @@ def test_an_edited_run_json_is_rebuilt_and_the_dataset_is_the_same(finished, tmp
     assert _dataset_bytes(copy) == before and isinstance(json.loads((copy / "run.json").read_text()), dict)
 
 
-def test_a_shard_with_flipped_bytes_is_regenerated_to_the_same_dataset(finished, tmp_path):
+def _flip_a_byte_of_a_shard(copy: Path) -> str:
     """A flipped byte in a generation shard was a BadZipFile traceback in the next stage that read it."""
-    _, cache, before = finished
-    copy = _copy(finished, tmp_path)
     shard = sorted((copy / "candidates").glob("shard-*.npz"))[0]
     data = bytearray(shard.read_bytes())
     data[len(data) // 3] ^= 0xFF
     shard.write_bytes(bytes(data))
     (copy / "dataset").rename(copy / "dataset-away")  # the stages that read the candidates run again
     shutil.rmtree(copy / "filter")
-    said = []
-    pipeline.run(_cfg(copy, cache), log=said.append)
-    assert any("shard(s) cannot be read" in s and "running it again" in s for s in said), said
-    assert _dataset_bytes(copy) == before
+    return "generate: 1 shard(s) cannot be read"
 
 
-def test_a_truncated_adapter_is_trained_again_to_the_same_dataset(finished, tmp_path):
+def _truncate_the_adapter(copy: Path) -> str:
     """A truncated adapter_model.safetensors was a SafetensorError traceback in generation."""
-    _, cache, before = finished
-    copy = _copy(finished, tmp_path)
     weights = copy / "finetune" / "adapter" / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     shutil.rmtree(copy / "candidates")
+    return "finetune: the adapter's weights"
+
+
+@pytest.mark.parametrize("damage", [_flip_a_byte_of_a_shard, _truncate_the_adapter], ids=["shard", "adapter"])
+def test_a_damaged_stage_output_is_made_again_to_the_same_dataset(finished, tmp_path, damage):
+    _, cache, before = finished
+    copy = _copy(finished, tmp_path)
+    expected = damage(copy)
     said = []
     pipeline.run(_cfg(copy, cache), log=said.append)
-    assert any("finetune:" in s and "running it again" in s for s in said), said
+    assert any(s.startswith(expected) and s.endswith("running it again") for s in said), said
     assert _dataset_bytes(copy) == before
 
 
