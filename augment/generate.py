@@ -8,6 +8,8 @@ exactly, and a killed run resumes from the shards already on disk.
 from __future__ import annotations
 
 import time
+import zipfile
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,9 +95,6 @@ def write_plan(cfg: GenerationConfig, backend: "Backend", train: ImageSet, outpu
 def damaged_shards(output_dir: str | Path) -> list[Path]:
     """The finished shards that no longer read whole (a flipped byte fails the zip's CRC, a truncated file its
     directory): removed, so that the generate stage makes them again."""
-    import zipfile
-    import zlib
-
     bad = []
     for path in sorted(Path(output_dir).glob("shard-*.npz")):
         if path.name.endswith(".tmp.npz"):
@@ -201,7 +200,7 @@ def _shard_plan(path: Path) -> str | None:
     try:
         with np.load(path, allow_pickle=False) as z:
             return str(z["plan"]) if "plan" in z.files else None
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):  # torn or foreign file: regenerate it
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error):  # torn or foreign: regenerate
         return None
 
 

@@ -198,3 +198,18 @@ def test_a_full_disk_is_one_line_leaves_no_partial_base_and_the_rerun_finishes(t
     assert not list((tmp_path / "cache").glob("base-*.tmp"))
     monkeypatch.setattr(UNet2DModel, "save_pretrained", real)
     assert main(args) == 0
+
+
+@pytest.mark.parametrize("content", [b"torn", b"PK\x03\x04" + b"\x00" * 40], ids=["not-a-zip", "cut-zip"])
+def test_a_shard_file_that_is_not_whole_is_not_taken_as_done(tmp_path, content):
+    """shard_done reads the shard's plan hash: a torn or foreign file is regenerated, never an exception."""
+    import pandas as pd
+
+    from augment.generate import damaged_shards, shard_done
+
+    (tmp_path / "shard-00000.npz").write_bytes(content)
+    plan = pd.DataFrame({"sample_id": ["s0"], "label": [0], "seed": [1], "strength": [1.0], "source_index": [-1],
+                         "guidance_scale": [2.0], "num_inference_steps": [2], "scheduler": ["ddim"], "shard": [0]})
+    assert not shard_done(tmp_path, plan, 0)
+    assert [p.name for p in damaged_shards(tmp_path)] == ["shard-00000.npz"]
+    assert not (tmp_path / "shard-00000.npz").exists()
