@@ -113,19 +113,15 @@ def running_jobs() -> int:
     return max(1, live)
 
 
-_JOB: dict = {}  # this process's registration: {"name": file name, "fd": descriptor holding the lock, "depth": n}
+_JOB: dict = {}  # this process's registration: {"name": file name, "fd": descriptor holding the lock}
 
 
 @contextlib.contextmanager
 def job() -> Iterator[None]:
     """Count this process as a running job for the block (nested blocks count once). Never fails a run: a folder
     that cannot be written only turns sharing off."""
-    if _JOB:
-        _JOB["depth"] += 1
-        try:
-            yield
-        finally:
-            _JOB["depth"] -= 1
+    if _JOB:  # the outer block holds the registration
+        yield
         return
     fd = None
     with contextlib.suppress(OSError):
@@ -133,7 +129,7 @@ def job() -> Iterator[None]:
         name = f"{os.getpid()}-{os.urandom(4).hex()}.job"
         fd = os.open(folder / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         fcntl.flock(fd, fcntl.LOCK_EX)
-        _JOB.update(name=name, fd=fd, folder=folder, depth=1)
+        _JOB.update(name=name, fd=fd)
     try:
         yield
     finally:

@@ -1,5 +1,7 @@
 """Exceptions users cause, importable without torch (the CLI catches them before anything heavy is loaded)."""
 
+import errno
+
 
 class ModelError(ValueError):
     """A checkpoint the user pointed at that cannot be used."""
@@ -16,7 +18,7 @@ class WorkerError(RuntimeError):
 class StorageError(OSError):
     """The disk refused a write (full, over quota, read-only): the message names the file and says how to resume."""
 
-    DISK_ERRNOS = frozenset({28, 122, 30})  # ENOSPC, EDQUOT, EROFS
+    DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
 
     @classmethod
     def wrap(cls, err: OSError) -> "StorageError":

@@ -151,10 +151,10 @@ def walk(cfg: RunConfig, call: Callable[[Stage, dict], dict], wait: bool = False
     """Every stage of STAGES in order, inside `started` (inputs checked, the run folder claimed and locked):
     `call(stage, kept)` runs one (here, or as a Prefect task) and returns its result. Returns the last stage's
     result: the report's metrics."""
-    t0 = time.time() if t0 is None else t0
-    kept: dict = {}
     from augment.cpus import fair_share, running_jobs, usable_cpus
 
+    t0 = time.time() if t0 is None else t0
+    kept: dict = {}
     with started(cfg, wait=wait), _worker_processes():
         mark_finished(cfg, False)
         # trainings round by their thread count: it is recorded with the CPU (augment/cpus.py says how it is chosen)

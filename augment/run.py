@@ -13,7 +13,6 @@ Guarantees (docs/run-folder.md tells users):
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 import socket
@@ -309,27 +308,11 @@ def using(run_dir: str | Path, wait: bool = False, read_only: bool = False):
     if not is_ours(run_dir):
         raise RunFolderError(f"{run_dir} is not an augment run folder (no {MARKER}); give the publish.output_dir "
                              "of a run")
-    if read_only and not _writable(RunFolder(run_dir).lock):
+    if read_only and not os.access(run_dir, os.W_OK):  # as check_writable_dir asks: EROFS even for root
         yield Path(run_dir)
         return
     with lock(run_dir, wait=wait):
         yield Path(run_dir)
-
-
-def _writable(path: Path) -> bool:
-    """Whether `path` can be opened for writing (created if missing, then left as it was)."""
-    existed = path.exists()
-    try:
-        with open(path, "a"):
-            pass
-    except OSError as err:
-        if err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-            return False
-        raise
-    if not existed:
-        with contextlib.suppress(OSError):
-            path.unlink()
-    return True
 
 
 def save_config(cfg, run_dir: str | Path) -> None:

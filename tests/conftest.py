@@ -74,3 +74,47 @@ def scores_summary(alia_thresholds):
     return FilterScores(quality_classifier=QualityClassifier(kind="cnn", validation_accuracy=None, validation_size=0),
                         alia_thresholds=alia_thresholds, alia_oof_accuracy=None, train_nn_similarity_pixels=[],
                         train_nn_similarity_features=[], memorization_space="pixels")
+
+
+def processes() -> dict[int, tuple[str, int]]:
+    """Every process /proc lists: pid -> (state letter, parent pid)."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    state, ppid = f.read().rsplit(")", 1)[1].split()[:2]
+            except OSError:
+                continue
+            found[int(entry)] = (state, int(ppid))
+    return found
+
+
+def alive(pids) -> set[int]:
+    """Those of `pids` still running (a zombie, exited but not yet reaped, counts as gone)."""
+    table = processes()
+    return {p for p in pids if p in table and table[p][0] != "Z"}
+
+
+def descendants(pid: int) -> set[int]:
+    """Every running process below `pid`."""
+    children: dict[int, list[int]] = {}
+    for child, (state, parent) in processes().items():
+        if state != "Z":
+            children.setdefault(parent, []).append(child)
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def still_alive_after(pids, seconds: float) -> set[int]:
+    """Wait up to `seconds` for `pids` to end; those still running then."""
+    import time
+
+    deadline = time.time() + seconds
+    while alive(pids) and time.time() < deadline:
+        time.sleep(0.2)
+    return alive(pids)

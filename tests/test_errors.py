@@ -7,7 +7,7 @@ from PIL import Image
 from augment.cli import main
 from pathlib import Path
 
-from conftest import NO_CANDIDATES_PROVENANCE, ROOT, no_candidates, write_imagefolder
+from conftest import NO_CANDIDATES_PROVENANCE, ROOT, descendants, no_candidates, still_alive_after, write_imagefolder
 
 TINY = str(ROOT / "configs" / "tiny.yaml")
 
@@ -662,28 +662,6 @@ def test_quiet_run_prints_only_the_result(tmp_path):
     assert "INFO" not in done.stderr and "Traceback" not in done.stderr, done.stderr[-2000:]
 
 
-def _descendants(pid: int) -> set[int]:
-    """Every live process below `pid` (by /proc's parent links)."""
-    import os
-
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if fields[0] != "Z":
-                children.setdefault(int(fields[1]), []).append(int(entry))
-    found, todo = set(), [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.add(child)
-            todo.append(child)
-    return found
-
-
 @pytest.mark.slow
 def test_ctrl_c_in_a_terminal_stops_the_run_in_seconds_with_one_line_and_leaves_no_process(tmp_path):
     """Ctrl-C sends SIGINT to the whole process group: augment, its worker processes and the temporary Prefect
@@ -707,7 +685,7 @@ def test_ctrl_c_in_a_terminal_stops_the_run_in_seconds_with_one_line_and_leaves_
         assert proc.poll() is None and time.time() - t0 < 300, "the run ended before the synthetic choice"
         time.sleep(0.5)
     time.sleep(3)
-    below = _descendants(proc.pid)
+    below = descendants(proc.pid)
     assert below, "no worker processes or server to check"
     os.killpg(proc.pid, signal.SIGINT)
     t1 = time.time()
@@ -715,10 +693,5 @@ def test_ctrl_c_in_a_terminal_stops_the_run_in_seconds_with_one_line_and_leaves_
     assert time.time() - t1 < 30 and proc.returncode == 130, (proc.returncode, err[-3000:])
     assert "run the same command again to resume" in err and "Traceback" not in err, err[-3000:]
 
-    def alive(pids):
-        return {p for p in pids if os.path.exists(f"/proc/{p}") and " Z " not in open(f"/proc/{p}/stat").read()}
-
-    deadline = time.time() + 15
-    while alive(below) and time.time() < deadline:
-        time.sleep(0.5)
-    assert not alive(below), f"processes left behind: {alive(below)}"
+    left = still_alive_after(below, 15)
+    assert not left, f"processes left behind: {left}"

@@ -7,6 +7,7 @@ import pytest
 
 from augment import parallel
 from augment.parallel import close_pool, run_each, spawn_pool, worker_cache
+from conftest import alive, still_alive_after
 
 _DATA: dict = {}
 _KEPT = worker_cache()
@@ -108,25 +109,6 @@ def _sleep(seconds):
     return os.getpid()
 
 
-def _gone(pids, within: float) -> bool:
-    import time
-
-    t0 = time.time()
-    while time.time() - t0 < within:
-        alive = []
-        for pid in pids:
-            try:
-                os.kill(pid, 0)
-                with open(f"/proc/{pid}/stat") as f:  # a zombie (not yet reaped) counts as gone
-                    alive += [pid] if f.read().split(") ")[1][0] != "Z" else []
-            except (ProcessLookupError, FileNotFoundError):
-                pass
-        if not alive:
-            return True
-        time.sleep(0.2)
-    return False
-
-
 HOLDER = r"""
 import sys, time
 from augment.parallel import spawn_pool
@@ -152,11 +134,11 @@ def test_workers_exit_when_the_run_is_killed_with_sigkill(tmp_path):
         line = run.stdout.readline()
         workers = [int(p) for p in line.split()]
         time.sleep(1.0)
-        assert len(workers) == 2 and not _gone(workers, 0.1)
+        assert len(workers) == 2 and alive(workers) == set(workers)
     finally:
         run.send_signal(signal.SIGKILL)
         run.wait()
-    assert _gone(workers, 10), "a worker outlived its killed run"
+    assert not still_alive_after(workers, 10), "a worker outlived its killed run"
 
 
 def test_an_interrupt_cuts_the_units_in_flight_instead_of_waiting_for_them():

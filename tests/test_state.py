@@ -153,8 +153,14 @@ def _read_only(monkeypatch, folder: Path):
             raise OSError(errno.EROFS, "Read-only file system", str(path))
         return real_os_open(path, flags, *a, **k)
 
+    real_access = os.access
+
+    def fake_access(path, mode, *a, **k):  # access(2) answers EROFS for W_OK on a read-only mount, root or not
+        return False if mode & os.W_OK and inside(path) else real_access(path, mode, *a, **k)
+
     monkeypatch.setattr(builtins, "open", fake_open)
     monkeypatch.setattr(os, "open", fake_os_open)
+    monkeypatch.setattr(os, "access", fake_access)
 
 
 def _snapshot(folder: Path) -> dict[str, bytes]:
