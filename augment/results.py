@@ -16,6 +16,7 @@ from typing import Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from augment.arms import Verdict
+from augment.errors import UserError
 
 
 class Record(BaseModel):
@@ -26,7 +27,7 @@ class Record(BaseModel):
         return self.model_dump(mode="json", exclude_unset=True, by_alias=True)
 
 
-class RecordError(ValueError):
+class RecordError(UserError, ValueError):
     """A stage's record that does not follow its model (written by another version, or edited)."""
 
 

@@ -19,6 +19,8 @@ import socket
 import time
 from pathlib import Path
 
+from augment.errors import UserError
+
 MARKER = ".augment-run.json"
 LOCK = ".augment-run.lock"
 
@@ -162,7 +164,7 @@ class RunFolder:
         return found
 
 
-class RunFolderError(ValueError):
+class RunFolderError(UserError, ValueError):
     """An output folder augment must not write to, or one that another run is using."""
 
 

@@ -29,7 +29,7 @@ RATE = re.compile(r"base pretraining: (\d+)/(\d+) steps in .*?\(([\d.]+) steps/(
 
 def _start(folder: Path, steps: int, env: dict) -> subprocess.Popen:
     (folder / "prefect").mkdir(parents=True)
-    cmd = [sys.executable, "-m", "augment.cli", "run", str(ROOT / "configs" / "digits.yaml"),
+    cmd = [sys.executable, "-m", "flows.cli", "run", str(ROOT / "configs" / "digits.yaml"),
            "--output-dir", str(folder / "run"), "--set", f"base.cache_dir={folder / 'cache'}",
            "--set", f"base.pretrain_steps={steps}"]
     env = {**env, "PREFECT_HOME": str(folder / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",

@@ -77,7 +77,7 @@ def job(config: str, size: int, out: Path) -> dict:
 
 def cli_start() -> float:
     t0 = time.time()
-    subprocess.run([sys.executable, "-m", "augment.cli", "--help"], check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "flows.cli", "--help"], check=True, capture_output=True)
     return time.time() - t0
 
 

@@ -22,7 +22,7 @@ from prefect.task_runners import TaskRunner
 
 from augment import pipeline, progress
 from augment.stages import generator, outcome
-from augment.cli import USER_ERRORS
+from augment.errors import USER_ERRORS
 from augment.config import ConfigError, RunConfig
 from augment.configfile import apply_overrides, deep_merge, parse_config
 from augment.report.schema import validate_metrics

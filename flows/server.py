@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from augment import tempfiles
+from augment.errors import UserError
 
 # Long enough for a first start on a slow, busy machine; the user's own PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
 # wins when set. The wait is never silent (a line every REPORT_EVERY seconds) and ends at once if the server dies.
@@ -38,7 +39,7 @@ HOW_TO_FIX = ("start a server yourself (`prefect server start`, in another termi
               "PREFECT_API_URL=http://127.0.0.1:4200/api")
 
 
-class ServerError(RuntimeError):
+class ServerError(UserError, RuntimeError):
     """The Prefect API cannot be reached or started: a user-facing one-line error."""
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from augment.cli import main
+from flows.cli import main
 from pathlib import Path
 
 from conftest import NO_CANDIDATES_PROVENANCE, ROOT, descendants, no_candidates, still_alive_after, write_imagefolder
@@ -590,10 +590,10 @@ def test_cli_starts_without_torch_and_has_a_version():
     import subprocess
     import sys
 
-    code = "import sys, augment.cli; print('torch' in sys.modules, 'diffusers' in sys.modules)"
+    code = "import sys, flows.cli; print('torch' in sys.modules, 'diffusers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]  # `augment --help` / `validate` stay fast
-    v = subprocess.run([sys.executable, "-m", "augment.cli", "--version"], capture_output=True, text=True)
+    v = subprocess.run([sys.executable, "-m", "flows.cli", "--version"], capture_output=True, text=True)
     assert v.returncode == 0 and v.stdout.startswith("augment ")
 
 
@@ -607,7 +607,7 @@ def test_sigterm_stops_a_run_which_then_resumes(tmp_path):
     import time
 
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "augment.cli", "run", TINY, "--output-dir", str(out),
+    cmd = [sys.executable, "-m", "flows.cli", "run", TINY, "--output-dir", str(out),
            "--set", f"base.cache_dir={tmp_path / 'cache'}", "--set", "lora.max_train_steps=3000"]
     env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -652,7 +652,7 @@ def test_quiet_run_prints_only_the_result(tmp_path):
     import subprocess
     import sys
 
-    cmd = [sys.executable, "-m", "augment.cli", "run", TINY, "--quiet", "--output-dir", str(tmp_path / "out"),
+    cmd = [sys.executable, "-m", "flows.cli", "run", TINY, "--quiet", "--output-dir", str(tmp_path / "out"),
            "--set", f"base.cache_dir={tmp_path / 'cache'}"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"})
@@ -674,7 +674,7 @@ def test_ctrl_c_in_a_terminal_stops_the_run_in_seconds_with_one_line_and_leaves_
     import time
 
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "augment.cli", "run", TINY, "--output-dir", str(out),
+    cmd = [sys.executable, "-m", "flows.cli", "run", TINY, "--output-dir", str(out),
            "--set", f"base.cache_dir={tmp_path / 'cache'}", "--set", "evaluation.workers=2",
            "--set", "evaluation.model.steps=20000"]  # evaluation units that would each run for minutes
     env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
@@ -695,3 +695,23 @@ def test_ctrl_c_in_a_terminal_stops_the_run_in_seconds_with_one_line_and_leaves_
 
     left = still_alive_after(below, 15)
     assert not left, f"processes left behind: {left}"
+
+
+def test_every_user_error_is_a_user_error_and_keeps_its_builtin_base():
+    """One base for what a user must fix (augment.errors.UserError): the CLI prints it as one line and the flow does
+    not retry it; each keeps the builtin it always was, so existing `except ValueError` / `except OSError` hold."""
+    import errno
+
+    from augment.config import ConfigError
+    from augment.errors import USER_ERRORS, DataError, ModelError, StorageError, UserError, WorkerError
+    from augment.report.schema import MetricsError
+    from augment.results import RecordError
+    from augment.run import RunFolderError
+    from flows.server import ServerError
+
+    for cls, builtin in ((ConfigError, ValueError), (DataError, ValueError), (ModelError, ValueError),
+                         (RecordError, ValueError), (MetricsError, ValueError), (RunFolderError, ValueError),
+                         (WorkerError, RuntimeError), (ServerError, RuntimeError), (StorageError, OSError)):
+        assert issubclass(cls, UserError) and issubclass(cls, builtin), cls
+    assert isinstance(StorageError(errno.ENOSPC, "no space"), USER_ERRORS)
+    assert not isinstance(KeyError("x"), USER_ERRORS) and isinstance(FileNotFoundError("f"), USER_ERRORS)

@@ -11,7 +11,7 @@ import torch
 
 from augment import pipeline
 from augment.stages import core
-from augment.cli import main
+from flows.cli import main
 from augment.generate import load_candidates, sampling_precision
 
 

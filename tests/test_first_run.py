@@ -21,7 +21,7 @@ def _env(**extra: str) -> dict:
 
 
 def _run(tmp_path: Path, env: dict, timeout: int = 600) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "augment.cli", "run", TINY, "--output-dir", str(tmp_path / "out"),
+    cmd = [sys.executable, "-m", "flows.cli", "run", TINY, "--output-dir", str(tmp_path / "out"),
            "--set", f"base.cache_dir={tmp_path / 'cache'}"]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -186,8 +186,8 @@ def test_a_server_that_goes_away_mid_run_is_one_line(tmp_path, monkeypatch, caps
     """A user's Prefect server that stops during a run ended in ~140 lines of connection tracebacks."""
     import httpx
 
-    import augment.cli
-    from augment.cli import main
+    import flows.cli
+    from flows.cli import main
 
     def gone(cfg, wait):
         try:
@@ -195,7 +195,7 @@ def test_a_server_that_goes_away_mid_run_is_one_line(tmp_path, monkeypatch, caps
         except httpx.ConnectError as err:
             raise RuntimeError("Failed to set task run state") from err
 
-    monkeypatch.setattr(augment.cli, "_run_flow", gone)
+    monkeypatch.setattr(flows.cli, "_run_flow", gone)
     monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
     code = main(["run", TINY, "--output-dir", str(tmp_path / "out"), "--set", f"base.cache_dir={tmp_path / 'c'}"])
     err = capsys.readouterr().err.strip().splitlines()
@@ -210,7 +210,7 @@ def test_a_temporary_server_killed_mid_run_is_started_again_and_the_run_finishes
     import time
 
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "augment.cli", "run", TINY, "--output-dir", str(out),
+    cmd = [sys.executable, "-m", "flows.cli", "run", TINY, "--output-dir", str(out),
            "--set", f"base.cache_dir={tmp_path / 'cache'}", "--set", "lora.max_train_steps=300"]
     proc = subprocess.Popen(cmd, env=_env(PREFECT_HOME=str(tmp_path / "home")), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from augment.cli import main
+from flows.cli import main
 
 
 class _Images(HTMLParser):

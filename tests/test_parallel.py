@@ -194,7 +194,7 @@ def _die_once(marker: str, i: int):
 def test_a_worker_killed_mid_stage_is_replaced_once_then_one_line(tmp_path, always, capsys):
     """A worker killed mid-shard (kill -9, the OOM killer) was a BrokenProcessPool traceback: the stage now runs
     again on new workers once (resuming from what is finished), and a second death is one line."""
-    from augment.cli import USER_ERRORS
+    from augment.errors import USER_ERRORS
     from augment.stages.core import Stage
 
     marker = str(tmp_path / ("always" if always else "once"))

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from augment.cli import main
+from flows.cli import main
 from conftest import ROOT
 
 SECTIONS = ("## Load the result", "## Use the dataset elsewhere", "## Use the model elsewhere")

@@ -62,7 +62,7 @@ def test_augment_report_on_an_edited_record_is_one_error_line(tiny_cfg, tmp_path
     """A finished run whose filter record was edited: `augment report` says which file and field, exit 2, and
     leaves the report it had."""
     from augment import pipeline
-    from augment.cli import main
+    from flows.cli import main
     from augment.run import RunFolder
 
     pipeline.run(tiny_cfg, log=lambda m: None)

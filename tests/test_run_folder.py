@@ -9,7 +9,7 @@ import pytest
 from augment import pipeline
 from augment.stages import core
 from augment import run as run_folder
-from augment.cli import main
+from flows.cli import main
 from conftest import ROOT, write_imagefolder
 
 TINY = str(ROOT / "configs" / "tiny.yaml")

@@ -71,7 +71,7 @@ def served(tmp_path_factory):
         out = tmp / "run"
         serve_log = open(tmp / "serve.log", "w")
         procs.append(subprocess.Popen(
-            [sys.executable, "-m", "augment.cli", "serve", str(ROOT / "configs" / "tiny.yaml"), "--name",
+            [sys.executable, "-m", "flows.cli", "serve", str(ROOT / "configs" / "tiny.yaml"), "--name",
              "tiny-served", "--cron", "0 3 * * *", "--trigger-event", EVENT,
              "--set", f"publish.output_dir={out}", "--set", f"base.cache_dir={tmp / 'cache'}"],
             env=env, stdout=serve_log, stderr=serve_log, cwd=tmp))
@@ -205,7 +205,7 @@ def test_deploy_to_a_process_work_pool_runs_on_a_worker(served):
         client.create_work_pool(WorkPoolCreate(name="augment-test-pool", type="process"))
     out = tmp / "pool-run"
     done = subprocess.run(
-        [sys.executable, "-m", "augment.cli", "deploy", str(ROOT / "configs" / "tiny.yaml"), "--pool",
+        [sys.executable, "-m", "flows.cli", "deploy", str(ROOT / "configs" / "tiny.yaml"), "--pool",
          "augment-test-pool", "--name", "tiny-pool", "--set", f"publish.output_dir={out}",
          "--set", f"base.cache_dir={tmp / 'cache'}"], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from augment import pipeline
-from augment.cli import main
+from flows.cli import main
 from augment.configfile import load_config
 from conftest import ROOT
 

@@ -11,6 +11,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
+from augment.errors import UserError
 from augment.registry import BACKENDS
 
 BACKEND_NAMES: tuple[str, ...] = BACKENDS.names
@@ -44,7 +45,7 @@ def seed_field(description: str):
     return Field(0, ge=0, le=MAX_SEED, description=description)
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration file or value the user must fix."""
 
 

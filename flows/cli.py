@@ -1,4 +1,5 @@
-"""The `augment` command: a thin shell over the Prefect flow and the report builder."""
+"""The `augment` command: a thin shell over the Prefect flow (flows/) and the library's report builder. It lives
+beside the flows it starts, so the library (augment/) imports nothing of them."""
 
 from __future__ import annotations
 
@@ -12,15 +13,9 @@ from pathlib import Path
 
 from augment import progress
 from augment.backends import check_base
-from augment.config import ConfigError
 from augment.configfile import load_config
-from augment.data import DataError
-from augment.errors import ModelError, StorageError, WorkerError
-from augment.results import RecordError
-from augment.run import RunFolder, RunFolderError, claim, lock, using
-
-USER_ERRORS = (ConfigError, DataError, ModelError, RunFolderError, FileNotFoundError, RecordError, StorageError,
-               WorkerError)
+from augment.errors import USER_ERRORS, StorageError, user_error_names
+from augment.run import RunFolder, claim, lock, using
 
 
 def _version() -> str:
@@ -121,11 +116,9 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["PREFECT_LOGGING_LEVEL"] = "WARNING"
     # bars in a terminal; in a log file (a scheduler, `> run.log 2>&1`), progress lines at least every 25 s
     os.environ[progress.ENV] = "0" if args.quiet else "1" if sys.stderr.isatty() else "log"
-    from flows.server import ServerError
-
     try:
         return _command(args)
-    except (*USER_ERRORS, ServerError) as err:
+    except USER_ERRORS as err:  # flows.server.ServerError included
         if args.debug:
             traceback.print_exc()
         print(f"error: {err}", file=sys.stderr)
@@ -260,7 +253,6 @@ class _UserErrorsOnce(logging.Filter):
     line; Prefect's console would print it three times first, twice with a traceback. Only the console is
     filtered: the API's logs (the UI) keep every record."""
 
-    NAMES = tuple(cls.__name__ for cls in USER_ERRORS)
     MARKS = ("failed with exception", "Finished in state Failed", "Encountered exception")
 
     def filter(self, record: logging.LogRecord) -> bool:
@@ -269,7 +261,7 @@ class _UserErrorsOnce(logging.Filter):
         if record.exc_info and isinstance(record.exc_info[1], USER_ERRORS):
             return False
         msg = record.getMessage()
-        return not (any(m in msg for m in self.MARKS) and any(n in msg for n in self.NAMES))
+        return not (any(m in msg for m in self.MARKS) and any(n in msg for n in user_error_names()))
 
 
 def _quiet_user_errors() -> None:
