@@ -25,30 +25,64 @@ again.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from augment.arms import Arm, adds_label, arm_plus, has_part
 from augment.config import EvaluationConfig
-from augment.results import Choice, EvaluationSummary, Selection
+from augment.results import Choice, EvaluationSummary, Selection, TrainSizes
 from augment.stats import paired_difference, summarize
-from augment.trainings import MappedRunner, Runner, RunUnits, TrainingSets, arm_training_set, training_key
+from augment.trainings import (MappedRunner, Runner, RunUnits, TrainingRun, TrainingSets, arm_training_set,
+                               training_key)
 
-def _val_mean(runs: list[dict]) -> float:
-    vals = [r["validation_accuracy"] for r in runs if "validation_accuracy" in r]
+
+@dataclass(frozen=True)
+class EvaluationRuns:
+    """The whole evaluation, as the evaluation folder's results file holds it: every arm's runs (arms in the
+    order they ran, one run per seed the arm trained on), each arm's training-set sizes, the recipe, the product
+    and the choices that made them."""
+
+    seeds: list[int]
+    runs: dict[str, list[TrainingRun]]
+    train_sizes: dict[str, TrainSizes]
+    recipe: str
+    product_recipe: str
+    product_arm: str | None  # None: no listed arm takes synthetic data
+    selection: dict  # {name: a Choice's fields} as set, in that order (a Selection would reorder them)
+
+    def to_json(self) -> dict:
+        return {"seeds": self.seeds, "runs": {a: [r.to_json() for r in rs] for a, rs in self.runs.items()},
+                "train_sizes": {a: n.to_json() for a, n in self.train_sizes.items()}, "recipe": self.recipe,
+                "product_recipe": self.product_recipe, "product_arm": self.product_arm, "selection": self.selection}
+
+    @classmethod
+    def from_json(cls, raw: dict) -> "EvaluationRuns":
+        return cls(raw["seeds"], {a: [TrainingRun.from_json(r) for r in rs] for a, rs in raw["runs"].items()},
+                   {a: TrainSizes.model_validate(n) for a, n in raw["train_sizes"].items()}, raw["recipe"],
+                   raw["product_recipe"], raw["product_arm"], raw["selection"])
+
+    @classmethod
+    def load(cls, path: str | Path) -> "EvaluationRuns":
+        return cls.from_json(json.loads(Path(path).read_text()))
+
+
+def _val_mean(runs: list[TrainingRun]) -> float:
+    vals = [r.validation_accuracy for r in runs if r.validation_accuracy is not None]
     return float(np.mean(vals)) if vals else float("-inf")
 
 
 def evaluate(cfg: EvaluationConfig, sets: TrainingSets, output_dir: str | Path,
              progress: Callable[[int, int], None] | None = None, log=print,
-             run_units: RunUnits | None = None, decisions: Selection | None = None) -> Path:
-    """Run the protocol (or the listed arms); writes the results file of `output_dir`. `run_units` runs each phase's
-    (arm, recipe, seed) units elsewhere (default: this process or a local pool of `cfg.workers`). `decisions`: the
-    cross-validated choices of the pseudo stage and, under "synthetic", the choose stage's (augment.selection);
-    without them, choices read validation and the product takes the synthetic data. Synthetic data is mixed in
-    at the first of cfg.synthetic_prob (the caller passes the chosen one)."""
+             run_units: RunUnits | None = None, decisions: Selection | None = None) -> EvaluationRuns:
+    """Run the protocol (or the listed arms); writes the results file of `output_dir` and returns what it holds.
+    `run_units` runs each phase's (arm, recipe, seed) units elsewhere (default: this process or a local pool of
+    `cfg.workers`). `decisions`: the cross-validated choices of the pseudo stage and, under "synthetic", the choose
+    stage's (augment.selection); without them, choices read validation and the product takes the synthetic data.
+    Synthetic data is mixed in at the first of cfg.synthetic_prob (the caller passes the chosen one)."""
     decisions = decisions or Selection()
 
     keys: dict[tuple[str, str], str] = {}
@@ -66,9 +100,9 @@ def evaluate(cfg: EvaluationConfig, sets: TrainingSets, output_dir: str | Path,
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     seeds = [cfg.seed + i for i in range(cfg.seeds)]
-    has_pseudo = sets.pseudo is not None and len(sets.pseudo[0]) > 0
+    has_pseudo = sets.pseudo is not None and len(sets.pseudo) > 0
     has_val = len(sets.splits.validation) > 0
-    results: dict[str, list[dict]] = {}
+    results: dict[str, list[TrainingRun]] = {}
     selection: dict = {}
 
     # Diagnostic arms explain the result (what the filter is worth, CAS, each filter alone) but decide nothing:
@@ -130,22 +164,20 @@ def evaluate(cfg: EvaluationConfig, sets: TrainingSets, output_dir: str | Path,
         product = next((a for a in (arm_plus(recipe, "synthetic"), *cfg.arms) if a in results and
                         Arm.of(a).has("synthetic")), None)
     for arm, runs in results.items():
-        accs = [r["accuracy"] for r in runs if "accuracy" in r]
+        accs = [r.accuracy for r in runs if r.trained]
         log(f"evaluate: {arm}: accuracy {np.mean(accs) if accs else float('nan'):.4f} over {len(accs)} seeds")
     sizes = {}
     for arm in results:
         spec = arm_training_set(arm, sets, product_recipe)
-        sizes[arm] = {"real": int(len(spec["data"][0])),
-                      "synthetic": int(len(spec["synthetic"][0])) if spec["synthetic"] is not None else 0}
+        sizes[arm] = TrainSizes(real=len(spec.data), synthetic=len(spec.synthetic) if spec.synthetic is not None else 0)
     from augment.run import EvaluationFolder, write_json
 
-    write_json(EvaluationFolder(out).results, {"seeds": seeds, "runs": results, "train_sizes": sizes, "recipe": recipe,
-                                      "product_recipe": product_recipe, "product_arm": product,
-                                      "selection": selection}, indent=None)
-    return EvaluationFolder(out).results
+    evaluation = EvaluationRuns(seeds, results, sizes, recipe, product_recipe, product, selection)
+    write_json(EvaluationFolder(out).results, evaluation.to_json(), indent=None)
+    return evaluation
 
 
-def _choose_recipe(cfg: EvaluationConfig, results: dict, has_val: bool, selection: dict,
+def _choose_recipe(cfg: EvaluationConfig, results: dict[str, list[TrainingRun]], has_val: bool, selection: dict,
                    decided: Choice | None = None) -> str:
     if decided is not None:  # made by the pseudo stage, which already applied evaluation.recipe (part of its key)
         selection["recipe"] = decided.to_json()
@@ -159,31 +191,31 @@ def _choose_recipe(cfg: EvaluationConfig, results: dict, has_val: bool, selectio
     return recipe
 
 
-def summarize_results(results: dict) -> EvaluationSummary:
+def summarize_results(results: EvaluationRuns) -> EvaluationSummary:
     """Per-arm statistics, per-class deltas and the paired gains that decide whether synthetic data helped."""
-    runs = {a: [r for r in rs if "accuracy" in r] for a, rs in results["runs"].items()}
+    runs = {a: [r for r in rs if r.trained] for a, rs in results.runs.items()}
     arms = {}
     for arm, rs in runs.items():
         if not rs:
-            arms[arm] = {"skipped": results["runs"][arm][0].get("skipped", "no runs")}
+            skipped = results.runs[arm][0].skipped
+            arms[arm] = {"skipped": "no runs" if skipped is None else skipped}
             continue
         arms[arm] = {
-            "accuracy": summarize([r["accuracy"] for r in rs]),
-            "macro_f1": summarize([r["macro_f1"] for r in rs]),
-            "per_seed_accuracy": [r["accuracy"] for r in rs],
-            "per_seed_macro_f1": [r["macro_f1"] for r in rs],
-            "per_seed_validation_accuracy": [r.get("validation_accuracy") for r in rs],
-            "per_class_accuracy": np.mean([r["per_class_accuracy"] for r in rs], axis=0).tolist(),
-            "confusion": np.sum([r["confusion"] for r in rs], axis=0).tolist(),
-            "train_sizes": results["train_sizes"].get(arm),
+            "accuracy": summarize([r.accuracy for r in rs]),
+            "macro_f1": summarize([r.macro_f1 for r in rs]),
+            "per_seed_accuracy": [r.accuracy for r in rs],
+            "per_seed_macro_f1": [r.macro_f1 for r in rs],
+            "per_seed_validation_accuracy": [r.validation_accuracy for r in rs],
+            "per_class_accuracy": np.mean([r.per_class_accuracy for r in rs], axis=0).tolist(),
+            "confusion": np.sum([r.confusion for r in rs], axis=0).tolist(),
+            "train_sizes": results.train_sizes.get(arm),
         }
-    product = results.get("product_arm")
-    out: dict = {"arms": arms, "seeds": results["seeds"], "product_arm": product,
-                 "recipe": results.get("recipe"), "product_recipe": results.get("product_recipe"),
-                 "selection": results.get("selection", {})}
+    product = results.product_arm
+    out: dict = {"arms": arms, "seeds": results.seeds, "product_arm": product, "recipe": results.recipe,
+                 "product_recipe": results.product_recipe, "selection": results.selection}
 
     def acc(arm):
-        return [r["accuracy"] for r in runs[arm]]
+        return [r.accuracy for r in runs[arm]]
 
     def paired(x, y):  # arms trained on fewer seeds (diagnostics) pair with the first seeds of the others
         n = min(len(x), len(y))
@@ -191,7 +223,7 @@ def summarize_results(results: dict) -> EvaluationSummary:
 
     def diff(a, b):
         return {"accuracy": paired(acc(a), acc(b)),
-                "macro_f1": paired([r["macro_f1"] for r in runs[a]], [r["macro_f1"] for r in runs[b]])}
+                "macro_f1": paired([r.macro_f1 for r in runs[a]], [r.macro_f1 for r in runs[b]])}
 
     baselines = [b for b in runs if runs[b] and not Arm.of(b).synthetic]
     if product and runs.get(product) and baselines:
@@ -208,7 +240,7 @@ def summarize_results(results: dict) -> EvaluationSummary:
     out["synthetic_adds"] = {adds_label(a): diff(arm_plus(a, "synthetic"), a)
                              for a in baselines if runs.get(arm_plus(a, "synthetic"))}
     # What the filter is worth, on the recipe (the product's own arm when it takes the synthetic data).
-    recipe = results.get("product_recipe") or "real"
+    recipe = results.product_recipe or "real"
     filtered, unfiltered = arm_plus(recipe, "synthetic"), arm_plus(recipe, "synthetic_unfiltered")
     if runs.get(unfiltered) and runs.get(filtered):
         out["filter_gain"] = paired(acc(filtered), acc(unfiltered))

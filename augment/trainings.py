@@ -1,14 +1,14 @@
-"""The units of the downstream evaluation: an arm's training set (`arm_training_set`), one training scored on real
-data (`run_arm`, `train_unit`), and the runners that spread units over worker processes (one torch thread each) or
-hand them to an orchestrator's task runner. A unit with the same training set and seed as one already trained
-reuses its result."""
+"""The units of the downstream evaluation: an arm's training set (`arm_training_set`, an ArmSet), one training scored
+on real data (`run_arm`, `train_unit`, a TrainingRun), and the runners that spread units over worker processes (one
+torch thread each) or hand them to an orchestrator's task runner. A unit with the same training set and seed as one
+already trained reuses its result."""
 
 from __future__ import annotations
 
 import hashlib
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 from sklearn.metrics import confusion_matrix, f1_score
@@ -17,7 +17,16 @@ from augment.arms import Arm
 from augment.config import EvaluationConfig
 from augment.data import Splits
 
-Pair = tuple[np.ndarray, np.ndarray]  # (uint8 images, int labels)
+
+@dataclass(frozen=True, eq=False)
+class Examples:
+    """Images (uint8) and their labels (int), row for row."""
+
+    images: np.ndarray
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.images)
 
 
 @dataclass
@@ -25,34 +34,77 @@ class TrainingSets:
     """Everything an arm can be built from."""
 
     splits: Splits
-    kept: Pair
-    unfiltered: Pair
-    pseudo: Pair | None = None
-    ablation: dict[str, Pair] = field(default_factory=dict)
+    kept: Examples
+    unfiltered: Examples
+    pseudo: Examples | None = None
+    ablation: dict[str, Examples] = field(default_factory=dict)
 
 
-def _join(a: Pair, b: Pair | None) -> Pair:
-    return a if b is None or not len(b[0]) else (np.concatenate([a[0], b[0]]), np.concatenate([a[1], b[1]]))
+@dataclass(frozen=True, eq=False)
+class ArmSet:
+    """What one arm trains on: the real rows (with pseudo-labeled pool rows when it takes them), the synthetic rows
+    mixed in (None: none), and whether classic augmentation applies."""
+
+    data: Examples
+    synthetic: Examples | None
+    augment: bool
 
 
-def arm_training_set(arm: str, sets: TrainingSets, recipe: str = "real") -> dict:
-    """Keyword arguments for train_classifier that define an arm. `filter:<name>` arms use `recipe`."""
+def _join(a: Examples, b: Examples | None) -> Examples:
+    if b is None or not len(b):
+        return a
+    return Examples(np.concatenate([a.images, b.images]), np.concatenate([a.labels, b.labels]))
+
+
+def arm_training_set(arm: str, sets: TrainingSets, recipe: str = "real") -> ArmSet:
+    """What `arm` trains on. `filter:<name>` arms use `recipe`."""
     a = Arm.of(arm)
     if a.filter is not None:
         name = a.filter
         if name not in sets.ablation:
             raise ValueError(f"no filter-ablation set {name!r}")
-        spec = arm_training_set(recipe, sets)
-        return {**spec, "synthetic": sets.ablation[name]}
+        return replace(arm_training_set(recipe, sets), synthetic=sets.ablation[name])
     parts = a.parts
     tr = sets.splits.train
-    real = (tr.images, tr.labels) if "real" in parts else (tr.images[:0], tr.labels[:0])
+    real = Examples(tr.images, tr.labels) if "real" in parts else Examples(tr.images[:0], tr.labels[:0])
     if "pseudo" in parts:
-        if sets.pseudo is None or not len(sets.pseudo[0]):
+        if sets.pseudo is None or not len(sets.pseudo):
             raise ValueError(f"arm {arm!r} needs pseudo-labeled pool images, and there are none")
         real = _join(real, sets.pseudo)
     synthetic = sets.kept if "synthetic" in parts else sets.unfiltered if "synthetic_unfiltered" in parts else None
-    return {"data": real, "synthetic": synthetic, "augment": "classic" in parts}
+    return ArmSet(real, synthetic, "classic" in parts)
+
+
+@dataclass(frozen=True)
+class TrainingRun:
+    """One downstream training's result: scores on the reported split (`validation_accuracy` beside them when there
+    is a validation split), or only why it was `skipped`. `same_training_as` names the arm whose training (same set,
+    same seed) it is (Runner). Fields left None are absent from its JSON, as results.json has always held it."""
+
+    seed: int | None = None
+    accuracy: float | None = None
+    macro_f1: float | None = None
+    per_class_accuracy: list[float] | None = None
+    confusion: list[list[int]] | None = None
+    validation_accuracy: float | None = None
+    seconds: float | None = None
+    skipped: str | None = None
+    same_training_as: str | None = None
+
+    @property
+    def trained(self) -> bool:
+        return self.accuracy is not None
+
+    def to_json(self) -> dict:
+        """Its entry in results.json: the fields that are set, in the order above."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+
+    @classmethod
+    def from_json(cls, raw: dict) -> "TrainingRun":
+        unknown = set(raw) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"a training run with unknown fields {sorted(unknown)}")
+        return cls(**raw)
 
 
 def _scores(clf, images: np.ndarray, y: np.ndarray, K: int) -> dict:
@@ -63,28 +115,26 @@ def _scores(clf, images: np.ndarray, y: np.ndarray, K: int) -> dict:
             "per_class_accuracy": (np.diag(cm) / np.maximum(cm.sum(1), 1)).tolist(), "confusion": cm.tolist()}
 
 
-def run_arm(cfg: EvaluationConfig, splits: Splits, data: Pair, synthetic: Pair | None, augment: bool,
-            seed: int) -> dict:
-    """Train one classifier; scores on `cfg.split` at the top level, validation accuracy beside them."""
+def run_arm(cfg: EvaluationConfig, splits: Splits, spec: ArmSet, seed: int) -> TrainingRun:
+    """Train one classifier on `spec`; scores on `cfg.split`, validation accuracy beside them."""
     from augment.classifier import train_classifier
 
     K = len(splits.class_names)
-    if synthetic is not None and not len(synthetic[0]):
-        synthetic = None
-    if not len(data[0]) and synthetic is None:
-        return {"skipped": "no training images (no synthetic samples were kept)"}
+    synthetic = spec.synthetic if spec.synthetic is not None and len(spec.synthetic) else None
+    if not len(spec.data) and synthetic is None:
+        return TrainingRun(skipped="no training images (no synthetic samples were kept)")
     t0 = time.time()
-    clf = train_classifier(cfg.model, data[0], data[1], K, seed, augment=augment, synthetic=synthetic,
+    clf = train_classifier(cfg.model, spec.data.images, spec.data.labels, K, seed, augment=spec.augment,
+                           synthetic=None if synthetic is None else (synthetic.images, synthetic.labels),
                            synthetic_prob=cfg.synthetic_prob[0])
     scored = getattr(splits, cfg.split)
-    out = {"seed": seed, **_scores(clf, scored.images, scored.labels, K)}
-    val = splits.validation
+    scores = _scores(clf, scored.images, scored.labels, K)
+    val, val_accuracy = splits.validation, None
     if cfg.split == "validation":
-        out["validation_accuracy"] = out["accuracy"]
+        val_accuracy = scores["accuracy"]
     elif len(val):
-        out["validation_accuracy"] = float((clf.predict_proba(val.images).argmax(1) == val.labels).mean())
-    out["seconds"] = time.time() - t0
-    return out
+        val_accuracy = float((clf.predict_proba(val.images).argmax(1) == val.labels).mean())
+    return TrainingRun(seed=seed, **scores, validation_accuracy=val_accuracy, seconds=time.time() - t0)
 
 
 # Worker processes ---------------------------------------------------------------------------------------------
@@ -96,15 +146,15 @@ def _worker_init(cfg: EvaluationConfig, sets: TrainingSets) -> None:
     _WORKER.update(cfg=cfg, sets=sets)
 
 
-def _worker_run(arm: str, recipe: str, seed: int) -> dict:
+def _worker_run(arm: str, recipe: str, seed: int) -> TrainingRun:
     return train_unit(_WORKER["cfg"], _WORKER["sets"], arm, recipe, seed)
 
 
-def training_key(spec: dict) -> str:
-    """A digest of everything a downstream training reads besides its seed (the arm_training_set spec)."""
-    h = hashlib.sha256(b"augment" if spec["augment"] else b"plain")
-    for part in (spec["data"], spec["synthetic"]):
-        for a in (part if part is not None else ()):
+def training_key(spec: ArmSet) -> str:
+    """A digest of everything a downstream training reads besides its seed (an arm_training_set)."""
+    h = hashlib.sha256(b"augment" if spec.augment else b"plain")
+    for part in (spec.data, spec.synthetic):
+        for a in ((part.images, part.labels) if part is not None else ()):
             a = np.ascontiguousarray(a)
             h.update(f"{a.dtype}{a.shape}".encode())
             h.update(a.tobytes())
@@ -138,7 +188,7 @@ class Runner:
     def _track(self, total: int, progress, key: Callable[[str, str], str]) -> None:
         self.total, self.done, self.progress, self.key, self.trained = total, 0, progress, key, {}
 
-    def run(self, arms: list[str], recipe: str, seeds: list[int]) -> dict[str, list[dict]]:
+    def run(self, arms: list[str], recipe: str, seeds: list[int]) -> dict[str, list[TrainingRun]]:
         keys = {a: self.key(a, recipe) for a in arms}
         units, todo = [], set()
         for a in arms:
@@ -148,16 +198,16 @@ class Runner:
                     todo.add((keys[a], s))
         for (a, s), r in zip(units, self._map(units, recipe)):
             self.trained[(keys[a], s)] = (a, r)
-        out: dict[str, list[dict]] = {a: [] for a in arms}
+        out: dict[str, list[TrainingRun]] = {a: [] for a in arms}
         for a in arms:
             for s in seeds:
                 source, r = self.trained[(keys[a], s)]
-                out[a].append(r if source == a else {**r, "same_training_as": source})
+                out[a].append(r if source == a else replace(r, same_training_as=source))
         for _ in range(len(arms) * len(seeds) - len(units)):
             self._tick()
         return out
 
-    def _map(self, units: list[tuple[str, int]], recipe: str) -> list[dict]:
+    def _map(self, units: list[tuple[str, int]], recipe: str) -> list[TrainingRun]:
         if self.pool is None:
             from augment.parallel import here
 
@@ -180,7 +230,7 @@ class Runner:
 
 # run_units([(arm, recipe, seed), ...]) -> one result per unit, in order: how an orchestrator (the Prefect flow's
 # task runner: threads, processes, Dask) runs the units instead of the local pool.
-RunUnits = Callable[[list[tuple[str, str, int]]], Iterable[dict]]
+RunUnits = Callable[[list[tuple[str, str, int]]], Iterable[TrainingRun]]
 
 
 class MappedRunner(Runner):
@@ -190,7 +240,7 @@ class MappedRunner(Runner):
         self.run_units, self.pool = run_units, None
         self._track(total, progress, key)
 
-    def _map(self, units: list[tuple[str, int]], recipe: str) -> list[dict]:
+    def _map(self, units: list[tuple[str, int]], recipe: str) -> list[TrainingRun]:
         results = []
         for r in self.run_units([(a, recipe, s) for a, s in units]):  # results in order, as they finish
             results.append(r)
@@ -198,10 +248,9 @@ class MappedRunner(Runner):
         return results
 
 
-def train_unit(cfg: EvaluationConfig, sets: TrainingSets, arm: str, recipe: str, seed: int) -> dict:
+def train_unit(cfg: EvaluationConfig, sets: TrainingSets, arm: str, recipe: str, seed: int) -> TrainingRun:
     """One downstream training (the unit every runner distributes), on one torch thread."""
     from augment.parallel import one_thread
 
     with one_thread():
-        spec = arm_training_set(arm, sets, recipe)
-        return run_arm(cfg, sets.splits, spec["data"], spec["synthetic"], spec["augment"], seed)
+        return run_arm(cfg, sets.splits, arm_training_set(arm, sets, recipe), seed)

@@ -35,7 +35,7 @@ DATASETS = {  # overrides of configs/digits.yaml
 def run_one(cfg, out: Path) -> dict:
     from augment.data import make_splits
     from augment.evaluate import evaluate, summarize_results
-    from augment.trainings import TrainingSets
+    from augment.trainings import Examples, TrainingSets
     from augment.pseudo import pseudo_label, select_and_label
     from augment.results import Selection
 
@@ -48,17 +48,17 @@ def run_one(cfg, out: Path) -> dict:
         labels, decisions = pseudo_label(cfg.pseudo, splits.train, splits.validation, splits.pool,
                                          log=lambda m: None), Selection()
     t_select = time.time() - t0
-    pseudo = (splits.pool.images[labels.index], labels.labels) if len(labels) else None
+    pseudo = Examples(splits.pool.images[labels.index], labels.labels) if len(labels) else None
     recipe = decisions.recipe.chosen if decisions.recipe else "real+classic"
     arms = ["real", "real+classic"] + ([f"{recipe}+pseudo"] if pseudo is not None else [])
-    empty = (splits.train.images[:0], splits.train.labels[:0])
+    empty = Examples(splits.train.images[:0], splits.train.labels[:0])
     ev = cfg.evaluation.model_copy(update={"arms": arms, "filter_ablation": False, "recipe": "auto"})
     sets = TrainingSets(splits, empty, empty, pseudo)
-    res = json.loads(evaluate(ev, sets, out, log=lambda m: None, decisions=decisions).read_text())
+    res = evaluate(ev, sets, out, log=lambda m: None, decisions=decisions)
     s = summarize_results(res)
-    chosen = decisions.pseudo.chosen if decisions.pseudo else res["recipe"]  # the recipe, with the pool if it helps
-    return {"runs": {a: [r["accuracy"] for r in rs] for a, rs in res["runs"].items()},
-            "recipe": res["recipe"], "product_recipe": chosen, "pseudo": labels.summary.to_json(),
+    chosen = decisions.pseudo.chosen if decisions.pseudo else res.recipe  # the recipe, with the pool if it helps
+    return {"runs": {a: [r.accuracy for r in rs if r.accuracy is not None] for a, rs in res.runs.items()},
+            "recipe": res.recipe, "product_recipe": chosen, "pseudo": labels.summary.to_json(),
             "decisions": decisions.to_json(), "best_baseline": s.best_baseline,
             "seconds_select": t_select, "seconds": time.time() - t0}
 

@@ -28,6 +28,7 @@ from augment.configfile import apply_overrides, deep_merge, parse_config
 from augment.report.schema import validate_metrics
 from augment.report.sections import headline, key_arms
 from augment.results import AdapterInfo, BaseModelInfo, Record
+from augment.trainings import TrainingRun
 from augment.run import RunFolder
 
 
@@ -70,7 +71,7 @@ def run_stage(cfg: RunConfig, stage: str, kept: dict) -> Record | dict:
 
 
 @task(cache_policy=NO_CACHE)
-def train_unit(cfg: RunConfig, arm: str, recipe: str, seed: int) -> dict:
+def train_unit(cfg: RunConfig, arm: str, recipe: str, seed: int) -> TrainingRun:
     """One downstream training (arm x seed): the unit the task runner spreads over processes or Dask workers."""
     return outcome.train_unit(cfg, arm, recipe, seed)
 

@@ -2,6 +2,8 @@
 and results that do not depend on the number of worker processes."""
 
 import json
+import pickle
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -10,8 +12,8 @@ import pytest
 from augment.arms import Arm, Verdict, adds_label, arm_plus, has_part, parse_arm
 from augment.config import ClassifierConfig, EvaluationConfig, PseudoConfig
 from augment.data import DataConfig, ImageSet, Splits, load_images, split
-from augment.evaluate import evaluate, summarize_results
-from augment.trainings import TrainingSets, arm_training_set
+from augment.evaluate import EvaluationRuns, evaluate, summarize_results
+from augment.trainings import Examples, TrainingRun, TrainingSets, arm_training_set
 from augment.pseudo import choose_threshold, pseudo_label
 
 
@@ -23,10 +25,10 @@ def splits():
 
 def _sets(splits: Splits) -> TrainingSets:
     v = splits.validation  # stand-ins: labeled images from validation play "synthetic" and "pseudo" rows
-    kept = (v.images[:40], v.labels[:40])
-    unfiltered = (v.images[:60], v.labels[:60])
-    pseudo = (splits.pool.images[:30], np.arange(30) % 10)
-    return TrainingSets(splits, kept, unfiltered, pseudo, {"class_consistency": (v.images[:20], v.labels[:20])})
+    kept = Examples(v.images[:40], v.labels[:40])
+    unfiltered = Examples(v.images[:60], v.labels[:60])
+    pseudo = Examples(splits.pool.images[:30], np.arange(30) % 10)
+    return TrainingSets(splits, kept, unfiltered, pseudo, {"class_consistency": Examples(v.images[:20], v.labels[:20])})
 
 
 def test_arm_names_parse_and_bad_ones_are_named():
@@ -66,13 +68,14 @@ def test_each_arm_trains_on_what_its_name_says(splits):
     }
     for arm, (n_real, n_syn, classic) in expect.items():
         spec = arm_training_set(arm, sets)
-        assert len(spec["data"][0]) == len(spec["data"][1]) == n_real, arm
-        assert (spec["synthetic"] is None if n_syn is None else len(spec["synthetic"][0]) == n_syn), arm
-        assert spec["augment"] is classic, arm
-    pseudo_rows = arm_training_set("real+pseudo", sets)["data"]
-    assert (pseudo_rows[0][:n] == splits.train.images).all() and (pseudo_rows[1][n:] == sets.pseudo[1]).all()
+        assert len(spec.data) == len(spec.data.labels) == n_real, arm
+        assert (spec.synthetic is None if n_syn is None else len(spec.synthetic) == n_syn), arm
+        assert spec.augment is classic, arm
+    pseudo_rows = arm_training_set("real+pseudo", sets).data
+    assert (pseudo_rows.images[:n] == splits.train.images).all()
+    assert (pseudo_rows.labels[n:] == sets.pseudo.labels).all()
     ablation = arm_training_set("filter:class_consistency", sets, recipe="real+classic+pseudo")
-    assert len(ablation["data"][0]) == n + 30 and ablation["augment"] and len(ablation["synthetic"][0]) == 20
+    assert len(ablation.data) == n + 30 and ablation.augment and len(ablation.synthetic) == 20
     with pytest.raises(ValueError, match="needs pseudo-labeled"):
         arm_training_set("real+pseudo", TrainingSets(splits, sets.kept, sets.unfiltered, None))
 
@@ -112,18 +115,18 @@ def _scrambled_test(splits: Splits) -> Splits:
 
 def test_protocol_chooses_on_validation_and_never_on_test(splits, tmp_path):
     cfg = EvaluationConfig(seeds=2, model=ClassifierConfig(width=8, steps=40, augment=False), workers=1)
-    a = json.loads(evaluate(cfg, _sets(splits), tmp_path / "a", log=lambda m: None).read_text())
-    b = json.loads(evaluate(cfg, _sets(_scrambled_test(splits)), tmp_path / "b", log=lambda m: None).read_text())
+    a = evaluate(cfg, _sets(splits), tmp_path / "a", log=lambda m: None)
+    b = evaluate(cfg, _sets(_scrambled_test(splits)), tmp_path / "b", log=lambda m: None)
     # test images shuffled against their labels: every test score changes, no choice does
-    assert a["selection"] == b["selection"] and a["product_arm"] == b["product_arm"]
-    for arm in a["runs"]:
-        assert [r["validation_accuracy"] for r in a["runs"][arm]] == [r["validation_accuracy"] for r in b["runs"][arm]]
-    assert any(r["accuracy"] != s["accuracy"] for arm in a["runs"] for r, s in zip(a["runs"][arm], b["runs"][arm]))
-    recipe = a["selection"]["recipe"]["chosen"]
-    assert a["product_arm"] == a["product_recipe"] + "+synthetic"
-    assert set(a["runs"]) == {"real", "real+classic", f"{recipe}+pseudo", "real+synthetic", "real+classic+synthetic",
-                              f"{recipe}+pseudo+synthetic", f"{a['product_recipe']}+synthetic_unfiltered",
-                              "synthetic", "filter:class_consistency"}
+    assert a.selection == b.selection and a.product_arm == b.product_arm
+    for arm in a.runs:
+        assert [r.validation_accuracy for r in a.runs[arm]] == [r.validation_accuracy for r in b.runs[arm]]
+    assert any(r.accuracy != s.accuracy for arm in a.runs for r, s in zip(a.runs[arm], b.runs[arm]))
+    recipe = a.selection["recipe"]["chosen"]
+    assert a.product_arm == a.product_recipe + "+synthetic"
+    assert set(a.runs) == {"real", "real+classic", f"{recipe}+pseudo", "real+synthetic", "real+classic+synthetic",
+                           f"{recipe}+pseudo+synthetic", f"{a.product_recipe}+synthetic_unfiltered",
+                           "synthetic", "filter:class_consistency"}
     s = summarize_results(a)
     assert set(s.baselines) == {"real", "real+classic", f"{recipe}+pseudo"}
     assert s.best_baseline == max(s.baselines, key=lambda x: s.arms[x].accuracy.mean)
@@ -132,11 +135,9 @@ def test_protocol_chooses_on_validation_and_never_on_test(splits, tmp_path):
 def test_results_do_not_depend_on_the_number_of_workers(splits, tmp_path):
     cfg = EvaluationConfig(arms=["real", "real+classic+synthetic"], seeds=2, filter_ablation=False,
                            model=ClassifierConfig(width=8, steps=30, augment=False), workers=1)
-    one = json.loads(evaluate(cfg, _sets(splits), tmp_path / "1", log=lambda m: None).read_text())
-    two = json.loads(evaluate(cfg.model_copy(update={"workers": 2}), _sets(splits), tmp_path / "2",
-                              log=lambda m: None).read_text())
-    strip = lambda res: {a: [{k: v for k, v in r.items() if k != "seconds"} for r in rs]  # noqa: E731
-                         for a, rs in res["runs"].items()}
+    one = evaluate(cfg, _sets(splits), tmp_path / "1", log=lambda m: None)
+    two = evaluate(cfg.model_copy(update={"workers": 2}), _sets(splits), tmp_path / "2", log=lambda m: None)
+    strip = lambda res: {a: [replace(r, seconds=None) for r in rs] for a, rs in res.runs.items()}  # noqa: E731
     assert strip(one) == strip(two)
 
 
@@ -159,12 +160,12 @@ def test_trainings_in_this_process_leave_its_thread_count_alone(splits, tmp_path
 def test_diagnostic_arms_train_on_the_first_seeds_only(splits, tmp_path):
     cfg = EvaluationConfig(seeds=3, diagnostic_seeds=2, model=ClassifierConfig(width=8, steps=20, augment=False),
                            workers=1)
-    res = json.loads(evaluate(cfg, _sets(splits), tmp_path, log=lambda m: None).read_text())
-    other = "real+synthetic" if res["recipe"] == "real+classic" else "real+classic+synthetic"  # not the recipe's pair
-    diagnostic = {a for a in res["runs"] if a.startswith("filter:") or a in ("synthetic", other) or "unfiltered" in a}
+    res = evaluate(cfg, _sets(splits), tmp_path, log=lambda m: None)
+    other = "real+synthetic" if res.recipe == "real+classic" else "real+classic+synthetic"  # not the recipe's pair
+    diagnostic = {a for a in res.runs if a.startswith("filter:") or a in ("synthetic", other) or "unfiltered" in a}
     assert other in diagnostic
-    assert diagnostic and all(len(res["runs"][a]) == 2 for a in diagnostic)
-    assert all(len(rs) == 3 for a, rs in res["runs"].items() if a not in diagnostic)
+    assert diagnostic and all(len(res.runs[a]) == 2 for a in diagnostic)
+    assert all(len(rs) == 3 for a, rs in res.runs.items() if a not in diagnostic)
     s = summarize_results(res)
     assert len(s.filter_gain.differences) == 2 and len(s.gain_over_best_baseline.differences) == 3
 
@@ -175,25 +176,43 @@ def test_a_training_repeated_under_another_arm_name_runs_once(splits, tmp_path, 
     sets = _sets(splits)
     # one filter alone keeps what the chain keeps, another keeps every candidate, a third keeps its own subset
     sets.ablation = {"class_consistency": sets.kept, "memorization": sets.unfiltered,
-                     "alia": (sets.kept[0][:25], sets.kept[1][:25])}
+                     "alia": Examples(sets.kept.images[:25], sets.kept.labels[:25])}
     trained = []
     real_train_unit = ev.train_unit
     monkeypatch.setattr(ev, "train_unit", lambda *a: trained.append(a[2:]) or real_train_unit(*a))
     cfg = EvaluationConfig(seeds=3, diagnostic_seeds=2, model=ClassifierConfig(width=8, steps=20, augment=False),
                            workers=1)
-    res = json.loads(evaluate(cfg, sets, tmp_path, log=lambda m: None).read_text())
-    runs, product = res["runs"], res["product_arm"]
-    unfiltered = f"{res['product_recipe']}+synthetic_unfiltered"
+    res = evaluate(cfg, sets, tmp_path, log=lambda m: None)
+    runs, product = res.runs, res.product_arm
+    unfiltered = f"{res.product_recipe}+synthetic_unfiltered"
     # the same numbers as the arm that trained on the same set with the same seeds, and said so
-    assert [r["accuracy"] for r in runs["filter:class_consistency"]] == [r["accuracy"] for r in runs[product][:2]]
-    assert [r["accuracy"] for r in runs["filter:memorization"]] == [r["accuracy"] for r in runs[unfiltered]]
-    assert {r["same_training_as"] for r in runs["filter:class_consistency"]} == {product}
-    assert {r["same_training_as"] for r in runs["filter:memorization"]} == {unfiltered}
-    assert all("same_training_as" not in r for a in runs if a not in ("filter:class_consistency",
-                                                                     "filter:memorization") for r in runs[a])
+    assert [r.accuracy for r in runs["filter:class_consistency"]] == [r.accuracy for r in runs[product][:2]]
+    assert [r.accuracy for r in runs["filter:memorization"]] == [r.accuracy for r in runs[unfiltered]]
+    assert {r.same_training_as for r in runs["filter:class_consistency"]} == {product}
+    assert {r.same_training_as for r in runs["filter:memorization"]} == {unfiltered}
+    assert all(r.same_training_as is None for a in runs if a not in ("filter:class_consistency",
+                                                                    "filter:memorization") for r in runs[a])
     # every other unit trained once: the two repeated arms' 2 seeds each were not trained again
     assert len(trained) == sum(len(rs) for rs in runs.values()) - 4
     assert len({(arm, recipe, seed) for arm, recipe, seed in trained}) == len(trained)
+    # what evaluate returns is what its results file holds, and reads back the same
+    assert json.loads((tmp_path / "results.json").read_text()) == res.to_json()
+    assert EvaluationRuns.load(tmp_path / "results.json") == res
+
+
+def test_a_training_run_keeps_the_keys_and_order_of_its_results_file_entry():
+    """Each run in results.json: the scores in one order, validation accuracy and `same_training_as` only when
+    there are any, a skipped run only why. A run crosses processes (worker pools, task runners) pickled."""
+    raw = {"seed": 1, "accuracy": 0.5, "macro_f1": 0.4, "per_class_accuracy": [0.5, 0.5],
+           "confusion": [[1, 1], [1, 1]], "validation_accuracy": 0.6, "seconds": 0.1, "same_training_as": "real"}
+    plain = {k: v for k, v in raw.items() if k not in ("validation_accuracy", "same_training_as")}
+    for entry in (raw, plain, {"skipped": "no training images"}):
+        run = TrainingRun.from_json(entry)
+        assert list(run.to_json().items()) == list(entry.items())
+        assert pickle.loads(pickle.dumps(run)) == run
+        assert run.trained is ("accuracy" in entry)
+    with pytest.raises(ValueError, match="unknown fields"):
+        TrainingRun.from_json({"seed": 1, "acc": 0.5})
 
 
 def test_a_product_without_synthetic_data_is_compared_and_explained_as_the_recipe_alone():
@@ -213,7 +232,7 @@ def test_a_product_without_synthetic_data_is_compared_and_explained_as_the_recip
                "runs": {"real": runs([0.90, 0.91, 0.92]), "real+classic": runs([0.95, 0.96, 0.95]),
                         "real+classic+synthetic": runs([0.94, 0.95, 0.93]),
                         "real+classic+synthetic_unfiltered": runs([0.93, 0.94, 0.92])}}
-    s = summarize_results(results).to_json()  # as evaluation/summary.json holds it
+    s = summarize_results(EvaluationRuns.from_json(results)).to_json()  # as evaluation/summary.json holds it
     assert s["best_baseline"] == "real+classic" and s["gain_over_best_baseline"]["mean"] == 0
     assert set(s["gains"]) == {"real"}  # never the product against itself
     assert s["synthetic_adds"]["real+classic+synthetic vs real+classic"]["accuracy"]["mean"] == pytest.approx(-0.0133,

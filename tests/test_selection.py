@@ -139,12 +139,12 @@ def test_the_folds_never_see_test_and_shuffled_test_labels_change_no_choice(tiny
 
 def test_the_evaluation_follows_the_cross_validated_choices(few_shot, tmp_path):
     from augment.evaluate import evaluate
-    from augment.trainings import TrainingSets
+    from augment.trainings import Examples, TrainingSets
 
     p = few_shot.pool
-    sets = TrainingSets(few_shot, (few_shot.train.images[:20], few_shot.train.labels[:20]),
-                        (few_shot.train.images[:30], few_shot.train.labels[:30]),
-                        (p.images[:30], np.arange(30) % 10))
+    sets = TrainingSets(few_shot, Examples(few_shot.train.images[:20], few_shot.train.labels[:20]),
+                        Examples(few_shot.train.images[:30], few_shot.train.labels[:30]),
+                        Examples(p.images[:30], np.arange(30) % 10))
     cfg = EvaluationConfig(seeds=1, model=TINY_CNN, workers=1, diagnostic_arms=False, filter_ablation=False)
     base = {"options": ["real", "real+classic"], "oof_accuracy": {"real": 0.5, "real+classic": 0.6}, "images": 60,
             "folds": 5, "repeats": 1, "difference": {"mean": 0.1, "ci_low": 0.02, "ci_high": 0.2},
@@ -154,21 +154,18 @@ def test_the_evaluation_follows_the_cross_validated_choices(few_shot, tmp_path):
                  "pseudo": {**base, "name": "pseudo", "options": ["real+classic", "real+classic+pseudo"],
                             "best": "real+classic+pseudo", "chosen": "real+classic+pseudo", "decided": True,
                             "reason": "p", "per_class": 3, "per_class_oof_accuracy": {"3": 0.7}}}
-    res = json.loads(evaluate(cfg, sets, tmp_path, log=lambda m: None,
-                                 decisions=Selection.model_validate(decisions)).read_text())
-    assert res["recipe"] == "real+classic" and res["product_recipe"] == "real+classic+pseudo"
-    assert res["product_arm"] == "real+classic+pseudo+synthetic"
-    assert res["selection"]["recipe"]["rule"] == "cross_validation" and res["selection"]["pseudo"]["in_recipe"]
+    res = evaluate(cfg, sets, tmp_path, log=lambda m: None, decisions=Selection.model_validate(decisions))
+    assert res.recipe == "real+classic" and res.product_recipe == "real+classic+pseudo"
+    assert res.product_arm == "real+classic+pseudo+synthetic"
+    assert res.selection["recipe"]["rule"] == "cross_validation" and res.selection["pseudo"]["in_recipe"]
     decisions["pseudo"]["chosen"] = "real+classic"
-    res = json.loads(evaluate(cfg, sets, tmp_path / "b", log=lambda m: None,
-                                 decisions=Selection.model_validate(decisions)).read_text())
-    assert res["product_recipe"] == "real+classic" and not res["selection"]["pseudo"]["in_recipe"]
+    res = evaluate(cfg, sets, tmp_path / "b", log=lambda m: None, decisions=Selection.model_validate(decisions))
+    assert res.product_recipe == "real+classic" and not res.selection["pseudo"]["in_recipe"]
     # the synthetic choice left the samples out: the product is the recipe, the synthetic arms stay beside it
     decisions["synthetic"] = {"in_product": False, "synthetic_prob": 0.25, "chosen": "real+classic"}
-    res = json.loads(evaluate(cfg, sets, tmp_path / "c", log=lambda m: None,
-                                 decisions=Selection.model_validate(decisions)).read_text())
-    assert res["product_arm"] == "real+classic" and res["selection"]["synthetic"]["synthetic_prob"] == 0.25
-    assert "real+classic+synthetic" in res["runs"]
+    res = evaluate(cfg, sets, tmp_path / "c", log=lambda m: None, decisions=Selection.model_validate(decisions))
+    assert res.product_arm == "real+classic" and res.selection["synthetic"]["synthetic_prob"] == 0.25
+    assert "real+classic+synthetic" in res.runs
 
 
 def test_the_report_says_how_many_images_each_choice_rests_on():

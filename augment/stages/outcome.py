@@ -3,8 +3,8 @@ spreads), the published dataset and the report."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from augment import results
 from augment.arms import has_part
@@ -13,6 +13,9 @@ from augment.results import AdapterInfo, BaseModelInfo, ClassFilter, EvaluationS
 from augment.stages.core import CHOICES, StageRun, folder, identity, run_dir, stage
 from augment.stages.outputs import (evaluation_config, load_choice, load_evaluation, load_filter_summary,
                                     load_filtered, load_published, load_pseudo, load_selection, load_splits)
+
+if TYPE_CHECKING:  # pragma: no cover  (augment.trainings imports sklearn, ~1 s: loaded when a training runs)
+    from augment.trainings import TrainingRun, TrainingSets
 
 
 @stage("filter", "filter", sections=("data", "base", *CHOICES, "lora", "generation", "filter"),
@@ -44,11 +47,11 @@ def filter_stage(cfg: RunConfig, log=print) -> FilterSummary:
     return summary
 
 
-def training_sets(cfg: RunConfig):
+def training_sets(cfg: RunConfig) -> TrainingSets:
     """Everything the downstream trainings read, from the run folder: the splits, the kept and all candidates, the
     pseudo-labeled pool, and what each filter alone would keep."""
-    from augment.trainings import TrainingSets
     from augment.filters import decide, load_scored
+    from augment.trainings import Examples, TrainingSets
 
     splits = load_splits(cfg)
     cands, table, kept = load_filtered(cfg)
@@ -58,15 +61,15 @@ def training_sets(cfg: RunConfig):
         scored, _ = load_scored(folder(cfg).filter.path)
         for name in cfg.filter.order:
             mask, _ = decide(scored, cfg.filter, order=[name])
-            ablation[name] = (cands.images[mask], cands.labels[mask])
-    return TrainingSets(splits, (cands.images[kept], cands.labels[kept]), (cands.images, cands.labels),
-                        (pseudo.images, pseudo.labels) if len(pseudo) else None, ablation)
+            ablation[name] = Examples(cands.images[mask], cands.labels[mask])
+    return TrainingSets(splits, Examples(cands.images[kept], cands.labels[kept]), Examples(cands.images, cands.labels),
+                        Examples(pseudo.images, pseudo.labels) if len(pseudo) else None, ablation)
 
 
 _SETS: dict = {}  # per process: a worker that trains many units of one run reads its sets once
 
 
-def train_unit(cfg: RunConfig, arm: str, recipe: str, seed: int) -> dict:
+def train_unit(cfg: RunConfig, arm: str, recipe: str, seed: int) -> TrainingRun:
     """One downstream training (arm x seed) in any process that sees the run folder: the unit that the flow's
     task runner (threads, processes, Dask) distributes."""
     from augment.trainings import train_unit as train
@@ -86,18 +89,20 @@ def train_unit(cfg: RunConfig, arm: str, recipe: str, seed: int) -> dict:
 def evaluate_stage(cfg: RunConfig, progress: Callable[[int, int], None] | None = None, log=print,
                    units=None) -> EvaluationSummary:
     """Downstream trainings; `units(units)` runs each phase's (arm, recipe, seed) units elsewhere (the flow passes
-    its task runner's map of `train_unit`)."""
-    from augment.evaluate import evaluate, summarize_results
+    its task runner's map of `train_unit`). A reused stage's runs are read back from its results file."""
+    from augment.evaluate import EvaluationRuns, evaluate, summarize_results
 
     st = StageRun(cfg, "evaluate")
-    if not st.reused(log):
+    if st.reused(log):
+        runs = EvaluationRuns.load(st.stage_folder.results)
+    else:
         with st.fresh():
             decisions, choice = load_selection(cfg), load_choice(cfg)
             if choice.to_json():
                 decisions = decisions.with_(synthetic=choice)
-            evaluate(evaluation_config(cfg), training_sets(cfg), st.folder, progress=progress, log=log,
-                     run_units=units, decisions=decisions)
-    summary = summarize_results(json.loads(st.stage_folder.results.read_text()))
+            runs = evaluate(evaluation_config(cfg), training_sets(cfg), st.folder, progress=progress, log=log,
+                            run_units=units, decisions=decisions)
+    summary = summarize_results(runs)
     results.save(st.stage_folder.summary, summary)
     return summary
 
