@@ -19,6 +19,7 @@ import numpy as np
 from augment import run as run_folder
 from augment.config import RunConfig
 from augment.data import data_fingerprint, make_splits
+from augment.report.schema import Metrics
 from augment.stages import choices, generator, outcome
 from augment.stages.core import Stage, folder, identity, record, to_json
 
@@ -61,7 +62,7 @@ def _finished_key(cfg: RunConfig, data: str) -> str | None:
     return None if cfg.base.pretrained != "builtin" else f"{cfg.fingerprint()}-{data}"
 
 
-def finished(cfg: RunConfig) -> dict | None:
+def finished(cfg: RunConfig) -> Metrics | None:
     """The metrics of the run folder's last run when it finished with this config and these data, and its dataset
     and report are still there: nothing to do (`augment run` then returns in about a second, without Prefect)."""
     out = folder(cfg)
@@ -72,16 +73,12 @@ def finished(cfg: RunConfig) -> dict | None:
         return None
     if not all(f.is_file() for f in (out.metrics, out.report_html, out.dataset.record)):
         return None
-    from augment.report.schema import MetricsError, validate_metrics
+    from augment.report.schema import MetricsError, read_metrics
 
-    raw = run_folder.read_json(out.metrics)
-    if raw is None:
-        return None
     try:
-        validate_metrics(raw)
+        return read_metrics(out.metrics)  # None when it is not JSON
     except MetricsError:  # metrics.json of another version, or edited: the run is done again and the file rewritten
         return None
-    return raw
 
 
 def mark_finished(cfg: RunConfig, done: bool = True) -> None:
@@ -146,8 +143,8 @@ def _worker_processes() -> Iterator[None]:
         close_pool()
 
 
-def walk(cfg: RunConfig, call: Callable[[Stage, dict], dict], wait: bool = False,
-         t0: float | None = None) -> dict:
+def walk(cfg: RunConfig, call: Callable[[Stage, dict], object], wait: bool = False,
+         t0: float | None = None) -> Metrics:
     """Every stage of STAGES in order, inside `started` (inputs checked, the run folder claimed and locked):
     `call(stage, kept)` runs one (here, or as a Prefect task) and returns its result. Returns the last stage's
     result: the report's metrics."""
@@ -170,17 +167,18 @@ def walk(cfg: RunConfig, call: Callable[[Stage, dict], dict], wait: bool = False
                 kept[s.keeps] = out
                 record(cfg, None, **{s.keeps: to_json(out)})
         mark_finished(cfg)
-    return out
+    return out  # the report stage's Metrics
 
 
-def run(cfg: RunConfig, log=print, on_stage: Callable[[str | None], None] | None = None, wait: bool = False) -> dict:
+def run(cfg: RunConfig, log=print, on_stage: Callable[[str | None], None] | None = None,
+        wait: bool = False) -> Metrics:
     """Every stage, here, without Prefect (notebooks, benchmarks); returns the report's metrics. `on_stage(name)`
     is called as each stage starts, and with None at the end."""
     from augment.progress import stage as progress
 
     mark = on_stage or (lambda name: None)
 
-    def call(s: Stage, kept: dict) -> dict:
+    def call(s: Stage, kept: dict):
         mark(s.name)
         with progress(s.what, s.unit, log) as p:
             return s.call(cfg, kept, log=log, progress=p, units=None)

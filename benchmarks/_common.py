@@ -19,7 +19,7 @@ def run_job(config: str, overrides: list[str]) -> tuple[dict, float]:
 
     cfg = load_config(config, overrides)
     t0 = time.time()
-    metrics = augment_flow(config=cfg)
+    metrics = augment_flow(config=cfg).to_json()
     return metrics, time.time() - t0
 
 

@@ -67,7 +67,7 @@ def job(config: str, size: int, out: Path) -> dict:
     cfg = load_config(config, [f"data.image_size={size}", f"publish.output_dir={run}", f"base.cache_dir={cache}"])
     mon = RSSMonitor()
     t0 = time.time()
-    metrics = pipeline.run(cfg, log=lambda m: None, on_stage=mon.mark)
+    metrics = pipeline.run(cfg, log=lambda m: None, on_stage=mon.mark).to_json()
     wall = time.time() - t0
     mon.stop = True
     seconds = {k: v.get("seconds") for k, v in pipeline.run_folder.read_json(run / "run.json")["stages"].items()}

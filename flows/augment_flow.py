@@ -25,7 +25,7 @@ from augment.stages import generator, outcome
 from augment.errors import USER_ERRORS
 from augment.config import ConfigError, RunConfig
 from augment.configfile import apply_overrides, deep_merge, parse_config
-from augment.report.schema import validate_metrics
+from augment.report.schema import Metrics
 from augment.report.sections import headline, key_arms
 from augment.results import AdapterInfo, BaseModelInfo, Record
 from augment.trainings import TrainingRun
@@ -61,7 +61,7 @@ def _progress(cfg: RunConfig, stage: str):
 
 
 @task(cache_policy=NO_CACHE, task_run_name="{stage}")
-def run_stage(cfg: RunConfig, stage: str, kept: dict) -> Record | dict:
+def run_stage(cfg: RunConfig, stage: str, kept: dict) -> Record | Metrics:
     """One stage of pipeline.STAGES, here in the flow's process; the report's also leaves its artifacts."""
     with _progress(cfg, stage) as p:
         out = pipeline.STAGE[stage].call(cfg, kept, log=_log, progress=p, units=None)
@@ -162,22 +162,23 @@ def run_stage_on_runner(cfg: RunConfig, stage: str, kept: dict) -> Record:
 PUBLISHED_EVENT = "augment.dataset.published"
 
 
-def announce(cfg: RunConfig, m: dict) -> None:
+def announce(cfg: RunConfig, m: Metrics) -> None:
     """Emit `augment.dataset.published` so that a downstream training deployment can trigger on it."""
     from prefect.events import emit_event
 
-    gain = m.get("gain_over_best_baseline") or {}
-    path = str(Path(m["dataset"]["path"]).resolve())
+    gain = m.gain_over_best_baseline
+    verdict = {"verdict": None, "gain": None, "ci_low": None, "ci_high": None, "baseline": None} if gain is None else {
+        "verdict": gain.verdict.value, "gain": gain.mean, "ci_low": gain.ci_low, "ci_high": gain.ci_high,
+        "baseline": gain.baseline}
+    path = str(Path(m.dataset.path).resolve())
     emit_event(
         event=PUBLISHED_EVENT,
         resource={"prefect.resource.id": f"augment.dataset.{path}", "prefect.resource.name": cfg.name,
                   "augment.job": cfg.name, "augment.dataset.path": path},
-        payload={"dataset_path": path, "job": cfg.name, "product_arm": m["evaluation"].get("product_arm"),
-                 "verdict": gain.get("verdict"), "gain": gain.get("mean"),
-                 "ci_low": gain.get("ci_low"), "ci_high": gain.get("ci_high"), "baseline": gain.get("baseline"),
-                 "rows": {s: v["rows"] for s, v in m["dataset"]["splits"].items()},
-                 "synthetic_rows": m["dataset"]["splits"]["train"]["synthetic"],
-                 "config_hash": m["run"]["config_hash"]},
+        payload={"dataset_path": path, "job": cfg.name, "product_arm": m.evaluation.product_arm, **verdict,
+                 "rows": {s: v.rows for s, v in m.dataset.splits.items()},
+                 "synthetic_rows": m.dataset.splits["train"].synthetic,
+                 "config_hash": m.run.config_hash},
     )
 
 
@@ -199,8 +200,7 @@ def _interval(row: dict) -> str:
     return f"[{100 * low:.1f}, {100 * high:.1f}]"
 
 
-def _artifacts(cfg: RunConfig, raw: dict) -> None:
-    m = validate_metrics(raw)
+def _artifacts(cfg: RunConfig, m: Metrics) -> None:
     ev = m.evaluation
     rows = [{"arm": a, "accuracy_mean": v.accuracy.mean, "accuracy_ci_low": v.accuracy.ci_low,
              "accuracy_ci_high": v.accuracy.ci_high, "macro_f1_mean": v.macro_f1.mean}
@@ -263,8 +263,9 @@ def resolve_config(config: RunConfig, overrides: list[str]) -> RunConfig:
 # retries off.
 @flow(name="augment", retries=1, retry_delay_seconds=30)
 def augment_flow(config: RunConfig = RunConfig(), overrides: list[str] = [],  # noqa: B006 (Prefect form)
-                 wait: bool = False) -> dict:
-    """Pseudo-label, fine-tune, generate, filter, evaluate and publish; returns the report's metrics (metrics.json).
+                 wait: bool = False) -> Metrics:
+    """Pseudo-label, fine-tune, generate, filter, evaluate and publish; returns the report's metrics (metrics.json,
+    typed: `.model_dump(mode="json", by_alias=True)` is the file's JSON).
 
     `overrides`: `section.key=value` strings applied on top of `config`, e.g. `["data.source=/data/new"]`.
     `wait`: when another run holds the output folder, wait for it to finish instead of failing."""
@@ -289,13 +290,13 @@ def _no_retry() -> None:
                                empirical_policy=run.empirical_policy.model_copy(update={"retries": 0}))
 
 
-def _run(cfg: RunConfig, wait: bool, t0: float) -> dict:
+def _run(cfg: RunConfig, wait: bool, t0: float) -> Metrics:
     """pipeline.STAGES, each a task; a distributed stage on a processes/dask runner is a subflow whose units are
     tasks on one pool or cluster, started for the first such stage and shared by the run's others."""
     with ExitStack() as pool:
         shared: list[SharedRunner] = []
 
-        def call(stage: pipeline.Stage, kept: dict) -> dict:
+        def call(stage: pipeline.Stage, kept: dict):
             if not stage.distributed or cfg.runner.kind == "local":
                 return run_stage.with_options(retries=stage.retries, retry_delay_seconds=5)(cfg, stage.name, kept)
             if not shared:

@@ -10,12 +10,16 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from augment import progress
 from augment.backends import check_base
 from augment.configfile import load_config
 from augment.errors import USER_ERRORS, StorageError, user_error_names
 from augment.run import RunFolder, claim, lock, using
+
+if TYPE_CHECKING:  # the CLI starts without pydantic's models of the report loaded (`augment --help` stays fast)
+    from augment.report.schema import Metrics
 
 
 def _version() -> str:
@@ -271,7 +275,7 @@ def _quiet_user_errors() -> None:
             handler.addFilter(_UserErrorsOnce())
 
 
-def _run_flow(cfg, wait: bool) -> dict:
+def _run_flow(cfg, wait: bool) -> Metrics:
     from flows.server import PrefectAPI
 
     # Prefect's API server (a temporary one unless PREFECT_API_URL is set) starts now, on the other core, while
@@ -288,12 +292,11 @@ def _run_flow(cfg, wait: bool) -> dict:
         return augment_flow.with_options(retries=0)(config=cfg, wait=wait)
 
 
-def _verdict_line(metrics: dict) -> str:
+def _verdict_line(metrics: Metrics) -> str:
     """The report's verdict line, as plain text, for the metrics a run or a report build returned."""
-    from augment.report.schema import validate_metrics
     from augment.report.sections import headline
 
-    return headline(validate_metrics(metrics)).replace("**", "")
+    return headline(metrics).replace("**", "")
 
 
 def _stop_on_sigterm() -> None:

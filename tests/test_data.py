@@ -226,6 +226,6 @@ def test_the_report_warns_of_copies_between_your_train_and_test_folders(tiny_cfg
     shutil.copyfile(root / "test" / "fox" / "1.png", root / "train" / "fox" / "leak.png")
     cfg = tiny_cfg.model_copy(update={"data": tiny_cfg.data.model_copy(update={"source": str(root), "channels": 3})})
     metrics = pipeline.run(cfg, log=lambda *a: None)
-    assert metrics["data"]["duplicates_across_splits"]["count"] == 1
+    assert metrics.data.duplicates_across_splits.count == 1
     md = (tmp_path / "run" / "report.md").read_text()
     assert "1 image(s) in a less protected split are identical to one in test" in md and "train/fox/leak.png" in md

@@ -138,27 +138,27 @@ def test_flow_publishes_a_dataset_that_datasets_loads(finished_run):
         train = loaded["train"]
         assert train.features["label"].names == [str(i) for i in range(10)]
         n_syn, n_pseudo = sum(train["is_synthetic"]), sum(train["is_pseudo_labeled"])
-        assert n_syn == metrics["generation"]["kept"] > 0
+        assert n_syn == metrics.generation.kept > 0
         # pool rows are published exactly when the evaluation put them in the recipe (out of fold decided)
-        in_recipe = "pseudo" in metrics["evaluation"]["product_recipe"]
-        assert n_pseudo == (metrics["pseudo"]["count"] if in_recipe else 0)
-        assert len(train) == metrics["data"]["train_size"] + n_syn + n_pseudo
+        in_recipe = "pseudo" in metrics.evaluation.product_recipe
+        assert n_pseudo == (metrics.pseudo.count if in_recipe else 0)
+        assert len(train) == metrics.data.train_size + n_syn + n_pseudo
         if in_recipe:
             pseudo_rows = train.filter(lambda r: r["is_pseudo_labeled"])
-            assert all(c > metrics["pseudo"]["threshold"] for c in pseudo_rows["pseudo_confidence"])
+            assert all(c > metrics.pseudo.threshold for c in pseudo_rows["pseudo_confidence"])
             assert not any(pseudo_rows["is_synthetic"])
-        assert len(loaded["test"]) == metrics["data"]["test_size"] and not any(loaded["test"]["is_synthetic"])
+        assert len(loaded["test"]) == metrics.data.test_size and not any(loaded["test"]["is_synthetic"])
         row = train[len(train) - 1]
         assert row["is_synthetic"] and row["seed"] is not None and row["adapter_hash"]
         assert row["image"].size == (8, 8)
-    assert metrics["dataset"]["splits"]["train"]["synthetic"] == metrics["generation"]["kept"]
+    assert metrics.dataset.splits["train"].synthetic == metrics.generation.kept
     assert not list(run.glob("*.tmp"))  # nothing half-written left behind
 
 
 def test_metrics_schema_and_report(finished_run):
     cfg, metrics, run = finished_run
     on_disk = json.loads((run / "metrics.json").read_text())
-    assert on_disk["schema_version"] == 1
+    assert on_disk["schema_version"] == 1 and metrics.to_json() == on_disk  # the flow returns the file, typed
     gain = on_disk["gain_over_best_baseline"]
     assert {"mean", "ci_low", "ci_high"} <= set(gain) and len(gain["differences"]) == cfg.evaluation.seeds
     ev = on_disk["evaluation"]
@@ -190,9 +190,9 @@ def test_metrics_schema_and_report(finished_run):
     md = (run / "report.md").read_text()
     for src in re.findall(r"\]\((report_assets/[^)]+)\)", md):
         assert (run / src).is_file()
-    assert f"{metrics['data']['test_size']} real images" in md
+    assert f"{metrics.data.test_size} real images" in md
     assert "## How the recipe was chosen (labeled data only)" in md and "## Pseudo-labels" in md
-    assert f"| {metrics['data']['train_size']} images, 2 folds x 1 |" in md  # what each choice rests on
+    assert f"| {metrics.data.train_size} images, 2 folds x 1 |" in md  # what each choice rests on
     assert "| synthetic data | held-out labeled images |" in md
     if product != best:
         assert f"{product} − {best} (best baseline)" in md
@@ -212,7 +212,7 @@ def test_rerun_reuses_every_expensive_stage(finished_run):
     before = [p.stat().st_mtime_ns for p in kept]
     again = augment_flow(config=cfg)
     assert [p.stat().st_mtime_ns for p in kept] == before
-    assert again["gain_over_best_baseline"] == metrics["gain_over_best_baseline"]
+    assert again.gain_over_best_baseline == metrics.gain_over_best_baseline
     assert (run / "report.html").read_text().count("data:image/png;base64") >= 6  # reused figures are embedded
 
 
@@ -319,7 +319,7 @@ def test_stages_run_without_prefect_even_with_nothing_to_generate(tiny_cfg):
     quiet = lambda m: None  # noqa: E731
     with pipeline.started(cfg):
         _run_stages_without_prefect(cfg, quiet)
-    m = build_report(core.run_dir(cfg))
+    m = build_report(core.run_dir(cfg)).to_json()
     assert m["generation"]["generated"] == 0 and (core.run_dir(cfg) / "report.html").exists()
     assert m["evaluation"]["arms"]["real"]["accuracy"]["ci_low"] is None
 
@@ -394,7 +394,7 @@ def test_results_do_not_depend_on_the_runner(finished_run, tmp_path, kind):
     assert a.meta.equals(b.meta) and np.array_equal(a.images, b.images)
     mine, theirs = (json.loads((d / "evaluation" / "results.json").read_text()) for d in (copy, run))
     assert strip(mine) == strip(theirs) and mine["selection"] == theirs["selection"]
-    assert again["gain_over_best_baseline"] == metrics["gain_over_best_baseline"]
+    assert again.gain_over_best_baseline == metrics.gain_over_best_baseline
 
 
 def test_flow_leaves_progress_report_and_summary_artifacts(finished_run):
@@ -446,7 +446,7 @@ def test_a_crashed_flow_run_is_retried_and_resumes(tiny_cfg, prefect_harness, mo
     monkeypatch.setitem(pipeline.STAGE, "filter", crashing)
     monkeypatch.setattr(gen, "generate", counting_generate)
     metrics = augment_flow.with_options(retry_delay_seconds=0)(config=tiny_cfg)
-    assert calls["n"] == 2 and metrics["generation"]["generated"] > 0
+    assert calls["n"] == 2 and metrics.generation.generated > 0
     assert generated["n"] == 1  # the retry reused the candidates of the crashed attempt
 
 

@@ -171,7 +171,7 @@ def test_the_whole_flow_runs_on_the_stable_diffusion_backend(sd_run):
         assert (run / name).exists(), name
     train = datasets.load_from_disk(str(run / "dataset"))["train"]
     syn = train.filter(lambda r: r["is_synthetic"])
-    assert len(syn) == metrics["generation"]["kept"] > 0
+    assert len(syn) == metrics.generation.kept > 0
     assert syn[0]["image"].size == (32, 32) and syn[0]["image"].mode == "RGB"
     names = train.features["label"].names
     assert all(p == f"a photo of a {names[k]}" for p, k in zip(syn["prompt"], syn["label"]))

@@ -138,9 +138,9 @@ def render(m: Metrics, figs: dict[str, bytes]) -> tuple[str, str]:
     return "\n".join(md), page
 
 
-def build_report(run_dir: str | Path) -> dict:
-    """Write metrics.json, report.md (+ report_assets/) and report.html into the run folder; return the metrics as
-    written to metrics.json (validated against the schema first)."""
+def build_report(run_dir: str | Path) -> Metrics:
+    """Write metrics.json, report.md (+ report_assets/) and report.html into the run folder; return the metrics,
+    typed (validated against the schema here, once: every reader after it takes this object)."""
     run = Path(run_dir)
     rf = RunFolder(run)
     raw = collect_metrics(run)
@@ -155,7 +155,7 @@ def build_report(run_dir: str | Path) -> dict:
     md, page = render(m, figs)
     for path, text in ((rf.metrics, json.dumps(raw, indent=2)), (rf.report_md, md), (rf.report_html, page)):
         write_text(path, text)
-    return raw
+    return m
 
 
 FIGURES_VERSION = 3  # bump when the figures' drawing changes, so that reports of earlier runs redraw them

@@ -147,6 +147,10 @@ class Metrics(_Model):
     gain_over_best_baseline: HeadlineGain | None
     dataset: DatasetFacts
 
+    def to_json(self) -> dict:
+        """metrics.json's JSON, as the file holds it (the fields the file set, by the names it spells)."""
+        return self.model_dump(mode="json", by_alias=True, exclude_unset=True)
+
 
 class MetricsError(RecordError):
     """A metrics.json that does not follow the schema (written by another version, or edited)."""

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from augment import results
 from augment.arms import has_part
 from augment.config import RunConfig
+from augment.report.schema import Metrics
 from augment.results import AdapterInfo, BaseModelInfo, ClassFilter, EvaluationSummary, FilterSummary, PublishRecord
 from augment.stages.core import CHOICES, StageRun, folder, identity, run_dir, stage
 from augment.stages.outputs import (evaluation_config, load_choice, load_evaluation, load_filter_summary,
@@ -165,8 +166,8 @@ def _card_facts(cfg: RunConfig, evaluation: EvaluationSummary) -> dict:
 
 
 @stage("report", "report", upstream=(), timed=False)
-def report_stage(cfg: RunConfig) -> dict:
-    """The report (HTML, Markdown, metrics.json) from the run folder; returns the metrics."""
+def report_stage(cfg: RunConfig) -> Metrics:
+    """The report (HTML, Markdown, metrics.json) from the run folder; returns the metrics, typed."""
     from augment.report.render import build_report
 
     return build_report(run_dir(cfg))
