@@ -112,7 +112,7 @@ def test_a_stage_sets_torch_threads_to_the_jobs_share(jobs, monkeypatch):
     from augment.stages.core import Stage
 
     seen = []
-    stage = Stage("probe", "probing", "", lambda cfg: seen.append(torch.get_num_threads()))
+    stage = Stage("probe", "probing", "", lambda cfg, log, progress: seen.append(torch.get_num_threads()))
     threads = torch.get_num_threads()
     try:
         monkeypatch.setattr(cpus, "usable_cpus", lambda: 2)

@@ -419,10 +419,9 @@ def test_flow_leaves_progress_report_and_summary_artifacts(finished_run):
 def test_a_crashed_flow_run_is_retried_and_resumes(tiny_cfg, prefect_harness, monkeypatch):
     """The flow retries once; the retry reuses every stage that finished before the crash."""
     from augment import pipeline
-    from augment.stages import outcome
     from flows.augment_flow import augment_flow
 
-    real, calls = outcome.filter_stage, {"n": 0}
+    real, calls = pipeline.STAGE["filter"].fn, {"n": 0}  # the function the stage declares
 
     def crash_once(*a, **k):
         calls["n"] += 1

@@ -184,3 +184,32 @@ def test_every_stage_is_declared_once_with_upstream_stages_that_run_before_it():
     assert len(set(names)) == len(names) and set(names) == set(SPECS)
     for i, s in enumerate(STAGES):
         assert set(s.upstream) <= set(names[:i]), (s.name, s.upstream)
+
+
+def test_a_stage_declares_what_it_reads_once_and_only_its_own_sections():
+    """A stage's upstream is derived from what it reads (each output registered once with its writer); its sections
+    are its own: none that an upstream stage's key already covers. Its function takes what it reads by name, and
+    calls no registered loader itself (it asks the Read it was handed), so the declaration is the whole story."""
+    import inspect
+
+    from augment.pipeline import STAGES
+    from augment.stages.core import ALL, OUTPUTS, SPECS, source
+
+    loaders = {o.load.__name__ for o in OUTPUTS.values()}
+    for s in STAGES:
+        inherited = set().union(*(SPECS[u].covers for u in s.upstream))
+        if s.sections != ALL:
+            assert not set(s.sections) & inherited, (s.name, "repeats", set(s.sections) & inherited)
+        params = list(inspect.signature(s.fn).parameters)
+        assert params == ["cfg", *s.reads, "log", "progress", *(["units"] if s.distributed else [])], (s.name, params)
+        for r in s.reads:
+            source(r)  # a name nothing writes is an error
+        calls = {n.func.id for n in ast.walk(ast.parse(inspect.getsource(s.fn).lstrip()))
+                 if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)} - set(s.reads)  # a Read is called
+        own = {o.load.__name__ for o in OUTPUTS.values() if o.stage == s.name}  # a reused stage reads its own
+        assert not calls & (loaders - own), (s.name, "loads itself", calls & (loaders - own))
+    # the published dataset depends on the whole config, the evaluation on every section but publish's
+    assert SPECS["publish"].covers == ALL
+    assert set(SPECS["evaluate"].covers) == {"data", "base", "pseudo", "selection", "lora", "generation", "filter",
+                                             "evaluation"}
+    assert SPECS["generate"].upstream == ("data", "base", "finetune", "pseudo")

@@ -199,7 +199,8 @@ def test_a_worker_killed_mid_stage_is_replaced_once_then_one_line(tmp_path, alwa
 
     marker = str(tmp_path / ("always" if always else "once"))
     said = []
-    probe = Stage("probe", "probe", "", lambda cfg: run_each(_die_once, [(marker, i) for i in range(4)], 2))
+    probe = Stage("probe", "probe", "",
+                  lambda cfg, log, progress: run_each(_die_once, [(marker, i) for i in range(4)], 2))
     if not always:
         assert probe.call(None, {}, log=said.append) == [0, 10, 20, 30]
         assert len(said) == 1 and "a worker process died" in said[0] and "again on new workers" in said[0]

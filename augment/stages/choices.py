@@ -9,14 +9,15 @@ from augment import results
 from augment.arms import has_part
 from augment.config import RunConfig
 from augment.results import Choice, PseudoSummary, Selection
-from augment.stages.core import CHOICES, StageRun, stage
-from augment.stages.outputs import (load_choice, load_filtered, load_pseudo, load_selection, load_splits,
-                                    synthetic_holdout)
+from augment.data import Splits
+from augment.stages.core import CHOICES, Read, StageRun, stage
+from augment.stages.outputs import load_choice, synthetic_holdout
 
 
-@stage("pseudo", "selection", "training", sections=("data", *CHOICES), folder="pseudo",
+@stage("pseudo", "selection", "training", sections=CHOICES, reads=("splits",), folder="pseudo",
        artifact=("selection", "Cross-validation trainings"))
-def pseudo_stage(cfg: RunConfig, log=print, progress: Callable[[int, int], None] | None = None) -> PseudoSummary:
+def pseudo_stage(cfg: RunConfig, splits: Read[Splits], log=print,
+                 progress: Callable[[int, int], None] | None = None) -> PseudoSummary:
     """The pseudo-labeled pool and, under selection.rule=cross_validation, the run's other choices (the recipe),
     all made on labeled data only; the choices are saved beside the labels for the evaluation and the report."""
     from augment.pseudo import pseudo_label, select_and_label
@@ -24,7 +25,7 @@ def pseudo_stage(cfg: RunConfig, log=print, progress: Callable[[int, int], None]
     st = StageRun(cfg, "pseudo")
     if not st.reused(log):
         with st.fresh():
-            splits = load_splits(cfg)
+            splits = splits()
             if cfg.selection.rule == "cross_validation":
                 labels, decisions = select_and_label(cfg.pseudo, cfg.selection, splits.train, splits.pool,
                                                      recipe=cfg.evaluation.recipe, workers=cfg.evaluation.workers,
@@ -37,12 +38,11 @@ def pseudo_stage(cfg: RunConfig, log=print, progress: Callable[[int, int], None]
     return results.load(st.stage_folder.summary, PseudoSummary)
 
 
-@stage("choose", "synthetic choice", "training",
-       sections=("data", "base", *CHOICES, "lora", "generation", "filter", "evaluation.synthetic_prob",
-                 "evaluation.arms"),
-       upstream=("data", "pseudo", "filter"), folder="choice",
+@stage("choose", "synthetic choice", "training", sections=("evaluation.synthetic_prob", "evaluation.arms"),
+       reads=("splits", "filtered", "selection", "pseudo"), folder="choice",
        artifact=("choice", "Cross-validation trainings with synthetic data"))
-def choose_stage(cfg: RunConfig, log=print, progress: Callable[[int, int], None] | None = None) -> Choice:
+def choose_stage(cfg: RunConfig, splits: Read[Splits], filtered: Read, selection: Read[Selection], pseudo: Read,
+                 log=print, progress: Callable[[int, int], None] | None = None) -> Choice:
     """Whether the product takes the kept synthetic samples, and at which of evaluation.synthetic_prob, judged on
     the labeled images the generator never saw (synthetic_holdout; augment.selection.choose_synthetic). An empty
     Choice when no choice is made: the product then takes them at the first probability."""
@@ -53,14 +53,14 @@ def choose_stage(cfg: RunConfig, log=print, progress: Callable[[int, int], None]
         return load_choice(cfg)
     with st.fresh():
         decision = Choice()
-        splits = load_splits(cfg)
+        splits = splits()
         holdout = synthetic_holdout(cfg, splits)
         if len(holdout):
-            cands, _, kept = load_filtered(cfg)
-            decisions = load_selection(cfg)
+            cands, _, kept = filtered()
+            decisions = selection()
             recipe = (decisions.pseudo or decisions.recipe).chosen
-            pseudo, _ = load_pseudo(cfg, splits)
-            pool = (pseudo.images, pseudo.labels) if has_part(recipe, "pseudo") and len(pseudo) else None
+            pool_set, _ = pseudo()
+            pool = (pool_set.images, pool_set.labels) if has_part(recipe, "pseudo") and len(pool_set) else None
             decision = Choice(skipped="no synthetic sample was kept") if not kept.any() else choose_synthetic(
                 cfg.selection, cfg.evaluation.synthetic_prob, recipe, splits.train.images, splits.train.labels,
                 len(splits.class_names), holdout, pool, (cands.images[kept], cands.labels[kept]),

@@ -1,16 +1,18 @@
 """What a stage is, and the one way a stage is reused.
 
-A stage is a function of the run's config that names what it takes (`base`, `adapter`: what earlier stages kept;
-`log`, `progress`, `units`) and declares, with `@stage`, the config sections it reads and the stages upstream of it.
-Its reuse key is derived here and nowhere else: the declared sections' fingerprint plus the identity of each upstream
-stage (its key, or a content hash: the data's fingerprint, the base's, the adapter's). A stage whose folder finished
-under the same key is reused, not recomputed; every stage records its identity in run.json for the stages after it.
+A stage is a function of the run's config that declares, with `@stage`, what it reads (`reads`: outputs of earlier
+stages by name, each registered once with the stage that writes it and its loader: `output` here, the loaders in
+augment/stages/outputs.py) and the config sections that are its own. Its upstream stages are the writers of what it
+reads; its key covers its own sections and, through them, every upstream stage's. The key is derived here and
+nowhere else: the fingerprint of those sections plus the identity of each upstream stage (its key, or a content
+hash: the data's fingerprint, the base's, the adapter's). A stage whose folder finished under the same key is
+reused, not recomputed; every stage records its identity in run.json for the stages after it.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
-import inspect
 import json
 import shutil
 import time
@@ -18,6 +20,7 @@ from collections.abc import Callable
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Generic, TypeVar
 
 from augment import run as run_folder
 from augment.config import RunConfig
@@ -36,14 +39,54 @@ def folder(cfg: RunConfig) -> run_folder.RunFolder:
     return run_folder.RunFolder(cfg.publish.output_dir)
 
 
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Output:
+    """Something a stage writes that later stages read, by name: the stage that writes it, and its loader
+    (`load(cfg)` from the run folder; None: the stage's result, handed over in memory: `Stage.keeps`)."""
+
+    name: str
+    stage: str
+    load: Callable[[RunConfig], object] | None = None
+
+
+OUTPUTS: dict[str, Output] = {}  # every readable output by name (filled as augment.stages.outputs is imported)
+
+
+def output(name: str, stage: str) -> Callable:
+    """Register `load(cfg)` as the loader of the output `name`, which `stage` writes."""
+
+    def wrap(load):
+        OUTPUTS[name] = Output(name, stage, load)
+        return load
+
+    return wrap
+
+
+class Read(Generic[T]):
+    """An output a stage declared it reads, loaded when the stage first asks (`read()`), then kept: a stage reused
+    from its folder loads nothing."""
+
+    def __init__(self, load: Callable[[], T]):
+        self._load, self._value, self._loaded = load, None, False
+
+    def __call__(self) -> T:
+        if not self._loaded:
+            self._value, self._loaded = self._load(), True
+        return self._value
+
+
 @dataclass(frozen=True)
 class Stage:
     """One step of a run, as data: both `augment.pipeline.run` and the Prefect flow walk pipeline.STAGES.
 
-    `fn(cfg, ...)` does the work; `call` hands it what it names among `base`/`adapter` (kept by earlier stages),
-    `log`, `progress` and `units` (a task runner's map of the stage's independent units; None: here). `what` and
-    `unit`: how its progress reads (a bar, or log lines; unit "" = the heartbeat only). `sections`: the config
-    sections its key covers; `upstream`: the stages whose outputs it reads (their identities enter its key);
+    `fn(cfg, <reads>, log=, progress=[, units=])` does the work: `call` passes each output named in `reads` by its
+    name (a result kept in memory, `base`/`adapter`, as it is; a run-folder output as a `Read`), then the run's
+    callbacks (`units`, a task runner's map of the stage's independent units, only to a `distributed` stage; None:
+    here). `what` and `unit`: how its progress reads (a bar, or log lines; unit "" = the heartbeat only).
+    `sections`: the config sections that are its own (the key also covers its upstream stages' sections: `covers`);
     `folder`: its run-folder stage folder (None: it keeps nothing to reuse); `identity`: the field of its result
     that identifies its output (a content hash) for the stages after it, instead of its key. `keeps`: its result is
     recorded in run.json under that name and handed to the stages after it. `artifact`: the flow's progress
@@ -55,8 +98,8 @@ class Stage:
     what: str
     unit: str
     fn: Callable[..., object]
-    sections: tuple[str, ...] = ("data",)
-    upstream: tuple[str, ...] = ("data",)
+    sections: tuple[str, ...] = ()
+    reads: tuple[str, ...] = ()
     folder: str | None = None
     identity: str | None = None
     keeps: str | None = None
@@ -65,13 +108,33 @@ class Stage:
     retries: int = 0
     timed: bool = True
 
+    @property
+    def upstream(self) -> tuple[str, ...]:
+        """The stages that write what this one reads (their identities enter its key), in the order it reads them."""
+        return tuple(dict.fromkeys(source(r).stage for r in self.reads))
+
+    @property
+    def covers(self) -> tuple[str, ...]:
+        """Every config section its key covers: its own and, through their keys, its upstream stages' (a section
+        whole drops the fields of it named apart, `evaluation.arms` under `evaluation`)."""
+        if self.sections == ALL:
+            return ALL
+        names = set(self.sections).union(*(SPECS[u].covers for u in self.upstream))
+        return tuple(sorted(n for n in names if n.split(".")[0] == n or n.split(".")[0] not in names))
+
+    def inputs(self, cfg: RunConfig, kept: dict) -> dict:
+        """What the stage reads, by name: a result handed over in memory as it is, a run-folder output as a Read."""
+        return {r: kept[r] if source(r).load is None else Read(lambda load=source(r).load: load(cfg))
+                for r in self.reads}
+
     def call(self, cfg: RunConfig, kept: dict, log=print, progress=None, units=None):
-        """Run the stage with what its function names among `kept` and the run's callbacks."""
+        """Run the stage with what it reads (`inputs`) and the run's callbacks, each passed by its declared name."""
         from augment.cpus import share_threads
 
         share_threads()  # this job's share of the CPUs as the stage starts, kept to its end (augment/cpus.py)
-        offered = {**kept, "log": log, "progress": progress, "units": units}
-        args = {k: v for k, v in offered.items() if k in self._takes}
+        args = {**self.inputs(cfg, kept), "log": log, "progress": progress}
+        if self.distributed:
+            args["units"] = units
         try:
             try:
                 return self.fn(cfg, **args)
@@ -94,22 +157,45 @@ class Stage:
                 raise StorageError.wrap(err) from None  # a full disk is the user's to fix: one line, no retry
             raise
 
-    @property
-    def _takes(self) -> set[str]:
-        return set(list(inspect.signature(self.fn).parameters)[1:])
 
+
+# `sections` of a stage whose key covers the whole config (the published dataset depends on all of it)
+ALL: tuple[str, ...] = ("*",)
 
 SPECS: dict[str, Stage] = {}  # every declared stage by name (filled as the stage modules are imported)
 
 
+def source(name: str) -> Output:
+    """The output `name`: a registered loader (OUTPUTS), or the result a stage keeps under that name."""
+    if name in OUTPUTS:
+        return OUTPUTS[name]
+    for s in SPECS.values():
+        if s.keeps == name:
+            return Output(name, s.name)
+    raise KeyError(f"no stage writes an output named {name!r} (augment.stages.outputs registers the loaders)")
+
+
 def stage(name: str, what: str, unit: str = "", **declared) -> Callable:
-    """Declare a function as the stage `name` (see Stage for the fields); the function gets a `.stage`."""
+    """Declare a function as the stage `name` (see Stage for the fields). What the module keeps under the function's
+    name runs it as `Stage.call` does, from a notebook or a test: `finetune_stage(cfg, base)`, the results it reads
+    in memory (`base`, `adapter`) in the order it declares them, every other output read from the run folder. It
+    carries the declaration as `.stage`."""
 
     def wrap(fn):
         if name in SPECS and SPECS[name].fn.__qualname__ != fn.__qualname__:
             raise ValueError(f"stage {name!r} is declared twice")
-        fn.stage = SPECS[name] = Stage(name, what, unit, fn, **declared)
-        return fn
+        spec = SPECS[name] = Stage(name, what, unit, fn, **declared)
+
+        @functools.wraps(fn)
+        def run(cfg: RunConfig, *handed, log=print, progress=None, units=None):
+            kept = [r for r in spec.reads if source(r).load is None]
+            if len(handed) != len(kept):
+                raise TypeError(f"stage {name} takes {', '.join(kept) or 'no result'} of earlier stages, "
+                                f"got {len(handed)}")
+            return spec.call(cfg, dict(zip(kept, handed)), log=log, progress=progress, units=units)
+
+        run.stage = spec
+        return run
 
     return wrap
 
@@ -156,7 +242,8 @@ class StageRun:
         upstream = {u: identity(cfg, u) for u in self.spec.upstream}
         for u, result in (consumed or {}).items():
             upstream[u] = _identity_of(result, SPECS[u].identity)
-        self.key = hashlib.sha256(json.dumps({"config": cfg.fingerprint(*self.spec.sections), "upstream": upstream},
+        sections = () if self.spec.covers == ALL else self.spec.covers  # fingerprint(): the whole config
+        self.key = hashlib.sha256(json.dumps({"config": cfg.fingerprint(*sections), "upstream": upstream},
                                              sort_keys=True).encode()).hexdigest()[:16]
         self.stage_folder = folder(cfg).stage(self.spec.folder) if self.spec.folder else None
 

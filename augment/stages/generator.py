@@ -17,12 +17,13 @@ from augment.config import RunConfig
 from augment.data import Splits, data_fingerprint, make_splits
 from augment.parallel import worker_cache
 from augment.results import AdapterInfo, BaseModelInfo, DataSummary, GenerationRecord
-from augment.stages.core import CHOICES, StageRun, folder, run_dir, stage
-from augment.stages.outputs import generator_splits, load_pseudo, load_selection
+from augment.stages import outputs
+from augment.stages.core import Read, StageRun, folder, run_dir, stage
+from augment.stages.outputs import load_pseudo, load_selection
 
 
-@stage("data", "data", sections=("data",), upstream=(), identity="fingerprint")
-def prepare_data(cfg: RunConfig) -> DataSummary:
+@stage("data", "data", sections=("data",), identity="fingerprint")
+def prepare_data(cfg: RunConfig, log=print, progress=None) -> DataSummary:
     data = folder(cfg).data
     with StageRun(cfg, "data") as st:
         splits = make_splits(cfg.data)
@@ -47,21 +48,21 @@ def backend_for(cfg: RunConfig, splits: Splits):
     return create(cfg.base, splits.class_names, h, c, resolve_device(cfg.device))
 
 
-@stage("base", "base pretraining", "step", identity="fingerprint", keeps="base",
+@stage("base", "base pretraining", "step", reads=("generator_splits",), identity="fingerprint", keeps="base",
        artifact=("pretraining", "Base pretraining steps"))
-def base_model(cfg: RunConfig, log=print, progress: Callable[[int, int], None] | None = None) -> BaseModelInfo:
+def base_model(cfg: RunConfig, generator_splits: Read[Splits], log=print,
+               progress: Callable[[int, int], None] | None = None) -> BaseModelInfo:
     """The base model (the backend keeps its own cache of pretrained bases, keyed by what they learned from)."""
     with StageRun(cfg, "base") as st:
-        splits = generator_splits(cfg)
+        splits = generator_splits()
         info = backend_for(cfg, splits).prepare(splits.train, splits.pool, log=log, progress=progress)
     st.identify(info)
     return info
 
 
-@stage("finetune", "fine-tuning", "step", sections=("data", "base", *CHOICES, "lora"),
-       upstream=("data", "base", "pseudo"), folder="finetune", identity="adapter_hash", keeps="adapter",
-       artifact=("finetuning", "LoRA fine-tuning steps"))
-def finetune_stage(cfg: RunConfig, base: BaseModelInfo, log=print,
+@stage("finetune", "fine-tuning", "step", sections=("base", "lora"), reads=("generator_splits", "base", "pseudo"),
+       folder="finetune", identity="adapter_hash", keeps="adapter", artifact=("finetuning", "LoRA fine-tuning steps"))
+def finetune_stage(cfg: RunConfig, generator_splits: Read[Splits], base: BaseModelInfo, pseudo: Read, log=print,
                    progress: Callable[[int, int], None] | None = None) -> AdapterInfo:
     from augment.finetune import adapter_damage, finetune
 
@@ -77,23 +78,24 @@ def finetune_stage(cfg: RunConfig, base: BaseModelInfo, log=print,
         info = results.load(st.stage_folder.adapter.info, AdapterInfo)
     else:
         with st.fresh():
-            splits = generator_splits(cfg)
-            pseudo, _ = load_pseudo(cfg, splits)
+            splits = generator_splits()
             info = finetune(cfg.lora, backend_for(cfg, splits), base, splits.train, st.folder,
-                            run_config=cfg.model_dump(mode="json"), log=log, pseudo=pseudo, progress=progress)
+                            run_config=cfg.model_dump(mode="json"), log=log, pseudo=pseudo()[0], progress=progress)
     st.identify(info)
     return info
 
 
-@stage("generate", "generation", "sample", sections=("data", "base", *CHOICES, "lora", "generation"),
-       upstream=("data", "finetune"), folder="candidates", artifact=("generation", "Candidates generated"),
-       distributed=True)
-def generate_stage(cfg: RunConfig, base: BaseModelInfo, adapter: AdapterInfo,
-                   progress: Callable[[int, int], None] | None = None, log=print,
+# generation reads the pseudo stage's choices and pool only for feedback-guided sampling (feedback_classifier)
+@stage("generate", "generation", "sample", sections=("generation",),
+       reads=("generator_splits", "base", "adapter", "selection", "pseudo"), folder="candidates",
+       artifact=("generation", "Candidates generated"), distributed=True)
+def generate_stage(cfg: RunConfig, generator_splits: Read[Splits], base: BaseModelInfo, adapter: AdapterInfo,
+                   selection: Read, pseudo: Read, log=print, progress: Callable[[int, int], None] | None = None,
                    units: Callable[[list[int]], Iterable[int]] | None = None) -> GenerationRecord:
     """Generate every planned candidate; `units(shards)` generates the missing shards elsewhere (the flow passes its
     task runner's map of `generate_unit`) and yields each shard's sample count in order as it finishes, else they
-    are generated here."""
+    are generated here (each process that generates reads the selection and the pool itself, for the feedback
+    classifier)."""
     from augment import generate as gen
     from augment.parallel import worker_count
 
@@ -105,7 +107,7 @@ def generate_stage(cfg: RunConfig, base: BaseModelInfo, adapter: AdapterInfo,
 
     if not st.reused(log, damage=damage):
         with st.fresh():
-            splits = generator_splits(cfg)
+            splits = generator_splits()
             backend = backend_for(cfg, splits)
             workers = worker_count(cfg.evaluation.workers)
             if units is None and backend.device.type == "cpu" and workers > 1:
@@ -166,7 +168,7 @@ def generate_unit(cfg: RunConfig, base: BaseModelInfo, adapter: AdapterInfo, sha
     key = (str(run_dir(cfg)), adapter.adapter_hash, cfg.fingerprint("generation"))
     if key not in _MODELS:
         _MODELS.clear()
-        splits = generator_splits(cfg)
+        splits = outputs.generator_splits(cfg)
         backend = backend_for(cfg, splits)
         # the adapter of the run folder in hand, not the path run.json recorded: a copied or moved folder (cp -a, or a
         # relative --output-dir re-run from elsewhere) must not read the original's

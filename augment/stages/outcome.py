@@ -11,26 +11,25 @@ from augment.arms import has_part
 from augment.config import RunConfig
 from augment.report.schema import Metrics
 from augment.results import AdapterInfo, BaseModelInfo, ClassFilter, EvaluationSummary, FilterSummary, PublishRecord
-from augment.stages.core import CHOICES, StageRun, folder, identity, run_dir, stage
-from augment.stages.outputs import (evaluation_config, load_choice, load_evaluation, load_filter_summary,
-                                    load_filtered, load_published, load_pseudo, load_selection, load_splits)
+from augment.data import Splits
+from augment.results import Choice, Selection
+from augment.stages.core import ALL, Read, StageRun, folder, identity, run_dir, stage
+from augment.stages.outputs import (evaluation_config, load_choice, load_filter_summary, load_filtered,
+                                    load_published, load_splits, pseudo_labeled)
 
 if TYPE_CHECKING:  # pragma: no cover  (augment.trainings imports sklearn, ~1 s: loaded when a training runs)
     from augment.trainings import TrainingRun, TrainingSets
 
 
-@stage("filter", "filter", sections=("data", "base", *CHOICES, "lora", "generation", "filter"),
-       upstream=("data", "generate"), folder="filter")
-def filter_stage(cfg: RunConfig, log=print) -> FilterSummary:
+@stage("filter", "filter", sections=("filter",), reads=("splits", "candidates"), folder="filter")
+def filter_stage(cfg: RunConfig, splits: Read[Splits], candidates: Read, log=print, progress=None) -> FilterSummary:
     from augment.filters import decide, save_outcome, score_candidates
-    from augment.generate import load_candidates
 
     st = StageRun(cfg, "filter")
     if st.reused(log):
         return load_filter_summary(cfg)
     with st.fresh():
-        splits = load_splits(cfg)
-        cands = load_candidates(folder(cfg).candidates.path)
+        splits, cands = splits(), candidates()
         scored, _ = score_candidates(cfg.filter, cands, splits.train, splits.validation, log=log,
                                      workers=cfg.evaluation.workers)
         kept, reason = decide(scored, cfg.filter)
@@ -48,22 +47,23 @@ def filter_stage(cfg: RunConfig, log=print) -> FilterSummary:
     return summary
 
 
-def training_sets(cfg: RunConfig) -> TrainingSets:
-    """Everything the downstream trainings read, from the run folder: the splits, the kept and all candidates, the
-    pseudo-labeled pool, and what each filter alone would keep."""
+def training_sets(cfg: RunConfig, splits: Splits, filtered, pseudo) -> TrainingSets:
+    """Everything the downstream trainings read: the splits, the kept and all candidates (`filtered`, as
+    load_filtered reads them), the pseudo-labeled pool (as pseudo_labeled reads it), and what each filter alone
+    would keep (from the filter's scores)."""
     from augment.filters import decide, load_scored
     from augment.trainings import Examples, TrainingSets
 
-    splits = load_splits(cfg)
-    cands, table, kept = load_filtered(cfg)
-    pseudo, _ = load_pseudo(cfg, splits)
+    cands, _, kept = filtered
+    pseudo, _ = pseudo
     ablation = {}
     if cfg.evaluation.filter_ablation:
         scored, _ = load_scored(folder(cfg).filter.path)
         for name in cfg.filter.order:
             mask, _ = decide(scored, cfg.filter, order=[name])
             ablation[name] = Examples(cands.images[mask], cands.labels[mask])
-    return TrainingSets(splits, Examples(cands.images[kept], cands.labels[kept]), Examples(cands.images, cands.labels),
+    return TrainingSets(splits, Examples(cands.images[kept], cands.labels[kept]),
+                        Examples(cands.images, cands.labels),
                         Examples(pseudo.images, pseudo.labels) if len(pseudo) else None, ablation)
 
 
@@ -78,19 +78,20 @@ def train_unit(cfg: RunConfig, arm: str, recipe: str, seed: int) -> TrainingRun:
     key = (str(run_dir(cfg)), identity(cfg, "filter"), identity(cfg, "pseudo"), cfg.fingerprint("filter"))
     if key not in _SETS:
         _SETS.clear()
-        _SETS[key] = training_sets(cfg)
-    return train(evaluation_config(cfg), _SETS[key], arm, recipe, seed)
+        _SETS[key] = training_sets(cfg, load_splits(cfg), load_filtered(cfg), pseudo_labeled(cfg))
+    return train(evaluation_config(cfg, load_choice(cfg)), _SETS[key], arm, recipe, seed)
 
 
 # before publishing: it decides whether the pseudo-labeled pool rows are published
-@stage("evaluate", "evaluation", "training",
-       sections=("data", "base", "pseudo", "selection", "lora", "generation", "filter", "evaluation"),
-       upstream=("data", "pseudo", "filter", "choose"), folder="evaluation",
+@stage("evaluate", "evaluation", "training", sections=("evaluation",),
+       reads=("splits", "filtered", "pseudo", "selection", "choice"), folder="evaluation",
        artifact=("evaluation", "Downstream training runs finished"), distributed=True)
-def evaluate_stage(cfg: RunConfig, progress: Callable[[int, int], None] | None = None, log=print,
+def evaluate_stage(cfg: RunConfig, splits: Read[Splits], filtered: Read, pseudo: Read, selection: Read[Selection],
+                   choice: Read[Choice], log=print, progress: Callable[[int, int], None] | None = None,
                    units=None) -> EvaluationSummary:
     """Downstream trainings; `units(units)` runs each phase's (arm, recipe, seed) units elsewhere (the flow passes
-    its task runner's map of `train_unit`). A reused stage's runs are read back from its results file."""
+    its task runner's map of `train_unit`, which reads the same outputs in its own process). A reused stage's runs
+    are read back from its results file."""
     from augment.evaluate import EvaluationRuns, evaluate, summarize_results
 
     st = StageRun(cfg, "evaluate")
@@ -98,19 +99,23 @@ def evaluate_stage(cfg: RunConfig, progress: Callable[[int, int], None] | None =
         runs = EvaluationRuns.load(st.stage_folder.results)
     else:
         with st.fresh():
-            decisions, choice = load_selection(cfg), load_choice(cfg)
-            if choice.to_json():
-                decisions = decisions.with_(synthetic=choice)
-            runs = evaluate(evaluation_config(cfg), training_sets(cfg), st.folder, progress=progress, log=log,
+            decisions, chosen = selection(), choice()
+            if chosen.to_json():
+                decisions = decisions.with_(synthetic=chosen)
+            sets = training_sets(cfg, splits(), filtered(), pseudo())
+            runs = evaluate(evaluation_config(cfg, chosen), sets, st.folder, progress=progress, log=log,
                             run_units=units, decisions=decisions)
     summary = summarize_results(runs)
     results.save(st.stage_folder.summary, summary)
     return summary
 
 
-@stage("publish", "publish", sections=(), upstream=("data", "base", "finetune", "pseudo", "filter", "evaluate"),
-       retries=2)
-def publish_stage(cfg: RunConfig, base: BaseModelInfo, adapter: AdapterInfo, log=print) -> PublishRecord:
+# the published dataset's key covers the whole config (the card states much of it)
+@stage("publish", "publish", sections=ALL,
+       reads=("splits", "base", "adapter", "pseudo", "filtered", "filter_summary", "evaluation"), retries=2)
+def publish_stage(cfg: RunConfig, splits: Read[Splits], base: BaseModelInfo, adapter: AdapterInfo, pseudo: Read,
+                  filtered: Read, filter_summary: Read[FilterSummary], evaluation: Read[EvaluationSummary],
+                  log=print, progress=None) -> PublishRecord:
     """Publish real train + kept synthetic rows (+ the pseudo-labeled pool rows when the evaluation put them in
     the recipe), validation and test. A dataset already published under the same key (the whole config and every
     upstream stage's output) is kept as it is (same version, no rewrite)."""
@@ -121,26 +126,24 @@ def publish_stage(cfg: RunConfig, base: BaseModelInfo, adapter: AdapterInfo, log
         if done is not None and done.key == st.key:
             log(f"publish: reusing {folder(cfg).dataset.path} (version {done.version})")
             return done
-        evaluation = load_evaluation(cfg)
+        summary = evaluation()
         provenance = {"base_model": base.name, "base_fingerprint": base.fingerprint,
                       "adapter_hash": adapter.adapter_hash, "config_hash": cfg.fingerprint(),
                       "data_fingerprint": identity(cfg, "data")}
-        splits = load_splits(cfg)
-        cands, table, kept = load_filtered(cfg)
-        pseudo = None
-        if has_part(evaluation.product_recipe, "pseudo"):
-            pseudo_set, labels = load_pseudo(cfg, splits)
-            pseudo = (pseudo_set, labels.confidence)
-        return publish(splits, cands.images[kept], table[kept].reset_index(drop=True),
+        cands, table, kept = filtered()
+        pool = None
+        if has_part(summary.product_recipe, "pseudo"):
+            pseudo_set, labels = pseudo()
+            pool = (pseudo_set, labels.confidence)
+        return publish(splits(), cands.images[kept], table[kept].reset_index(drop=True),
                        folder(cfg).dataset.path, cfg.publish.dataset_name, provenance, cfg.publish.max_shard_rows,
-                       pseudo=pseudo, key=st.key, about=_card_facts(cfg, evaluation))
+                       pseudo=pool, key=st.key, about=_card_facts(cfg, summary, filter_summary()))
 
 
-def _card_facts(cfg: RunConfig, evaluation: EvaluationSummary) -> dict:
+def _card_facts(cfg: RunConfig, evaluation: EvaluationSummary, decisions: FilterSummary) -> dict:
     """What the dataset card says about how the data was made and what the evaluation found."""
     from augment.generate import sampling_precision
 
-    decisions = load_filter_summary(cfg)
     rejected: dict[str, int] = {}
     for pc in decisions.per_class:
         for reason, n in pc.rejected.items():
@@ -165,8 +168,9 @@ def _card_facts(cfg: RunConfig, evaluation: EvaluationSummary) -> dict:
     return {"license": cfg.publish.license, "how": how, "evidence": evidence}
 
 
-@stage("report", "report", upstream=(), timed=False)
-def report_stage(cfg: RunConfig) -> Metrics:
+# the report reads the whole run folder (build_report): it is rebuilt every run, never reused, so it has no key
+@stage("report", "report", timed=False)
+def report_stage(cfg: RunConfig, log=print, progress=None) -> Metrics:
     """The report (HTML, Markdown, metrics.json) from the run folder; returns the metrics, typed."""
     from augment.report.render import build_report
 

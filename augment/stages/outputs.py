@@ -1,5 +1,8 @@
 """Reading what earlier stages wrote: the splits (and the generator's view of them), the run's choices, the
-pseudo-labeled pool, the filtered candidates and the synthetic choice, as the stages after them read them."""
+pseudo-labeled pool, the filtered candidates and the synthetic choice, as the stages after them read them.
+
+Each loader a stage may declare in `@stage(reads=...)` is registered here once, by name, with the stage that writes
+what it reads (augment.stages.core.output): that is where a stage's upstream comes from."""
 
 from __future__ import annotations
 
@@ -11,9 +14,10 @@ from augment import results
 from augment.config import RunConfig
 from augment.data import ImageSet, Splits
 from augment.results import Choice, EvaluationSummary, FilterSummary, PublishRecord, Selection
-from augment.stages.core import folder
+from augment.stages.core import folder, output
 
 
+@output("splits", "data")
 def load_splits(cfg: RunConfig) -> Splits:
     """The data stage's splits (test included: only the evaluation reads it)."""
     return Splits.load(folder(cfg).data.splits)
@@ -30,6 +34,7 @@ def synthetic_holdout(cfg: RunConfig, splits: Splits) -> np.ndarray:
     return generator_holdout(splits.train.labels, sel.synthetic_holdout, sel.seed)
 
 
+@output("generator_splits", "data")
 def generator_splits(cfg: RunConfig) -> Splits:
     """The splits as everything the generator learns from sees them (base pretraining, fine-tuning, img2img
     sources, the feedback classifier): the labeled train split without the synthetic choice's holdout."""
@@ -40,6 +45,7 @@ def generator_splits(cfg: RunConfig) -> Splits:
     return dataclasses.replace(splits, train=splits.train.subset(np.setdiff1d(np.arange(len(splits.train)), held)))
 
 
+@output("selection", "pseudo")
 def load_selection(cfg: RunConfig) -> Selection:
     """The cross-validated decisions of the pseudo stage (none under selection.rule=validation)."""
     return results.load(folder(cfg).pseudo.selection, Selection, Selection())
@@ -53,28 +59,44 @@ def load_pseudo(cfg: RunConfig, splits: Splits):
     return ImageSet(splits.pool.images[p.index], p.labels, splits.class_names, p.ids), p
 
 
+@output("pseudo", "pseudo")
+def pseudo_labeled(cfg: RunConfig):
+    """load_pseudo on the data stage's splits (the pool is the same in every view of them)."""
+    return load_pseudo(cfg, load_splits(cfg))
+
+
+@output("candidates", "generate")
+def candidates(cfg: RunConfig):
+    """Every generated candidate (augment.generate.Candidates)."""
+    from augment.generate import load_candidates
+
+    return load_candidates(folder(cfg).candidates.path)
+
+
+@output("filtered", "filter")
 def load_filtered(cfg: RunConfig):
     """All candidates, the filter's score table and the kept mask, as the choice, publish and evaluate read them."""
     import pandas as pd
 
-    from augment.generate import load_candidates
-
-    cands = load_candidates(folder(cfg).candidates.path)
+    cands = candidates(cfg)
     table = pd.read_parquet(folder(cfg).filter.scores)
     kept = table["kept"].to_numpy()
     return cands, table, kept
 
 
+@output("choice", "choose")
 def load_choice(cfg: RunConfig) -> Choice:
     """The choose stage's decision (empty when nothing was chosen)."""
     return results.load(folder(cfg).choice.decision, Choice, Choice())
 
 
+@output("filter_summary", "filter")
 def load_filter_summary(cfg: RunConfig) -> FilterSummary:
     """What the filter kept, per class and by reason."""
     return results.load(folder(cfg).filter.decisions, FilterSummary)
 
 
+@output("evaluation", "evaluate")
 def load_evaluation(cfg: RunConfig) -> EvaluationSummary | None:
     """The evaluation's summary (None before the evaluation has run)."""
     return results.load(folder(cfg).evaluation.summary, EvaluationSummary)
@@ -89,8 +111,8 @@ def load_published(cfg: RunConfig) -> PublishRecord | None:
         return None
 
 
-def evaluation_config(cfg: RunConfig):
+def evaluation_config(cfg: RunConfig, choice: Choice):
     """cfg.evaluation with the one mixing probability the trainings use: the choose stage's, else the first."""
-    p = load_choice(cfg).synthetic_prob
+    p = choice.synthetic_prob
     p = cfg.evaluation.synthetic_prob[0] if p is None else p
     return cfg.evaluation.model_copy(update={"synthetic_prob": [p]})
