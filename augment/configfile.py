@@ -5,6 +5,7 @@ itself is augment.config.
 
 from __future__ import annotations
 
+import copy
 import difflib
 from pathlib import Path
 from types import UnionType
@@ -32,8 +33,15 @@ def _field(loc: tuple) -> int:
     return len(loc)
 
 
+# keys that moved, by their old place: a config written for an earlier version gets the new place in one line
+MOVED = {("evaluation", "workers"): "runner.local_workers"}
+
+
 def _suggestion(loc: tuple) -> str:
-    """` (did you mean ...?)` for an unknown key that is close to a key of its section (a typo, a wrong case)."""
+    """` (did you mean ...?)` for an unknown key that is close to a key of its section (a typo, a wrong case), or
+    where a key that moved lives now."""
+    if tuple(loc) in MOVED:
+        return f" (it moved: write {MOVED[tuple(loc)]}, the worker count of every local stage)"
     model = RunConfig
     for part in loc[:-1]:
         model = _keys(model)[part].annotation if part in _keys(model) else None
@@ -188,9 +196,26 @@ def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
     return data
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+def saved_config(data):
+    """A config augment wrote itself (a run folder's config.yaml: every field, defaults included) by an earlier
+    version, with each moved key in its new place. A config a user writes gets the one-line hint instead."""
+    if not isinstance(data, dict):
+        return data
+    data = copy.deepcopy(data)
+    for (section, key), new in MOVED.items():
+        old = data.get(section)
+        if isinstance(old, dict) and key in old:
+            value = old.pop(key)
+            to_section, to_key = new.split(".")
+            target = data.setdefault(to_section, {})
+            if isinstance(target, dict):
+                target.setdefault(to_key, value)
+    return data
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None, saved: bool = False) -> RunConfig:
     """Read a YAML config (UTF-8); `overrides` are `dotted.key=value` strings applied on top (values parsed as
-    YAML)."""
+    YAML). `saved`: a run folder's own config.yaml (`saved_config`)."""
     path = Path(path)
     if path.is_dir():
         raise ConfigError(f"config {path} is a folder; give a YAML file")
@@ -200,7 +225,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     data = {} if data is None else data
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping of sections, got {type(data).__name__}")
-    return parse_config(apply_overrides(data, overrides), str(path))
+    return parse_config(apply_overrides(saved_config(data) if saved else data, overrides), str(path))
 
 
 _SYMBOLS = {"ge": "≥", "gt": ">", "le": "≤", "lt": "<", "min_length": "min items", "max_length": "max items"}

@@ -77,12 +77,14 @@ def _val_mean(runs: list[TrainingRun]) -> float:
 
 def evaluate(cfg: EvaluationConfig, sets: TrainingSets, output_dir: str | Path,
              progress: Callable[[int, int], None] | None = None, log=print,
-             run_units: RunUnits | None = None, decisions: Selection | None = None) -> EvaluationRuns:
+             run_units: RunUnits | None = None, decisions: Selection | None = None,
+             workers: int = 0) -> EvaluationRuns:
     """Run the protocol (or the listed arms); writes the results file of `output_dir` and returns what it holds.
     `run_units` runs each phase's (arm, recipe, seed) units elsewhere (default: this process or a local pool of
-    `cfg.workers`). `decisions`: the cross-validated choices of the pseudo stage and, under "synthetic", the choose
-    stage's (augment.selection); without them, choices read validation and the product takes the synthetic data.
-    Synthetic data is mixed in at the first of cfg.synthetic_prob (the caller passes the chosen one)."""
+    `workers` processes, runner.local_workers). `decisions`: the cross-validated choices of the pseudo stage and,
+    under "synthetic", the choose stage's (augment.selection); without them, choices read validation and the
+    product takes the synthetic data. Synthetic data is mixed in at the first of cfg.synthetic_prob (the caller
+    passes the chosen one)."""
     decisions = decisions or Selection()
 
     keys: dict[tuple[str, str], str] = {}
@@ -94,7 +96,7 @@ def evaluate(cfg: EvaluationConfig, sets: TrainingSets, output_dir: str | Path,
 
     def make_runner(total: int) -> Runner:
         if run_units is None:
-            return Runner(cfg, sets, total, key, progress)
+            return Runner(cfg, sets, total, key, progress, workers=workers)
         return MappedRunner(run_units, total, key, progress)
 
     out = Path(output_dir)
@@ -170,7 +172,7 @@ def evaluate(cfg: EvaluationConfig, sets: TrainingSets, output_dir: str | Path,
     for arm in results:
         spec = arm_training_set(arm, sets, product_recipe)
         sizes[arm] = TrainSizes(real=len(spec.data), synthetic=len(spec.synthetic) if spec.synthetic is not None else 0)
-    from augment.run import EvaluationFolder, write_json
+    from augment.runfolder import EvaluationFolder, write_json
 
     evaluation = EvaluationRuns(seeds, results, sizes, recipe, product_recipe, product, selection)
     write_json(EvaluationFolder(out).results, evaluation.to_json(), indent=None)

@@ -16,7 +16,7 @@ from urllib.parse import quote
 import numpy as np
 import pandas as pd
 from augment.stages import core, generator, outputs
-from augment import run as run_folder
+from augment import runfolder
 from augment.backends import BaseModelInfo
 from augment.finetune import AdapterInfo
 from augment.config import RunConfig
@@ -24,7 +24,7 @@ from augment.configfile import load_config
 from augment.errors import ModelError
 from augment.generate import sampling_precision
 from augment.report.schema import Metrics, read_metrics
-from augment.run import RunFolderError
+from augment.runfolder import RunFolderError
 
 # Every sample stays in memory until all are drawn (and the Python API returns them): a request that needs more
 # is refused at once instead of running out of memory hours in.
@@ -33,12 +33,12 @@ MEMORY_BUDGET = 4 << 30
 
 def load_run(run_dir: str | Path) -> RunConfig:
     """The config and run.json of a finished run folder (the folder may have moved: its path is taken from here)."""
-    run = run_folder.RunFolder(run_dir)
+    run = runfolder.RunFolder(run_dir)
     if not run.config.exists() or not run.info.exists():
         raise FileNotFoundError(f"{run.root} is not an augment run folder (no {run.config.name} / {run.info.name})")
-    cfg = load_config(run.config)
+    cfg = load_config(run.config, saved=True)
     cfg = cfg.model_copy(update={"publish": cfg.publish.model_copy(update={"output_dir": str(run.root)})})
-    info = run_folder.read_json(run.info) or {}
+    info = runfolder.read_json(run.info) or {}
     if "adapter" not in info or not run.finetune.adapter.path.exists():
         raise FileNotFoundError(f"{run.root} has no fine-tuned adapter yet: run the job to its end first")
     return cfg
@@ -68,7 +68,7 @@ def _check_new_folder(out: Path, what: str, cfg: RunConfig) -> Path:
     """`out` resolved, or RunFolderError with nothing written: generate and export write only into a new or empty
     folder that this process may write, outside the run's data source (synthetic images among the real ones) and
     outside the run folder (which augment itself rewrites and deletes in)."""
-    resolved = run_folder.check_writable_dir(out, what, str(cfg.data.source))
+    resolved = runfolder.check_writable_dir(out, what, str(cfg.data.source))
     root = Path(cfg.publish.output_dir).expanduser().resolve()
     if resolved == root or root in resolved.parents:
         raise RunFolderError(f"{what} {out} lies inside the run folder {root}: choose a folder outside it")
@@ -165,7 +165,7 @@ def export_model(run_dir: str | Path, output_dir: str | Path) -> Path:
     cfg = load_run(run_dir)
     out = _check_new_folder(Path(output_dir), "OUT", cfg)
     splits, backend, model = _model(cfg)
-    metrics = read_metrics(run_folder.RunFolder(run_dir).metrics)
+    metrics = read_metrics(runfolder.RunFolder(run_dir).metrics)
     card = _model_card(cfg, *generator.recorded(cfg), splits.class_names, backend, metrics,
                        sampling_precision(run_dir, cfg))
 

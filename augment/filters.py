@@ -32,10 +32,10 @@ from augment.classifier import TrainedClassifier, train_classifier
 from augment.config import ClassifierConfig, FilterConfig
 from augment.data import ImageSet
 from augment.generate import Candidates
-from augment.parallel import run_each
+from augment.parallel import run_each, worker_state
 from augment.registry import FILTERS
 from augment.results import FilterScores, QualityClassifier
-from augment.run import FilterFolder
+from augment.runfolder import FilterFolder
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -88,7 +88,7 @@ def _pixel_space(images: np.ndarray, mean: np.ndarray) -> np.ndarray:
     return _small(images) - mean
 
 
-_TRAIN: dict = {}  # per process: the labeled images every training of the judge and the ALIA folds draws from
+_TRAIN: dict = worker_state()  # per process: the labeled images every training of the judge and ALIA fold reads
 
 
 def _share(cfg: ClassifierConfig, images: np.ndarray, labels: np.ndarray, K: int) -> None:

@@ -24,7 +24,7 @@ from augment.config import LoRAConfig
 from augment.data import ImageSet
 from augment.diffusion import LoopSpec, diffusion_loss, train_loop
 from augment.results import AdapterInfo
-from augment.run import AdapterFolder, FinetuneFolder
+from augment.runfolder import AdapterFolder, FinetuneFolder
 
 
 def file_hash(path: Path) -> str:

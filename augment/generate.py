@@ -24,7 +24,7 @@ from augment.config import GenerationConfig
 from augment.data import ImageSet
 from augment.diffusion.tensors import resolve_precision
 from augment.results import GenerationRecord
-from augment.run import CandidatesFolder
+from augment.runfolder import CandidatesFolder
 
 if TYPE_CHECKING:  # pragma: no cover
     from augment.backends import Backend
@@ -208,7 +208,7 @@ def sampling_precision(run_dir: str | Path, cfg) -> str:
     """The precision the candidates of the run folder `run_dir` were sampled in, as its generate stage recorded
     it: "fp32" or "bf16" (`generation.mixed_precision: auto` resolves per machine; runs from before the record
     sampled in fp32 unless bf16 was asked for)."""
-    from augment.run import RunFolder
+    from augment.runfolder import RunFolder
 
     done = results.load(RunFolder(run_dir).candidates.done, GenerationRecord)
     recorded = done.precision if done is not None else None

@@ -137,9 +137,11 @@ _BATCH: dict = {}  # in a worker: the key of the batch whose shared data its ini
 _CACHES: list[dict] = []
 
 
-def worker_cache() -> dict:
-    """A dict for what a worker keeps between the units of one batch (a loaded model); emptied when the worker
-    starts a unit of another batch, so that nothing large stays in an idle worker's memory past its batch."""
+def worker_state() -> dict:
+    """The one kind of per-process state: a dict for what a process keeps between the units of one batch (the
+    shared data its batch's initializer handed it, a model it loaded, the training sets it read); in a pool worker
+    it is emptied when the worker starts a unit of another batch, so that nothing large stays in an idle worker's
+    memory past its batch. Every module-level cache of a unit function is one of these."""
     cache: dict = {}
     _CACHES.append(cache)
     return cache

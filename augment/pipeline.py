@@ -5,7 +5,7 @@ Each stage (augment.stages) is a plain function over the run folder: call it fro
 test. It reads what earlier stages wrote under `publish.output_dir`, writes its own sub-folder, and returns a small
 summary. A stage whose inputs (the config sections it declares, and its upstream stages' outputs) have not changed
 since it last finished is reused, not recomputed (augment.stages.core): re-running a job costs only what changed.
-Where each file lives: augment.run.RunFolder.
+Where each file lives: augment.runfolder.RunFolder.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from augment import run as run_folder
+from augment import runfolder
 from augment.config import RunConfig
 from augment.data import data_fingerprint, make_splits
 from augment.report.schema import Metrics
@@ -32,8 +32,8 @@ def preflight(cfg: RunConfig) -> None:
     from augment.cpus import fair_share
 
     fair_share()  # a bad AUGMENT_THREADS is refused here, not when the first stage starts
-    run_folder.check_output_dir(cfg.publish.output_dir, cfg.data.source)
-    run_folder.check_writable_dir(cfg.base.cache_dir, "base.cache_dir", cfg.data.source)
+    runfolder.check_output_dir(cfg.publish.output_dir, cfg.data.source)
+    runfolder.check_writable_dir(cfg.base.cache_dir, "base.cache_dir", cfg.data.source)
     kind = check_base(cfg.base)
     if cfg.generation.feedback_scale > 0:
         from augment.config import ConfigError
@@ -69,7 +69,7 @@ def finished(cfg: RunConfig) -> Metrics | None:
     if not out.info.is_file() or _finished_key(cfg, "") is None:
         return None
     key = _finished_key(cfg, data_fingerprint(make_splits(cfg.data, keep=True)))  # the data as it is now
-    if key is None or (run_folder.read_json(out.info) or {}).get("finished_key") != key:
+    if key is None or (runfolder.read_json(out.info) or {}).get("finished_key") != key:
         return None
     if not all(f.is_file() for f in (out.metrics, out.report_html, out.dataset.record)):
         return None
@@ -95,9 +95,9 @@ def started(cfg: RunConfig, wait: bool = False):
     from augment.cpus import job
 
     preflight(cfg)
-    out = run_folder.claim(cfg.publish.output_dir, cfg.data.source, cfg.name)
-    with run_folder.lock(out, wait=wait), job():  # counted among the machine's running jobs (augment/cpus.py)
-        run_folder.save_config(cfg, out)
+    out = runfolder.claim(cfg.publish.output_dir, cfg.data.source, cfg.name)
+    with runfolder.lock(out, wait=wait), job():  # counted among the machine's running jobs (augment/cpus.py)
+        runfolder.save_config(cfg, out)
         yield out
 
 

@@ -39,7 +39,7 @@ class PseudoLabels:
         return len(self.index)
 
     def save(self, folder: Path) -> None:
-        from augment.run import PseudoFolder
+        from augment.runfolder import PseudoFolder
 
         out = PseudoFolder(folder)
         out.path.mkdir(parents=True, exist_ok=True)
@@ -49,7 +49,7 @@ class PseudoLabels:
 
     @classmethod
     def load(cls, folder: Path) -> "PseudoLabels":
-        from augment.run import PseudoFolder
+        from augment.runfolder import PseudoFolder
 
         out = PseudoFolder(folder)
         df = pd.read_parquet(out.labels)

@@ -20,7 +20,7 @@ from augment import results
 from augment.data import ImageSet, Splits
 from augment.imagefiles import to_pil
 from augment.results import PublishRecord
-from augment.run import DatasetFolder, RunFolderError, check_writable_dir
+from augment.runfolder import DatasetFolder, RunFolderError, check_writable_dir
 
 PROVENANCE = {
     "sample_id": "string", "source_id": "string", "is_pseudo_labeled": "bool", "pseudo_confidence": "float32",

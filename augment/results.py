@@ -35,8 +35,8 @@ R = TypeVar("R", bound=Record)
 
 
 def save(path: str | Path, record: Record) -> None:
-    """Write a stage's record atomically (augment.run.write_json)."""
-    from augment.run import write_json
+    """Write a stage's record atomically (augment.runfolder.write_json)."""
+    from augment.runfolder import write_json
 
     write_json(path, record.to_json())
 

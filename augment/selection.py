@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from augment.config import ClassifierConfig
+from augment.parallel import worker_state
 from augment.results import Choice
 
 
@@ -210,7 +211,7 @@ def _fit_predict(d: Labeled, unit: tuple):
     return clf.predict_proba(d.images[f.held])
 
 
-_SHARED: dict = {}
+_SHARED: dict = worker_state()  # per process: the labeled images every fold training reads
 
 
 def _init(d: Labeled) -> None:

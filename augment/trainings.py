@@ -1,5 +1,5 @@
 """The units of the downstream evaluation: an arm's training set (`arm_training_set`, an ArmSet), one training scored
-on real data (`run_arm`, `train_unit`, a TrainingRun), and the runners that spread units over worker processes (one
+on real data (`run_arm`, `train_arm`, a TrainingRun), and the runners that spread units over worker processes (one
 torch thread each) or hand them to an orchestrator's task runner. A unit with the same training set and seed as one
 already trained reuses its result."""
 
@@ -16,6 +16,7 @@ from sklearn.metrics import confusion_matrix, f1_score
 from augment.arms import Arm
 from augment.config import EvaluationConfig
 from augment.data import Splits
+from augment.parallel import worker_state
 
 
 @dataclass(frozen=True, eq=False)
@@ -139,7 +140,7 @@ def run_arm(cfg: EvaluationConfig, splits: Splits, spec: ArmSet, seed: int) -> T
 
 # Worker processes ---------------------------------------------------------------------------------------------
 
-_WORKER: dict = {}
+_WORKER: dict = worker_state()  # per process: the evaluation config and training sets of the batch
 
 
 def _worker_init(cfg: EvaluationConfig, sets: TrainingSets) -> None:
@@ -147,7 +148,7 @@ def _worker_init(cfg: EvaluationConfig, sets: TrainingSets) -> None:
 
 
 def _worker_run(arm: str, recipe: str, seed: int) -> TrainingRun:
-    return train_unit(_WORKER["cfg"], _WORKER["sets"], arm, recipe, seed)
+    return train_arm(_WORKER["cfg"], _WORKER["sets"], arm, recipe, seed)
 
 
 def training_key(spec: ArmSet) -> str:
@@ -171,12 +172,12 @@ class Runner:
     inputs and seed, so the numbers are the ones a second training would give."""
 
     def __init__(self, cfg: EvaluationConfig, sets: TrainingSets, total: int, key: Callable[[str, str], str],
-                 progress=None):
+                 progress=None, workers: int = 0):
         self.cfg, self.sets = cfg, sets
         self._track(total, progress, key)
         from augment.parallel import worker_count
 
-        self.workers = worker_count(cfg.workers)
+        self.workers = worker_count(workers)
         self.pool = None
         if self.workers > 1:
             from augment.parallel import spawn_pool
@@ -248,7 +249,7 @@ class MappedRunner(Runner):
         return results
 
 
-def train_unit(cfg: EvaluationConfig, sets: TrainingSets, arm: str, recipe: str, seed: int) -> TrainingRun:
+def train_arm(cfg: EvaluationConfig, sets: TrainingSets, arm: str, recipe: str, seed: int) -> TrainingRun:
     """One downstream training (the unit every runner distributes), on one torch thread."""
     from augment.parallel import one_thread
 

@@ -43,7 +43,7 @@ def run_one(cfg, out: Path) -> dict:
     splits = make_splits(cfg.data)
     if cfg.selection.rule == "cross_validation":
         labels, decisions = select_and_label(cfg.pseudo, cfg.selection, splits.train, splits.pool,
-                                             workers=cfg.evaluation.workers, log=lambda m: None)
+                                             workers=cfg.runner.local_workers, log=lambda m: None)
     else:
         labels, decisions = pseudo_label(cfg.pseudo, splits.train, splits.validation, splits.pool,
                                          log=lambda m: None), Selection()

@@ -39,7 +39,7 @@ def main() -> None:
         shutil.copytree(job, run, ignore=shutil.ignore_patterns(".augment-run.lock", "evaluation"))
         overrides = [f"publish.output_dir={run}", f"base.cache_dir={a.cache}", f"evaluation.seeds={a.seeds}",
                      f"evaluation.diagnostic_seeds={max(1, a.seeds // 2)}", f"runner.kind={kind}"]
-        overrides += [f"evaluation.workers={n}"] if kind == "local" else [f"runner.workers={n}"]
+        overrides += [f"runner.local_workers={n}"] if kind == "local" else [f"runner.workers={n}"]
         _, wall = run_job(a.config, overrides)
         stages = json.loads((run / "run.json").read_text())["stages"]
         res = json.loads((run / "evaluation" / "results.json").read_text())

@@ -70,7 +70,7 @@ def job(config: str, size: int, out: Path) -> dict:
     metrics = pipeline.run(cfg, log=lambda m: None, on_stage=mon.mark).to_json()
     wall = time.time() - t0
     mon.stop = True
-    seconds = {k: v.get("seconds") for k, v in pipeline.run_folder.read_json(run / "run.json")["stages"].items()}
+    seconds = {k: v.get("seconds") for k, v in pipeline.runfolder.read_json(run / "run.json")["stages"].items()}
     seconds["report"] = round(wall - sum(v or 0 for v in seconds.values()), 2)
     return {"cfg": cfg, "run": run, "metrics": metrics, "wall": wall, "seconds": seconds, "rss": mon.peaks}
 
@@ -101,7 +101,7 @@ def generation_vs_plain(res: dict, n_per_class: int, repeats: int = 2) -> list[l
     import torch
     from diffusers import DDIMScheduler
 
-    from augment import run as run_folder
+    from augment import runfolder
     from augment.backends import BaseModelInfo
     from augment.classifier import train_classifier
     from augment.diffusion import sample_noise, to_uint8
@@ -111,7 +111,7 @@ def generation_vs_plain(res: dict, n_per_class: int, repeats: int = 2) -> list[l
     cfg, run = res["cfg"], res["run"]
     splits = outputs.load_splits(cfg)
     backend = generator.backend_for(cfg, splits)
-    info = run_folder.read_json(run / "run.json")
+    info = runfolder.read_json(run / "run.json")
     model = backend.load(BaseModelInfo(**info["base"]), adapter=info["adapter"]["path"])
     K = len(splits.class_names)
     labels = np.repeat(np.arange(K), n_per_class)
@@ -179,7 +179,7 @@ def stream(config: str, n: int, out: Path) -> list:
     code = f"""
 import resource, time, numpy as np, torch
 from pathlib import Path
-from augment import run as run_folder
+from augment import runfolder
 from augment.configfile import load_config
 from augment.generate import generate
 from augment.stages import generator, outputs
@@ -187,7 +187,7 @@ cfg = load_config({config!r}, ["publish.output_dir={out / 'job-8px'}",
                   "base.cache_dir={out / 'cache-8px'}", "generation.num_per_class={n // 10}"])
 splits = outputs.load_splits(cfg)
 backend = generator.backend_for(cfg, splits)
-info = run_folder.read_json(Path(cfg.publish.output_dir) / "run.json")
+info = runfolder.read_json(Path(cfg.publish.output_dir) / "run.json")
 from augment.backends import BaseModelInfo
 model = backend.load(BaseModelInfo(**info["base"]), adapter=info["adapter"]["path"])
 t0 = time.time()

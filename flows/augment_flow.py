@@ -29,7 +29,7 @@ from augment.report.schema import Metrics
 from augment.report.sections import headline, key_arms
 from augment.results import AdapterInfo, BaseModelInfo, Record
 from augment.trainings import TrainingRun
-from augment.run import RunFolder
+from augment.runfolder import RunFolder
 
 
 def _log(message: str) -> None:
@@ -71,7 +71,7 @@ def run_stage(cfg: RunConfig, stage: str, kept: dict) -> Record | Metrics:
 
 
 @task(cache_policy=NO_CACHE)
-def train_unit(cfg: RunConfig, arm: str, recipe: str, seed: int) -> TrainingRun:
+def train_task(cfg: RunConfig, arm: str, recipe: str, seed: int) -> TrainingRun:
     """One downstream training (arm x seed): the unit the task runner spreads over processes or Dask workers."""
     return outcome.train_unit(cfg, arm, recipe, seed)
 
@@ -129,7 +129,7 @@ def task_runner(cfg: RunConfig):
 
 
 @task(cache_policy=NO_CACHE)
-def generate_unit(cfg: RunConfig, base: BaseModelInfo, adapter: AdapterInfo, shard: int) -> int:
+def generate_task(cfg: RunConfig, base: BaseModelInfo, adapter: AdapterInfo, shard: int) -> int:
     """One shard of candidates: the generation unit the task runner spreads over processes or Dask workers."""
     return generator.generate_unit(cfg, base, adapter, shard)
 
@@ -138,13 +138,13 @@ def _units(cfg: RunConfig, stage: str, kept: dict):
     """The map of a distributed stage's units onto this flow's task runner, yielding each result in order."""
     if stage == "generate":
         def run_shards(shards: list[int]):
-            for f in generate_unit.map(unmapped(cfg), unmapped(kept["base"]), unmapped(kept["adapter"]), shards):
+            for f in generate_task.map(unmapped(cfg), unmapped(kept["base"]), unmapped(kept["adapter"]), shards):
                 yield f.result()
 
         return run_shards
 
     def run_units(units: list[tuple[str, str, int]]):
-        futures = train_unit.map(unmapped(cfg), [u[0] for u in units], [u[1] for u in units],
+        futures = train_task.map(unmapped(cfg), [u[0] for u in units], [u[1] for u in units],
                                  [u[2] for u in units])
         for f in futures:
             yield f.result()

@@ -16,7 +16,7 @@ from augment import progress
 from augment.backends import check_base
 from augment.configfile import load_config
 from augment.errors import USER_ERRORS, StorageError, user_error_names
-from augment.run import RunFolder, claim, lock, using
+from augment.runfolder import RunFolder, claim, lock, using
 
 if TYPE_CHECKING:  # the CLI starts without pydantic's models of the report loaded (`augment --help` stays fast)
     from augment.report.schema import Metrics

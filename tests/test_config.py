@@ -90,7 +90,7 @@ def test_overrides_and_partial_configs_merge_and_bad_values_name_the_override():
 def test_config_hash_ignores_where_and_how_many():
     a = RunConfig()
     b = parse_config({"publish": {"output_dir": "/elsewhere"}, "base": {"cache_dir": "/cache2"},
-                      "evaluation": {"workers": 1}})
+                      "runner": {"local_workers": 1}})
     assert a.fingerprint() == b.fingerprint() and a.fingerprint("base", "evaluation") == b.fingerprint("base",
                                                                                                        "evaluation")
     assert a.publish.output_dir != b.publish.output_dir  # the config itself still holds them
@@ -187,3 +187,23 @@ def test_blank_paths_and_names_are_refused():
         for blank in ("", ) + ((" ",) if key.endswith(("_dir", "source", "pretrained")) else ()):
             with pytest.raises(ConfigError, match=re.escape(key)):
                 parse_config(_nested(key.split("."), blank))
+
+
+def test_a_moved_key_is_refused_in_a_users_config_and_moved_in_a_run_folders_own(tmp_path):
+    """evaluation.workers moved to runner.local_workers: a config a user writes gets the one-line hint; a run
+    folder's config.yaml, written whole by an earlier version, is read with the key in its new place."""
+    import yaml
+
+    from augment.configfile import load_config, saved_config
+
+    path = tmp_path / "config.yaml"
+    data = RunConfig().model_dump(mode="json")
+    data["runner"].pop("local_workers")
+    data["evaluation"]["workers"] = 3
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match=r"evaluation.workers: unknown key \(it moved: write runner.local_workers"):
+        load_config(path)
+    assert load_config(path, saved=True).runner.local_workers == 3
+    assert "workers" not in saved_config(data)["evaluation"] and data["evaluation"]["workers"] == 3  # a copy
+    given = {"evaluation": {"workers": 2}, "runner": {"local_workers": 1}}
+    assert saved_config(given)["runner"] == {"local_workers": 1}  # a key set in its new place wins

@@ -229,6 +229,8 @@ BAD_INPUTS = {
     "the same arm twice": (None, ["--set", "evaluation.arms=[real+classic, classic+real]"],
                            "lists the arm real+classic twice"),
     "near-miss key": (None, ["--set", "lora.lora_alhpa=4"], "lora.lora_alhpa: unknown key (did you mean lora_alpha?)"),
+    "moved key": (None, ["--set", "evaluation.workers=2"],
+                  "evaluation.workers: unknown key (it moved: write runner.local_workers"),
     "override without =": (None, ["--set", "lora.rank"], "override 'lora.rank' must look like section.key=value"),
     "section given a number": (None, ["--set", "data=5"], "data: Input should be a valid dictionary"),
     "config is a scalar": (lambda u: _config_file(u, "hello\n"), ["CONFIG={src}"], "must hold a mapping of sections"),
@@ -675,7 +677,7 @@ def test_ctrl_c_in_a_terminal_stops_the_run_in_seconds_with_one_line_and_leaves_
 
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "flows.cli", "run", TINY, "--output-dir", str(out),
-           "--set", f"base.cache_dir={tmp_path / 'cache'}", "--set", "evaluation.workers=2",
+           "--set", f"base.cache_dir={tmp_path / 'cache'}", "--set", "runner.local_workers=2",
            "--set", "evaluation.model.steps=20000"]  # evaluation units that would each run for minutes
     env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -706,7 +708,7 @@ def test_every_user_error_is_a_user_error_and_keeps_its_builtin_base():
     from augment.errors import USER_ERRORS, DataError, ModelError, StorageError, UserError, WorkerError
     from augment.report.schema import MetricsError
     from augment.results import RecordError
-    from augment.run import RunFolderError
+    from augment.runfolder import RunFolderError
     from flows.server import ServerError
 
     for cls, builtin in ((ConfigError, ValueError), (DataError, ValueError), (ModelError, ValueError),

@@ -114,9 +114,9 @@ def _scrambled_test(splits: Splits) -> Splits:
 
 
 def test_protocol_chooses_on_validation_and_never_on_test(splits, tmp_path):
-    cfg = EvaluationConfig(seeds=2, model=ClassifierConfig(width=8, steps=40, augment=False), workers=1)
-    a = evaluate(cfg, _sets(splits), tmp_path / "a", log=lambda m: None)
-    b = evaluate(cfg, _sets(_scrambled_test(splits)), tmp_path / "b", log=lambda m: None)
+    cfg = EvaluationConfig(seeds=2, model=ClassifierConfig(width=8, steps=40, augment=False))
+    a = evaluate(cfg, _sets(splits), tmp_path / "a", log=lambda m: None, workers=1)
+    b = evaluate(cfg, _sets(_scrambled_test(splits)), tmp_path / "b", log=lambda m: None, workers=1)
     # test images shuffled against their labels: every test score changes, no choice does
     assert a.selection == b.selection and a.product_arm == b.product_arm
     for arm in a.runs:
@@ -134,9 +134,9 @@ def test_protocol_chooses_on_validation_and_never_on_test(splits, tmp_path):
 
 def test_results_do_not_depend_on_the_number_of_workers(splits, tmp_path):
     cfg = EvaluationConfig(arms=["real", "real+classic+synthetic"], seeds=2, filter_ablation=False,
-                           model=ClassifierConfig(width=8, steps=30, augment=False), workers=1)
-    one = evaluate(cfg, _sets(splits), tmp_path / "1", log=lambda m: None)
-    two = evaluate(cfg.model_copy(update={"workers": 2}), _sets(splits), tmp_path / "2", log=lambda m: None)
+                           model=ClassifierConfig(width=8, steps=30, augment=False))
+    one = evaluate(cfg, _sets(splits), tmp_path / "1", log=lambda m: None, workers=1)
+    two = evaluate(cfg, _sets(splits), tmp_path / "2", log=lambda m: None, workers=2)
     strip = lambda res: {a: [replace(r, seconds=None) for r in rs] for a, rs in res.runs.items()}  # noqa: E731
     assert strip(one) == strip(two)
 
@@ -147,20 +147,19 @@ def test_trainings_in_this_process_leave_its_thread_count_alone(splits, tmp_path
     import torch
 
     cfg = EvaluationConfig(arms=["real"], seeds=1, filter_ablation=False,
-                           model=ClassifierConfig(width=8, steps=5, augment=False), workers=1)
+                           model=ClassifierConfig(width=8, steps=5, augment=False))
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        evaluate(cfg, _sets(splits), tmp_path, log=lambda m: None)
+        evaluate(cfg, _sets(splits), tmp_path, log=lambda m: None, workers=1)
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(threads)
 
 
 def test_diagnostic_arms_train_on_the_first_seeds_only(splits, tmp_path):
-    cfg = EvaluationConfig(seeds=3, diagnostic_seeds=2, model=ClassifierConfig(width=8, steps=20, augment=False),
-                           workers=1)
-    res = evaluate(cfg, _sets(splits), tmp_path, log=lambda m: None)
+    cfg = EvaluationConfig(seeds=3, diagnostic_seeds=2, model=ClassifierConfig(width=8, steps=20, augment=False))
+    res = evaluate(cfg, _sets(splits), tmp_path, log=lambda m: None, workers=1)
     other = "real+synthetic" if res.recipe == "real+classic" else "real+classic+synthetic"  # not the recipe's pair
     diagnostic = {a for a in res.runs if a.startswith("filter:") or a in ("synthetic", other) or "unfiltered" in a}
     assert other in diagnostic
@@ -178,11 +177,10 @@ def test_a_training_repeated_under_another_arm_name_runs_once(splits, tmp_path, 
     sets.ablation = {"class_consistency": sets.kept, "memorization": sets.unfiltered,
                      "alia": Examples(sets.kept.images[:25], sets.kept.labels[:25])}
     trained = []
-    real_train_unit = ev.train_unit
-    monkeypatch.setattr(ev, "train_unit", lambda *a: trained.append(a[2:]) or real_train_unit(*a))
-    cfg = EvaluationConfig(seeds=3, diagnostic_seeds=2, model=ClassifierConfig(width=8, steps=20, augment=False),
-                           workers=1)
-    res = evaluate(cfg, sets, tmp_path, log=lambda m: None)
+    real_train_arm = ev.train_arm
+    monkeypatch.setattr(ev, "train_arm", lambda *a: trained.append(a[2:]) or real_train_arm(*a))
+    cfg = EvaluationConfig(seeds=3, diagnostic_seeds=2, model=ClassifierConfig(width=8, steps=20, augment=False))
+    res = evaluate(cfg, sets, tmp_path, log=lambda m: None, workers=1)
     runs, product = res.runs, res.product_arm
     unfiltered = f"{res.product_recipe}+synthetic_unfiltered"
     # the same numbers as the arm that trained on the same set with the same seeds, and said so

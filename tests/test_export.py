@@ -32,14 +32,14 @@ def test_the_library_run_walks_the_one_stage_list(finished):
     import json
 
     cfg, _ = finished
-    info = json.loads((core.run_dir(cfg) / "run.json").read_text())
+    info = json.loads((core.output_dir(cfg) / "run.json").read_text())
     assert list(info["stages"]) == [s.name for s in pipeline.STAGES if s.timed]
     assert info["total_seconds"] > 0 and {"base", "adapter"} <= set(info)
 
 
 def test_generate_more_reproduces_the_runs_candidates_and_writes_provenance(finished, capsys):
     cfg, tmp = finished
-    run = core.run_dir(cfg)
+    run = core.output_dir(cfg)
     assert main(["generate", str(run), "--class", "3", "-n", "4", "--seed", str(cfg.generation.seed),
                  "--out", str(tmp / "more")]) == 0
     assert "4 samples of '3'" in capsys.readouterr().out
@@ -64,7 +64,7 @@ def test_export_loads_in_plain_diffusers_and_reproduces_a_sample(finished, capsy
     from augment.diffusion import classifier_free, sample, to_uint8
 
     cfg, tmp = finished
-    run, out = core.run_dir(cfg), tmp / "exported"
+    run, out = core.output_dir(cfg), tmp / "exported"
     assert main(["export", str(run), str(out)]) == 0
     unet = UNet2DModel.from_pretrained(out, subfolder="unet").eval()
     scheduler = DDPMScheduler.from_pretrained(out, subfolder="scheduler")
@@ -97,7 +97,7 @@ def test_adapter_loads_with_plain_peft_and_the_run_folder_travels(finished, tmp_
     from peft import PeftModel
 
     cfg, tmp = finished
-    adapter = core.run_dir(cfg) / "finetune" / "adapter"
+    adapter = core.output_dir(cfg) / "finetune" / "adapter"
     # the base the adapter names loads from any working directory, as peft users load it
     from peft import PeftConfig
 
@@ -110,11 +110,11 @@ def test_adapter_loads_with_plain_peft_and_the_run_folder_travels(finished, tmp_
     unet = PeftModel.from_pretrained(UNet2DModel.from_pretrained(adapter / "base"), str(adapter)).merge_and_unload()
     from augment.export import _model, load_run
 
-    ours = _model(load_run(core.run_dir(cfg)))[2]  # what augment generates with
+    ours = _model(load_run(core.output_dir(cfg)))[2]  # what augment generates with
     theirs = dict(unet.state_dict())
     assert all(torch.equal(v, theirs[k]) for k, v in ours.state_dict().items())
     moved = tmp_path / "moved"
-    shutil.copytree(core.run_dir(cfg), moved)
+    shutil.copytree(core.output_dir(cfg), moved)
     cache = tmp / "cache"
     shutil.move(cache, tmp_path / "cache-away")  # the machine it moved to has no base cache
     try:
@@ -133,7 +133,7 @@ def test_dataset_card_and_push_to_a_local_target(finished, capsys):
     import yaml
 
     cfg, tmp = finished
-    run = core.run_dir(cfg)
+    run = core.output_dir(cfg)
     card = (run / "dataset" / "README.md").read_text()
     header = yaml.safe_load(card.split("---")[1])
     assert header["license"] == "unknown" and "synthetic" in header["tags"]
@@ -187,7 +187,7 @@ def _claimed(folder: Path) -> Path:
 def _copy_run(cfg, to: Path) -> Path:
     import shutil
 
-    shutil.copytree(core.run_dir(cfg), to)
+    shutil.copytree(core.output_dir(cfg), to)
     return to
 
 
@@ -212,7 +212,7 @@ def test_generate_refuses_a_bad_request_and_writes_nothing(finished, tmp_path, c
     """generate writes only into a new or empty --out outside the run folder (which augment rewrites and deletes
     in); a bad -n, --seed or class is refused before the model loads."""
     cfg, _ = finished
-    run = core.run_dir(cfg)
+    run = core.output_dir(cfg)
     setup, culprit = GENERATE_FAULTS[fault]
     extra, out = setup(run, tmp_path)
     argv = ["generate", str(run), "--class", "3", "-n", "2", "--out", str(out), *extra]
@@ -240,7 +240,7 @@ def test_generate_refuses_an_out_it_may_not_write(finished, tmp_path, capsys):
     locked.mkdir()
     locked.chmod(0o500)
     try:
-        refused(capsys, ["generate", str(core.run_dir(cfg)), "--class", "3", "-n", "2", "--out",
+        refused(capsys, ["generate", str(core.output_dir(cfg)), "--class", "3", "-n", "2", "--out",
                          str(locked / "o")], str(locked / "o"), tmp_path)
     finally:
         locked.chmod(0o700)
@@ -269,7 +269,7 @@ def test_generate_keeps_every_class_name_inside_out(finished, tmp_path, capsys, 
 
     monkeypatch.setattr(outputs, "load_splits", renamed)
     out = tmp_path / "out"
-    assert main(["generate", str(core.run_dir(cfg)), "--class", name, "-n", "2", "--out", str(out)]) == 0
+    assert main(["generate", str(core.output_dir(cfg)), "--class", name, "-n", "2", "--out", str(out)]) == 0
     assert f"in {out / folder} " in capsys.readouterr().out
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # nothing beside it, no temporary folder left
     assert sorted(p.name for p in out.iterdir()) == sorted([folder, "provenance.parquet"])
@@ -280,7 +280,7 @@ def test_generate_keeps_every_class_name_inside_out(finished, tmp_path, capsys, 
 def test_generate_into_an_existing_empty_folder(finished, tmp_path, capsys):
     cfg, _ = finished
     (tmp_path / "o").mkdir()
-    assert main(["generate", str(core.run_dir(cfg)), "--class", "3", "-n", "2", "--out", str(tmp_path / "o")]) == 0
+    assert main(["generate", str(core.output_dir(cfg)), "--class", "3", "-n", "2", "--out", str(tmp_path / "o")]) == 0
     assert "samples of '3'" in capsys.readouterr().out
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["3", "provenance.parquet"]
     assert [p.name for p in tmp_path.iterdir()] == ["o"]
@@ -301,7 +301,7 @@ def test_generate_that_fails_while_writing_leaves_nothing(finished, tmp_path, ca
         return real(img)
 
     monkeypatch.setattr(augment.imagefiles, "to_pil", interrupted)
-    assert main(["generate", str(core.run_dir(cfg)), "--class", "3", "-n", "3", "--out", str(tmp_path / "o")]) == 130
+    assert main(["generate", str(core.output_dir(cfg)), "--class", "3", "-n", "3", "--out", str(tmp_path / "o")]) == 130
     assert len(calls) == 2 and list(tmp_path.iterdir()) == []
     capsys.readouterr()
 
@@ -317,7 +317,7 @@ EXPORT_FAULTS = {
 @pytest.mark.parametrize("fault", EXPORT_FAULTS)
 def test_export_refuses_an_out_it_must_not_write(finished, tmp_path, capsys, fault):
     cfg, _ = finished
-    run = core.run_dir(cfg)
+    run = core.output_dir(cfg)
     out = EXPORT_FAULTS[fault](run, tmp_path)
     refused(capsys, ["export", str(run), str(out)], str(out), run, tmp_path)
 
@@ -362,7 +362,7 @@ PUSH_FAULTS = {
 def test_push_to_a_folder_refuses_files_it_did_not_write(finished, tmp_path, capsys, fault):
     """A re-push replaces what an earlier push wrote; a folder holding anything else is someone's: refused."""
     cfg, _ = finished
-    run = core.run_dir(cfg)
+    run = core.output_dir(cfg)
     files, culprit = PUSH_FAULTS[fault]
     for name, data in files.items():
         _file(tmp_path / "u" / name, data)
@@ -374,7 +374,7 @@ def test_push_to_a_folder_refuses_files_it_did_not_write(finished, tmp_path, cap
                                    "not-a-run-folder", "run-without-a-dataset"])
 def test_push_refuses_a_source_or_target_that_is_not_one(finished, tmp_path, capsys, fault):
     cfg, _ = finished
-    run, target = core.run_dir(cfg), tmp_path / "u"
+    run, target = core.output_dir(cfg), tmp_path / "u"
     if fault == "target-is-a-file":
         _file(target)
     elif fault == "target-is-the-dataset":  # the old code deleted the dataset's own shards, then crashed
@@ -386,12 +386,12 @@ def test_push_refuses_a_source_or_target_that_is_not_one(finished, tmp_path, cap
     else:
         run = _claimed(tmp_path / "r")
     culprit = str(target) if fault.startswith("target") else str(run)
-    refused(capsys, ["push", str(run), "me/tiny", "--to-folder", str(target)], culprit, core.run_dir(cfg), tmp_path)
+    refused(capsys, ["push", str(run), "me/tiny", "--to-folder", str(target)], culprit, core.output_dir(cfg), tmp_path)
 
 
 def test_push_again_to_a_folder_replaces_only_its_own_old_shards(finished, tmp_path, capsys):
     cfg, _ = finished
-    run, target = core.run_dir(cfg), tmp_path / "u"
+    run, target = core.output_dir(cfg), tmp_path / "u"
     assert main(["push", str(run), "me/tiny", "--to-folder", str(target)]) == 0
     first = snapshot(target)
     _file(target / OLD_SHARD)  # an earlier version's shard
@@ -449,7 +449,7 @@ def hub(monkeypatch):
 
 def test_push_to_the_hub_creates_replaces_its_own_shards_by_name_and_refuses_others(finished, hub, capsys):
     cfg, _ = finished
-    run = core.run_dir(cfg)
+    run = core.output_dir(cfg)
     sent = sorted(["README.md"] + [f"data/{p.name}" for p in (run / "dataset" / "data").glob("*.parquet")])
     assert main(["push", str(run), "me/new"]) == 0  # a new repo
     assert sorted(hub.repos["me/new"]) == sorted([".gitattributes", *sent])
@@ -467,6 +467,6 @@ def test_push_to_the_hub_refuses_a_repo_holding_files_it_did_not_write(finished,
     files, culprit = PUSH_FAULTS[fault]
     hub.repos["me/theirs"] = {".gitattributes": b"", **files}
     before = dict(hub.repos["me/theirs"])
-    err = refused(capsys, ["push", str(core.run_dir(cfg)), "me/theirs"], culprit, core.run_dir(cfg))
+    err = refused(capsys, ["push", str(core.output_dir(cfg)), "me/theirs"], culprit, core.output_dir(cfg))
     assert "me/theirs" in err and "new dataset repo" in err
     assert hub.repos["me/theirs"] == before and hub.commits == []

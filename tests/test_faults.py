@@ -73,7 +73,7 @@ elif point == "inside:generate":
     generate.generate_shard = before(generate.generate_shard)
 elif point == "inside:evaluate":
     from augment import trainings
-    trainings.train_unit = before(trainings.train_unit)
+    trainings.train_arm = before(trainings.train_arm)
 elif point == "inside:publish":
     from augment import publish
     publish._write_parquet = before(publish._write_parquet)

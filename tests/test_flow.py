@@ -222,14 +222,14 @@ def test_a_changed_publish_setting_republishes_and_new_metrics_redraw(finished_r
     from augment.report.render import build_report
 
     cfg, metrics, run = finished_run
-    version = pipeline.run_folder.read_json(run / "dataset" / "augment_publish.json")["version"]
+    version = pipeline.runfolder.read_json(run / "dataset" / "augment_publish.json")["version"]
     renamed = cfg.model_copy(update={"publish": cfg.publish.model_copy(update={"dataset_name": "renamed"})})
     with pipeline.started(renamed):
         base, adapter = generator.recorded(renamed)
         outcome.publish_stage(renamed, base, adapter, log=lambda m: None)
     assert "renamed" in (run / "dataset" / "README.md").read_text()
     # every row carries the config hash, which covers the publish section: a new version
-    assert pipeline.run_folder.read_json(run / "dataset" / "augment_publish.json")["version"] != version
+    assert pipeline.runfolder.read_json(run / "dataset" / "augment_publish.json")["version"] != version
     figs = run / "report_assets" / "figures.json"
     stamp = figs.stat().st_mtime_ns
     m = json.loads((run / "metrics.json").read_text())
@@ -319,8 +319,8 @@ def test_stages_run_without_prefect_even_with_nothing_to_generate(tiny_cfg):
     quiet = lambda m: None  # noqa: E731
     with pipeline.started(cfg):
         _run_stages_without_prefect(cfg, quiet)
-    m = build_report(core.run_dir(cfg)).to_json()
-    assert m["generation"]["generated"] == 0 and (core.run_dir(cfg) / "report.html").exists()
+    m = build_report(core.output_dir(cfg)).to_json()
+    assert m["generation"]["generated"] == 0 and (core.output_dir(cfg) / "report.html").exists()
     assert m["evaluation"]["arms"]["real"]["accuracy"]["ci_low"] is None
 
 

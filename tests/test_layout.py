@@ -112,9 +112,9 @@ def test_the_library_imports_no_flow():
 
 
 def _layout_names() -> set[str]:
-    """Every file and folder name augment.run's RunFolder gives a run folder (properties, methods, stage
+    """Every file and folder name augment.runfolder's RunFolder gives a run folder (properties, methods, stage
     folders), from an object, not a list kept by hand."""
-    from augment.run import RunFolder, StageFolder
+    from augment.runfolder import RunFolder, StageFolder
 
     root = RunFolder("/r")
     names = set()
@@ -149,7 +149,7 @@ def _layout_names() -> set[str]:
 _EXAMPLES = {"README.md", "0.png", "x", "shard-00000.npz", "shard-00000.tmp.npz"}
 
 
-def test_no_module_but_augment_run_spells_a_run_folder_file_name():
+def test_no_module_but_runfolder_spells_a_run_folder_file_name():
     names = _layout_names()
     assert {"metrics.json", "scores.parquet", "stage.json", "results.json", "splits.npz", "info.json"} <= names
     # Names with a suffix and the distinctive folders; plain words like "data" or "filter" are also config keys.
@@ -158,13 +158,13 @@ def test_no_module_but_augment_run_spells_a_run_folder_file_name():
                                   for n in spelled) + r"|shard-\{")
     found = []
     for p in list(PACKAGE.rglob("*.py")) + list((ROOT / "flows").glob("*.py")):
-        if p == PACKAGE / "run.py":
+        if p == PACKAGE / "runfolder.py":
             continue
         for i, line in enumerate(p.read_text().splitlines(), 1):
             code = line.split("#", 1)[0]
             if pattern.search(code):
                 found.append(f"{p.relative_to(ROOT)}:{i}: {line.strip()}")
-    assert not found, "run-folder file names outside augment/run.py (ask RunFolder for the path):\n" + \
+    assert not found, "run-folder file names outside augment/runfolder.py (ask RunFolder for the path):\n" + \
         "\n".join(found)
 
 

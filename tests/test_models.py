@@ -193,7 +193,7 @@ def test_resume_state_past_warmup_loads_with_weights_only(tmp_path):
     """The LR schedule's state after warmup held a numpy scalar: the checkpoint then failed weights_only loading
     and every resume silently started over."""
     from augment.diffusion import lr_lambda
-    from augment.run import load_state
+    from augment.runfolder import load_state
 
     p = torch.nn.Parameter(torch.zeros(2))
     opt = torch.optim.AdamW([p], lr=1e-3)

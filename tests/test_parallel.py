@@ -6,11 +6,11 @@ import os
 import pytest
 
 from augment import parallel
-from augment.parallel import close_pool, run_each, spawn_pool, worker_cache
+from augment.parallel import close_pool, run_each, spawn_pool, worker_state
 from conftest import alive, still_alive_after
 
 _DATA: dict = {}
-_KEPT = worker_cache()
+_KEPT = worker_state()
 
 
 def _share(value):
@@ -207,5 +207,5 @@ def test_a_worker_killed_mid_stage_is_replaced_once_then_one_line(tmp_path, alwa
         return
     with pytest.raises(USER_ERRORS) as err:
         probe.call(None, {}, log=said.append)
-    assert "died twice" in str(err.value) and "evaluation.workers" in str(err.value) and "\n" not in str(err.value)
+    assert "died twice" in str(err.value) and "runner.local_workers" in str(err.value) and "\n" not in str(err.value)
     assert not parallel._POOL

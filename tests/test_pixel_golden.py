@@ -31,7 +31,7 @@ def _run_tiny(tiny_cfg):
         choices.pseudo_stage(cfg, log=log)
         adapter = generator.finetune_stage(cfg, base, log=log)
         generator.generate_stage(cfg, base, adapter, log=log)
-    return load_candidates(core.run_dir(cfg) / "candidates")
+    return load_candidates(core.output_dir(cfg) / "candidates")
 
 
 def test_pixel_backend_reproduces_the_pre_seam_samples(tiny_cfg):

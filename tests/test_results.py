@@ -62,7 +62,7 @@ def test_augment_report_on_an_edited_record_is_one_error_line(tiny_cfg, tmp_path
     leaves the report it had."""
     from augment import pipeline
     from flows.cli import main
-    from augment.run import RunFolder
+    from augment.runfolder import RunFolder
 
     pipeline.run(tiny_cfg, log=lambda m: None)
     run = RunFolder(tiny_cfg.publish.output_dir)

@@ -1,4 +1,4 @@
-"""The run folder is ours or refused: nothing a user owns is ever deleted or overwritten (augment.run)."""
+"""The run folder is ours or refused: nothing a user owns is ever deleted or overwritten (augment.runfolder)."""
 
 import hashlib
 import json
@@ -8,7 +8,7 @@ import pytest
 
 from augment import pipeline
 from augment.stages import core
-from augment import run as run_folder
+from augment import runfolder
 from flows.cli import main
 from conftest import ROOT, write_imagefolder
 
@@ -73,10 +73,10 @@ def test_claim_accepts_a_new_or_empty_folder_and_then_its_own(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     for folder in (tmp_path / "new" / "nested", empty):
-        out = run_folder.claim(folder, "sklearn-digits", "job")
-        assert run_folder.is_ours(out)
+        out = runfolder.claim(folder, "sklearn-digits", "job")
+        assert runfolder.is_ours(out)
         (out / "report.html").write_text("a finished run's file")
-        assert run_folder.claim(folder, "sklearn-digits", "job") == out  # re-running in it is fine
+        assert runfolder.claim(folder, "sklearn-digits", "job") == out  # re-running in it is fine
 
 
 def test_stage_never_clears_a_folder_without_the_marker(tiny_cfg, tmp_path):
@@ -85,7 +85,7 @@ def test_stage_never_clears_a_folder_without_the_marker(tiny_cfg, tmp_path):
     (out / "finetune").mkdir(parents=True)
     (out / "finetune" / "mine.txt").write_text("user data")
     st = core.StageRun(tiny_cfg, "finetune")
-    with pytest.raises(run_folder.RunFolderError, match="refusing to delete"):
+    with pytest.raises(runfolder.RunFolderError, match="refusing to delete"):
         st.fresh()
     assert (out / "finetune" / "mine.txt").read_text() == "user data"
 
@@ -102,7 +102,7 @@ def test_torn_or_foreign_state_files_are_rebuilt(tiny_cfg):
 
 HOLDER = """
 import sys, time
-from augment import run
+from augment import runfolder as run
 with run.lock(sys.argv[1]):
     print("held", flush=True)
     time.sleep(float(sys.argv[2]))
@@ -122,10 +122,10 @@ def _hold(folder: Path, seconds: float):
 
 
 def test_a_second_run_on_a_folder_in_use_is_refused_or_waits(tiny_cfg, tmp_path, capsys):
-    out = run_folder.claim(tiny_cfg.publish.output_dir)
+    out = runfolder.claim(tiny_cfg.publish.output_dir)
     holder = _hold(out, 60)
     try:
-        with pytest.raises(run_folder.RunFolderError, match="in use by pid"):
+        with pytest.raises(runfolder.RunFolderError, match="in use by pid"):
             with pipeline.started(tiny_cfg):
                 pass
         # the commands: one line, exit 2, before Prefect starts
@@ -141,10 +141,10 @@ def test_a_second_run_on_a_folder_in_use_is_refused_or_waits(tiny_cfg, tmp_path,
         with pipeline.started(tiny_cfg):  # and it is re-entrant within one process (the CLI, then the flow)
             pass
     holder = _hold(out, 2)
-    with run_folder.lock(out, wait=True):  # --wait: blocks until the holder has finished
+    with runfolder.lock(out, wait=True):  # --wait: blocks until the holder has finished
         assert (out / "done-holding").exists()
     holder.wait()
-    assert run_folder.is_ours(out)
+    assert runfolder.is_ours(out)
 
 
 def test_commands_refuse_a_folder_that_is_not_a_run(tmp_path, capsys):

@@ -112,10 +112,10 @@ def test_the_folds_never_see_test_and_shuffled_test_labels_change_no_choice(tiny
         return clf
 
     monkeypatch.setattr(classifier, "train_classifier", spy)
-    cfg = tiny_cfg.model_copy(update={"evaluation": tiny_cfg.evaluation.model_copy(update={"workers": 1})})
+    cfg = tiny_cfg.model_copy(update={"runner": tiny_cfg.runner.model_copy(update={"local_workers": 1})})
     generator.prepare_data(cfg)
     choices.pseudo_stage(cfg, log=lambda m: None)
-    first = json.loads((core.run_dir(cfg) / "pseudo" / "selection.json").read_text())
+    first = json.loads((core.output_dir(cfg) / "pseudo" / "selection.json").read_text())
     splits = outputs.load_splits(cfg)
     digest = lambda im: hashlib.sha256(im.tobytes()).hexdigest()  # noqa: E731
     test = {digest(im) for im in splits.test.images}
@@ -128,13 +128,13 @@ def test_the_folds_never_see_test_and_shuffled_test_labels_change_no_choice(tiny
     scrambled = Splits(splits.train, splits.validation, ImageSet(t.images, rng.permutation(t.labels), t.class_names,
                                                                  t.ids), splits.pool)
     other = cfg.model_copy(update={"publish": cfg.publish.model_copy(
-        update={"output_dir": str(core.run_dir(cfg)) + "-scrambled"})})
+        update={"output_dir": str(core.output_dir(cfg)) + "-scrambled"})})
     generator.prepare_data(other)
-    scrambled.save(core.run_dir(other) / "data" / "splits.npz")
+    scrambled.save(core.output_dir(other) / "data" / "splits.npz")
     choices.pseudo_stage(other, log=lambda m: None)
-    assert json.loads((core.run_dir(other) / "pseudo" / "selection.json").read_text()) == first
-    assert (core.run_dir(other) / "pseudo" / "labels.parquet").read_bytes() == \
-        (core.run_dir(cfg) / "pseudo" / "labels.parquet").read_bytes()
+    assert json.loads((core.output_dir(other) / "pseudo" / "selection.json").read_text()) == first
+    assert (core.output_dir(other) / "pseudo" / "labels.parquet").read_bytes() == \
+        (core.output_dir(cfg) / "pseudo" / "labels.parquet").read_bytes()
 
 
 def test_the_evaluation_follows_the_cross_validated_choices(few_shot, tmp_path):
@@ -145,7 +145,7 @@ def test_the_evaluation_follows_the_cross_validated_choices(few_shot, tmp_path):
     sets = TrainingSets(few_shot, Examples(few_shot.train.images[:20], few_shot.train.labels[:20]),
                         Examples(few_shot.train.images[:30], few_shot.train.labels[:30]),
                         Examples(p.images[:30], np.arange(30) % 10))
-    cfg = EvaluationConfig(seeds=1, model=TINY_CNN, workers=1, diagnostic_arms=False, filter_ablation=False)
+    cfg = EvaluationConfig(seeds=1, model=TINY_CNN, diagnostic_arms=False, filter_ablation=False)
     base = {"options": ["real", "real+classic"], "oof_accuracy": {"real": 0.5, "real+classic": 0.6}, "images": 60,
             "folds": 5, "repeats": 1, "difference": {"mean": 0.1, "ci_low": 0.02, "ci_high": 0.2},
             "rule": "cross_validation"}  # as select_and_label writes them
@@ -154,16 +154,19 @@ def test_the_evaluation_follows_the_cross_validated_choices(few_shot, tmp_path):
                  "pseudo": {**base, "name": "pseudo", "options": ["real+classic", "real+classic+pseudo"],
                             "best": "real+classic+pseudo", "chosen": "real+classic+pseudo", "decided": True,
                             "reason": "p", "per_class": 3, "per_class_oof_accuracy": {"3": 0.7}}}
-    res = evaluate(cfg, sets, tmp_path, log=lambda m: None, decisions=Selection.model_validate(decisions))
+    res = evaluate(cfg, sets, tmp_path, log=lambda m: None, workers=1,
+                   decisions=Selection.model_validate(decisions))
     assert res.recipe == "real+classic" and res.product_recipe == "real+classic+pseudo"
     assert res.product_arm == "real+classic+pseudo+synthetic"
     assert res.selection["recipe"]["rule"] == "cross_validation" and res.selection["pseudo"]["in_recipe"]
     decisions["pseudo"]["chosen"] = "real+classic"
-    res = evaluate(cfg, sets, tmp_path / "b", log=lambda m: None, decisions=Selection.model_validate(decisions))
+    res = evaluate(cfg, sets, tmp_path / "b", log=lambda m: None, workers=1,
+                   decisions=Selection.model_validate(decisions))
     assert res.product_recipe == "real+classic" and not res.selection["pseudo"]["in_recipe"]
     # the synthetic choice left the samples out: the product is the recipe, the synthetic arms stay beside it
     decisions["synthetic"] = {"in_product": False, "synthetic_prob": 0.25, "chosen": "real+classic"}
-    res = evaluate(cfg, sets, tmp_path / "c", log=lambda m: None, decisions=Selection.model_validate(decisions))
+    res = evaluate(cfg, sets, tmp_path / "c", log=lambda m: None, workers=1,
+                   decisions=Selection.model_validate(decisions))
     assert res.product_arm == "real+classic" and res.selection["synthetic"]["synthetic_prob"] == 0.25
     assert "real+classic+synthetic" in res.runs
 
@@ -244,7 +247,7 @@ def test_nothing_the_generator_learns_from_sees_the_synthetic_holdout(tiny_cfg, 
     from augment.stages import choices, core, generator, outcome, outputs
 
     cfg = tiny_cfg.model_copy(update={
-        "evaluation": tiny_cfg.evaluation.model_copy(update={"workers": 1}),
+        "runner": tiny_cfg.runner.model_copy(update={"local_workers": 1}),
         "generation": tiny_cfg.generation.model_copy(update={"strengths": [0.5]}),
         "filter": tiny_cfg.filter.model_copy(update={"order": ["near_duplicates"]})})  # keeps the tiny samples
     generator.prepare_data(cfg)

@@ -27,6 +27,7 @@ from augment.config import BaseModelConfig, LoRAConfig
 from augment.data import ImageSet
 from augment.diffusion import LoopSpec, diffusion_loss, to_tensor, to_uint8, train_loop
 from augment.errors import ModelError
+from augment.runfolder import AdapterFolder
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"]
 
@@ -40,8 +41,9 @@ class PixelBackend(DiffusionBackend):
     def load(self, info: BaseModelInfo, adapter: str | Path | None = None) -> torch.nn.Module:
         """The base UNet, or with `adapter` the fine-tuned one (LoRA merged). An adapter folder carries its own
         copy of the base (`base/`), so a run folder copied to another machine samples without the base cache."""
-        if adapter is not None and (Path(adapter) / "base" / "config.json").is_file():
-            info = info.model_copy(update={"path": str(Path(adapter) / "base"), "subfolder": None, "revision": None})
+        if adapter is not None and AdapterFolder(adapter).base_config.is_file():
+            info = info.model_copy(update={"path": str(AdapterFolder(adapter).base), "subfolder": None,
+                                           "revision": None})
         self.info = info
         unet, self.scheduler = load_base(info, len(self.class_names), self.image_size, self.channels)
         if adapter is None:
@@ -81,12 +83,12 @@ class PixelBackend(DiffusionBackend):
         folder = Path(folder)
         model.cpu().save_pretrained(folder)
         base, scheduler = load_base(self.info, len(self.class_names), self.image_size, self.channels)
-        base.save_pretrained(folder / "base")
-        scheduler.save_pretrained(folder / "base" / "scheduler")
+        base.save_pretrained(AdapterFolder(folder).base)
+        scheduler.save_pretrained(AdapterFolder(folder).base_scheduler)
         config = json.loads((folder / "adapter_config.json").read_text())
         # absolute: peft and users resolve this name against their working directory, not the adapter's folder
         # (a copied adapter carries its base in base/, as its card says)
-        config["base_model_name_or_path"] = str((Path(final or folder) / "base").resolve())
+        config["base_model_name_or_path"] = str(AdapterFolder(final or folder).base.resolve())
         (folder / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
         (folder / "README.md").write_text(self._adapter_card(model))
         return folder / "adapter_model.safetensors"

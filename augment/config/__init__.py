@@ -37,13 +37,19 @@ class RunnerConfig(Section):
     Results do not depend on it (tested)."""
 
     kind: Literal["local", "processes", "dask"] = Field(
-        "local", description="`local`: the evaluation's own process pool (evaluation.workers), no task per unit; "
+        "local", description="`local`: augment's own process pool (`local_workers`), no task per unit; "
         "`processes`: Prefect's ProcessPoolTaskRunner; `dask`: prefect-dask's DaskTaskRunner on a local cluster, "
         "or on the scheduler at `address` (pip install augment[dask]). No thread runner: torch's random state is "
         "per process, so trainings in threads of one process would not be reproducible.",
     )
     workers: int = Field(0, ge=0, le=1024, description="Workers of a processes/local-dask runner; 0 = one per CPU "
                          "core. Each training uses one torch thread.")
+    local_workers: int = Field(
+        0, ge=0, le=256, description="Parallel processes (one torch thread each) for the CPU-bound units that run "
+        "outside the task runner (all of them under kind=local): downstream and cross-validation trainings, the "
+        "filter's classifiers and generation shards on the CPU; 0 = this job's share of the CPU cores, 1 = in this "
+        "process. Results do not depend on it.",
+    )
     address: str | None = Field(None, description="dask: an existing scheduler, e.g. tcp://10.0.0.5:8786 (its "
                                 "workers must see the run folder's path); None = a local cluster.")
 
@@ -69,8 +75,7 @@ class RunConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Torch device; auto = cuda if available.")
 
     # Where things are written and how many processes do the work change no result: not part of any hash.
-    UNHASHED: ClassVar[tuple] = (("publish", "output_dir"), ("base", "cache_dir"), ("evaluation", "workers"),
-                                 ("runner", None))
+    UNHASHED: ClassVar[tuple] = (("publish", "output_dir"), ("base", "cache_dir"), ("runner", None))
 
     def fingerprint(self, *sections: str) -> str:
         """Short hash of the named sections (all when none; `section.key` names one field), for cache keys and

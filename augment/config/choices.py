@@ -177,11 +177,6 @@ class EvaluationConfig(Section):
         "data only (the Classification Accuracy Score) and the plain pair that is not the recipe's (real+synthetic "
         "when the recipe is real+classic, and the reverse), on `diagnostic_seeds` seeds.",
     )
-    workers: int = Field(
-        0, ge=0, le=256, description="Parallel processes (one torch thread each) for the CPU-bound units of a local "
-        "run: downstream and cross-validation trainings, the filter's classifiers and generation shards on the CPU; "
-        "0 = one per CPU core, 1 = in this process. Results do not depend on it.",
-    )
     seed: int = seed_field("First training seed; seeds are seed, seed+1, ...")
 
     @field_validator("synthetic_prob", mode="before")

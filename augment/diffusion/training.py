@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from augment.diffusion.tensors import autocast
-from augment.run import load_state
+from augment.runfolder import CheckpointFolder, load_state
 
 # denoise(x_t, t) -> the model's prediction (eps or v), conditioning already bound
 Denoise = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -126,7 +126,7 @@ def train_loop(
     step, losses = 0, []
 
     # 2. Resume from the last checkpoint of an interrupted run.
-    ckpt = Path(ckpt_dir) / "state.pt"
+    ckpt = CheckpointFolder(ckpt_dir).state
     state = load_state(ckpt, map_location=device, log=log)
     if state is not None and len(state.get("params", ())) == len(params):
         with torch.no_grad():

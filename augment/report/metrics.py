@@ -13,11 +13,11 @@ import yaml
 
 from augment import results
 from augment.arms import Arm
-from augment.configfile import parse_config
+from augment.configfile import parse_config, saved_config
 from augment.report.schema import SCHEMA_VERSION
 from augment.results import (DataSummary, EvaluationSummary, FilterScores, FilterSummary, PseudoFacts, PseudoSummary,
                              PublishRecord, R, Record)
-from augment.run import RunFolder
+from augment.runfolder import RunFolder
 
 
 def _json(value):
@@ -71,7 +71,7 @@ def collect_metrics(run: Path) -> dict:
     from augment.generate import sampling_precision
 
     rf = RunFolder(run)
-    cfg = parse_config(yaml.safe_load(rf.config.read_text()), str(rf.config))
+    cfg = parse_config(saved_config(yaml.safe_load(rf.config.read_text())), str(rf.config))
     data = read_record(rf.data.summary, DataSummary)
     decisions = read_record(rf.filter.decisions, FilterSummary)
     fsum = read_record(rf.filter.summary, FilterScores)

@@ -24,7 +24,7 @@ from augment.report.metrics import collect_metrics, read_record
 from augment.report.schema import Metrics, validate_metrics
 from augment.results import FilterScores
 from augment.report.sections import key_arms, sections
-from augment.run import RunFolder, read_json, write_json, write_text
+from augment.runfolder import RunFolder, read_json, write_json, write_text
 
 def _md_table(header: list[str], rows: list[list]) -> str:
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

@@ -7,7 +7,7 @@ from typing import NamedTuple
 
 from augment.arms import Arm, Verdict, adds_label, arm_plus, has_part
 from augment.report.schema import ArmResult, Difference, Evaluation, Metrics, Summary, TrainSizes
-from augment.run import RunFolder
+from augment.runfolder import RunFolder
 
 
 def _choice_rows(m: Metrics) -> list[list]:

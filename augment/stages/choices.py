@@ -28,7 +28,7 @@ def pseudo_stage(cfg: RunConfig, splits: Read[Splits], log=print,
             splits = splits()
             if cfg.selection.rule == "cross_validation":
                 labels, decisions = select_and_label(cfg.pseudo, cfg.selection, splits.train, splits.pool,
-                                                     recipe=cfg.evaluation.recipe, workers=cfg.evaluation.workers,
+                                                     recipe=cfg.evaluation.recipe, workers=cfg.runner.local_workers,
                                                      log=log, progress=progress)
             else:
                 labels, decisions = pseudo_label(cfg.pseudo, splits.train, splits.validation, splits.pool,
@@ -64,6 +64,6 @@ def choose_stage(cfg: RunConfig, splits: Read[Splits], filtered: Read, selection
             decision = Choice(skipped="no synthetic sample was kept") if not kept.any() else choose_synthetic(
                 cfg.selection, cfg.evaluation.synthetic_prob, recipe, splits.train.images, splits.train.labels,
                 len(splits.class_names), holdout, pool, (cands.images[kept], cands.labels[kept]),
-                workers=cfg.evaluation.workers, log=log, progress=progress)
+                workers=cfg.runner.local_workers, log=log, progress=progress)
         results.save(st.stage_folder.decision, decision)
     return decision

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Generic, TypeVar
 
-from augment import run as run_folder
+from augment import runfolder
 from augment.config import RunConfig
 from augment.results import Record
 
@@ -30,13 +30,13 @@ from augment.results import Record
 CHOICES = ("pseudo", "selection", "evaluation.recipe")
 
 
-def run_dir(cfg: RunConfig) -> Path:
+def output_dir(cfg: RunConfig) -> Path:
     return Path(cfg.publish.output_dir)
 
 
-def folder(cfg: RunConfig) -> run_folder.RunFolder:
+def folder(cfg: RunConfig) -> runfolder.RunFolder:
     """The run folder's layout: every file of the run by what it holds."""
-    return run_folder.RunFolder(cfg.publish.output_dir)
+    return runfolder.RunFolder(cfg.publish.output_dir)
 
 
 T = TypeVar("T")
@@ -148,7 +148,7 @@ class Stage:
             from augment.errors import WorkerError
 
             raise WorkerError(f"a worker process of the {self.what} stage died twice (the system kills processes "
-                              "when memory runs out): lower evaluation.workers or free memory, then run the same "
+                              "when memory runs out): lower runner.local_workers or free memory, then run the same "
                               "command again; it resumes from every finished unit") from None
         except OSError as err:
             from augment.errors import StorageError
@@ -207,8 +207,8 @@ def to_json(result):
 
 def identity(cfg: RunConfig, name: str) -> str:
     """The identity of a stage's output as it last finished in this run folder ("" when it has not)."""
-    run = run_folder.read_json(folder(cfg).info, {})
-    stages = run.get("stages") if isinstance(run, dict) else None
+    info = runfolder.read_json(folder(cfg).info, {})
+    stages = info.get("stages") if isinstance(info, dict) else None
     entry = stages.get(name) if isinstance(stages, dict) else None
     return str(entry.get("key", "")) if isinstance(entry, dict) else ""  # an edited entry: the stage runs again
 
@@ -221,13 +221,13 @@ def record(cfg: RunConfig, stage: str | None, **facts) -> None:
     """Add facts to run.json: under stages.<stage>, or at the top level when stage is None."""
     path = folder(cfg).info
     path.parent.mkdir(parents=True, exist_ok=True)
-    run = run_folder.read_json(path, {})
-    if not isinstance(run, dict) or not isinstance(run.get("stages"), dict):  # torn or foreign: start over
-        run = {"stages": {}}
-    if stage is not None and not isinstance(run["stages"].get(stage), dict):  # an edited entry: start it over
-        run["stages"][stage] = {}
-    (run if stage is None else run["stages"][stage]).update(facts)
-    run_folder.write_json(path, run)
+    info = runfolder.read_json(path, {})
+    if not isinstance(info, dict) or not isinstance(info.get("stages"), dict):  # torn or foreign: start over
+        info = {"stages": {}}
+    if stage is not None and not isinstance(info["stages"].get(stage), dict):  # an edited entry: start it over
+        info["stages"][stage] = {}
+    (info if stage is None else info["stages"][stage]).update(facts)
+    runfolder.write_json(path, info)
 
 
 class StageRun:
@@ -255,7 +255,8 @@ class StageRun:
         """True (logged, and its identity recorded) when the folder holds this stage's result under the same key.
         `damage()` says what of that result no longer reads (a flipped byte, a truncated file), or None: a damaged
         result is made again (its folder keeps what is intact, for the stage to resume from)."""
-        if self.stage_folder is not None and (run_folder.read_json(self.stage_folder.stage) or {}).get("key") == self.key:
+        done = runfolder.read_json(self.stage_folder.stage) if self.stage_folder is not None else None
+        if (done or {}).get("key") == self.key:
             problem = damage() if damage is not None else None
             if problem is not None:
                 log(f"{self.name}: {problem}; running it again")
@@ -270,11 +271,11 @@ class StageRun:
         """Clear a folder made with another key; keep one made with this key (it may hold resumable checkpoints or
         finished shards of an interrupted run). Only ever inside a run folder augment created."""
         owner = self.stage_folder.owner
-        if self.folder.exists() and (run_folder.read_json(owner) or {}).get("key") != self.key:
-            run_folder.require_ours(run_dir(self.cfg))
+        if self.folder.exists() and (runfolder.read_json(owner) or {}).get("key") != self.key:
+            runfolder.require_ours(output_dir(self.cfg))
             shutil.rmtree(self.folder)
         self.folder.mkdir(parents=True, exist_ok=True)
-        run_folder.write_json(owner, {"key": self.key})
+        runfolder.write_json(owner, {"key": self.key})
         return self
 
     def identify(self, result) -> None:
@@ -288,7 +289,7 @@ class StageRun:
     def __exit__(self, exc_type, *_):
         if exc_type is None:
             if self.folder is not None:
-                run_folder.write_json(self.stage_folder.stage, {"key": self.key})
+                runfolder.write_json(self.stage_folder.stage, {"key": self.key})
             facts = {"seconds": round(time.time() - self.t0, 2)}
             if self.spec.identity is None:
                 facts["key"] = self.key

@@ -10,15 +10,15 @@ from collections.abc import Callable, Iterable
 import numpy as np
 
 from augment import results
-from augment import run as run_folder
+from augment import runfolder
 from augment.arms import has_part
 from augment.backends import create, resolve_device
 from augment.config import RunConfig
 from augment.data import Splits, data_fingerprint, make_splits
-from augment.parallel import worker_cache
+from augment.parallel import worker_state
 from augment.results import AdapterInfo, BaseModelInfo, DataSummary, GenerationRecord
 from augment.stages import outputs
-from augment.stages.core import Read, StageRun, folder, run_dir, stage
+from augment.stages.core import Read, StageRun, folder, output_dir, stage
 from augment.stages.outputs import load_pseudo, load_selection
 
 
@@ -37,9 +37,9 @@ def prepare_data(cfg: RunConfig, log=print, progress=None) -> DataSummary:
 
 def recorded(cfg: RunConfig) -> tuple[BaseModelInfo, AdapterInfo]:
     """The base and the adapter of the run folder's last run, as run.json records them."""
-    run = run_folder.read_json(folder(cfg).info, {}) or {}
-    return (results.parse(BaseModelInfo, run.get("base"), f"{folder(cfg).info}: base"),
-            results.parse(AdapterInfo, run.get("adapter"), f"{folder(cfg).info}: adapter"))
+    info = runfolder.read_json(folder(cfg).info, {}) or {}
+    return (results.parse(BaseModelInfo, info.get("base"), f"{folder(cfg).info}: base"),
+            results.parse(AdapterInfo, info.get("adapter"), f"{folder(cfg).info}: adapter"))
 
 
 def backend_for(cfg: RunConfig, splits: Splits):
@@ -109,7 +109,7 @@ def generate_stage(cfg: RunConfig, generator_splits: Read[Splits], base: BaseMod
         with st.fresh():
             splits = generator_splits()
             backend = backend_for(cfg, splits)
-            workers = worker_count(cfg.evaluation.workers)
+            workers = worker_count(cfg.runner.local_workers)
             if units is None and backend.device.type == "cpu" and workers > 1:
                 units = _local_shards(cfg, base, adapter, workers)  # shards on CPU cores, one thread each
             if units is None:
@@ -131,7 +131,7 @@ def generate_stage(cfg: RunConfig, generator_splits: Read[Splits], base: BaseMod
 
 
 def _local_shards(cfg: RunConfig, base: BaseModelInfo, adapter: AdapterInfo, workers: int):
-    """units for a local run: the shards on `workers` spawned processes (evaluation.workers, as the other CPU-bound
+    """units for a local run: the shards on `workers` spawned processes (runner.local_workers, as the other CPU-bound
     units; one torch thread each), each loading the model once; yields each shard's sample count as it finishes."""
 
     def run(shards: list[int]):
@@ -154,7 +154,7 @@ def _local_shards(cfg: RunConfig, base: BaseModelInfo, adapter: AdapterInfo, wor
 
 
 # per process: a worker that generates many shards of one run loads its model once (emptied after the batch)
-_MODELS: dict = worker_cache()
+_MODELS: dict = worker_state()
 
 
 def generate_unit(cfg: RunConfig, base: BaseModelInfo, adapter: AdapterInfo, shard: int) -> int:
@@ -165,7 +165,7 @@ def generate_unit(cfg: RunConfig, base: BaseModelInfo, adapter: AdapterInfo, sha
     from augment import generate as gen
 
     cands = folder(cfg).candidates
-    key = (str(run_dir(cfg)), adapter.adapter_hash, cfg.fingerprint("generation"))
+    key = (str(output_dir(cfg)), adapter.adapter_hash, cfg.fingerprint("generation"))
     if key not in _MODELS:
         _MODELS.clear()
         splits = outputs.generator_splits(cfg)

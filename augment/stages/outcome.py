@@ -9,11 +9,12 @@ from typing import TYPE_CHECKING
 from augment import results
 from augment.arms import has_part
 from augment.config import RunConfig
+from augment.parallel import worker_state
 from augment.report.schema import Metrics
 from augment.results import AdapterInfo, BaseModelInfo, ClassFilter, EvaluationSummary, FilterSummary, PublishRecord
 from augment.data import Splits
 from augment.results import Choice, Selection
-from augment.stages.core import ALL, Read, StageRun, folder, identity, run_dir, stage
+from augment.stages.core import ALL, Read, StageRun, folder, identity, output_dir, stage
 from augment.stages.outputs import (evaluation_config, load_choice, load_filter_summary, load_filtered,
                                     load_published, load_splits, pseudo_labeled)
 
@@ -31,7 +32,7 @@ def filter_stage(cfg: RunConfig, splits: Read[Splits], candidates: Read, log=pri
     with st.fresh():
         splits, cands = splits(), candidates()
         scored, _ = score_candidates(cfg.filter, cands, splits.train, splits.validation, log=log,
-                                     workers=cfg.evaluation.workers)
+                                     workers=cfg.runner.local_workers)
         kept, reason = decide(scored, cfg.filter)
         table = save_outcome(scored, kept, reason, cands, st.folder)
         per_class = []
@@ -67,19 +68,19 @@ def training_sets(cfg: RunConfig, splits: Splits, filtered, pseudo) -> TrainingS
                         Examples(pseudo.images, pseudo.labels) if len(pseudo) else None, ablation)
 
 
-_SETS: dict = {}  # per process: a worker that trains many units of one run reads its sets once
+_SETS: dict = worker_state()  # per process: a worker that trains many units of one run reads its sets once
 
 
 def train_unit(cfg: RunConfig, arm: str, recipe: str, seed: int) -> TrainingRun:
     """One downstream training (arm x seed) in any process that sees the run folder: the unit that the flow's
     task runner (threads, processes, Dask) distributes."""
-    from augment.trainings import train_unit as train
+    from augment.trainings import train_arm
 
-    key = (str(run_dir(cfg)), identity(cfg, "filter"), identity(cfg, "pseudo"), cfg.fingerprint("filter"))
+    key = (str(output_dir(cfg)), identity(cfg, "filter"), identity(cfg, "pseudo"), cfg.fingerprint("filter"))
     if key not in _SETS:
         _SETS.clear()
         _SETS[key] = training_sets(cfg, load_splits(cfg), load_filtered(cfg), pseudo_labeled(cfg))
-    return train(evaluation_config(cfg, load_choice(cfg)), _SETS[key], arm, recipe, seed)
+    return train_arm(evaluation_config(cfg, load_choice(cfg)), _SETS[key], arm, recipe, seed)
 
 
 # before publishing: it decides whether the pseudo-labeled pool rows are published
@@ -104,7 +105,7 @@ def evaluate_stage(cfg: RunConfig, splits: Read[Splits], filtered: Read, pseudo:
                 decisions = decisions.with_(synthetic=chosen)
             sets = training_sets(cfg, splits(), filtered(), pseudo())
             runs = evaluate(evaluation_config(cfg, chosen), sets, st.folder, progress=progress, log=log,
-                            run_units=units, decisions=decisions)
+                            run_units=units, decisions=decisions, workers=cfg.runner.local_workers)
     summary = summarize_results(runs)
     results.save(st.stage_folder.summary, summary)
     return summary
@@ -152,7 +153,7 @@ def _card_facts(cfg: RunConfig, evaluation: EvaluationSummary, decisions: Filter
     how = (f"Source images: `{cfg.data.source}`, {cfg.data.shots_per_class or 'all'} labeled per class. Generator: "
            f"{b.pretrained if b.pretrained != 'builtin' else 'a pixel-space UNet pretrained on the unlabeled pool'}"
            f" + LoRA rank {cfg.lora.rank}, {cfg.lora.max_train_steps} steps. Sampling: {g.scheduler}, "
-           f"{g.num_inference_steps} steps, {sampling_precision(run_dir(cfg), cfg)}, guidance {g.guidance_scale}, "
+           f"{g.num_inference_steps} steps, {sampling_precision(output_dir(cfg), cfg)}, guidance {g.guidance_scale}, "
            f"strengths {g.strengths}. Filters, in order: {', '.join(cfg.filter.order)}; "
            f"{decisions.generated} generated, {decisions.kept} kept; rejected: "
            + (", ".join(f"{r} {n}" for r, n in sorted(rejected.items())) or "none") + ".")
@@ -174,4 +175,4 @@ def report_stage(cfg: RunConfig, log=print, progress=None) -> Metrics:
     """The report (HTML, Markdown, metrics.json) from the run folder; returns the metrics, typed."""
     from augment.report.render import build_report
 
-    return build_report(run_dir(cfg))
+    return build_report(output_dir(cfg))

@@ -66,16 +66,27 @@ class ChoiceFolder(StageFolder):
 
 
 class AdapterFolder(StageFolder):
-    """The fine-tuned adapter in peft's format, plus our two files."""
+    """The fine-tuned adapter in peft's format, plus our two files; a pixel-space adapter also carries a copy of
+    its base (a diffusers UNet2DModel folder and its scheduler), so a copied run folder samples without the cache."""
 
     info = property(lambda self: self.path / "info.json")
     training_config = property(lambda self: self.path / "training_config.json")
+    base = property(lambda self: self.path / "base")
+    base_config = property(lambda self: self.base / "config.json")
+    base_scheduler = property(lambda self: self.base / "scheduler")
+
+
+class CheckpointFolder(StageFolder):
+    """Where the training loop keeps its resumable state (augment.diffusion.training): fine-tuning's in the run
+    folder, base pretraining's in the base cache."""
+
+    state = property(lambda self: self.path / "state.pt")
 
 
 class FinetuneFolder(StageFolder):
     adapter = property(lambda self: AdapterFolder(self.path / "adapter"))
     adapter_tmp = property(lambda self: AdapterFolder(self.path / "adapter.tmp"))  # renamed to adapter when complete
-    checkpoint = property(lambda self: self.path / "finetune-checkpoint")
+    checkpoint = property(lambda self: CheckpointFolder(self.path / "finetune-checkpoint"))
 
 
 class CandidatesFolder(StageFolder):
