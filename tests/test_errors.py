@@ -120,6 +120,15 @@ def _hf(u: Path, labels: list, feature=None) -> str:
     return str(u / "hf")
 
 
+def _pipeline(u: Path, class_name: str) -> None:
+    """A diffusers checkpoint folder as its model_index.json names it (the preflight reads nothing else)."""
+    import json
+
+    (u / "ckpt" / "unet").mkdir(parents=True)
+    (u / "ckpt" / "model_index.json").write_text(json.dumps({"_class_name": class_name, "_diffusers_version": "0.36",
+                                                             "unet": ["diffusers", "UNet2DConditionModel"]}))
+
+
 def _class_label(*names: str):
     import datasets
 
@@ -145,6 +154,29 @@ BAD_INPUTS = {
     "sd not a pipeline": (None, ["--set", "base.kind=stable_diffusion", "--set", f"base.pretrained={ROOT / 'configs'}"],
                           "no model_index.json"),
     "prompt template": (None, ["--set", "base.prompt_template=a {label}"], "base.prompt_template"),
+    # a diffusers pipeline no backend loads: one line before any stage, whatever base.kind says
+    "SDXL as stable_diffusion": (lambda u: _pipeline(u, "StableDiffusionXLPipeline"),
+                                 ["--set", "base.kind=stable_diffusion", "--set", "base.pretrained={U}/ckpt"],
+                                 "is a StableDiffusionXLPipeline checkpoint (SDXL, not supported yet)"),
+    "SDXL as auto": (lambda u: _pipeline(u, "StableDiffusionXLPipeline"), ["--set", "base.pretrained={U}/ckpt"],
+                     "StableDiffusionXLPipeline checkpoint (SDXL, not supported yet)"),
+    "FLUX as auto": (lambda u: _pipeline(u, "FluxPipeline"), ["--set", "base.pretrained={U}/ckpt"],
+                     "FluxPipeline checkpoint (FLUX.1, not supported yet)"),
+    "FLUX as stable_diffusion": (lambda u: _pipeline(u, "FluxPipeline"),
+                                 ["--set", "base.kind=stable_diffusion", "--set", "base.pretrained={U}/ckpt"],
+                                 "FluxPipeline checkpoint (FLUX.1, not supported yet)"),
+    "SD 3.5 as auto": (lambda u: _pipeline(u, "StableDiffusion3Pipeline"), ["--set", "base.pretrained={U}/ckpt"],
+                       "StableDiffusion3Pipeline checkpoint (SD 3/3.5, not supported yet)"),
+    "Kandinsky as auto": (lambda u: _pipeline(u, "KandinskyV22Pipeline"), ["--set", "base.pretrained={U}/ckpt"],
+                          "KandinskyV22Pipeline checkpoint (Kandinsky"),
+    "PixArt as stable_diffusion": (lambda u: _pipeline(u, "PixArtSigmaPipeline"),
+                                   ["--set", "base.kind=stable_diffusion", "--set", "base.pretrained={U}/ckpt"],
+                                   "PixArtSigmaPipeline checkpoint"),
+    "an unknown pipeline": (lambda u: _pipeline(u, "WuerstchenCombinedPipeline"),
+                            ["--set", "base.pretrained={U}/ckpt"], "augment loads these pipeline classes"),
+    "SD as pixel": (lambda u: _pipeline(u, "StableDiffusionPipeline"),
+                    ["--set", "base.kind=pixel", "--set", "base.pretrained={U}/ckpt"],
+                    "which the stable_diffusion backend loads, not pixel: set base.kind to stable_diffusion"),
     "config not found": (None, ["CONFIG={U}/nope.yaml"], "nope.yaml"),
     "config yaml syntax": (lambda u: _config_file(u, "data: [unclosed\n"), ["CONFIG={src}"], "job.yaml"),
     "config not a mapping": (lambda u: _config_file(u, "- a\n- b\n"), ["CONFIG={src}"], "job.yaml"),

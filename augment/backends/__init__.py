@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Protocol
 
+from augment.backends.detect import check_pipeline
 from augment.errors import ModelError
 from augment.registry import BACKEND_DETECTORS, BACKENDS, FALLBACK_BACKEND
 from augment.results import BaseModelInfo
@@ -102,12 +103,13 @@ def model_index(cfg: "BaseModelConfig") -> dict | None:
     return parsed
 
 
-def detect_kind(cfg: "BaseModelConfig") -> str:
+def detect_kind(cfg: "BaseModelConfig", index: dict | None = None) -> str:
     """`base.kind`, or for `auto` the first registered backend whose detector claims `base.pretrained` (its
-    model_index.json read once), else the fallback: the builtin base and UNet checkpoints are `pixel`."""
+    model_index.json, `index` when the caller read it already), else the fallback: the builtin base and UNet
+    checkpoints are `pixel`."""
     if cfg.kind != "auto":
         return cfg.kind
-    index = model_index(cfg)
+    index = model_index(cfg) if index is None else index
     for name in BACKEND_DETECTORS:
         if BACKEND_DETECTORS.load(name)(index, cfg.pretrained):
             return name
@@ -123,7 +125,9 @@ def check_base(cfg: "BaseModelConfig") -> str:
         if looks_local and not ref.exists():
             raise ModelError(f"base.pretrained={cfg.pretrained}: no such folder (give a diffusers checkpoint folder "
                              "or a hub id such as owner/name)")
-    kind = detect_kind(cfg)
+    index = model_index(cfg)
+    kind = detect_kind(cfg, index)
+    check_pipeline(index, cfg.pretrained, kind)  # whatever base.kind says: a pipeline no backend loads is refused
     if kind == "stable_diffusion" and Path(cfg.pretrained).is_dir() \
             and not (Path(cfg.pretrained) / "model_index.json").exists():
         raise ModelError(f"base.pretrained={cfg.pretrained}: no model_index.json; expected a diffusers Stable "
