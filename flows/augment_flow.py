@@ -28,8 +28,8 @@ from augment.configfile import apply_overrides, deep_merge, parse_config
 from augment.report.schema import Metrics
 from augment.report.sections import headline, key_arms
 from augment.results import AdapterInfo, BaseModelInfo, Record
-from augment.trainings import TrainingRun
 from augment.runfolder import RunFolder
+from augment.trainings import TrainingRun
 
 
 def _log(message: str) -> None:
@@ -265,7 +265,7 @@ def resolve_config(config: RunConfig, overrides: list[str]) -> RunConfig:
 def augment_flow(config: RunConfig = RunConfig(), overrides: list[str] = [],  # noqa: B006 (Prefect form)
                  wait: bool = False) -> Metrics:
     """Pseudo-label, fine-tune, generate, filter, evaluate and publish; returns the report's metrics (metrics.json,
-    typed: `.model_dump(mode="json", by_alias=True)` is the file's JSON).
+    typed: its `to_json()` is the file's JSON).
 
     `overrides`: `section.key=value` strings applied on top of `config`, e.g. `["data.source=/data/new"]`.
     `wait`: when another run holds the output folder, wait for it to finish instead of failing."""
