@@ -8,8 +8,8 @@ from collections.abc import Callable
 from augment import results
 from augment.arms import has_part
 from augment.config import RunConfig
-from augment.results import Choice, PseudoSummary, Selection
 from augment.data import Splits
+from augment.results import Choice, PseudoSummary, Selection
 from augment.stages.core import CHOICES, Read, StageRun, stage
 from augment.stages.outputs import load_choice, synthetic_holdout
 

@@ -9,8 +9,7 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 
-from augment import results
-from augment import runfolder
+from augment import results, runfolder
 from augment.arms import has_part
 from augment.backends import create, resolve_device
 from augment.config import RunConfig

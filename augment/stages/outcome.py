@@ -9,11 +9,11 @@ from typing import TYPE_CHECKING
 from augment import results
 from augment.arms import has_part
 from augment.config import RunConfig
+from augment.data import Splits
 from augment.parallel import worker_state
 from augment.report.schema import Metrics
-from augment.results import AdapterInfo, BaseModelInfo, ClassFilter, EvaluationSummary, FilterSummary, PublishRecord
-from augment.data import Splits
-from augment.results import Choice, Selection
+from augment.results import (AdapterInfo, BaseModelInfo, Choice, ClassFilter, EvaluationSummary, FilterSummary,
+                             PublishRecord, Selection)
 from augment.stages.core import ALL, Read, StageRun, folder, identity, output_dir, stage
 from augment.stages.outputs import (evaluation_config, load_choice, load_filter_summary, load_filtered,
                                     load_published, load_splits, pseudo_labeled)
