@@ -154,29 +154,6 @@ BAD_INPUTS = {
     "sd not a pipeline": (None, ["--set", "base.kind=stable_diffusion", "--set", f"base.pretrained={ROOT / 'configs'}"],
                           "no model_index.json"),
     "prompt template": (None, ["--set", "base.prompt_template=a {label}"], "base.prompt_template"),
-    # a diffusers pipeline no backend loads: one line before any stage, whatever base.kind says
-    "SDXL as stable_diffusion": (lambda u: _pipeline(u, "StableDiffusionXLPipeline"),
-                                 ["--set", "base.kind=stable_diffusion", "--set", "base.pretrained={U}/ckpt"],
-                                 "is a StableDiffusionXLPipeline checkpoint (SDXL, not supported yet)"),
-    "SDXL as auto": (lambda u: _pipeline(u, "StableDiffusionXLPipeline"), ["--set", "base.pretrained={U}/ckpt"],
-                     "StableDiffusionXLPipeline checkpoint (SDXL, not supported yet)"),
-    "FLUX as auto": (lambda u: _pipeline(u, "FluxPipeline"), ["--set", "base.pretrained={U}/ckpt"],
-                     "FluxPipeline checkpoint (FLUX.1, not supported yet)"),
-    "FLUX as stable_diffusion": (lambda u: _pipeline(u, "FluxPipeline"),
-                                 ["--set", "base.kind=stable_diffusion", "--set", "base.pretrained={U}/ckpt"],
-                                 "FluxPipeline checkpoint (FLUX.1, not supported yet)"),
-    "SD 3.5 as auto": (lambda u: _pipeline(u, "StableDiffusion3Pipeline"), ["--set", "base.pretrained={U}/ckpt"],
-                       "StableDiffusion3Pipeline checkpoint (SD 3/3.5, not supported yet)"),
-    "Kandinsky as auto": (lambda u: _pipeline(u, "KandinskyV22Pipeline"), ["--set", "base.pretrained={U}/ckpt"],
-                          "KandinskyV22Pipeline checkpoint (Kandinsky"),
-    "PixArt as stable_diffusion": (lambda u: _pipeline(u, "PixArtSigmaPipeline"),
-                                   ["--set", "base.kind=stable_diffusion", "--set", "base.pretrained={U}/ckpt"],
-                                   "PixArtSigmaPipeline checkpoint"),
-    "an unknown pipeline": (lambda u: _pipeline(u, "WuerstchenCombinedPipeline"),
-                            ["--set", "base.pretrained={U}/ckpt"], "augment loads these pipeline classes"),
-    "SD as pixel": (lambda u: _pipeline(u, "StableDiffusionPipeline"),
-                    ["--set", "base.kind=pixel", "--set", "base.pretrained={U}/ckpt"],
-                    "which the stable_diffusion backend loads, not pixel: set base.kind to stable_diffusion"),
     "config not found": (None, ["CONFIG={U}/nope.yaml"], "nope.yaml"),
     "config yaml syntax": (lambda u: _config_file(u, "data: [unclosed\n"), ["CONFIG={src}"], "job.yaml"),
     "config not a mapping": (lambda u: _config_file(u, "- a\n- b\n"), ["CONFIG={src}"], "job.yaml"),
@@ -521,6 +498,28 @@ def test_validate_accepts_a_messy_folder_and_the_summary_counts_what_was_skipped
     assert summary["skipped"]["reasons"] == {HIDDEN: 2, "not an image file": 1}
     assert "__MACOSX/ (hidden or __MACOSX)" in summary["skipped"]["examples"]
 
+
+# A diffusers pipeline no backend loads: one line before any stage, whatever base.kind says.
+# (pipeline class in model_index.json, base.kind, what the line says)
+PIPELINES = {
+    "SDXL as stable_diffusion": ("StableDiffusionXLPipeline", "stable_diffusion",
+                                 "is a StableDiffusionXLPipeline checkpoint (SDXL, not supported yet)"),
+    "SDXL as auto": ("StableDiffusionXLPipeline", "auto",
+                     "StableDiffusionXLPipeline checkpoint (SDXL, not supported yet)"),
+    "FLUX as auto": ("FluxPipeline", "auto", "FluxPipeline checkpoint (FLUX.1, not supported yet)"),
+    "FLUX as stable_diffusion": ("FluxPipeline", "stable_diffusion",
+                                 "FluxPipeline checkpoint (FLUX.1, not supported yet)"),
+    "SD 3.5 as auto": ("StableDiffusion3Pipeline", "auto",
+                       "StableDiffusion3Pipeline checkpoint (SD 3/3.5, not supported yet)"),
+    "Kandinsky as auto": ("KandinskyV22Pipeline", "auto", "KandinskyV22Pipeline checkpoint (Kandinsky"),
+    "PixArt as stable_diffusion": ("PixArtSigmaPipeline", "stable_diffusion", "PixArtSigmaPipeline checkpoint"),
+    "an unknown pipeline": ("WuerstchenCombinedPipeline", "auto", "augment loads these pipeline classes"),
+    "SD as pixel": ("StableDiffusionPipeline", "pixel",
+                    "which the stable_diffusion backend loads, not pixel: set base.kind to stable_diffusion"),
+}
+BAD_INPUTS.update({case: (lambda u, name=name: _pipeline(u, name),
+                          ["--set", f"base.kind={kind}", "--set", "base.pretrained={U}/ckpt"], says)
+                   for case, (name, kind, says) in PIPELINES.items()})
 
 def _snapshot(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}

@@ -213,3 +213,21 @@ def test_a_stage_declares_what_it_reads_once_and_only_its_own_sections():
     assert set(SPECS["evaluate"].covers) == {"data", "base", "pseudo", "selection", "lora", "generation", "filter",
                                              "evaluation"}
     assert SPECS["generate"].upstream == ("data", "base", "finetune", "pseudo")
+
+
+def test_an_output_built_from_another_shares_its_load(monkeypatch):
+    """A stage that reads the splits and the pseudo-labeled pool (built from the splits) loads the splits once; a
+    stage that never asks loads nothing."""
+    from augment.stages.core import OUTPUTS, Output, Stage
+
+    loads = []
+    monkeypatch.setitem(OUTPUTS, "splits", Output("splits", "data", lambda cfg: loads.append("splits") or "S"))
+    monkeypatch.setitem(OUTPUTS, "pseudo", Output("pseudo", "pseudo", lambda cfg, s: loads.append("pseudo") or s + "P",
+                                                  needs=("splits",)))
+    probe = Stage("probe", "probe", "", lambda cfg, splits, pseudo, log, progress: None, reads=("splits", "pseudo"))
+    reads = probe.inputs(None, {})
+    assert loads == []
+    assert reads["pseudo"]() == "SP" and reads["splits"]() == "S" and reads["pseudo"]() == "SP"
+    assert loads == ["splits", "pseudo"]
+    only = Stage("only", "probe", "", lambda cfg, pseudo, log, progress: None, reads=("pseudo",)).inputs(None, {})
+    assert only["pseudo"]() == "SP" and loads[2:] == ["splits", "pseudo"]

@@ -45,21 +45,24 @@ T = TypeVar("T")
 @dataclass(frozen=True)
 class Output:
     """Something a stage writes that later stages read, by name: the stage that writes it, and its loader
-    (`load(cfg)` from the run folder; None: the stage's result, handed over in memory: `Stage.keeps`)."""
+    (`load(cfg, *needs)` from the run folder, given the outputs named in `needs`, each loaded once per stage run;
+    None: the stage's result, handed over in memory: `Stage.keeps`)."""
 
     name: str
     stage: str
-    load: Callable[[RunConfig], object] | None = None
+    load: Callable[..., object] | None = None
+    needs: tuple[str, ...] = ()
 
 
 OUTPUTS: dict[str, Output] = {}  # every readable output by name (filled as augment.stages.outputs is imported)
 
 
-def output(name: str, stage: str) -> Callable:
-    """Register `load(cfg)` as the loader of the output `name`, which `stage` writes."""
+def output(name: str, stage: str, needs: tuple[str, ...] = ()) -> Callable:
+    """Register `load(cfg, *needs)` as the loader of the output `name`, which `stage` writes; `needs`: outputs it is
+    built from (the splits, which the stage may read itself: loaded once for both)."""
 
     def wrap(load):
-        OUTPUTS[name] = Output(name, stage, load)
+        OUTPUTS[name] = Output(name, stage, load, needs)
         return load
 
     return wrap
@@ -123,9 +126,17 @@ class Stage:
         return tuple(sorted(n for n in names if n.split(".")[0] == n or n.split(".")[0] not in names))
 
     def inputs(self, cfg: RunConfig, kept: dict) -> dict:
-        """What the stage reads, by name: a result handed over in memory as it is, a run-folder output as a Read."""
-        return {r: kept[r] if source(r).load is None else Read(lambda load=source(r).load: load(cfg))
-                for r in self.reads}
+        """What the stage reads, by name: a result handed over in memory as it is, a run-folder output as a Read
+        (one per output, shared with the outputs built from it)."""
+        reads: dict[str, Read] = {}
+
+        def read(name: str) -> Read:
+            if name not in reads:
+                out = OUTPUTS[name]
+                reads[name] = Read(lambda: out.load(cfg, *(read(n)() for n in out.needs)))
+            return reads[name]
+
+        return {r: kept[r] if source(r).load is None else read(r) for r in self.reads}
 
     def call(self, cfg: RunConfig, kept: dict, log=print, progress=None, units=None):
         """Run the stage with what it reads (`inputs`) and the run's callbacks, each passed by its declared name."""

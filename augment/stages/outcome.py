@@ -16,7 +16,7 @@ from augment.results import (AdapterInfo, BaseModelInfo, Choice, ClassFilter, Ev
                              PublishRecord, Selection)
 from augment.stages.core import ALL, Read, StageRun, folder, identity, output_dir, stage
 from augment.stages.outputs import (evaluation_config, load_choice, load_filter_summary, load_filtered,
-                                    load_published, load_splits, pseudo_labeled)
+                                    load_published, load_pseudo, load_splits)
 
 if TYPE_CHECKING:  # pragma: no cover  (augment.trainings imports sklearn, ~1 s: loaded when a training runs)
     from augment.trainings import TrainingRun, TrainingSets
@@ -50,7 +50,7 @@ def filter_stage(cfg: RunConfig, splits: Read[Splits], candidates: Read, log=pri
 
 def training_sets(cfg: RunConfig, splits: Splits, filtered, pseudo) -> TrainingSets:
     """Everything the downstream trainings read: the splits, the kept and all candidates (`filtered`, as
-    load_filtered reads them), the pseudo-labeled pool (as pseudo_labeled reads it), and what each filter alone
+    load_filtered reads them), the pseudo-labeled pool (as load_pseudo reads it), and what each filter alone
     would keep (from the filter's scores)."""
     from augment.filters import decide, load_scored
     from augment.trainings import Examples, TrainingSets
@@ -79,7 +79,8 @@ def train_unit(cfg: RunConfig, arm: str, recipe: str, seed: int) -> TrainingRun:
     key = (str(output_dir(cfg)), identity(cfg, "filter"), identity(cfg, "pseudo"), cfg.fingerprint("filter"))
     if key not in _SETS:
         _SETS.clear()
-        _SETS[key] = training_sets(cfg, load_splits(cfg), load_filtered(cfg), pseudo_labeled(cfg))
+        splits = load_splits(cfg)
+        _SETS[key] = training_sets(cfg, splits, load_filtered(cfg), load_pseudo(cfg, splits))
     return train_arm(evaluation_config(cfg, load_choice(cfg)), _SETS[key], arm, recipe, seed)
 
 

@@ -34,11 +34,12 @@ def synthetic_holdout(cfg: RunConfig, splits: Splits) -> np.ndarray:
     return generator_holdout(splits.train.labels, sel.synthetic_holdout, sel.seed)
 
 
-@output("generator_splits", "data")
-def generator_splits(cfg: RunConfig) -> Splits:
+@output("generator_splits", "data", needs=("splits",))
+def generator_splits(cfg: RunConfig, splits: Splits | None = None) -> Splits:
     """The splits as everything the generator learns from sees them (base pretraining, fine-tuning, img2img
-    sources, the feedback classifier): the labeled train split without the synthetic choice's holdout."""
-    splits = load_splits(cfg)
+    sources, the feedback classifier): the labeled train split without the synthetic choice's holdout. `splits`:
+    the data stage's, when they are loaded already."""
+    splits = load_splits(cfg) if splits is None else splits
     held = synthetic_holdout(cfg, splits)
     if not len(held):
         return splits
@@ -51,18 +52,13 @@ def load_selection(cfg: RunConfig) -> Selection:
     return results.load(folder(cfg).pseudo.selection, Selection, Selection())
 
 
+@output("pseudo", "pseudo", needs=("splits",))
 def load_pseudo(cfg: RunConfig, splits: Splits):
     """The pseudo-labeled pool images as an ImageSet (empty when there are none), and their labels' record."""
     from augment.pseudo import PseudoLabels
 
     p = PseudoLabels.load(folder(cfg).pseudo)
     return ImageSet(splits.pool.images[p.index], p.labels, splits.class_names, p.ids), p
-
-
-@output("pseudo", "pseudo")
-def pseudo_labeled(cfg: RunConfig):
-    """load_pseudo on the data stage's splits (the pool is the same in every view of them)."""
-    return load_pseudo(cfg, load_splits(cfg))
 
 
 @output("candidates", "generate")
