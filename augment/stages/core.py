@@ -169,7 +169,6 @@ class Stage:
             raise
 
 
-
 # `sections` of a stage whose key covers the whole config (the published dataset depends on all of it)
 ALL: tuple[str, ...] = ("*",)
 
