@@ -22,7 +22,7 @@ from augment import results
 from augment.backends import Backend, BaseModelInfo
 from augment.config import LoRAConfig
 from augment.data import ImageSet
-from augment.diffusion import LoopSpec, diffusion_loss, train_loop
+from augment.diffusion import LoopSpec, train_loop
 from augment.results import AdapterInfo
 from augment.runfolder import AdapterFolder, FinetuneFolder
 
@@ -100,7 +100,7 @@ def finetune(
         if x_flip is not None:
             flip = torch.from_numpy(rng.random(len(idx)) < 0.5).to(device)
             x0 = torch.where(flip[:, None, None, None], x_flip[idx], x0)
-        return diffusion_loss(lambda x_t, t: backend.denoise(model, x_t, t, y), backend.scheduler, x0, gen)
+        return backend.loss(model, x0, y, gen, cfg.snr_gamma)
 
     # 3. Train (resumes from finetune-checkpoint/ after a crash).
     t0 = time.time()

@@ -54,9 +54,11 @@ def sample_seed(seed: int, label: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, label, index]).generate_state(1)[0])
 
 
-def plan(cfg: GenerationConfig, train: ImageSet, prompts: list[tuple[str, str]] | None = None) -> pd.DataFrame:
+def plan(cfg: GenerationConfig, train: ImageSet, prompts: list[tuple[str, str]] | None = None,
+         sampler: str | None = None) -> pd.DataFrame:
     """One row per sample to generate, fully determined by the config, the train split and the class prompts
-    (the backend's (prompt, negative prompt) per class; empty for a backend without text)."""
+    (the backend's (prompt, negative prompt) per class; empty for a backend without text). `sampler`: the sampler
+    the backend uses (default generation.scheduler), for the provenance column `scheduler`."""
     rows = []
     for k, n in enumerate(per_class_counts(cfg, train.class_counts())):
         prompt, negative = prompts[k] if prompts else ("", "")
@@ -69,7 +71,7 @@ def plan(cfg: GenerationConfig, train: ImageSet, prompts: list[tuple[str, str]] 
             rows.append({"sample_id": f"syn-{k}-{j}", "label": k, "seed": s, "strength": strength,
                          "source_index": src, "source_id": train.ids[src] if src >= 0 else "",
                          "guidance_scale": cfg.guidance_scale, "num_inference_steps": cfg.num_inference_steps,
-                         "scheduler": cfg.scheduler, "eta": cfg.eta, "prompt": prompt, "negative_prompt": negative})
+                         "scheduler": sampler or cfg.scheduler, "eta": cfg.eta, "prompt": prompt, "negative_prompt": negative})
     columns = ["sample_id", "label", "seed", "strength", "source_index", "source_id", "guidance_scale",
                "num_inference_steps", "scheduler", "eta", "prompt", "negative_prompt"]
     df = pd.DataFrame(rows, columns=columns).astype({"label": "int64", "seed": "int64", "source_index": "int64"})
@@ -87,7 +89,7 @@ def write_plan(cfg: GenerationConfig, backend: "Backend", train: ImageSet, outpu
     """Plan every sample (plan.parquet) and return the plan; the shards are the units of work."""
     out = CandidatesFolder(output_dir)
     out.path.mkdir(parents=True, exist_ok=True)
-    df = plan(cfg, train, [backend.prompt(k) for k in range(len(train.class_names))])
+    df = plan(cfg, train, [backend.prompt(k) for k in range(len(train.class_names))], backend.sampler_name(cfg))
     df.to_parquet(out.plan)
     return df
 

@@ -35,6 +35,11 @@ def preflight(cfg: RunConfig) -> None:
     runfolder.check_output_dir(cfg.publish.output_dir, cfg.data.source)
     runfolder.check_writable_dir(cfg.base.cache_dir, "base.cache_dir", cfg.data.source)
     kind = check_base(cfg.base)
+    if kind == "flux" and cfg.lora.snr_gamma is not None:
+        from augment.config import ConfigError
+
+        raise ConfigError(f"lora.snr_gamma={cfg.lora.snr_gamma} weights noise-prediction losses; the flux backend "
+                          "trains by flow matching: set it to null")
     if cfg.generation.feedback_scale > 0:
         from augment.config import ConfigError
 

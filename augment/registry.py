@@ -81,10 +81,14 @@ class Registry:
 BACKENDS = Registry("backend", {
     "pixel": "augment.backends.pixel_unet:PixelBackend",
     "stable_diffusion": "augment.backends.stable_diffusion:StableDiffusionBackend",
+    "sdxl": "augment.backends.sdxl:StableDiffusionXLBackend",
+    "flux": "augment.backends.flux:FluxBackend",
 })
 
 BACKEND_DETECTORS = Registry("backend detector", {
     "stable_diffusion": "augment.backends.detect:stable_diffusion",
+    "sdxl": "augment.backends.detect:sdxl",
+    "flux": "augment.backends.detect:flux",
 })
 FALLBACK_BACKEND = "pixel"  # UNet checkpoints and the builtin base: what `auto` takes when no detector claims one
 

@@ -207,3 +207,18 @@ def test_a_moved_key_is_refused_in_a_users_config_and_moved_in_a_run_folders_own
     assert "workers" not in saved_config(data)["evaluation"] and data["evaluation"]["workers"] == 3  # a copy
     given = {"evaluation": {"workers": 2}, "runner": {"local_workers": 1}}
     assert saved_config(given)["runner"] == {"local_workers": 1}  # a key set in its new place wins
+
+
+def test_a_key_added_later_stays_out_of_the_hashes_at_its_old_behaviour():
+    """lora.snr_gamma came after run folders were keyed: left at null it changes no stage key and no published
+    config_hash; set, it does."""
+    import hashlib
+    import json
+
+    from augment.configfile import load_config
+
+    cfg = load_config(ROOT / "configs" / "tiny.yaml")
+    lora = cfg.model_dump(mode="json")["lora"]
+    assert lora.pop("snr_gamma") is None
+    assert cfg.fingerprint("lora") == hashlib.sha256(json.dumps({"lora": lora}, sort_keys=True).encode()).hexdigest()[:16]
+    assert load_config(ROOT / "configs" / "tiny.yaml", ["lora.snr_gamma=5"]).fingerprint("lora") != cfg.fingerprint("lora")

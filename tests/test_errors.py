@@ -503,12 +503,10 @@ def test_validate_accepts_a_messy_folder_and_the_summary_counts_what_was_skipped
 # (pipeline class in model_index.json, base.kind, what the line says)
 PIPELINES = {
     "SDXL as stable_diffusion": ("StableDiffusionXLPipeline", "stable_diffusion",
-                                 "is a StableDiffusionXLPipeline checkpoint (SDXL, not supported yet)"),
-    "SDXL as auto": ("StableDiffusionXLPipeline", "auto",
-                     "StableDiffusionXLPipeline checkpoint (SDXL, not supported yet)"),
-    "FLUX as auto": ("FluxPipeline", "auto", "FluxPipeline checkpoint (FLUX.1, not supported yet)"),
-    "FLUX as stable_diffusion": ("FluxPipeline", "stable_diffusion",
-                                 "FluxPipeline checkpoint (FLUX.1, not supported yet)"),
+                                 "is a StableDiffusionXLPipeline checkpoint, which the sdxl backend loads, not "
+                                 "stable_diffusion: set base.kind to sdxl"),
+    "FLUX as sdxl": ("FluxPipeline", "sdxl", "which the flux backend loads, not sdxl: set base.kind to flux"),
+    "SD as flux": ("StableDiffusionPipeline", "flux", "which the stable_diffusion backend loads, not flux"),
     "SD 3.5 as auto": ("StableDiffusion3Pipeline", "auto",
                        "StableDiffusion3Pipeline checkpoint (SD 3/3.5, not supported yet)"),
     "Kandinsky as auto": ("KandinskyV22Pipeline", "auto", "KandinskyV22Pipeline checkpoint (Kandinsky"),

@@ -77,6 +77,9 @@ def test_every_backend_has_the_protocol(name):
 # What each backend's checkpoints look like: a model_index.json it must claim, or None for the fallback's.
 CHECKPOINTS = {"stable_diffusion": {"_class_name": "StableDiffusionPipeline",
                                     "unet": ["diffusers", "UNet2DConditionModel"]},
+               "sdxl": {"_class_name": "StableDiffusionXLPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
+                        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"]},
+               "flux": {"_class_name": "FluxPipeline", "transformer": ["diffusers", "FluxTransformer2DModel"]},
                "pixel": None}
 
 

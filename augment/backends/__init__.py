@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Protocol
 
-from augment.backends.detect import check_pipeline
+from augment.backends.detect import PIPELINE_BACKENDS, check_pipeline
 from augment.errors import ModelError
 from augment.registry import BACKEND_DETECTORS, BACKENDS, FALLBACK_BACKEND
 from augment.results import BaseModelInfo
@@ -70,6 +70,14 @@ class Backend(Protocol):
 
     def prompt(self, label: int) -> tuple[str, str]:
         """(prompt, negative prompt) of a class, for provenance; ("", "") for a backend without text."""
+
+    def loss(self, model: "torch.nn.Module", x0: "torch.Tensor", labels: "torch.Tensor",
+             generator: "torch.Generator", snr_gamma: float | None = None) -> "torch.Tensor":
+        """The fine-tuning loss of a batch of model-space images and their class indices (the family's objective:
+        noise or v prediction, or flow matching)."""
+
+    def sampler_name(self, cfg: "GenerationConfig") -> str:
+        """The sampler `sample` uses under `cfg`, as the provenance column `scheduler` records it."""
 
     def sample(self, model: "torch.nn.Module", labels: "np.ndarray", seeds: list[int], cfg: "GenerationConfig",
                strength: float = 1.0, init_images: "np.ndarray | None" = None,
@@ -128,10 +136,11 @@ def check_base(cfg: "BaseModelConfig") -> str:
     index = model_index(cfg)
     kind = detect_kind(cfg, index)
     check_pipeline(index, cfg.pretrained, kind)  # whatever base.kind says: a pipeline no backend loads is refused
-    if kind == "stable_diffusion" and Path(cfg.pretrained).is_dir() \
+    if kind in PIPELINE_BACKENDS and Path(cfg.pretrained).is_dir() \
             and not (Path(cfg.pretrained) / "model_index.json").exists():
-        raise ModelError(f"base.pretrained={cfg.pretrained}: no model_index.json; expected a diffusers Stable "
-                         "Diffusion pipeline folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/)")
+        raise ModelError(f"base.pretrained={cfg.pretrained}: no model_index.json; expected a diffusers pipeline "
+                         f"folder for base.kind={kind} (vae/, text_encoder/, tokenizer/, scheduler/ and the "
+                         f"{'transformer' if kind == 'flux' else 'unet'}/)")
     return kind
 
 

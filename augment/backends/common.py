@@ -10,7 +10,7 @@ import torch
 
 from augment.config import BaseModelConfig, GenerationConfig, LoRAConfig
 from augment.errors import ModelError
-from augment.diffusion import classifier_free, feedback_guided, sample
+from augment.diffusion import classifier_free, diffusion_loss, feedback_guided, sample
 
 
 def no_lora_target(cfg: LoRAConfig, err: Exception | None = None) -> ModelError:
@@ -37,6 +37,16 @@ class DiffusionBackend:
 
     def prompt(self, label: int) -> tuple[str, str]:
         return "", ""
+
+    def sampler_name(self, cfg: GenerationConfig) -> str:
+        """The sampler `sample` uses, as the provenance column `scheduler` records it."""
+        return cfg.scheduler
+
+    def loss(self, model: torch.nn.Module, x0: torch.Tensor, labels: torch.Tensor, generator: torch.Generator,
+             snr_gamma: float | None = None) -> torch.Tensor:
+        """The fine-tuning loss of a batch: denoising (eps or v) at uniform t, Min-SNR weighted when `snr_gamma`."""
+        return diffusion_loss(lambda x_t, t: self.denoise(model, x_t, t, labels), self.scheduler, x0, generator,
+                              snr_gamma)
 
     def encode_dataset(self, images: np.ndarray) -> torch.Tensor:
         """`encode` for the images a training loop reads all along (a backend may cache them)."""

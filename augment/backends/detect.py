@@ -9,8 +9,8 @@ and when none does, the fallback (augment.registry.FALLBACK_BACKEND: the pixel b
 checkpoints and owns the builtin base) is used.
 
 Whatever `base.kind` says, a checkpoint whose model_index.json names a pipeline class is then checked against
-PIPELINES (`check_pipeline`): a class no backend loads (SDXL, SD 3.x, FLUX.1, Kandinsky, PixArt, ...) is one error
-before any stage runs, not a traceback three stages in.
+PIPELINES (`check_pipeline`): a class no backend loads (SD 3.x, Kandinsky, PixArt, ...) is one error before any
+stage runs, not a traceback three stages in.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from augment.errors import ModelError
 # The diffusers pipeline classes (model_index.json's `_class_name`) each backend loads.
 PIPELINES: dict[str, tuple[str, ...]] = {
     "stable_diffusion": ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline"),  # SD 1.x / 2.x
+    "sdxl": ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline"),
+    "flux": ("FluxPipeline", "FluxImg2ImgPipeline"),  # FLUX.1 [dev] and [schnell]
     "pixel": ("DDPMPipeline", "DDIMPipeline"),  # an unconditional UNet2DModel in unet/, given class rows
 }
 
@@ -27,10 +29,27 @@ PIPELINES: dict[str, tuple[str, ...]] = {
 FAMILIES = (("StableDiffusionXL", "SDXL"), ("StableDiffusion3", "SD 3/3.5"), ("Flux", "FLUX.1"),
             ("Kandinsky", "Kandinsky"), ("PixArt", "PixArt"))
 
+# The backends that load a diffusers pipeline folder (model_index.json and one subfolder per component).
+PIPELINE_BACKENDS = ("stable_diffusion", "sdxl", "flux")
+
+
+def _names(index: dict | None) -> str:
+    return str((index or {}).get("_class_name", ""))
+
 
 def stable_diffusion(index: dict | None, pretrained: str) -> bool:
     """A diffusers pipeline whose model_index.json names a Stable Diffusion 1.x/2.x pipeline class."""
-    return str((index or {}).get("_class_name", "")) in PIPELINES["stable_diffusion"]
+    return _names(index) in PIPELINES["stable_diffusion"]
+
+
+def sdxl(index: dict | None, pretrained: str) -> bool:
+    """A diffusers pipeline whose model_index.json names an SDXL pipeline class."""
+    return _names(index) in PIPELINES["sdxl"]
+
+
+def flux(index: dict | None, pretrained: str) -> bool:
+    """A diffusers pipeline whose model_index.json names a FLUX.1 pipeline class."""
+    return _names(index) in PIPELINES["flux"]
 
 
 def check_pipeline(index: dict | None, pretrained: str, kind: str) -> None:

@@ -33,13 +33,22 @@ ENCODE_BATCH = 32
 
 
 class StableDiffusionBackend(DiffusionBackend):
+    """SD 1.x/2.x, and through its hooks every latent diffusers pipeline augment loads (sdxl.py, flux.py): a
+    family brings its text conditioning (`_load_text`, `_condition`, `denoise`), its denoiser class and folder,
+    and its pipeline class; VAE latents, their cache, LoRA through peft, the adapter in diffusers' format, fusing
+    and export are shared."""
+
     kind = "stable_diffusion"
+    family = "Stable Diffusion"  # for messages and cards
+    pipeline_name = "StableDiffusionPipeline"  # the diffusers class that loads the base and the adapter
+    denoiser_name = "unet"  # the pipeline's component (and folder) that LoRA goes on
+    denoiser_class = "UNet2DConditionModel"
 
     def __init__(self, cfg: BaseModelConfig, class_names: list[str], image_size: int, channels: int,
                  device: torch.device):
         super().__init__(cfg, class_names, image_size, channels, device)
         if channels != 3:
-            raise ModelError(f"Stable Diffusion makes RGB images but data.channels is {channels}; set data.channels: 3")
+            raise ModelError(f"{self.family} makes RGB images but data.channels is {channels}; set data.channels: 3")
         self.info: BaseModelInfo | None = None
         self.vae = self.text_encoder = self.tokenizer = None
         self.embeddings: torch.Tensor | None = None  # (K + 2, L, D): class prompts, "" (null), negative prompt
@@ -47,7 +56,7 @@ class StableDiffusionBackend(DiffusionBackend):
     # -- base ---------------------------------------------------------------------------------------------------
 
     def prepare(self, train: ImageSet, pool: ImageSet, log=print, progress=None) -> BaseModelInfo:
-        """Nothing to pretrain: check that the checkpoint is a Stable Diffusion pipeline and fingerprint it."""
+        """Nothing to pretrain: check that the checkpoint is this family's pipeline and fingerprint it."""
         check_base(self.cfg)
         ref, rev = self.cfg.pretrained, self.cfg.revision
         local = Path(ref)
@@ -58,39 +67,62 @@ class StableDiffusionBackend(DiffusionBackend):
                     st = f.stat()
                     h.update(f"{f.relative_to(local)}:{st.st_size}:{int(st.st_mtime)}".encode())
         name = ref + (f"@{rev}" if rev else "")
-        log(f"base: Stable Diffusion checkpoint {name}")
-        return BaseModelInfo(path=ref, description=f"Stable Diffusion {name}", fingerprint=h.hexdigest()[:16],
+        log(f"base: {self.family} checkpoint {name}")
+        return BaseModelInfo(path=ref, description=f"{self.family} {name}", fingerprint=h.hexdigest()[:16],
                              kind=self.kind, revision=rev, reference=name)
 
     def _components(self, info: BaseModelInfo) -> None:
-        """VAE, text encoder, tokenizer, scheduler and the class embeddings, loaded once per backend."""
+        """VAE, text encoders, tokenizers, scheduler and the class conditioning, loaded once per backend."""
         if self.info is not None and self.info.fingerprint == info.fingerprint:
             return
-        from diffusers import AutoencoderKL, DDPMScheduler
-        from transformers import CLIPTextModel, CLIPTokenizer
+        from diffusers import AutoencoderKL
 
         ref, kw = info.path, {"revision": info.revision}
         try:
             self.vae = AutoencoderKL.from_pretrained(ref, subfolder="vae", **kw).to(self.device).eval()
-            self.text_encoder = CLIPTextModel.from_pretrained(ref, subfolder="text_encoder", **kw).to(self.device)
-            self.text_encoder.eval()
-            self.tokenizer = CLIPTokenizer.from_pretrained(ref, subfolder="tokenizer", **kw)
-            # latents are not bounded: never clip the predicted x_0 (DDPM/DDIM default to clipping to [-1, 1])
-            self.scheduler = DDPMScheduler.from_pretrained(ref, subfolder="scheduler", clip_sample=False, **kw)
+            self._load_text(ref, kw)
+            self.scheduler = self._load_scheduler(ref, kw)
         except Exception as err:
             where = "" if Path(ref).exists() else " (not a local folder, so it was tried as a hub id)"
-            raise ModelError(f"cannot load Stable Diffusion components from {ref!r}{where}: {err}") from None
+            raise ModelError(f"cannot load {self.family} components from {ref!r}{where}: {err}") from None
         self.vae.requires_grad_(False)
-        self.text_encoder.requires_grad_(False)
+        for encoder in self.text_encoders():
+            encoder.requires_grad_(False)
         self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        if self.image_size % self.vae_scale:
-            raise ModelError(f"data.image_size={self.image_size} must be a multiple of the VAE's factor "
-                             f"{self.vae_scale}")
+        multiple = self.vae_scale * self.latent_multiple
+        if self.image_size % multiple:
+            raise ModelError(f"data.image_size={self.image_size} must be a multiple of {multiple} for this "
+                             f"{self.family} checkpoint (its VAE's factor {self.vae_scale}"
+                             + (f" times {self.latent_multiple}" if self.latent_multiple > 1 else "") + ")")
         side = self.image_size // self.vae_scale
         self.latent_shape = (self.vae.config.latent_channels, side, side)
+        self._condition()
+        self.info = info
+
+    latent_multiple = 1  # the latent side must be a multiple of this (FLUX packs 2x2 patches)
+
+    def _load_text(self, ref: str, kw: dict) -> None:
+        """The family's text encoders and tokenizers (SD 1.x/2.x: one CLIP)."""
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        self.text_encoder = CLIPTextModel.from_pretrained(ref, subfolder="text_encoder", **kw).to(self.device)
+        self.text_encoder.eval()
+        self.tokenizer = CLIPTokenizer.from_pretrained(ref, subfolder="tokenizer", **kw)
+
+    def text_encoders(self) -> list[torch.nn.Module]:
+        return [self.text_encoder]
+
+    def _load_scheduler(self, ref: str, kw: dict):
+        """The training noise schedule. Latents are not bounded: never clip the predicted x_0 (DDPM/DDIM default to
+        clipping to [-1, 1])."""
+        from diffusers import DDPMScheduler
+
+        return DDPMScheduler.from_pretrained(ref, subfolder="scheduler", clip_sample=False, **kw)
+
+    def _condition(self) -> None:
+        """Embed every class prompt, the empty prompt (the null class) and the negative prompt, once."""
         prompts = [self.prompt(k)[0] for k in range(len(self.class_names))] + ["", self.cfg.negative_prompt]
         self.embeddings = self._embed(prompts)
-        self.info = info
 
     @torch.no_grad()
     def _embed(self, prompts: list[str]) -> torch.Tensor:
@@ -100,46 +132,54 @@ class StableDiffusionBackend(DiffusionBackend):
         return self.text_encoder(ids)[0]
 
     def load(self, info: BaseModelInfo, adapter: str | Path | None = None) -> torch.nn.Module:
-        from diffusers import UNet2DConditionModel
+        import diffusers
 
         self._components(info)
         try:
-            unet = UNet2DConditionModel.from_pretrained(info.path, subfolder="unet", revision=info.revision)
+            model = getattr(diffusers, self.denoiser_class).from_pretrained(info.path, subfolder=self.denoiser_name,
+                                                                            revision=info.revision)
         except Exception as err:
-            raise ModelError(f"cannot load the UNet of {info.path!r}: {err}") from None
+            raise ModelError(f"cannot load the {self.denoiser_name} of {info.path!r}: {err}") from None
+        self._check_denoiser(model)
+        model = model.to(self.device)
+        if adapter is None:
+            if self.cfg.gradient_checkpointing:
+                model.enable_gradient_checkpointing()
+            return model
+        pipe = self.pipeline(model)
+        pipe.load_lora_weights(str(adapter))
+        pipe.fuse_lora()
+        pipe.unload_lora_weights()
+        return model.eval()
+
+    def _check_denoiser(self, unet: torch.nn.Module) -> None:
+        """Refuse a latent size the UNet cannot halve down its levels."""
         levels = 2 ** (len(unet.config.block_out_channels) - 1)
         if self.latent_shape[1] % levels:
             raise ModelError(f"data.image_size={self.image_size} gives {self.latent_shape[1]}px latents, which the "
                              f"UNet cannot halve {len(unet.config.block_out_channels) - 1} times; use a multiple of "
                              f"{self.vae_scale * levels}")
-        unet = unet.to(self.device)
-        if adapter is None:
-            if self.cfg.gradient_checkpointing:
-                unet.enable_gradient_checkpointing()
-            return unet
-        pipe = self.pipeline(unet)
-        pipe.load_lora_weights(str(adapter))
-        pipe.fuse_lora()
-        pipe.unload_lora_weights()
-        return unet.eval()
 
-    def pipeline(self, unet: torch.nn.Module):
-        """A diffusers StableDiffusionPipeline over these components (no safety checker)."""
+    def pipeline(self, denoiser: torch.nn.Module | None):
+        """The family's plain diffusers pipeline over these components (no safety checker)."""
         from diffusers import StableDiffusionPipeline
 
         return StableDiffusionPipeline(vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer,
-                                       unet=unet, scheduler=self.scheduler, safety_checker=None,
+                                       unet=denoiser, scheduler=self.scheduler, safety_checker=None,
                                        feature_extractor=None, requires_safety_checker=False)
 
     # -- model space and conditioning ---------------------------------------------------------------------------
 
     @torch.no_grad()
     def encode(self, images: np.ndarray) -> torch.Tensor:
-        """VAE posterior means, scaled by the VAE's scaling_factor (deterministic, so they can be cached)."""
+        """VAE posterior means, shifted and scaled as the family's pipeline does (deterministic, so they can be
+        cached)."""
         out = []
         for i in range(0, len(images), ENCODE_BATCH):
             x = to_tensor(images[i:i + ENCODE_BATCH], self.device)
-            out.append(self.vae.encode(x).latent_dist.mean * self.vae.config.scaling_factor)
+            mean = self.vae.encode(x).latent_dist.mean
+            shift = getattr(self.vae.config, "shift_factor", None)  # FLUX's VAE: (z - shift) * scale
+            out.append((mean - shift if shift else mean) * self.vae.config.scaling_factor)
         # contiguous: the cached copy is, and the UNet's convolutions round differently on another memory layout
         return torch.cat(out).contiguous() if out else torch.zeros((0, *self.latent_shape), device=self.device)
 
@@ -164,9 +204,14 @@ class StableDiffusionBackend(DiffusionBackend):
 
     @torch.no_grad()
     def decode(self, x: torch.Tensor) -> np.ndarray:
-        out = [self.vae.decode(x[i:i + ENCODE_BATCH].float() / self.vae.config.scaling_factor).sample
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        out = [self.vae.decode(self._unscale(x[i:i + ENCODE_BATCH].float(), shift)).sample
                for i in range(0, len(x), ENCODE_BATCH)]
         return to_uint8(torch.cat(out)) if out else np.zeros((0, self.image_size, self.image_size, 3), np.uint8)
+
+    def _unscale(self, z: torch.Tensor, shift: float) -> torch.Tensor:
+        z = z / self.vae.config.scaling_factor
+        return z + shift if shift else z
 
     @property
     def uncond_label(self) -> int:
@@ -199,15 +244,16 @@ class StableDiffusionBackend(DiffusionBackend):
         return model, [{"params": params, "lr": cfg.learning_rate}]
 
     def save_adapter(self, model: torch.nn.Module, folder: Path, final: Path | None = None) -> Path:
-        from diffusers import StableDiffusionPipeline
+        import diffusers
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
         layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
         layers = {k: v.detach().cpu().contiguous() for k, v in layers.items()}
-        StableDiffusionPipeline.save_lora_weights(
-            str(folder), unet_lora_layers=layers, safe_serialization=True,
-            unet_lora_adapter_metadata=model.peft_config["default"].to_dict())
+        name = self.denoiser_name
+        getattr(diffusers, self.pipeline_name).save_lora_weights(
+            str(folder), safe_serialization=True, **{f"{name}_lora_layers": layers,
+                                                    f"{name}_lora_adapter_metadata": model.peft_config["default"].to_dict()})
         (Path(folder) / "README.md").write_text(_adapter_card(self))
         return Path(folder) / "pytorch_lora_weights.safetensors"
 
@@ -215,50 +261,63 @@ class StableDiffusionBackend(DiffusionBackend):
         self.pipeline(model).save_pretrained(str(folder))
 
     def usage(self) -> str:
-        return """```python
-from diffusers import StableDiffusionPipeline
-pipe = StableDiffusionPipeline.from_pretrained("THIS_FOLDER")     # the LoRA is fused into the UNet
+        return f"""```python
+from diffusers import {self.pipeline_name}
+pipe = {self.pipeline_name}.from_pretrained("THIS_FOLDER")     # the LoRA is fused into the {self.denoiser_name}
 image = pipe("a photo of a <class>").images[0]
 ```"""
 
 
 def _adapter_card(backend: StableDiffusionBackend) -> str:
     prompts = "\n".join(f"- {n}: `{backend.prompt(k)[0]}`" for k, n in enumerate(backend.class_names))
+    negative = f" (guidance's negative prompt: `{backend.cfg.negative_prompt}`)" if backend.cfg.negative_prompt else ""
     return f"""# LoRA adapter for {backend.info.reference}
 
-Fine-tuned by augment on a small labeled image set, one prompt per class (guidance's negative prompt:
-`{backend.cfg.negative_prompt}`):
+Fine-tuned by augment on a small labeled image set ({backend.family}), one prompt per class{negative}:
 
 {prompts}
 
 ```python
-from diffusers import StableDiffusionPipeline
-pipe = StableDiffusionPipeline.from_pretrained({backend.info.path!r})
+from diffusers import {backend.pipeline_name}
+pipe = {backend.pipeline_name}.from_pretrained({backend.info.path!r})
 pipe.load_lora_weights("path/to/this/folder")
 ```
 `training_config.json` holds the configuration and the ids of the images it learned from.
 """
 
 
+def tiny_clip_tokenizer(max_length: int = 16):
+    """A CLIP tokenizer over single characters, built here (no download): every prompt tokenizes."""
+    import string
+
+    from transformers import CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in string.ascii_lowercase + string.digits + "-_.,!'":
+        vocab.setdefault(c, len(vocab))
+        vocab.setdefault(c + "</w>", len(vocab))
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
+
+
+def tiny_clip_config(vocab_size: int, max_length: int = 16, **kw):
+    """diffusers' test CLIP text configuration (32 wide), for the tiny tokenizer."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=32, intermediate_size=37,
+                          num_attention_heads=4, num_hidden_layers=2, vocab_size=vocab_size,
+                          max_position_embeddings=max_length, **kw)
+
+
 def write_tiny_checkpoint(path: str | Path, image_size: int = 32, seed: int = 0) -> Path:
     """A tiny, randomly initialised Stable Diffusion pipeline (UNet, VAE, CLIP text encoder and a tokenizer built
     from a vocabulary written here), saved with save_pretrained: for tests and offline smoke runs of the SD path.
     Its samples are noise; everything around them (LoRA, caching, sampling, loading) is the real code."""
-    import string
-
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel
 
     torch.manual_seed(seed)
-    chars = string.ascii_lowercase + string.digits + "-_.,!'"
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for c in chars:
-        vocab.setdefault(c, len(vocab))
-        vocab.setdefault(c + "</w>", len(vocab))
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=16)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=32, intermediate_size=37, num_attention_heads=4,
-        num_hidden_layers=2, vocab_size=len(vocab), max_position_embeddings=16))
+    tokenizer = tiny_clip_tokenizer()
+    text_encoder = CLIPTextModel(tiny_clip_config(len(tokenizer)))
     vae = AutoencoderKL(block_out_channels=[8, 16], in_channels=3, out_channels=3, latent_channels=4,
                         down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
                         norm_num_groups=4, sample_size=image_size)

@@ -76,6 +76,9 @@ class RunConfig(Section):
 
     # Where things are written and how many processes do the work change no result: not part of any hash.
     UNHASHED: ClassVar[tuple] = (("publish", "output_dir"), ("base", "cache_dir"), ("runner", None))
+    # Keys added after run folders and published rows were keyed: left out of every hash while they hold the value
+    # that behaves as before their time, so that an existing run folder keeps its stage keys and config_hash.
+    ADDED: ClassVar[tuple] = (("lora", "snr_gamma", None),)
 
     def fingerprint(self, *sections: str) -> str:
         """Short hash of the named sections (all when none; `section.key` names one field), for cache keys and
@@ -85,6 +88,9 @@ class RunConfig(Section):
             if key is None:
                 dump.pop(section, None)
             else:
+                dump[section].pop(key, None)
+        for section, key, before in self.ADDED:
+            if dump[section].get(key, before) == before:
                 dump[section].pop(key, None)
         picked = {s: dump[s.split(".")[0]][s.split(".")[1]] if "." in s else dump[s] for s in sections} \
             if sections else dump
@@ -97,7 +103,7 @@ class RunConfig(Section):
         `auto` layout stops halving where the side is odd, so it always fits."""
         b, size = self.base, self.data.image_size
         given = b.block_out_channels if b.block_out_channels != "auto" else b.attention_levels
-        if b.pretrained != "builtin" or b.kind == "stable_diffusion" or given == "auto":
+        if b.pretrained != "builtin" or b.kind not in ("auto", "pixel") or given == "auto":
             return self
         if size % 2 ** (len(given) - 1):
             raise ValueError(f"data.image_size={size} does not fit the builtin UNet's {len(given)} levels "

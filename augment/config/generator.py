@@ -22,7 +22,8 @@ class DataConfig(Section):
     image_column: str = Field("image", min_length=1, description="Image column of a `datasets` source.")
     label_column: str = Field("label", min_length=1, description="Label column of a `datasets` or manifest source.")
     hf_split: str = Field("train", min_length=1, description="Split of a `datasets` source to draw from.")
-    image_size: int = Field(8, ge=4, le=512, description="Images are resized to image_size x image_size.")
+    image_size: int = Field(8, ge=4, le=1024, description="Images are resized to image_size x image_size (SDXL "
+                            "and FLUX.1 are trained at 1024, SD 1.x at 512, SD 2.x at 768).")
     channels: Literal[1, 3] = Field(1, description="1 = grayscale, 3 = RGB; images are converted.")
     test_fraction: float = Field(0.3, gt=0.0, lt=0.9, description="Stratified share of images held out as test.")
     val_fraction: float = Field(
@@ -58,15 +59,16 @@ class DataConfig(Section):
 
 class BaseModelConfig(Section):
     kind: Literal[("auto",) + BACKEND_NAMES] = Field(
-        "auto", description="Generator backend. `auto`: `stable_diffusion` when `pretrained` is a diffusers Stable "
-        "Diffusion pipeline (its model_index.json says so), else `pixel`.",
+        "auto", description="Generator backend. `auto`: what `pretrained`'s model_index.json names: "
+        "`stable_diffusion` (SD 1.x/2.x), `sdxl` or `flux` (FLUX.1) for those diffusers pipelines, else `pixel`.",
     )
     pretrained: UserPath = Field(
         "builtin", min_length=1,
         description="`builtin` pretrains a pixel-space UNet on the unlabeled pool (cached); otherwise a diffusers "
         "checkpoint, a local folder or a hub id: a UNet2DModel (e.g. google/ddpm-cifar10-32) for the pixel backend, "
         "a Stable Diffusion 1.x/2.x pipeline (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5) for "
-        "`stable_diffusion`.",
+        "`stable_diffusion`, an SDXL pipeline (stabilityai/stable-diffusion-xl-base-1.0) for `sdxl`, a FLUX.1 "
+        "pipeline (black-forest-labs/FLUX.1-dev) for `flux`.",
     )
     revision: str | None = Field(None, min_length=1, description="Hub revision (branch, tag or commit) of "
                                  "`pretrained`, pinned in every published row.")
@@ -111,9 +113,9 @@ class BaseModelConfig(Section):
 
     @model_validator(mode="after")
     def _shapes(self) -> "BaseModelConfig":
-        if self.kind == "stable_diffusion" and self.pretrained == "builtin":
-            raise ValueError("base.kind=stable_diffusion needs base.pretrained: a diffusers Stable Diffusion "
-                             "checkpoint folder or hub id (there is no builtin one)")
+        if self.kind not in ("auto", "pixel") and self.pretrained == "builtin":
+            raise ValueError(f"base.kind={self.kind} needs base.pretrained: a diffusers pipeline checkpoint folder "
+                             "or hub id of that family (there is no builtin one)")
         try:
             self.prompt_template.format(name="x")
         except (KeyError, IndexError, ValueError) as err:
@@ -135,7 +137,8 @@ class LoRAConfig(Section):
     target_modules: list[Annotated[str, Field(min_length=1)]] | None = Field(
         None, min_length=1,
         description="Module name suffixes that get LoRA; None = the backend's: attention projections and resnet "
-        "convolutions (pixel), the UNet's attention projections (Stable Diffusion).",
+        "convolutions (pixel), the denoiser's attention projections to_q/to_k/to_v/to_out.0 (the UNet of SD 1.x/2.x and "
+        "SDXL, FLUX.1's transformer).",
     )
     train_class_embedding: bool = Field(
         True, description="Pixel backend: train the class embedding in full (peft modules_to_save)."
@@ -148,6 +151,11 @@ class LoRAConfig(Section):
         1e-1, gt=0, le=10.0, description="Learning rate of the fully trained class embedding."
     )
     label_dropout: float = Field(0.1, ge=0, lt=1, description="Share of labels replaced by the null class.")
+    snr_gamma: float | None = Field(
+        None, gt=0, le=1000, description="Min-SNR loss weighting gamma of fine-tuning (diffusers' scripts "
+        "recommend 5.0); None = plain MSE. Noise-prediction backends only: flow-matching families (FLUX.1) weight "
+        "their timesteps by their sampling density instead.",
+    )
     ema_decay: float | None = Field(None, gt=0, lt=1, description="EMA of the trained weights; None = off.")
     checkpointing_steps: int = Field(200, ge=1, le=1_000_000, description="Save a resumable checkpoint every N steps.")
     augment_flip: bool = Field(False, description="Random horizontal flips of the labeled images while training.")

@@ -1,0 +1,174 @@
+"""SDXL and FLUX.1 beside SD 1.x, offline: tiny random pipelines in diffusers' own test configurations, written by
+the test; `augment run configs/sd-tiny.yaml --set base.kind=auto --set base.pretrained=DIR` to the end for each;
+the adapter loaded by that family's plain diffusers pipeline reproduces a published candidate from its provenance
+columns; and the flow-matching objective and sampler checked against an oracle."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from augment import backends
+from augment.backends import flux, sdxl, stable_diffusion
+from augment.config import BaseModelConfig, GenerationConfig
+from augment.errors import ModelError
+from conftest import ROOT
+
+CPU = torch.device("cpu")
+WRITERS = {"stable_diffusion": stable_diffusion.write_tiny_checkpoint, "sdxl": sdxl.write_tiny_checkpoint,
+           "flux": flux.write_tiny_checkpoint}
+PIPELINE = {"sdxl": "StableDiffusionXLPipeline", "flux": "FluxPipeline"}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("families")
+    return {kind: write(root / kind) for kind, write in WRITERS.items()}
+
+
+def test_auto_detects_each_family_and_a_wrong_kind_is_refused(checkpoints, tmp_path):
+    for kind, path in checkpoints.items():
+        assert backends.detect_kind(BaseModelConfig(pretrained=str(path))) == kind
+        assert backends.check_base(BaseModelConfig(pretrained=str(path))) == kind
+    with pytest.raises(ModelError, match="which the flux backend loads, not sdxl: set base.kind to flux"):
+        backends.check_base(BaseModelConfig(kind="sdxl", pretrained=str(checkpoints["flux"])))
+    (tmp_path / "bare").mkdir()
+    with pytest.raises(ModelError, match="no model_index.json.*transformer"):
+        backends.check_base(BaseModelConfig(kind="flux", pretrained=str(tmp_path / "bare")))
+
+
+def test_flux_refuses_a_noise_prediction_weighting_before_any_stage(checkpoints, tmp_path, capsys):
+    from flows.cli import main
+
+    args = ["run", str(ROOT / "configs" / "sd-tiny.yaml"), "--set", f"base.pretrained={checkpoints['flux']}",
+            "--set", "base.kind=auto", "--set", "lora.snr_gamma=5", "--set", f"base.cache_dir={tmp_path / 'cache'}",
+            "--output-dir", str(tmp_path / "out")]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "lora.snr_gamma=5.0" in err[0] and "flow matching" in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
+def _backend(path, tmp_path, **kw):
+    cfg = BaseModelConfig(pretrained=str(path), cache_dir=str(tmp_path / "cache"), **kw)
+    backend = backends.create(cfg, ["cat", "dog"], 32, 3, CPU)
+    return backend, backend.prepare(None, None, log=lambda m: None)
+
+
+def test_sdxl_conditions_on_both_encoders_pooled_and_time_ids(checkpoints, tmp_path):
+    backend, info = _backend(checkpoints["sdxl"], tmp_path, negative_prompt="blurry")
+    unet = backend.load(info)
+    assert backend.embeddings.shape[-1] == 64 == unet.config.cross_attention_dim  # two 32-wide encoders, concatenated
+    assert backend.time_ids.tolist() == [[32, 32, 0, 0, 32, 32]]
+    # the null class is zeros (force_zeros_for_empty_prompt), the negative prompt is encoded
+    assert backend.embeddings[2].abs().max() == 0 and backend.pooled[2].abs().max() == 0
+    assert backend.embeddings[3].abs().max() > 0 and backend.uncond_label == 3
+    x, t = torch.randn(2, *backend.latent_shape), torch.tensor([500, 500])
+    with torch.no_grad():
+        a = backend.denoise(unet, x, t, torch.tensor([0, 0]))
+        b = backend.denoise(unet, x, t, torch.tensor([1, 1]))
+    assert a.shape == x.shape and not torch.allclose(a, b)
+
+
+def test_flux_training_and_sampling_are_rectified_flow(checkpoints, tmp_path, monkeypatch):
+    """With the exact velocity of a one-point data set (every image is z), the training loss is zero and FlowMatch
+    Euler lands on z from any noise, at any strength: the sigmas, the sign of the velocity and the image-to-image
+    start agree with each other."""
+    backend, info = _backend(checkpoints["flux"], tmp_path)
+    model = backend.load(info)
+    z = torch.randn(1, *backend.latent_shape)
+    sigma_of = {float(t): float(s) for t, s in zip(backend.scheduler.timesteps, backend.scheduler.sigmas)}
+
+    def oracle(model, x_t, t, labels, guidance):  # v = eps - z with x_t = (1 - s) z + s eps
+        s = torch.tensor([sigma_of.get(float(v), float(v) / 1000) for v in t.reshape(-1).expand(len(x_t))])
+        return (x_t - z) / s.view(-1, 1, 1, 1)
+
+    monkeypatch.setattr(backend, "velocity", oracle)
+    loss = backend.loss(model, z.expand(4, -1, -1, -1), torch.zeros(4, dtype=torch.long),
+                        torch.Generator().manual_seed(0))
+    assert float(loss) < 1e-8
+    monkeypatch.setattr(backend, "decode", lambda x: x)
+    cfg = GenerationConfig(num_inference_steps=4, mixed_precision="no")
+    out = backend.sample(model, np.array([0, 1]), [1, 2], cfg)
+    assert torch.allclose(out, z.expand(2, -1, -1, -1), atol=1e-4)
+    monkeypatch.setattr(backend, "encode", lambda images: torch.randn(len(images), *backend.latent_shape))
+    out = backend.sample(model, np.array([0]), [3], cfg, strength=0.5, init_images=np.zeros((1, 32, 32, 3)))
+    assert torch.allclose(out, z, atol=1e-4)
+    assert backend.sampler_name(cfg) == "flow_match_euler"
+
+
+@pytest.fixture(scope="module", params=["sdxl", "flux"])
+def family_run(request, checkpoints, tmp_path_factory, prefect_harness):
+    """The command the README gives, for a tiny checkpoint of each family."""
+    from flows.cli import main
+
+    kind = request.param
+    out = tmp_path_factory.mktemp(f"{kind}-run")
+    args = ["run", str(ROOT / "configs" / "sd-tiny.yaml"), "--set", "base.kind=auto",
+            "--set", f"base.pretrained={checkpoints[kind]}", "--set", f"publish.output_dir={out / 'run'}",
+            "--set", f"base.cache_dir={out / 'cache'}", "--set", "generation.mixed_precision=no",
+            "--set", "lora.mixed_precision=no",
+            # keep the tiny model's noise through the filter, so that published rows can be checked
+            "--set", "filter.min_confidence=0.0", "--set", "filter.order=[memorization, near_duplicates]"]
+    assert main(args) == 0
+    return kind, checkpoints[kind], out / "run"
+
+
+def test_each_family_runs_to_the_end_and_its_adapter_reproduces_a_row_in_the_plain_pipeline(family_run):
+    import datasets
+    import diffusers
+
+    from augment.generate import load_candidates
+
+    kind, checkpoint, run = family_run
+    assert f"({kind} backend)" in (run / "report.md").read_text()
+    train = datasets.load_from_disk(str(run / "dataset"))["train"]
+    syn = train.filter(lambda r: r["is_synthetic"])
+    assert len(syn) > 0 and all(b == str(checkpoint) for b in syn["base_model"])
+    cands = load_candidates(run / "candidates")
+    assert len(cands.meta) == 3 * len(train.features["label"].names)  # generation.num_per_class: 3
+    assert set(cands.meta["scheduler"]) == {"flow_match_euler" if kind == "flux" else "dpmsolver++"}
+    weights = load_file(str(run / "finetune" / "adapter" / "pytorch_lora_weights.safetensors"))
+    prefix = "transformer." if kind == "flux" else "unet."
+    assert weights and all(k.startswith(prefix) for k in weights)
+    assert max(float(v.abs().max()) for k, v in weights.items() if "lora_B" in k or "lora.up" in k) > 0
+
+    pipe = getattr(diffusers, PIPELINE[kind]).from_pretrained(str(checkpoint))
+    pipe.load_lora_weights(str(run / "finetune" / "adapter"))
+    kw = {"max_sequence_length": 32} if kind == "flux" else {"negative_prompt": None}
+    if kind == "sdxl":
+        pipe.scheduler = diffusers.DPMSolverMultistepScheduler.from_config(
+            pipe.scheduler.config, algorithm_type="dpmsolver++", solver_order=2)
+    for _, row in cands.meta[cands.meta["strength"] == 1.0].head(2).iterrows():
+        out = pipe(row["prompt"], height=32, width=32, num_inference_steps=int(row["num_inference_steps"]),
+                   guidance_scale=float(row["guidance_scale"]),
+                   generator=torch.Generator().manual_seed(int(row["seed"])), output_type="np", **kw).images[0]
+        diff = np.abs(cands.images[row.name].astype(int) - np.round(out * 255).astype(int))
+        assert diff.max() <= 1, (kind, diff.max(), diff.mean())
+
+
+def test_generation_samples_with_the_adapter_fused_and_no_lora_layers_left(family_run, tmp_path):
+    kind, checkpoint, run = family_run
+    backend, info = _backend(checkpoint, tmp_path)
+    plain = backend.load(info).state_dict()
+    tuned = backend.load(info, adapter=run / "finetune" / "adapter").state_dict()
+    assert set(plain) == set(tuned)
+    changed = [k for k in plain if not torch.equal(plain[k], tuned[k])]
+    assert changed and all(k.rsplit(".", 2)[-2] in ("to_q", "to_k", "to_v", "0") for k in changed)
+
+
+def test_export_writes_the_family_pipeline_with_the_lora_fused(family_run, tmp_path):
+    import diffusers
+
+    from augment.export import export_model
+
+    kind, checkpoint, run = family_run
+    out = export_model(run, tmp_path / "exported")
+    pipe = getattr(diffusers, PIPELINE[kind]).from_pretrained(str(out))
+    denoiser = pipe.transformer if kind == "flux" else pipe.unet
+    backend, info = _backend(checkpoint, tmp_path)
+    tuned = backend.load(info, adapter=run / "finetune" / "adapter").state_dict()
+    assert all(torch.equal(denoiser.state_dict()[k], v) for k, v in tuned.items())
+    assert f"{PIPELINE[kind]}.from_pretrained" in (Path(out) / "README.md").read_text()
