@@ -99,6 +99,31 @@ def test_flux_training_and_sampling_are_rectified_flow(checkpoints, tmp_path, mo
     assert backend.sampler_name(cfg) == "flow_match_euler"
 
 
+@pytest.mark.parametrize("kind", list(WRITERS))
+def test_frozen_weights_in_bf16_train_fp32_lora_factors_and_sample(kind, checkpoints, tmp_path):
+    """base.weights_dtype=bf16 (what `auto` picks on a GPU): text encoders and denoiser in bf16, the LoRA factors in
+    fp32, and fine-tuning and sampling run with finite losses and images."""
+    from augment.config import LoRAConfig
+    from augment.data import ImageSet
+    from augment.finetune import finetune
+
+    backend, info = _backend(checkpoints[kind], tmp_path, weights_dtype="bf16")
+    train = ImageSet(np.random.default_rng(0).integers(0, 255, (4, 32, 32, 3), dtype=np.uint8), np.array([0, 1, 0, 1]),
+                     ["cat", "dog"], [f"r{i}" for i in range(4)])
+    cfg = LoRAConfig(rank=2, lora_alpha=2, max_train_steps=2, train_batch_size=2)
+    done = finetune(cfg, backend, info, train, tmp_path / "ft", log=lambda m: None)
+    assert np.isfinite(done.final_loss)
+    assert {p.dtype for enc in backend.text_encoders() for p in enc.parameters()} == {torch.bfloat16}
+    model = backend.load(info)
+    lora, trained = backend.add_lora(model, cfg)
+    dtypes = {n: p.dtype for n, p in lora.named_parameters()}
+    assert {d for n, d in dtypes.items() if "lora_" in n} == {torch.float32}
+    assert {d for n, d in dtypes.items() if "lora_" not in n} == {torch.bfloat16}
+    tuned = backend.load(info, adapter=tmp_path / "ft" / "adapter")
+    images = backend.sample(tuned, np.array([0, 1]), [1, 2], GenerationConfig(num_inference_steps=2))
+    assert images.shape == (2, 32, 32, 3) and images.dtype == np.uint8 and images.std() > 0
+
+
 @pytest.fixture(scope="module", params=["sdxl", "flux"])
 def family_run(request, checkpoints, tmp_path_factory, prefect_harness):
     """The command the README gives, for a tiny checkpoint of each family."""

@@ -155,7 +155,11 @@ def resolve_device(name: str) -> "torch.device":
     import torch
 
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise ModelError("device 'cuda' requested but no CUDA GPU is available; use device: auto or cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda":  # TF32 matmuls and convolutions, as diffusers' scripts' --allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return device

@@ -56,9 +56,11 @@ class FluxBackend(StableDiffusionBackend):
     def _load_text(self, ref: str, kw: dict) -> None:
         from transformers import AutoTokenizer, CLIPTextModel, CLIPTokenizer, T5EncoderModel
 
-        self.text_encoder = CLIPTextModel.from_pretrained(ref, subfolder="text_encoder", **kw).to(self.device).eval()
-        self.text_encoder_2 = T5EncoderModel.from_pretrained(ref, subfolder="text_encoder_2", **kw).to(self.device)
-        self.text_encoder_2.eval()
+        dtype = self.load_dtype()
+        self.text_encoder = CLIPTextModel.from_pretrained(ref, subfolder="text_encoder", **kw, **dtype)
+        self.text_encoder = self.text_encoder.to(self.device).eval()
+        self.text_encoder_2 = T5EncoderModel.from_pretrained(ref, subfolder="text_encoder_2", **kw, **dtype)
+        self.text_encoder_2 = self.text_encoder_2.to(self.device).eval()
         self.tokenizer = CLIPTokenizer.from_pretrained(ref, subfolder="tokenizer", **kw)
         self.tokenizer_2 = AutoTokenizer.from_pretrained(ref, subfolder="tokenizer_2", **kw)
 
@@ -106,15 +108,15 @@ class FluxBackend(StableDiffusionBackend):
         from diffusers import FluxPipeline
 
         n, c, h, w = x_t.shape
-        i = labels.to(self.embeddings.device)
-        packed = FluxPipeline._pack_latents(x_t, n, c, h, w)
-        img_ids = FluxPipeline._prepare_latent_image_ids(n, h // 2, w // 2, x_t.device, x_t.dtype)
+        i, d = labels.to(self.embeddings.device), self.dtype
+        packed = FluxPipeline._pack_latents(x_t.to(d), n, c, h, w)
+        img_ids = FluxPipeline._prepare_latent_image_ids(n, h // 2, w // 2, x_t.device, d)
         g = None
         if model.config.guidance_embeds:
             g = torch.full((n,), float(guidance if guidance is not None else TRAIN_GUIDANCE), device=x_t.device)
-        out = model(hidden_states=packed, timestep=t.expand(n).to(x_t.dtype) / 1000, guidance=g,
-                    pooled_projections=self.pooled[i], encoder_hidden_states=self.embeddings[i],
-                    txt_ids=self.text_ids, img_ids=img_ids).sample
+        out = model(hidden_states=packed, timestep=t.expand(n).to(d) / 1000, guidance=g,
+                    pooled_projections=self.pooled[i].to(d), encoder_hidden_states=self.embeddings[i].to(d),
+                    txt_ids=self.text_ids.to(d), img_ids=img_ids).sample
         # unpack: (N, h/2 * w/2, 4C) -> (N, C, h, w), as FluxPipeline._unpack_latents
         return out.view(n, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(n, c, h, w)
 

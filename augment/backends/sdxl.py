@@ -35,9 +35,11 @@ class StableDiffusionXLBackend(StableDiffusionBackend):
     def _load_text(self, ref: str, kw: dict) -> None:
         from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-        self.text_encoder = CLIPTextModel.from_pretrained(ref, subfolder="text_encoder", **kw).to(self.device).eval()
-        self.text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
-            ref, subfolder="text_encoder_2", **kw).to(self.device).eval()
+        dtype = self.load_dtype()
+        self.text_encoder = CLIPTextModel.from_pretrained(ref, subfolder="text_encoder", **kw, **dtype)
+        self.text_encoder = self.text_encoder.to(self.device).eval()
+        self.text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(ref, subfolder="text_encoder_2", **kw, **dtype)
+        self.text_encoder_2 = self.text_encoder_2.to(self.device).eval()
         self.tokenizer = CLIPTokenizer.from_pretrained(ref, subfolder="tokenizer", **kw)
         self.tokenizer_2 = CLIPTokenizer.from_pretrained(ref, subfolder="tokenizer_2", **kw)
 
@@ -85,8 +87,9 @@ class StableDiffusionXLBackend(StableDiffusionBackend):
 
     def denoise(self, model, x_t, t, labels):
         i = labels.to(self.embeddings.device)
-        cond = {"text_embeds": self.pooled[i], "time_ids": self.time_ids.expand(len(i), -1)}
-        return model(x_t, t, encoder_hidden_states=self.embeddings[i], added_cond_kwargs=cond).sample
+        d = self.dtype
+        cond = {"text_embeds": self.pooled[i].to(d), "time_ids": self.time_ids.expand(len(i), -1).to(d)}
+        return model(x_t.to(d), t, encoder_hidden_states=self.embeddings[i].to(d), added_cond_kwargs=cond).sample
 
     def pipeline(self, denoiser: torch.nn.Module | None):
         from diffusers import StableDiffusionXLPipeline

@@ -50,6 +50,7 @@ class StableDiffusionBackend(DiffusionBackend):
         if channels != 3:
             raise ModelError(f"{self.family} makes RGB images but data.channels is {channels}; set data.channels: 3")
         self.info: BaseModelInfo | None = None
+        self.dtype = weights_dtype(cfg.weights_dtype, device)  # of the frozen text encoders and denoiser
         self.vae = self.text_encoder = self.tokenizer = None
         self.embeddings: torch.Tensor | None = None  # (K + 2, L, D): class prompts, "" (null), negative prompt
 
@@ -105,9 +106,15 @@ class StableDiffusionBackend(DiffusionBackend):
         """The family's text encoders and tokenizers (SD 1.x/2.x: one CLIP)."""
         from transformers import CLIPTextModel, CLIPTokenizer
 
-        self.text_encoder = CLIPTextModel.from_pretrained(ref, subfolder="text_encoder", **kw).to(self.device)
-        self.text_encoder.eval()
+        self.text_encoder = CLIPTextModel.from_pretrained(ref, subfolder="text_encoder", **kw, **self.load_dtype())
+        self.text_encoder = self.text_encoder.to(self.device).eval()
         self.tokenizer = CLIPTokenizer.from_pretrained(ref, subfolder="tokenizer", **kw)
+
+    def load_dtype(self) -> dict:
+        """transformers' from_pretrained keyword for the weights' dtype (`dtype` from 5.0, `torch_dtype` before)."""
+        import transformers
+
+        return {"dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype": self.dtype}
 
     def text_encoders(self) -> list[torch.nn.Module]:
         return [self.text_encoder]
@@ -136,8 +143,8 @@ class StableDiffusionBackend(DiffusionBackend):
 
         self._components(info)
         try:
-            model = getattr(diffusers, self.denoiser_class).from_pretrained(info.path, subfolder=self.denoiser_name,
-                                                                            revision=info.revision)
+            model = getattr(diffusers, self.denoiser_class).from_pretrained(
+                info.path, subfolder=self.denoiser_name, revision=info.revision, torch_dtype=self.dtype)
         except Exception as err:
             raise ModelError(f"cannot load the {self.denoiser_name} of {info.path!r}: {err}") from None
         self._check_denoiser(model)
@@ -219,7 +226,8 @@ class StableDiffusionBackend(DiffusionBackend):
         return self.null_label + 1 if self.cfg.negative_prompt else self.null_label
 
     def denoise(self, model, x_t, t, labels):
-        return model(x_t, t, encoder_hidden_states=self.embeddings[labels.to(self.embeddings.device)]).sample
+        e = self.embeddings[labels.to(self.embeddings.device)]
+        return model(x_t.to(self.dtype), t, encoder_hidden_states=e.to(self.dtype)).sample
 
     def prompt(self, label: int) -> tuple[str, str]:
         name = self.class_names[label]
@@ -241,6 +249,8 @@ class StableDiffusionBackend(DiffusionBackend):
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise no_lora_target(cfg)
+        for p in params:  # the factors train in fp32 over frozen bf16 weights (diffusers' cast_training_params)
+            p.data = p.data.float()
         return model, [{"params": params, "lr": cfg.learning_rate}]
 
     def save_adapter(self, model: torch.nn.Module, folder: Path, final: Path | None = None) -> Path:
@@ -284,6 +294,13 @@ pipe.load_lora_weights("path/to/this/folder")
 ```
 `training_config.json` holds the configuration and the ids of the images it learned from.
 """
+
+
+def weights_dtype(name: str, device: torch.device) -> torch.dtype:
+    """base.weights_dtype as a torch dtype: `auto` is bf16 on a CUDA device that computes it, else fp32."""
+    if name == "auto":
+        name = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
 
 
 def tiny_clip_tokenizer(max_length: int = 16):

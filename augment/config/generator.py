@@ -84,6 +84,11 @@ class BaseModelConfig(Section):
     gradient_checkpointing: bool = Field(
         False, description="Stable Diffusion: recompute UNet activations in the backward pass (less memory).",
     )
+    weights_dtype: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="Diffusers pipelines (stable_diffusion, sdxl, flux): dtype of the frozen text encoders "
+        "and denoiser (the VAE stays fp32); the LoRA factors always train in fp32, as diffusers' scripts keep them. "
+        "`auto`: bf16 on a CUDA GPU with bf16 (FLUX.1's 12B transformer needs it to fit one 80 GB GPU), else fp32.",
+    )
     block_out_channels: Literal["auto"] | list[Annotated[int, Field(ge=1, le=2048)]] = Field(
         "auto", min_length=1, max_length=4,
         description="Builtin UNet widths, one per level. `auto`: one level per halving of the image side down to "
