@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 import zipfile
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -55,41 +55,47 @@ def sample_seed(seed: int, label: int, index: int) -> int:
 
 
 def plan(cfg: GenerationConfig, train: ImageSet, prompts: list[tuple[str, str]] | None = None,
-         sampler: str | None = None) -> pd.DataFrame:
+         sampler: str | None = None, adaptations: Sequence[str] = ("lora",)) -> pd.DataFrame:
     """One row per sample to generate, fully determined by the config, the train split and the class prompts
     (the backend's (prompt, negative prompt) per class; empty for a backend without text). `sampler`: the sampler
-    the backend uses (default generation.scheduler), for the provenance column `scheduler`."""
+    the backend uses (default generation.scheduler), for the provenance column `scheduler`. `adaptations`
+    (lora.adaptations): every one samples the same seeds, strengths and sources, so that they compare paired; the
+    first one's rows keep the ids `syn-<class>-<j>`, another's are `syn-<adaptation>-<class>-<j>`."""
     rows = []
-    for k, n in enumerate(per_class_counts(cfg, train.class_counts())):
-        prompt, negative = prompts[k] if prompts else ("", "")
-        sources = np.flatnonzero(train.labels == k)
-        for j in range(n):
-            s = sample_seed(cfg.seed, k, j)
-            r = np.random.default_rng(s)
-            strength = float(cfg.strengths[r.integers(len(cfg.strengths))])
-            src = int(sources[r.integers(len(sources))]) if strength < 1.0 else -1
-            rows.append({"sample_id": f"syn-{k}-{j}", "label": k, "seed": s, "strength": strength,
-                         "source_index": src, "source_id": train.ids[src] if src >= 0 else "",
-                         "guidance_scale": cfg.guidance_scale, "num_inference_steps": cfg.num_inference_steps,
-                         "scheduler": sampler or cfg.scheduler, "eta": cfg.eta, "prompt": prompt, "negative_prompt": negative})
+    for a, adaptation in enumerate(adaptations):
+        for k, n in enumerate(per_class_counts(cfg, train.class_counts())):
+            prompt, negative = prompts[k] if prompts else ("", "")
+            sources = np.flatnonzero(train.labels == k)
+            for j in range(n):
+                s = sample_seed(cfg.seed, k, j)
+                r = np.random.default_rng(s)
+                strength = float(cfg.strengths[r.integers(len(cfg.strengths))])
+                src = int(sources[r.integers(len(sources))]) if strength < 1.0 else -1
+                rows.append({"sample_id": f"syn-{k}-{j}" if a == 0 else f"syn-{adaptation}-{k}-{j}", "label": k,
+                             "seed": s, "strength": strength, "source_index": src,
+                             "source_id": train.ids[src] if src >= 0 else "", "guidance_scale": cfg.guidance_scale,
+                             "num_inference_steps": cfg.num_inference_steps, "scheduler": sampler or cfg.scheduler,
+                             "eta": cfg.eta, "prompt": prompt, "negative_prompt": negative,
+                             "adaptation": adaptation, "_j": j})
     columns = ["sample_id", "label", "seed", "strength", "source_index", "source_id", "guidance_scale",
-               "num_inference_steps", "scheduler", "eta", "prompt", "negative_prompt"]
+               "num_inference_steps", "scheduler", "eta", "prompt", "negative_prompt", "adaptation", "_j"]
     df = pd.DataFrame(rows, columns=columns).astype({"label": "int64", "seed": "int64", "source_index": "int64"})
     df["shard"] = np.zeros(len(df), np.int64)
     if len(df):
-        # Interleave classes so that every shard holds all classes (partial runs stay balanced).
-        df = df.assign(_j=df["sample_id"].str.split("-").str[2].astype(int)).sort_values(["_j", "label"],
-                                                                                          kind="stable")
-        df = df.drop(columns="_j").reset_index(drop=True)
+        # Interleave classes so that every shard holds all classes (partial runs stay balanced), and the
+        # adaptations' samples of one seed sit side by side.
+        df = df.sort_values(["_j", "label"], kind="stable").reset_index(drop=True)
         df["shard"] = np.arange(len(df)) // cfg.shard_size
-    return df
+    return df.drop(columns="_j")
 
 
-def write_plan(cfg: GenerationConfig, backend: "Backend", train: ImageSet, output_dir: str | Path) -> pd.DataFrame:
+def write_plan(cfg: GenerationConfig, backend: "Backend", train: ImageSet, output_dir: str | Path,
+               adaptations: Sequence[str] = ("lora",)) -> pd.DataFrame:
     """Plan every sample (plan.parquet) and return the plan; the shards are the units of work."""
     out = CandidatesFolder(output_dir)
     out.path.mkdir(parents=True, exist_ok=True)
-    df = plan(cfg, train, [backend.prompt(k) for k in range(len(train.class_names))], backend.sampler_name(cfg))
+    df = plan(cfg, train, [backend.prompt(k) for k in range(len(train.class_names))], backend.sampler_name(cfg),
+              adaptations)
     df.to_parquet(out.plan)
     return df
 
@@ -117,12 +123,13 @@ def shard_done(output_dir: str | Path, df: pd.DataFrame, shard: int) -> bool:
     return path.exists() and _shard_plan(path) == _plan_hash(df)
 
 
-def generate_shard(cfg: GenerationConfig, backend: "Backend", model: torch.nn.Module, train: ImageSet,
-                   output_dir: str | Path, df: pd.DataFrame, shard: int,
+def generate_shard(cfg: GenerationConfig, backend: "Backend", model: "torch.nn.Module | Mapping[str, torch.nn.Module]",
+                   train: ImageSet, output_dir: str | Path, df: pd.DataFrame, shard: int,
                    on_batch: Callable[[int], None] | None = None, feedback: torch.nn.Module | None = None) -> int:
-    """Generate one shard of the plan into its file in `output_dir` (atomically); returns its size. Any
-    process that sees the folder can do it: every sample's noise comes from its own seed, and it samples on one
-    torch thread wherever it runs (augment.parallel), so a shard is the same from any runner."""
+    """Generate one shard of the plan into its file in `output_dir` (atomically); returns its size. `model`: the
+    denoiser, or one per adaptation (the plan's `adaptation` column). Any process that sees the folder can do it:
+    every sample's noise comes from its own seed, and it samples on one torch thread wherever it runs
+    (augment.parallel), so a shard is the same from any runner."""
     from augment.parallel import one_thread
 
     out = CandidatesFolder(output_dir)
@@ -131,12 +138,13 @@ def generate_shard(cfg: GenerationConfig, backend: "Backend", model: torch.nn.Mo
     images = np.zeros((len(rows), h, w, c), np.uint8)
     # Same-strength samples share a trajectory length, so they batch together.
     with one_thread():
-        for strength, group in rows.groupby("strength", sort=True):
+        for (adaptation, strength), group in rows.groupby(["adaptation", "strength"], sort=True):
             pos = rows.index.get_indexer(group.index)
+            denoiser = model[adaptation] if isinstance(model, Mapping) else model
             for i in range(0, len(group), cfg.batch_size):
                 g, p = group.iloc[i:i + cfg.batch_size], pos[i:i + cfg.batch_size]
                 init = train.images[g["source_index"].to_numpy()] if strength < 1.0 else None
-                images[p] = backend.sample(model, g["label"].to_numpy(), g["seed"].tolist(), cfg,
+                images[p] = backend.sample(denoiser, g["label"].to_numpy(), g["seed"].tolist(), cfg,
                                            strength=float(strength), init_images=init, feedback=feedback)
                 if on_batch:
                     on_batch(len(g))
@@ -149,17 +157,18 @@ def generate_shard(cfg: GenerationConfig, backend: "Backend", model: torch.nn.Mo
 def generate(
     cfg: GenerationConfig,
     backend: "Backend",
-    model: torch.nn.Module,
+    model: "torch.nn.Module | Mapping[str, torch.nn.Module]",
     train: ImageSet,
     output_dir: str | Path,
     progress: Callable[[int, int], None] | None = None,
     log=print,
     feedback: torch.nn.Module | None = None,
 ) -> Path:
-    """Generate every planned sample into the shard files of `output_dir`, here; returns `output_dir`. `feedback`:
-    the classifier of feedback-guided sampling (generation.feedback_scale)."""
+    """Generate every planned sample into the shard files of `output_dir`, here; returns `output_dir`. `model`: the
+    denoiser, or a mapping of lora.adaptations to theirs. `feedback`: the classifier of feedback-guided sampling
+    (generation.feedback_scale)."""
     out = Path(output_dir)
-    df = write_plan(cfg, backend, train, out)
+    df = write_plan(cfg, backend, train, out, list(model) if isinstance(model, Mapping) else ("lora",))
     total, done, t0 = len(df), [0], time.time()
 
     def tick(n: int) -> None:
@@ -194,6 +203,8 @@ def _plan_hash(df: pd.DataFrame) -> str:
     if "plan_hash" not in df.attrs:
         cols = ["sample_id", "label", "seed", "strength", "source_index", "guidance_scale", "num_inference_steps",
                 "scheduler", "shard"] + [c for c in ("prompt", "negative_prompt", "eta") if c in df and df[c].any()]
+        if "adaptation" in df and df["adaptation"].nunique() > 1:  # one adaptation: the plans before the column
+            cols.append("adaptation")
         df.attrs["plan_hash"] = hashlib.sha256(df[cols].to_csv(index=False).encode()).hexdigest()[:16]
     return df.attrs["plan_hash"]
 

@@ -40,6 +40,12 @@ def preflight(cfg: RunConfig) -> None:
 
         raise ConfigError(f"lora.snr_gamma={cfg.lora.snr_gamma} weights noise-prediction losses; the flux backend "
                           "trains by flow matching: set it to null")
+    if "none" in cfg.lora.adaptations and kind == "pixel":
+        from augment.config import ConfigError
+
+        raise ConfigError(f"lora.adaptations={cfg.lora.adaptations}: `none` samples the pretrained model from its "
+                          "class prompts, and the pixel backend's base has none (it learns the classes in "
+                          "fine-tuning): use a text-to-image base (stable_diffusion, sdxl, flux) or list lora alone")
     if cfg.generation.feedback_scale > 0:
         from augment.config import ConfigError
 

@@ -257,8 +257,10 @@ class Choice(Record):
     validation_accuracy: dict[str, float | None] | None = None
     # the synthetic data, on labeled images the generator never saw
     synthetic_prob: float | None = None
+    adaptation: str | None = None  # the best adaptation (lora.adaptations), when several were compared
     in_product: bool | None = None
     samples: int | None = None
+    samples_by_adaptation: dict[str, int] | None = None
     generator_images: int | None = None
     holdout: int | None = None
 

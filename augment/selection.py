@@ -173,7 +173,8 @@ class Labeled:
     labeler: ClassifierConfig  # the pseudo-labeler
     model_seed: int
     labeler_seed: int
-    synthetic: tuple[np.ndarray, np.ndarray] | None = None  # kept samples (images, labels)
+    # kept samples (images, labels), by adaptation (lora.adaptations) when several are compared
+    synthetic: tuple[np.ndarray, np.ndarray] | dict[str, tuple[np.ndarray, np.ndarray]] | None = None
 
 
 def generator_holdout(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
@@ -190,9 +191,9 @@ def generator_holdout(labels: np.ndarray, fraction: float, seed: int) -> np.ndar
 
 def _fit_predict(d: Labeled, unit: tuple):
     """One unit. ("labeler", fold): the fold's pseudo-labeler -> its class probabilities on the pool and on the
-    held-out rows. ("model", fold, augment, pool_rows, pool_labels[, synthetic_prob]): the downstream classifier
-    on the fold's rows plus those pool rows with those labels (and, with synthetic_prob, the synthetic samples
-    mixed in at that probability), seeded by the model seed plus the fold's repeat -> its class probabilities on
+    held-out rows. ("model", fold, augment, pool_rows, pool_labels[, synthetic_prob[, adaptation]]): the downstream
+    classifier on the fold's rows plus those pool rows with those labels (and, with synthetic_prob, the synthetic
+    samples, that adaptation's when they are by adaptation, mixed in at that probability), seeded by the model seed plus the fold's repeat -> its class probabilities on
     the held-out rows."""
     from augment.classifier import train_classifier
 
@@ -206,6 +207,8 @@ def _fit_predict(d: Labeled, unit: tuple):
     if len(rows):
         x, y = np.concatenate([x, d.pool[rows]]), np.concatenate([y, labels])
     synthetic, p = (d.synthetic, prob[0]) if prob else (None, 0.5)
+    if len(prob) > 1:  # (synthetic_prob, adaptation)
+        synthetic = d.synthetic[prob[1]]
     clf = train_classifier(d.model, x, y, d.num_classes, d.model_seed + f.repeat, augment=augment,
                            synthetic=synthetic, synthetic_prob=p)
     return clf.predict_proba(d.images[f.held])
@@ -259,24 +262,27 @@ class Workers:
 MIN_HOLDOUT = 10  # fewer held-out images than this never decide for the synthetic data (lfw at K=10 holds out 4)
 
 
-def option_name(recipe: str, prob: float) -> str:
+def option_name(recipe: str, prob: float, adaptation: str | None = None) -> str:
     from augment.arms import arm_plus
 
-    return f"{arm_plus(recipe, 'synthetic')} at p={prob:g}"
+    return f"{arm_plus(recipe, 'synthetic')} at p={prob:g}" + (f" ({adaptation})" if adaptation else "")
 
 
 def choose_synthetic(sel, probs: Sequence[float], recipe: str, images: np.ndarray, labels: np.ndarray,
                      num_classes: int, holdout: np.ndarray, pool: tuple[np.ndarray, np.ndarray] | None,
-                     synthetic: tuple[np.ndarray, np.ndarray], workers: int = 0, log=print,
-                     progress: Callable[[int, int], None] | None = None) -> Choice:
+                     synthetic: tuple[np.ndarray, np.ndarray] | dict[str, tuple[np.ndarray, np.ndarray]],
+                     workers: int = 0, log=print, progress: Callable[[int, int], None] | None = None) -> Choice:
     """Whether the product takes the kept synthetic samples, and at which mixing probability: on the `holdout`
     rows of the labeled set (which the generator never saw), classifiers trained on the other labeled rows with
     the recipe (`recipe`: classic augmentation or not; `pool`, its pseudo-labeled pool images and labels, or
-    None), alone and plus the samples at each of `probs`, `sel.synthetic_seeds` seeds each (paired). Returns the
-    Decision's fields plus `synthetic_prob` (the best probability: what the synthetic arms use, taken or not) and
-    `in_product`."""
+    None), alone and plus the samples at each of `probs`, `sel.synthetic_seeds` seeds each (paired). `synthetic`:
+    the kept samples, or by adaptation (lora.adaptations, a dict in the listed order) when several compete: then
+    every adaptation at every probability is an option. Returns the Decision's fields plus `synthetic_prob` (the
+    best probability: what the synthetic arms use, taken or not), with several adaptations `adaptation` (the best
+    one's, likewise), and `in_product`."""
     from augment.arms import has_part
 
+    by_adaptation = synthetic if isinstance(synthetic, dict) else None
     holdout = np.asarray(holdout, np.int64)
     seen = np.setdiff1d(np.arange(len(labels)), holdout)
     folds = [Fold(r, 0, seen, holdout) for r in range(sel.synthetic_seeds)]
@@ -285,8 +291,9 @@ def choose_synthetic(sel, probs: Sequence[float], recipe: str, images: np.ndarra
                 synthetic)
     rows = np.arange(len(pool_images))
     classic = has_part(recipe, "classic")
-    units = [("model", i, classic, rows, pool_labels, *extra) for extra in ((), *((float(p),) for p in probs))
-             for i in range(len(folds))]
+    extras = [(float(p),) for p in probs] if by_adaptation is None else \
+        [(float(p), a) for a in by_adaptation for p in probs]
+    units = [("model", i, classic, rows, pool_labels, *extra) for extra in ((), *extras) for i in range(len(folds))]
     done = [0]
 
     def tick() -> None:
@@ -304,21 +311,29 @@ def choose_synthetic(sel, probs: Sequence[float], recipe: str, images: np.ndarra
 
     options = {recipe: scores(out[:R])}
     names = {}
-    for j, p in enumerate(probs, start=1):
-        names[option_name(recipe, p)] = float(p)
-        options[option_name(recipe, p)] = scores(out[j * R:(j + 1) * R])
+    for j, extra in enumerate(extras, start=1):
+        name = option_name(recipe, *extra)
+        names[name] = extra
+        options[name] = scores(out[j * R:(j + 1) * R])
     choice = decide("synthetic", options, 1, sel.bootstrap, sel.seed, sel.confidence,
                     where="on the images the generator never saw")
     if choice.decided and len(holdout) < MIN_HOLDOUT:  # a bootstrap over a handful of images proves nothing
         choice.chosen, choice.decided = recipe, False
         choice.reason = (f"{choice.best} scores higher, but {len(holdout)} images are too few to decide (at least "
                          f"{MIN_HOLDOUT}): the simpler {recipe}")
-    # the synthetic arms' probability: the best one, whether the product takes the samples or not
-    best_p = names[max(names, key=lambda o: choice.oof_score[o])]
+    # the synthetic arms' probability (and adaptation): the best one's, whether the product takes the samples or not
+    best = names[max(names, key=lambda o: choice.oof_score[o])]
+    best_p = best[0]
     result = {**choice.to_json(), "rule": "cross_validation", "synthetic_prob": best_p,
-              "in_product": choice.chosen != recipe, "samples": int(len(synthetic[1])),
+              "in_product": choice.chosen != recipe, "samples": int(len(synthetic[1])) if by_adaptation is None
+              else int(sum(len(v[1]) for v in by_adaptation.values())),
               "generator_images": int(len(seen)), "holdout": int(len(holdout))}
+    if by_adaptation is not None:
+        result["adaptation"] = best[1]
+        result["samples_by_adaptation"] = {a: int(len(v[1])) for a, v in by_adaptation.items()}
     outcome = f"in the product at p={best_p:g}" if result["in_product"] else "left out of the product"
+    if by_adaptation is not None:
+        outcome += f", {best[1]} the best adaptation"
     log(f"choose: synthetic data {outcome} (on {len(holdout)} labeled images the generator never saw, {R} seeds: "
         + ", ".join(f"{o} {100 * choice.oof_accuracy[o]:.1f}% (p {100 * choice.oof_score[o]:.1f})"
                     for o in choice.options) + f"; {choice.reason})")

@@ -210,8 +210,8 @@ def test_a_moved_key_is_refused_in_a_users_config_and_moved_in_a_run_folders_own
 
 
 def test_a_key_added_later_stays_out_of_the_hashes_at_its_old_behaviour():
-    """lora.snr_gamma came after run folders were keyed: left at null it changes no stage key and no published
-    config_hash; set, it does."""
+    """lora.snr_gamma and lora.adaptations came after run folders were keyed: left at what behaves as before
+    (null, [lora]) they change no stage key and no published config_hash; set, they do."""
     import hashlib
     import json
 
@@ -219,6 +219,7 @@ def test_a_key_added_later_stays_out_of_the_hashes_at_its_old_behaviour():
 
     cfg = load_config(ROOT / "configs" / "tiny.yaml")
     lora = cfg.model_dump(mode="json")["lora"]
-    assert lora.pop("snr_gamma") is None
+    assert lora.pop("snr_gamma") is None and lora.pop("adaptations") == ["lora"]
     assert cfg.fingerprint("lora") == hashlib.sha256(json.dumps({"lora": lora}, sort_keys=True).encode()).hexdigest()[:16]
-    assert load_config(ROOT / "configs" / "tiny.yaml", ["lora.snr_gamma=5"]).fingerprint("lora") != cfg.fingerprint("lora")
+    for changed in ("lora.snr_gamma=5", "lora.adaptations=[lora, none]"):
+        assert load_config(ROOT / "configs" / "tiny.yaml", [changed]).fingerprint("lora") != cfg.fingerprint("lora")

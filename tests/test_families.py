@@ -3,6 +3,7 @@ the test; `augment run configs/sd-tiny.yaml --set base.kind=auto --set base.pret
 the adapter loaded by that family's plain diffusers pipeline reproduces a published candidate from its provenance
 columns; and the flow-matching objective and sampler checked against an oracle."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -197,3 +198,58 @@ def test_export_writes_the_family_pipeline_with_the_lora_fused(family_run, tmp_p
     tuned = backend.load(info, adapter=run / "finetune" / "adapter").state_dict()
     assert all(torch.equal(denoiser.state_dict()[k], v) for k, v in tuned.items())
     assert f"{PIPELINE[kind]}.from_pretrained" in (Path(out) / "README.md").read_text()
+
+
+@pytest.fixture(scope="module")
+def adaptations_run(checkpoints, tmp_path_factory, prefect_harness):
+    """A tiny SD job that lists two adaptations: LoRA and the base with its class prompts alone."""
+    from flows.cli import main
+
+    out = tmp_path_factory.mktemp("adaptations")
+    assert main(["run", str(ROOT / "configs" / "sd-tiny.yaml"), "--set", f"base.pretrained={checkpoints['stable_diffusion']}",
+                 "--set", f"publish.output_dir={out / 'run'}", "--set", f"base.cache_dir={out / 'cache'}",
+                 "--set", "lora.adaptations=[lora, none]", "--set", "filter.min_confidence=0.0",
+                 "--set", "filter.order=[memorization, near_duplicates]"]) == 0
+    return out / "run"
+
+
+def test_the_choose_stage_compares_the_adaptations_and_the_product_takes_the_best(adaptations_run):
+    import datasets
+    import pandas as pd
+
+    from augment import results
+    from augment.generate import load_candidates
+    from augment.results import Choice, FilterSummary
+
+    run = adaptations_run
+    cands = load_candidates(run / "candidates")
+    lora, none = (cands.meta[cands.meta["adaptation"] == a] for a in ("lora", "none"))
+    assert len(lora) == len(none) > 0  # the same plan for each: same seeds, strengths and sources, paired
+    for col in ("seed", "strength", "source_index", "label", "prompt"):
+        assert lora[col].tolist() == none[col].tolist(), col
+    assert not np.array_equal(cands.images[lora.index], cands.images[none.index])  # LoRA changed the samples
+    assert lora["sample_id"].str.match(r"syn-\d+-\d+$").all() and none["sample_id"].str.startswith("syn-none-").all()
+
+    choice = results.load(run / "choice" / "decision.json", Choice)
+    assert choice.adaptation in ("lora", "none")
+    options = choice.oof_accuracy
+    assert {o for o in options if o.endswith("(lora)")} and {o for o in options if o.endswith("(none)")}
+    table = pd.read_parquet(run / "filter" / "scores.parquet")
+    by = {a: int(table.loc[cands.meta["adaptation"].to_numpy() == a, "kept"].sum()) for a in ("lora", "none")}
+    assert choice.samples_by_adaptation == by
+    assert results.load(run / "filter" / "decisions.json", FilterSummary).kept == sum(by.values())
+
+    # the best adaptation's kept samples, and only those, are published and trained on
+    train = datasets.load_from_disk(str(run / "dataset"))["train"]
+    syn = train.filter(lambda r: r["is_synthetic"])
+    assert len(syn) == by[choice.adaptation] > 0
+    assert all((sid.startswith("syn-none-")) == (choice.adaptation == "none") for sid in syn["sample_id"])
+    assert set(syn["adapter_hash"]) == ({""} if choice.adaptation == "none" else
+                                        {json.loads((run / "finetune" / "adapter" / "info.json").read_text())["adapter_hash"]})
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["evaluation"]["arms"]["real+synthetic"]["train_sizes"]["synthetic"] == by[choice.adaptation]
+
+    report = (run / "report.md").read_text()
+    assert "## How the generator was adapted" in report
+    section = report.split("## How the generator was adapted")[1].split("\n## ")[0]
+    assert f"| lora | " in section and "| none | 0.0 | " in section and f"The best one, {choice.adaptation}," in section

@@ -161,6 +161,15 @@ class LoRAConfig(Section):
         "recommend 5.0); None = plain MSE. Noise-prediction backends only: flow-matching families (FLUX.1) weight "
         "their timesteps by their sampling density instead.",
     )
+    adaptations: list[Literal["lora", "none"]] = Field(
+        ["lora"], min_length=1, max_length=2,
+        description="How the generator is adapted to the team's classes, as candidates the choose stage scores on "
+        "the labeled images the generator never saw (as it scores the synthetic share): `lora` (fine-tuned on the "
+        "labeled images), `none` (the pretrained text-to-image model with the class prompts alone, no fine-tuning: "
+        "ALIA, 'Diversify, Don't Fine-Tune'). Every listed one is generated with the same seeds; the product takes "
+        "the best one's samples, and the report compares them. Without a choice (selection.rule=validation, listed "
+        "arms) the first listed is used. `none` needs a text-to-image base (stable_diffusion, sdxl, flux).",
+    )
     ema_decay: float | None = Field(None, gt=0, lt=1, description="EMA of the trained weights; None = off.")
     checkpointing_steps: int = Field(200, ge=1, le=1_000_000, description="Save a resumable checkpoint every N steps.")
     augment_flip: bool = Field(False, description="Random horizontal flips of the labeled images while training.")
@@ -173,6 +182,15 @@ class LoRAConfig(Section):
         "labeled images (they are weighted up; the rest comes from the pseudo-labeled ones).",
     )
     seed: int = seed_field("Seed of the LoRA init, batches and noise.")
+
+    @model_validator(mode="after")
+    def _adaptations(self) -> "LoRAConfig":
+        if len(set(self.adaptations)) != len(self.adaptations):
+            raise ValueError(f"lora.adaptations={self.adaptations} lists one twice")
+        if "lora" not in self.adaptations:
+            raise ValueError(f"lora.adaptations={self.adaptations} must include lora (a run that fine-tunes nothing "
+                             "is not supported yet: list [lora, none] and the choose stage picks)")
+        return self
 
 
 class GenerationConfig(Section):

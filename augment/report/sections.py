@@ -213,6 +213,34 @@ def _choices(m: Metrics) -> Section:
            "rests on", "outcome"], _choice_rows(m))], [])
 
 
+def _adaptations(m: Metrics) -> Section | None:
+    """The adaptation candidates (lora.adaptations) side by side, when the choose stage compared several."""
+    d = m.evaluation.selection.synthetic
+    if d is None or not d.samples_by_adaptation:
+        return None
+    acc, score = d.oof_accuracy or {}, d.oof_score or {}
+    rows = []
+    for a, kept in d.samples_by_adaptation.items():
+        mine = [o for o in acc if o.endswith(f" ({a})")]
+        best = max(mine, key=lambda o: score.get(o, acc[o])) if mine else None
+        cost = m.run.adapter.train_seconds if a == "lora" else 0.0
+        rows.append([a, "—" if cost is None else f"{cost:.1f}", kept,
+                     "—" if best is None else f"{_pct(acc[best])} / {_pct(score.get(best))}",
+                     "—" if best is None else best.split(" (")[0],
+                     ("the product's" if d.in_product else "the synthetic arms' (left out of the product)")
+                     if a == d.adaptation else ""])
+    return Section(
+        "How the generator was adapted (labeled data only)",
+        "Every listed adaptation generated the same seeds, went through the same filter, and was scored as the "
+        "synthetic share is: classifiers trained on the labeled images the generator saw plus its kept samples, "
+        f"scored on the {d.holdout} labeled images it never saw, {d.repeats} seeds each. `lora` fine-tunes the "
+        "base on the labeled images; `none` samples the pretrained base from the class prompts alone. The best "
+        f"one, {d.adaptation}, makes the synthetic arms' samples, and the product's when the synthetic data goes "
+        f"in: {'it does' if d.in_product else 'it does not'} ({(d.reason or '').rstrip('.')}).",
+        [(["adaptation", "fine-tuning (s)", "kept samples", "best held-out accuracy / true-class p (%)",
+           "at", "taken by"], rows)], [])
+
+
 def _pseudo(m: Metrics) -> Section:
     rows, head, text = _pseudo_table(m)
     return Section("Pseudo-labels", text, [(head, rows)], [])
@@ -342,12 +370,12 @@ def _facts(m: Metrics) -> Section:
     return Section("Run facts", "", [(["fact", "value"], facts)], [])
 
 
-SECTIONS = (_verdict, _choices, _pseudo, _arms, _per_class, _generator, _ablation, _memorization, _data, _facts)
+SECTIONS = (_verdict, _choices, _adaptations, _pseudo, _arms, _per_class, _generator, _ablation, _memorization, _data, _facts)
 
 
 def sections(m: Metrics) -> list[Section]:
     """The report's sections in order; both renderers walk this list."""
-    return [section(m) for section in SECTIONS]
+    return [s for s in (section(m) for section in SECTIONS) if s is not None]
 
 
 def _ablation_seeds(ev: Evaluation, arms: dict[str, ArmResult], product: str | None) -> str:

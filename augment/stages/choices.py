@@ -11,7 +11,7 @@ from augment.config import RunConfig
 from augment.data import Splits
 from augment.results import Choice, PseudoSummary, Selection
 from augment.stages.core import CHOICES, Read, StageRun, stage
-from augment.stages.outputs import load_choice, synthetic_holdout
+from augment.stages.outputs import kept_by_adaptation, load_choice, synthetic_holdout
 
 
 @stage("pseudo", "selection", "training", sections=CHOICES, reads=("splits",), folder="pseudo",
@@ -63,7 +63,7 @@ def choose_stage(cfg: RunConfig, splits: Read[Splits], filtered: Read, selection
             pool = (pool_set.images, pool_set.labels) if has_part(recipe, "pseudo") and len(pool_set) else None
             decision = Choice(skipped="no synthetic sample was kept") if not kept.any() else choose_synthetic(
                 cfg.selection, cfg.evaluation.synthetic_prob, recipe, splits.train.images, splits.train.labels,
-                len(splits.class_names), holdout, pool, (cands.images[kept], cands.labels[kept]),
+                len(splits.class_names), holdout, pool, kept_by_adaptation(cands, kept),
                 workers=cfg.runner.local_workers, log=log, progress=progress)
         results.save(st.stage_folder.decision, decision)
     return decision

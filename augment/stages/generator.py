@@ -112,12 +112,11 @@ def generate_stage(cfg: RunConfig, generator_splits: Read[Splits], base: BaseMod
             if units is None and backend.device.type == "cpu" and workers > 1:
                 units = _local_shards(cfg, base, adapter, workers)  # shards on CPU cores, one thread each
             if units is None:
-                model = backend.load(base, adapter=folder(cfg).finetune.adapter.path)
-                gen.generate(cfg.generation, backend, model, splits.train, st.folder, progress=progress, log=log,
-                             feedback=feedback_classifier(cfg, splits))
+                gen.generate(cfg.generation, backend, denoisers(cfg, backend, base), splits.train, st.folder,
+                             progress=progress, log=log, feedback=feedback_classifier(cfg, splits))
             else:
                 t0 = time.time()
-                df = gen.write_plan(cfg.generation, backend, splits.train, st.folder)
+                df = gen.write_plan(cfg.generation, backend, splits.train, st.folder, cfg.lora.adaptations)
                 todo = [int(s) for s in sorted(df["shard"].unique()) if not gen.shard_done(st.folder, df, s)]
                 log(f"generate: {len(todo)} of {df['shard'].nunique()} shards to generate")
                 done = len(df) - int(df["shard"].isin(todo).sum())
@@ -156,6 +155,14 @@ def _local_shards(cfg: RunConfig, base: BaseModelInfo, adapter: AdapterInfo, wor
 _MODELS: dict = worker_state()
 
 
+def denoisers(cfg: RunConfig, backend, base: BaseModelInfo) -> dict:
+    """The denoiser of every listed adaptation (lora.adaptations), in order: `lora` with the run's adapter fused,
+    `none` the base as it is. The adapter of the run folder in hand, not the path run.json recorded: a copied or
+    moved folder (cp -a, or a relative --output-dir re-run from elsewhere) must not read the original's."""
+    adapter_dir = folder(cfg).finetune.adapter.path
+    return {a: backend.load(base, adapter=adapter_dir if a == "lora" else None) for a in cfg.lora.adaptations}
+
+
 def generate_unit(cfg: RunConfig, base: BaseModelInfo, adapter: AdapterInfo, shard: int) -> int:
     """Generate one shard of the run's plan in any process that sees the run folder: the unit that the flow's
     task runner distributes. Returns the number of samples written."""
@@ -169,10 +176,7 @@ def generate_unit(cfg: RunConfig, base: BaseModelInfo, adapter: AdapterInfo, sha
         _MODELS.clear()
         splits = outputs.generator_splits(cfg)
         backend = backend_for(cfg, splits)
-        # the adapter of the run folder in hand, not the path run.json recorded: a copied or moved folder (cp -a, or a
-        # relative --output-dir re-run from elsewhere) must not read the original's
-        adapter_dir = folder(cfg).finetune.adapter.path
-        _MODELS[key] = (splits, backend, backend.load(base, adapter=adapter_dir), feedback_classifier(cfg, splits))
+        _MODELS[key] = (splits, backend, denoisers(cfg, backend, base), feedback_classifier(cfg, splits))
     splits, backend, model, feedback = _MODELS[key]
     df = pd.read_parquet(cands.plan)
     return gen.generate_shard(cfg.generation, backend, model, splits.train, cands.path, df, shard, feedback=feedback)

@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from augment import results
 from augment.arms import has_part
 from augment.config import RunConfig
@@ -16,7 +18,7 @@ from augment.results import (AdapterInfo, BaseModelInfo, Choice, ClassFilter, Ev
                              PublishRecord, Selection)
 from augment.stages.core import ALL, Read, StageRun, folder, identity, output_dir, stage
 from augment.stages.outputs import (evaluation_config, load_choice, load_filter_summary, load_filtered,
-                                    load_published, load_pseudo, load_splits)
+                                    load_published, load_pseudo, load_splits, product_adaptation, product_kept)
 
 if TYPE_CHECKING:  # pragma: no cover  (augment.trainings imports sklearn, ~1 s: loaded when a training runs)
     from augment.trainings import TrainingRun, TrainingSets
@@ -48,23 +50,28 @@ def filter_stage(cfg: RunConfig, splits: Read[Splits], candidates: Read, log=pri
     return summary
 
 
-def training_sets(cfg: RunConfig, splits: Splits, filtered, pseudo) -> TrainingSets:
+def training_sets(cfg: RunConfig, splits: Splits, filtered, pseudo, choice: Choice | None = None) -> TrainingSets:
     """Everything the downstream trainings read: the splits, the kept and all candidates (`filtered`, as
-    load_filtered reads them), the pseudo-labeled pool (as load_pseudo reads it), and what each filter alone
-    would keep (from the filter's scores)."""
+    load_filtered reads them) of the product's adaptation (the choose stage's `choice`, when several were
+    generated), the pseudo-labeled pool (as load_pseudo reads it), and what each filter alone would keep (from the
+    filter's scores)."""
     from augment.filters import decide, load_scored
     from augment.trainings import Examples, TrainingSets
 
     cands, _, kept = filtered
+    mine = product_kept(cands, np.ones(len(cands), bool), choice)
     pseudo, _ = pseudo
     ablation = {}
     if cfg.evaluation.filter_ablation:
         scored, _ = load_scored(folder(cfg).filter.path)
         for name in cfg.filter.order:
             mask, _ = decide(scored, cfg.filter, order=[name])
-            ablation[name] = Examples(cands.images[mask], cands.labels[mask])
-    return TrainingSets(splits, Examples(cands.images[kept], cands.labels[kept]),
-                        Examples(cands.images, cands.labels),
+            ablation[name] = Examples(cands.images[mask & mine], cands.labels[mask & mine])
+    if mine.all():  # one adaptation: every candidate (no copies of the arrays)
+        every = Examples(cands.images, cands.labels)
+    else:
+        every = Examples(cands.images[mine], cands.labels[mine])
+    return TrainingSets(splits, Examples(cands.images[kept & mine], cands.labels[kept & mine]), every,
                         Examples(pseudo.images, pseudo.labels) if len(pseudo) else None, ablation)
 
 
@@ -76,11 +83,12 @@ def train_unit(cfg: RunConfig, arm: str, recipe: str, seed: int) -> TrainingRun:
     task runner (threads, processes, Dask) distributes."""
     from augment.trainings import train_arm
 
-    key = (str(output_dir(cfg)), identity(cfg, "filter"), identity(cfg, "pseudo"), cfg.fingerprint("filter"))
+    key = (str(output_dir(cfg)), identity(cfg, "filter"), identity(cfg, "pseudo"), identity(cfg, "choose"),
+           cfg.fingerprint("filter"))
     if key not in _SETS:
         _SETS.clear()
         splits = load_splits(cfg)
-        _SETS[key] = training_sets(cfg, splits, load_filtered(cfg), load_pseudo(cfg, splits))
+        _SETS[key] = training_sets(cfg, splits, load_filtered(cfg), load_pseudo(cfg, splits), load_choice(cfg))
     return train_arm(evaluation_config(cfg, load_choice(cfg)), _SETS[key], arm, recipe, seed)
 
 
@@ -104,7 +112,7 @@ def evaluate_stage(cfg: RunConfig, splits: Read[Splits], filtered: Read, pseudo:
             decisions, chosen = selection(), choice()
             if chosen.to_json():
                 decisions = decisions.with_(synthetic=chosen)
-            sets = training_sets(cfg, splits(), filtered(), pseudo())
+            sets = training_sets(cfg, splits(), filtered(), pseudo(), chosen)
             runs = evaluate(evaluation_config(cfg, chosen), sets, st.folder, progress=progress, log=log,
                             run_units=units, decisions=decisions, workers=cfg.runner.local_workers)
     summary = summarize_results(runs)
@@ -133,17 +141,25 @@ def publish_stage(cfg: RunConfig, splits: Read[Splits], base: BaseModelInfo, ada
                       "adapter_hash": adapter.adapter_hash, "config_hash": cfg.fingerprint(),
                       "data_fingerprint": identity(cfg, "data")}
         cands, table, kept = filtered()
+        chosen = summary.selection.synthetic
+        kept, adaptation = product_kept(cands, kept, chosen), product_adaptation(cands, chosen)
+        if adaptation == "none":  # the base alone made the published samples
+            provenance["adapter_hash"] = ""
+        sampler = str(cands.meta["scheduler"].iloc[0]) if len(cands) else cfg.generation.scheduler
         pool = None
         if has_part(summary.product_recipe, "pseudo"):
             pseudo_set, labels = pseudo()
             pool = (pseudo_set, labels.confidence)
         return publish(splits(), cands.images[kept], table[kept].reset_index(drop=True),
                        folder(cfg).dataset.path, cfg.publish.dataset_name, provenance, cfg.publish.max_shard_rows,
-                       pseudo=pool, key=st.key, about=_card_facts(cfg, summary, filter_summary()))
+                       pseudo=pool, key=st.key,
+                       about=_card_facts(cfg, summary, filter_summary(), sampler, adaptation))
 
 
-def _card_facts(cfg: RunConfig, evaluation: EvaluationSummary, decisions: FilterSummary) -> dict:
-    """What the dataset card says about how the data was made and what the evaluation found."""
+def _card_facts(cfg: RunConfig, evaluation: EvaluationSummary, decisions: FilterSummary, sampler: str,
+                adaptation: str) -> dict:
+    """What the dataset card says about how the data was made (`sampler`: the published samples' sampler,
+    `adaptation`: the generator's adaptation that made them) and what the evaluation found."""
     from augment.generate import sampling_precision
 
     rejected: dict[str, int] = {}
@@ -153,7 +169,11 @@ def _card_facts(cfg: RunConfig, evaluation: EvaluationSummary, decisions: Filter
     g, b = cfg.generation, cfg.base
     how = (f"Source images: `{cfg.data.source}`, {cfg.data.shots_per_class or 'all'} labeled per class. Generator: "
            f"{b.pretrained if b.pretrained != 'builtin' else 'a pixel-space UNet pretrained on the unlabeled pool'}"
-           f" + LoRA rank {cfg.lora.rank}, {cfg.lora.max_train_steps} steps. Sampling: {g.scheduler}, "
+           + (f" + LoRA rank {cfg.lora.rank}, {cfg.lora.max_train_steps} steps" if adaptation == "lora" else
+              ", not fine-tuned (its class prompts alone)")
+           + (f" (the best of the adaptations {', '.join(cfg.lora.adaptations)} on held-out labeled images)"
+              if len(cfg.lora.adaptations) > 1 else "")
+           + f". Sampling: {sampler}, "
            f"{g.num_inference_steps} steps, {sampling_precision(output_dir(cfg), cfg)}, guidance {g.guidance_scale}, "
            f"strengths {g.strengths}. Filters, in order: {', '.join(cfg.filter.order)}; "
            f"{decisions.generated} generated, {decisions.kept} kept; rejected: "

@@ -80,6 +80,38 @@ def load_filtered(cfg: RunConfig):
     return cands, table, kept
 
 
+def adaptations_of(cands) -> list[str]:
+    """The adaptations (lora.adaptations) whose samples the candidates hold, in the plan's order."""
+    if "adaptation" not in cands.meta or not len(cands.meta):  # planned before the column, or nothing planned
+        return ["lora"]
+    return list(dict.fromkeys(cands.meta["adaptation"].astype(str)))
+
+
+def kept_by_adaptation(cands, kept: np.ndarray):
+    """The kept samples (images, labels) as the choose stage compares them: one pair, or with several adaptations
+    one pair each, in the plan's order."""
+    names = adaptations_of(cands)
+    if len(names) == 1:
+        return cands.images[kept], cands.labels[kept]
+    made_by = cands.meta["adaptation"].to_numpy().astype(str)
+    return {a: (cands.images[kept & (made_by == a)], cands.labels[kept & (made_by == a)]) for a in names}
+
+
+def product_adaptation(cands, choice: Choice | None) -> str:
+    """The adaptation whose samples the product and the synthetic arms take: the choose stage's, else the first
+    listed."""
+    names = adaptations_of(cands)
+    chosen = choice.adaptation if choice is not None else None
+    return chosen if chosen in names else names[0]
+
+
+def product_kept(cands, kept: np.ndarray, choice: Choice | None) -> np.ndarray:
+    """`kept`, narrowed to the product adaptation's samples when the candidates hold several."""
+    if len(adaptations_of(cands)) == 1:
+        return kept
+    return kept & (cands.meta["adaptation"].to_numpy().astype(str) == product_adaptation(cands, choice))
+
+
 @output("choice", "choose")
 def load_choice(cfg: RunConfig) -> Choice:
     """The choose stage's decision (empty when nothing was chosen)."""
