@@ -44,12 +44,19 @@ def load_run(run_dir: str | Path) -> RunConfig:
     return cfg
 
 
-def _model(cfg: RunConfig, splits=None):
+def _model(cfg: RunConfig, splits=None, fine_tuned: bool = True):
+    """The run's generator: the base with the run's adapter fused, or the base alone (`fine_tuned` False)."""
     splits = outputs.load_splits(cfg) if splits is None else splits
     backend = generator.backend_for(cfg, splits)
     adapter = core.folder(cfg).finetune.adapter.path
     base, _ = generator.recorded(cfg)
-    return splits, backend, backend.load(base, adapter=adapter)
+    return splits, backend, backend.load(base, adapter=adapter if fine_tuned else None)
+
+
+def _product_adaptation(cfg: RunConfig) -> str:
+    """The adaptation whose samples the run published (lora.adaptations; the choose stage's pick)."""
+    chosen = outputs.load_choice(cfg).adaptation
+    return chosen if chosen in cfg.lora.adaptations else cfg.lora.adaptations[0]
 
 
 def class_folder(name: str) -> str:
@@ -117,7 +124,8 @@ def _sample_index(splits, class_name: str, n: int, seed: int) -> int:
 
 def generate_more(run_dir: str | Path, class_name: str, n: int, seed: int = 0,
                   output_dir: str | Path | None = None) -> pd.DataFrame:
-    """Draw `n` new samples of `class_name` from the run's fine-tuned generator, with the run's sampler settings.
+    """Draw `n` new samples of `class_name` from the run's generator, with the run's sampler settings: the
+    fine-tuned one, or the base alone when the run compared adaptations and its samples came from `none`.
 
     Sample j of class k gets the seed the run's plan would give it under generation seed `seed` (so `--seed` equal
     to the run's generation.seed reproduces its candidates). With `output_dir` (a new or empty folder), writes
@@ -129,7 +137,8 @@ def generate_more(run_dir: str | Path, class_name: str, n: int, seed: int = 0,
     splits = outputs.load_splits(cfg)
     k = _sample_index(splits, class_name, n, seed)
     out = None if output_dir is None else _check_new_folder(Path(output_dir), "--out", cfg)
-    splits, backend, model = _model(cfg, splits)
+    adaptation = _product_adaptation(cfg)
+    splits, backend, model = _model(cfg, splits, fine_tuned=adaptation == "lora")
     base, adapter = generator.recorded(cfg)
     seeds = [sample_seed(seed, k, j) for j in range(n)]
     gen = cfg.generation
@@ -140,9 +149,9 @@ def generate_more(run_dir: str | Path, class_name: str, n: int, seed: int = 0,
     table = pd.DataFrame({
         "sample_id": [f"more-{seed}-{k}-{j}" for j in range(n)], "label": k, "class": class_name,
         "seed": np.array(seeds, np.int64), "strength": 1.0, "guidance_scale": gen.guidance_scale,
-        "num_inference_steps": gen.num_inference_steps, "scheduler": gen.scheduler, "prompt": prompt,
+        "num_inference_steps": gen.num_inference_steps, "scheduler": backend.sampler_name(gen), "prompt": prompt,
         "negative_prompt": negative, "base_model": base.name,
-        "adapter_hash": adapter.adapter_hash, "config_hash": cfg.fingerprint(),
+        "adapter_hash": adapter.adapter_hash if adaptation == "lora" else "", "config_hash": cfg.fingerprint(),
     })
     if out is not None:
         _write_new_folder(out, lambda folder: _write_samples(folder, class_name, table, images))

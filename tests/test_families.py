@@ -161,6 +161,10 @@ def test_each_family_runs_to_the_end_and_its_adapter_reproduces_a_row_in_the_pla
     assert weights and all(k.startswith(prefix) for k in weights)
     assert max(float(v.abs().max()) for k, v in weights.items() if "lora_B" in k or "lora.up" in k) > 0
 
+    from augment.export import generate_more
+
+    assert set(generate_more(run, train.features["label"].names[0], 1)["scheduler"]) == set(cands.meta["scheduler"])
+
     pipe = getattr(diffusers, PIPELINE[kind]).from_pretrained(str(checkpoint))
     pipe.load_lora_weights(str(run / "finetune" / "adapter"))
     kw = {"max_sequence_length": 32} if kind == "flux" else {"negative_prompt": None}
@@ -248,6 +252,18 @@ def test_the_choose_stage_compares_the_adaptations_and_the_product_takes_the_bes
                                         {json.loads((run / "finetune" / "adapter" / "info.json").read_text())["adapter_hash"]})
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["evaluation"]["arms"]["real+synthetic"]["train_sizes"]["synthetic"] == by[choice.adaptation]
+
+    # `augment generate` draws from the generator the product used: the same samples from the same seeds
+    from augment.export import generate_more, load_run
+
+    mine = cands.meta[(cands.meta["adaptation"] == choice.adaptation) & (cands.meta["strength"] == 1.0)]
+    row = mine.iloc[0]
+    names = train.features["label"].names
+    j = int(row["sample_id"].rsplit("-", 1)[1])
+    more = generate_more(run, names[int(row["label"])], j + 1, seed=load_run(run).generation.seed)
+    assert int(more["seed"].iloc[j]) == int(row["seed"])
+    assert np.abs(more["image"].iloc[j].astype(int) - cands.images[row.name].astype(int)).max() <= 2
+    assert set(more["adapter_hash"]) == set(syn["adapter_hash"])
 
     report = (run / "report.md").read_text()
     assert "## How the generator was adapted" in report
