@@ -125,6 +125,34 @@ def test_frozen_weights_in_bf16_train_fp32_lora_factors_and_sample(kind, checkpo
     assert images.shape == (2, 32, 32, 3) and images.dtype == np.uint8 and images.std() > 0
 
 
+@pytest.mark.parametrize("kind", list(WRITERS))
+def test_a_dora_adapter_fuses_in_the_plain_pipeline_as_augment_fuses_it(kind, checkpoints, tmp_path):
+    """lora.use_dora: the magnitude vectors are saved in diffusers' format, and the family's plain pipeline,
+    load_lora_weights then fuse_lora, gives the denoiser weights that generation samples with."""
+    import diffusers
+
+    from augment.config import LoRAConfig
+    from augment.data import ImageSet
+    from augment.finetune import finetune
+
+    backend, info = _backend(checkpoints[kind], tmp_path)
+    train = ImageSet(np.random.default_rng(0).integers(0, 255, (4, 32, 32, 3), dtype=np.uint8), np.array([0, 1, 0, 1]),
+                     ["cat", "dog"], [f"r{i}" for i in range(4)])
+    cfg = LoRAConfig(rank=2, lora_alpha=2, max_train_steps=3, train_batch_size=2, use_dora=True, learning_rate=0.05)
+    finetune(cfg, backend, info, train, tmp_path / "ft", log=lambda m: None)
+    weights = load_file(str(tmp_path / "ft" / "adapter" / "pytorch_lora_weights.safetensors"))
+    assert any("lora_magnitude_vector" in k for k in weights)
+    ours = backend.load(info, adapter=tmp_path / "ft" / "adapter").state_dict()
+    pipe = getattr(diffusers, PIPELINE.get(kind, "StableDiffusionPipeline")).from_pretrained(str(checkpoints[kind]))
+    pipe.load_lora_weights(str(tmp_path / "ft" / "adapter"))
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()
+    theirs = (pipe.transformer if kind == "flux" else pipe.unet).state_dict()
+    plain = backend.load(info).state_dict()
+    changed = [k for k in ours if not torch.equal(ours[k], plain[k])]
+    assert changed and all(torch.allclose(ours[k], theirs[k], atol=1e-6) for k in ours)
+
+
 @pytest.fixture(scope="module", params=["sdxl", "flux"])
 def family_run(request, checkpoints, tmp_path_factory, prefect_harness):
     """The command the README gives, for a tiny checkpoint of each family."""

@@ -336,3 +336,16 @@ def test_the_feedback_classifier_reads_model_space_images_and_passes_gradients(s
     assert logits.shape == (3, len(splits.class_names))
     logits.sum().backward()
     assert x.grad is not None and not any(p.requires_grad for p in net.parameters())
+
+
+def test_a_pixel_dora_adapter_trains_saves_and_samples(tmp_path, splits, backend, base):
+    """lora.use_dora on the pixel backend: magnitude vectors train, save in peft's format and load back."""
+    from safetensors.torch import load_file
+
+    cfg = LoRAConfig(rank=2, lora_alpha=2, max_train_steps=3, train_batch_size=4, use_dora=True)
+    finetune(cfg, backend, base, splits.train, tmp_path / "dora", log=lambda m: None)
+    weights = load_file(str(tmp_path / "dora" / "adapter" / "adapter_model.safetensors"))
+    assert any("lora_magnitude_vector" in k for k in weights)
+    tuned = backend.load(base, adapter=tmp_path / "dora" / "adapter")
+    plain = backend.load(base)
+    assert any(not torch.equal(a, b) for a, b in zip(tuned.state_dict().values(), plain.state_dict().values()))

@@ -62,7 +62,7 @@ class PixelBackend(DiffusionBackend):
     def add_lora(self, model: torch.nn.Module, cfg: LoRAConfig) -> tuple[torch.nn.Module, list[dict]]:
         try:
             model = get_peft_model(model, LoraConfig(
-                r=cfg.rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                r=cfg.rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, use_dora=cfg.use_dora,
                 target_modules=list(cfg.target_modules or LORA_TARGETS),
                 modules_to_save=["class_embedding"] if cfg.train_class_embedding else None, init_lora_weights=True,
             )).to(self.device)

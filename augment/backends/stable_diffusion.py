@@ -242,6 +242,7 @@ class StableDiffusionBackend(DiffusionBackend):
         model.requires_grad_(False)
         try:
             model.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                                         use_dora=cfg.use_dora,
                                          target_modules=list(cfg.target_modules or LORA_TARGETS),
                                          init_lora_weights=True))
         except ValueError as err:  # peft's NoMatchingPeftModuleError

@@ -78,7 +78,7 @@ class RunConfig(Section):
     UNHASHED: ClassVar[tuple] = (("publish", "output_dir"), ("base", "cache_dir"), ("runner", None))
     # Keys added after run folders and published rows were keyed: left out of every hash while they hold the value
     # that behaves as before their time, so that an existing run folder keeps its stage keys and config_hash.
-    ADDED: ClassVar[tuple] = (("lora", "snr_gamma", None), ("lora", "adaptations", ["lora"]),
+    ADDED: ClassVar[tuple] = (("lora", "snr_gamma", None), ("lora", "adaptations", ["lora"]), ("lora", "use_dora", False),
                               ("base", "weights_dtype", "auto"))
 
     def fingerprint(self, *sections: str) -> str:

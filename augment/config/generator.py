@@ -139,6 +139,10 @@ class LoRAConfig(Section):
     rank: int = Field(8, ge=1, le=256, description="LoRA rank r.")
     lora_alpha: float = Field(8.0, gt=0, le=1024, description="LoRA scaling alpha (update scaled by alpha / r).")
     lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA branch.")
+    use_dora: bool = Field(
+        False, description="DoRA (weight-decomposed LoRA, peft's use_dora): a trained magnitude per output beside "
+        "the low-rank direction update; saved in diffusers' format, which load_lora_weights reads.",
+    )
     target_modules: list[Annotated[str, Field(min_length=1)]] | None = Field(
         None, min_length=1,
         description="Module name suffixes that get LoRA; None = the backend's: attention projections and resnet "
