@@ -210,16 +210,21 @@ def test_a_moved_key_is_refused_in_a_users_config_and_moved_in_a_run_folders_own
 
 
 def test_a_key_added_later_stays_out_of_the_hashes_at_its_old_behaviour():
-    """lora.snr_gamma and lora.adaptations came after run folders were keyed: left at what behaves as before
-    (null, [lora]) they change no stage key and no published config_hash; set, they do."""
+    """Keys that came after run folders were keyed (RunConfig.ADDED: lora.snr_gamma, lora.adaptations,
+    lora.use_dora, base.weights_dtype): left at what behaves as before they change no stage key and no published
+    config_hash; set, they do."""
     import hashlib
     import json
 
     from augment.configfile import load_config
 
     cfg = load_config(ROOT / "configs" / "tiny.yaml")
-    lora = cfg.model_dump(mode="json")["lora"]
-    assert lora.pop("snr_gamma") is None and lora.pop("adaptations") == ["lora"]
-    assert cfg.fingerprint("lora") == hashlib.sha256(json.dumps({"lora": lora}, sort_keys=True).encode()).hexdigest()[:16]
-    for changed in ("lora.snr_gamma=5", "lora.adaptations=[lora, none]"):
-        assert load_config(ROOT / "configs" / "tiny.yaml", [changed]).fingerprint("lora") != cfg.fingerprint("lora")
+    dump = cfg.model_dump(mode="json")
+    for section, key, before in RunConfig.ADDED:
+        assert dump[section].pop(key) == before
+    for section in ("lora", "base"):
+        picked = {section: {k: v for k, v in dump[section].items() if k != "cache_dir"}}
+        assert cfg.fingerprint(section) == hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
+    for changed in ("lora.snr_gamma=5", "lora.adaptations=[lora, none]", "lora.use_dora=true", "base.weights_dtype=bf16"):
+        section = changed.split(".")[0]
+        assert load_config(ROOT / "configs" / "tiny.yaml", [changed]).fingerprint(section) != cfg.fingerprint(section)
