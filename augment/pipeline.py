@@ -35,17 +35,18 @@ def preflight(cfg: RunConfig) -> None:
     runfolder.check_output_dir(cfg.publish.output_dir, cfg.data.source)
     runfolder.check_writable_dir(cfg.base.cache_dir, "base.cache_dir", cfg.data.source)
     kind = check_base(cfg.base)
-    if kind == "flux" and cfg.lora.snr_gamma is not None:
+    if kind in ("flux", "sd3") and cfg.lora.snr_gamma is not None:
         from augment.config import ConfigError
 
-        raise ConfigError(f"lora.snr_gamma={cfg.lora.snr_gamma} weights noise-prediction losses; the flux backend "
+        raise ConfigError(f"lora.snr_gamma={cfg.lora.snr_gamma} weights noise-prediction losses; the {kind} backend "
                           "trains by flow matching: set it to null")
     if "none" in cfg.lora.adaptations and kind == "pixel":
         from augment.config import ConfigError
 
         raise ConfigError(f"lora.adaptations={cfg.lora.adaptations}: `none` samples the pretrained model from its "
                           "class prompts, and the pixel backend's base has none (it learns the classes in "
-                          "fine-tuning): use a text-to-image base (stable_diffusion, sdxl, flux) or list lora alone")
+                          "fine-tuning): use a text-to-image base (stable_diffusion, sdxl, sd3, flux) or list lora "
+                          "alone")
     if cfg.generation.feedback_scale > 0:
         from augment.config import ConfigError
 

@@ -83,12 +83,14 @@ BACKENDS = Registry("backend", {
     "stable_diffusion": "augment.backends.stable_diffusion:StableDiffusionBackend",
     "sdxl": "augment.backends.sdxl:StableDiffusionXLBackend",
     "flux": "augment.backends.flux:FluxBackend",
+    "sd3": "augment.backends.sd3:StableDiffusion3Backend",
 })
 
 BACKEND_DETECTORS = Registry("backend detector", {
     "stable_diffusion": "augment.backends.detect:stable_diffusion",
     "sdxl": "augment.backends.detect:sdxl",
     "flux": "augment.backends.detect:flux",
+    "sd3": "augment.backends.detect:sd3",
 })
 FALLBACK_BACKEND = "pixel"  # UNet checkpoints and the builtin base: what `auto` takes when no detector claims one
 

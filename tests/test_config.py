@@ -9,7 +9,7 @@ from conftest import ROOT
 
 
 def test_shipped_configs_load():
-    for name in ("digits", "tiny", "sd-tiny", "sd15-lora", "sdxl-lora", "flux-lora"):
+    for name in ("digits", "tiny", "sd-tiny", "sd15-lora", "sdxl-lora", "sd35-lora", "flux-lora"):
         assert isinstance(load_config(ROOT / "configs" / f"{name}.yaml"), RunConfig)
 
 

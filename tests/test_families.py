@@ -12,15 +12,16 @@ import torch
 from safetensors.torch import load_file
 
 from augment import backends
-from augment.backends import flux, sdxl, stable_diffusion
+from augment.backends import flux, sd3, sdxl, stable_diffusion
 from augment.config import BaseModelConfig, GenerationConfig
 from augment.errors import ModelError
 from conftest import ROOT
 
 CPU = torch.device("cpu")
 WRITERS = {"stable_diffusion": stable_diffusion.write_tiny_checkpoint, "sdxl": sdxl.write_tiny_checkpoint,
-           "flux": flux.write_tiny_checkpoint}
-PIPELINE = {"sdxl": "StableDiffusionXLPipeline", "flux": "FluxPipeline"}
+           "flux": flux.write_tiny_checkpoint, "sd3": sd3.write_tiny_checkpoint}
+PIPELINE = {"sdxl": "StableDiffusionXLPipeline", "flux": "FluxPipeline", "sd3": "StableDiffusion3Pipeline"}
+TRANSFORMER = ("flux", "sd3")  # the families whose denoiser is pipe.transformer
 
 
 @pytest.fixture(scope="module")
@@ -73,16 +74,17 @@ def test_sdxl_conditions_on_both_encoders_pooled_and_time_ids(checkpoints, tmp_p
     assert a.shape == x.shape and not torch.allclose(a, b)
 
 
-def test_flux_training_and_sampling_are_rectified_flow(checkpoints, tmp_path, monkeypatch):
+@pytest.mark.parametrize("kind", ["flux", "sd3"])
+def test_flow_matching_training_and_sampling_are_rectified_flow(kind, checkpoints, tmp_path, monkeypatch):
     """With the exact velocity of a one-point data set (every image is z), the training loss is zero and FlowMatch
-    Euler lands on z from any noise, at any strength: the sigmas, the sign of the velocity and the image-to-image
-    start agree with each other."""
-    backend, info = _backend(checkpoints["flux"], tmp_path)
+    Euler lands on z from any noise, at any strength, under guidance too: the sigmas, the sign of the velocity, the
+    preconditioning (SD 3.x) and the image-to-image start agree with each other."""
+    backend, info = _backend(checkpoints[kind], tmp_path)
     model = backend.load(info)
     z = torch.randn(1, *backend.latent_shape)
     sigma_of = {float(t): float(s) for t, s in zip(backend.scheduler.timesteps, backend.scheduler.sigmas)}
 
-    def oracle(model, x_t, t, labels, guidance):  # v = eps - z with x_t = (1 - s) z + s eps
+    def oracle(model, x_t, t, labels, guidance=None):  # v = eps - z with x_t = (1 - s) z + s eps
         s = torch.tensor([sigma_of.get(float(v), float(v) / 1000) for v in t.reshape(-1).expand(len(x_t))])
         return (x_t - z) / s.view(-1, 1, 1, 1)
 
@@ -91,13 +93,26 @@ def test_flux_training_and_sampling_are_rectified_flow(checkpoints, tmp_path, mo
                         torch.Generator().manual_seed(0))
     assert float(loss) < 1e-8
     monkeypatch.setattr(backend, "decode", lambda x: x)
-    cfg = GenerationConfig(num_inference_steps=4, mixed_precision="no")
+    cfg = GenerationConfig(num_inference_steps=4, mixed_precision="no", guidance_scale=3.0)
     out = backend.sample(model, np.array([0, 1]), [1, 2], cfg)
     assert torch.allclose(out, z.expand(2, -1, -1, -1), atol=1e-4)
     monkeypatch.setattr(backend, "encode", lambda images: torch.randn(len(images), *backend.latent_shape))
     out = backend.sample(model, np.array([0]), [3], cfg, strength=0.5, init_images=np.zeros((1, 32, 32, 3)))
     assert torch.allclose(out, z, atol=1e-4)
     assert backend.sampler_name(cfg) == "flow_match_euler"
+
+
+def test_sd3_conditions_on_three_encoders_and_guides_against_the_empty_prompt(checkpoints, tmp_path):
+    backend, info = _backend(checkpoints["sd3"], tmp_path, negative_prompt="blurry")
+    model = backend.load(info)
+    assert backend.embeddings.shape[-1] == 64 == model.config.joint_attention_dim  # CLIPs padded to T5's width
+    assert backend.embeddings.shape[1] == 16 + 32  # CLIP tokens (both, side by side in width), then T5 tokens
+    assert backend.pooled.shape[-1] == 64 == model.config.pooled_projection_dim  # both CLIPs' pooled, concatenated
+    assert backend.uncond_label == 3 and backend.embeddings[2].abs().max() > 0  # "" is encoded, not zeros
+    x, t = torch.randn(2, *backend.latent_shape), torch.tensor([500.0, 500.0])
+    with torch.no_grad():
+        a, b = (backend.denoise(model, x, t, torch.tensor([k, k])) for k in (0, 1))
+    assert a.shape == x.shape and not torch.allclose(a, b)
 
 
 @pytest.mark.parametrize("kind", list(WRITERS))
@@ -147,13 +162,15 @@ def test_a_dora_adapter_fuses_in_the_plain_pipeline_as_augment_fuses_it(kind, ch
     pipe.load_lora_weights(str(tmp_path / "ft" / "adapter"))
     pipe.fuse_lora()
     pipe.unload_lora_weights()
-    theirs = (pipe.transformer if kind == "flux" else pipe.unet).state_dict()
+    theirs = (pipe.transformer if kind in TRANSFORMER else pipe.unet).state_dict()
     plain = backend.load(info).state_dict()
     changed = [k for k in ours if not torch.equal(ours[k], plain[k])]
     assert changed and all(torch.allclose(ours[k], theirs[k], atol=1e-6) for k in ours)
 
 
-@pytest.fixture(scope="module", params=["sdxl", "flux"])
+# FLUX.1 in the default suite; SDXL and SD 3.x (the same code paths as SD 1.x and FLUX.1, 30 s more) in the slow one
+@pytest.fixture(scope="module", params=[pytest.param("sdxl", marks=pytest.mark.slow), "flux",
+                                        pytest.param("sd3", marks=pytest.mark.slow)])
 def family_run(request, checkpoints, tmp_path_factory, prefect_harness):
     """The command the README gives, for a tiny checkpoint of each family."""
     from flows.cli import main
@@ -183,9 +200,9 @@ def test_each_family_runs_to_the_end_and_its_adapter_reproduces_a_row_in_the_pla
     assert len(syn) > 0 and all(b == str(checkpoint) for b in syn["base_model"])
     cands = load_candidates(run / "candidates")
     assert len(cands.meta) == 3 * len(train.features["label"].names)  # generation.num_per_class: 3
-    assert set(cands.meta["scheduler"]) == {"flow_match_euler" if kind == "flux" else "dpmsolver++"}
+    assert set(cands.meta["scheduler"]) == {"flow_match_euler" if kind in TRANSFORMER else "dpmsolver++"}
     weights = load_file(str(run / "finetune" / "adapter" / "pytorch_lora_weights.safetensors"))
-    prefix = "transformer." if kind == "flux" else "unet."
+    prefix = "transformer." if kind in TRANSFORMER else "unet."
     assert weights and all(k.startswith(prefix) for k in weights)
     assert max(float(v.abs().max()) for k, v in weights.items() if "lora_B" in k or "lora.up" in k) > 0
 
@@ -195,7 +212,9 @@ def test_each_family_runs_to_the_end_and_its_adapter_reproduces_a_row_in_the_pla
 
     pipe = getattr(diffusers, PIPELINE[kind]).from_pretrained(str(checkpoint))
     pipe.load_lora_weights(str(run / "finetune" / "adapter"))
-    kw = {"max_sequence_length": 32} if kind == "flux" else {"negative_prompt": None}
+    kw = {"max_sequence_length": 32} if kind in TRANSFORMER else {}
+    if kind != "flux":
+        kw["negative_prompt"] = None
     if kind == "sdxl":
         pipe.scheduler = diffusers.DPMSolverMultistepScheduler.from_config(
             pipe.scheduler.config, algorithm_type="dpmsolver++", solver_order=2)
@@ -225,7 +244,7 @@ def test_export_writes_the_family_pipeline_with_the_lora_fused(family_run, tmp_p
     kind, checkpoint, run = family_run
     out = export_model(run, tmp_path / "exported")
     pipe = getattr(diffusers, PIPELINE[kind]).from_pretrained(str(out))
-    denoiser = pipe.transformer if kind == "flux" else pipe.unet
+    denoiser = pipe.transformer if kind in TRANSFORMER else pipe.unet
     backend, info = _backend(checkpoint, tmp_path)
     tuned = backend.load(info, adapter=run / "finetune" / "adapter").state_dict()
     assert all(torch.equal(denoiser.state_dict()[k], v) for k, v in tuned.items())

@@ -80,6 +80,8 @@ CHECKPOINTS = {"stable_diffusion": {"_class_name": "StableDiffusionPipeline",
                "sdxl": {"_class_name": "StableDiffusionXLPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
                         "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"]},
                "flux": {"_class_name": "FluxPipeline", "transformer": ["diffusers", "FluxTransformer2DModel"]},
+               "sd3": {"_class_name": "StableDiffusion3Pipeline",
+                       "transformer": ["diffusers", "SD3Transformer2DModel"]},
                "pixel": None}
 
 

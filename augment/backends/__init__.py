@@ -140,7 +140,7 @@ def check_base(cfg: "BaseModelConfig") -> str:
             and not (Path(cfg.pretrained) / "model_index.json").exists():
         raise ModelError(f"base.pretrained={cfg.pretrained}: no model_index.json; expected a diffusers pipeline "
                          f"folder for base.kind={kind} (vae/, text_encoder/, tokenizer/, scheduler/ and the "
-                         f"{'transformer' if kind == 'flux' else 'unet'}/)")
+                         f"{'transformer' if kind in ('flux', 'sd3') else 'unet'}/)")
     return kind
 
 

@@ -9,7 +9,7 @@ and when none does, the fallback (augment.registry.FALLBACK_BACKEND: the pixel b
 checkpoints and owns the builtin base) is used.
 
 Whatever `base.kind` says, a checkpoint whose model_index.json names a pipeline class is then checked against
-PIPELINES (`check_pipeline`): a class no backend loads (SD 3.x, Kandinsky, PixArt, ...) is one error before any
+PIPELINES (`check_pipeline`): a class no backend loads (Kandinsky, PixArt, Sana, ...) is one error before any
 stage runs, not a traceback three stages in.
 """
 
@@ -22,15 +22,16 @@ PIPELINES: dict[str, tuple[str, ...]] = {
     "stable_diffusion": ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline"),  # SD 1.x / 2.x
     "sdxl": ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline"),
     "flux": ("FluxPipeline", "FluxImg2ImgPipeline"),  # FLUX.1 [dev] and [schnell]
+    "sd3": ("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline"),  # SD 3 and 3.5
     "pixel": ("DDPMPipeline", "DDIMPipeline"),  # an unconditional UNet2DModel in unet/, given class rows
 }
 
 # Families teams fine-tune that no backend loads yet, by a part of their pipeline class names: the error names them.
-FAMILIES = (("StableDiffusionXL", "SDXL"), ("StableDiffusion3", "SD 3/3.5"), ("Flux", "FLUX.1"),
-            ("Kandinsky", "Kandinsky"), ("PixArt", "PixArt"))
+FAMILIES = (("Flux2", "FLUX.2"), ("Kandinsky", "Kandinsky"), ("PixArt", "PixArt"), ("Sana", "Sana"),
+            ("Lumina", "Lumina"), ("HunyuanDiT", "Hunyuan-DiT"), ("AuraFlow", "AuraFlow"), ("Qwen", "Qwen-Image"))
 
 # The backends that load a diffusers pipeline folder (model_index.json and one subfolder per component).
-PIPELINE_BACKENDS = ("stable_diffusion", "sdxl", "flux")
+PIPELINE_BACKENDS = ("stable_diffusion", "sdxl", "flux", "sd3")
 
 
 def _names(index: dict | None) -> str:
@@ -50,6 +51,11 @@ def sdxl(index: dict | None, pretrained: str) -> bool:
 def flux(index: dict | None, pretrained: str) -> bool:
     """A diffusers pipeline whose model_index.json names a FLUX.1 pipeline class."""
     return _names(index) in PIPELINES["flux"]
+
+
+def sd3(index: dict | None, pretrained: str) -> bool:
+    """A diffusers pipeline whose model_index.json names an SD 3.x pipeline class."""
+    return _names(index) in PIPELINES["sd3"]
 
 
 def check_pipeline(index: dict | None, pretrained: str, kind: str) -> None:

@@ -139,25 +139,33 @@ class FluxBackend(StableDiffusionBackend):
     def sampler_name(self, cfg: GenerationConfig) -> str:
         return "flow_match_euler"
 
-    @torch.no_grad()
-    def sample(self, model, labels, seeds, cfg: GenerationConfig, strength: float = 1.0, init_images=None,
-               feedback=None) -> np.ndarray:
-        """FlowMatch Euler exactly as FluxPipeline (strength 1) and FluxImg2ImgPipeline (strength < 1) sample,
-        every sample from its own seed's generator."""
-        from diffusers import FlowMatchEulerDiscreteScheduler
+    def _schedule(self, sched, steps: int):
+        """The sampling timesteps, as FluxPipeline sets them: sigmas linspace(1, 1/n, n), shifted by `mu` for the
+        image's token count."""
         from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
 
-        if feedback is not None:
-            raise ModelError("feedback-guided sampling needs the pixel backend")
-        sched = FlowMatchEulerDiscreteScheduler.from_config(self.scheduler.config)
-        steps = cfg.num_inference_steps
         c, h, w = self.latent_shape
         conf = sched.config
         mu = calculate_shift((h // 2) * (w // 2), conf.get("base_image_seq_len", 256),
                              conf.get("max_image_seq_len", 4096), conf.get("base_shift", 0.5),
                              conf.get("max_shift", 1.15))
-        timesteps, steps = retrieve_timesteps(sched, steps, self.device, sigmas=np.linspace(1.0, 1 / steps, steps),
-                                              mu=mu)
+        return retrieve_timesteps(sched, steps, self.device, sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
+
+    def _predict(self, model, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg: GenerationConfig):
+        """One sampling step's velocity: FLUX.1's distilled guidance, one pass."""
+        return self.velocity(model, x, t, y, cfg.guidance_scale)
+
+    @torch.no_grad()
+    def sample(self, model, labels, seeds, cfg: GenerationConfig, strength: float = 1.0, init_images=None,
+               feedback=None) -> np.ndarray:
+        """FlowMatch Euler exactly as the family's pipeline (strength 1) and its image-to-image pipeline (strength
+        < 1) sample, every sample from its own seed's generator."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        if feedback is not None:
+            raise ModelError("feedback-guided sampling needs the pixel backend")
+        sched = FlowMatchEulerDiscreteScheduler.from_config(self.scheduler.config)
+        timesteps, steps = self._schedule(sched, cfg.num_inference_steps)
         noise = torch.stack([torch.randn(self.latent_shape, generator=g) for g in generators(seeds)]).to(self.device)
         if strength < 1.0:
             if init_images is None:
@@ -171,7 +179,7 @@ class FluxBackend(StableDiffusionBackend):
         y = torch.tensor(np.asarray(labels, dtype=np.int64), device=self.device)
         for t in timesteps:
             with autocast(self.device, cfg.mixed_precision):
-                v = self.velocity(model, x, t, y, cfg.guidance_scale)
+                v = self._predict(model, x, t, y, cfg)
             x = sched.step(v.float(), t, x).prev_sample
         return self.decode(x)
 

@@ -60,15 +60,17 @@ class DataConfig(Section):
 class BaseModelConfig(Section):
     kind: Literal[("auto",) + BACKEND_NAMES] = Field(
         "auto", description="Generator backend. `auto`: what `pretrained`'s model_index.json names: "
-        "`stable_diffusion` (SD 1.x/2.x), `sdxl` or `flux` (FLUX.1) for those diffusers pipelines, else `pixel`.",
+        "`stable_diffusion` (SD 1.x/2.x), `sdxl`, `sd3` (SD 3/3.5) or `flux` (FLUX.1) for those diffusers "
+        "pipelines, else `pixel`.",
     )
     pretrained: UserPath = Field(
         "builtin", min_length=1,
         description="`builtin` pretrains a pixel-space UNet on the unlabeled pool (cached); otherwise a diffusers "
         "checkpoint, a local folder or a hub id: a UNet2DModel (e.g. google/ddpm-cifar10-32) for the pixel backend, "
         "a Stable Diffusion 1.x/2.x pipeline (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5) for "
-        "`stable_diffusion`, an SDXL pipeline (stabilityai/stable-diffusion-xl-base-1.0) for `sdxl`, a FLUX.1 "
-        "pipeline (black-forest-labs/FLUX.1-dev) for `flux`.",
+        "`stable_diffusion`, an SDXL pipeline (stabilityai/stable-diffusion-xl-base-1.0) for `sdxl`, an SD 3.5 "
+        "pipeline (stabilityai/stable-diffusion-3.5-medium) for `sd3`, a FLUX.1 pipeline "
+        "(black-forest-labs/FLUX.1-dev) for `flux`.",
     )
     revision: str | None = Field(None, min_length=1, description="Hub revision (branch, tag or commit) of "
                                  "`pretrained`, pinned in every published row.")
@@ -85,7 +87,7 @@ class BaseModelConfig(Section):
         False, description="Stable Diffusion: recompute UNet activations in the backward pass (less memory).",
     )
     weights_dtype: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="Diffusers pipelines (stable_diffusion, sdxl, flux): dtype of the frozen text encoders "
+        "auto", description="Diffusers pipelines (stable_diffusion, sdxl, sd3, flux): dtype of the frozen text encoders "
         "and denoiser (the VAE stays fp32); the LoRA factors always train in fp32, as diffusers' scripts keep them. "
         "`auto`: bf16 on a CUDA GPU with bf16 (FLUX.1's 12B transformer needs it to fit one 80 GB GPU), else fp32.",
     )
@@ -147,7 +149,7 @@ class LoRAConfig(Section):
         None, min_length=1,
         description="Module name suffixes that get LoRA; None = the backend's: attention projections and resnet "
         "convolutions (pixel), the denoiser's attention projections to_q/to_k/to_v/to_out.0 (the UNet of SD 1.x/2.x and "
-        "SDXL, FLUX.1's transformer).",
+        "SDXL, the transformer of SD 3.x and FLUX.1).",
     )
     train_class_embedding: bool = Field(
         True, description="Pixel backend: train the class embedding in full (peft modules_to_save)."
@@ -162,8 +164,8 @@ class LoRAConfig(Section):
     label_dropout: float = Field(0.1, ge=0, lt=1, description="Share of labels replaced by the null class.")
     snr_gamma: float | None = Field(
         None, gt=0, le=1000, description="Min-SNR loss weighting gamma of fine-tuning (diffusers' scripts "
-        "recommend 5.0); None = plain MSE. Noise-prediction backends only: flow-matching families (FLUX.1) weight "
-        "their timesteps by their sampling density instead.",
+        "recommend 5.0); None = plain MSE. Noise-prediction backends only: the flow-matching families (SD 3.x, "
+        "FLUX.1) weight their timesteps by their sampling density instead.",
     )
     adaptations: list[Literal["lora", "none"]] = Field(
         ["lora"], min_length=1, max_length=2,
@@ -172,7 +174,7 @@ class LoRAConfig(Section):
         "labeled images), `none` (the pretrained text-to-image model with the class prompts alone, no fine-tuning: "
         "ALIA, 'Diversify, Don't Fine-Tune'). Every listed one is generated with the same seeds; the product takes "
         "the best one's samples, and the report compares them. Without a choice (selection.rule=validation, listed "
-        "arms) the first listed is used. `none` needs a text-to-image base (stable_diffusion, sdxl, flux).",
+        "arms) the first listed is used. `none` needs a text-to-image base (stable_diffusion, sdxl, sd3, flux).",
     )
     ema_decay: float | None = Field(None, gt=0, lt=1, description="EMA of the trained weights; None = off.")
     checkpointing_steps: int = Field(200, ge=1, le=1_000_000, description="Save a resumable checkpoint every N steps.")
