@@ -48,20 +48,24 @@ def _flatten(img: Image.Image) -> Image.Image:
     return img.convert("L" if img.mode == "1" else "RGB")
 
 
-def normalize(img: Image.Image, size: int, channels: int) -> np.ndarray:
-    """uint8 (size, size, channels), upright as photographed (EXIF orientation applied)."""
+def normalize(img: Image.Image, size: int, channels: int, resize: str = "stretch") -> np.ndarray:
+    """uint8 (size, size, channels), upright as photographed (EXIF orientation applied); `resize` (data.resize):
+    `stretch` the whole image to the square, or `center_crop` its middle square after scaling the short side."""
     img = _flatten(ImageOps.exif_transpose(img)).convert("L" if channels == 1 else "RGB")
     if img.size != (size, size):
-        img = img.resize((size, size), Image.BICUBIC)
+        if resize == "center_crop" and img.width != img.height:
+            img = ImageOps.fit(img, (size, size), Image.BICUBIC, centering=(0.5, 0.5))
+        else:
+            img = img.resize((size, size), Image.BICUBIC)
     arr = np.asarray(img, dtype=np.uint8)
     return arr[..., None] if channels == 1 else arr
 
 
-def open_image(path: Path, size: int, channels: int) -> np.ndarray:
+def open_image(path: Path, size: int, channels: int, resize: str = "stretch") -> np.ndarray:
     """`normalize` of one file; whatever is wrong with the file is one DataError naming it."""
     try:
         with Image.open(path) as img:
-            return normalize(img, size, channels)
+            return normalize(img, size, channels, resize)
     except UnidentifiedImageError:
         why = "the file is empty" if path.stat().st_size == 0 else \
             "not an image PIL can read (a corrupt file, or another format under an image extension)"

@@ -229,3 +229,22 @@ def test_the_report_warns_of_copies_between_your_train_and_test_folders(tiny_cfg
     assert metrics.data.duplicates_across_splits.count == 1
     md = (tmp_path / "run" / "report.md").read_text()
     assert "1 image(s) in a less protected split are identical to one in test" in md and "train/fox/leak.png" in md
+
+
+def test_center_crop_keeps_the_middle_square_and_stretch_squashes_the_whole(tmp_path):
+    """data.resize: a 40x20 photo, red at its left and right quarters and blue between, becomes blue alone under
+    center_crop (the middle 20x20) and keeps red at its edges under stretch (the default)."""
+    from PIL import Image
+
+    wide = np.zeros((20, 40, 3), np.uint8)
+    wide[:, :10] = wide[:, 30:] = (255, 0, 0)
+    wide[:, 10:30] = (0, 0, 255)
+    for c in ("a", "b"):
+        (tmp_path / c).mkdir()
+        for i in range(3):
+            Image.fromarray(wide).save(tmp_path / c / f"{i}.png")
+    crop = load_images(DataConfig(source=str(tmp_path), image_size=10, channels=3, resize="center_crop"))
+    stretch = load_images(DataConfig(source=str(tmp_path), image_size=10, channels=3))
+    assert crop.images.shape == stretch.images.shape == (6, 10, 10, 3)
+    assert crop.images[..., 0].max() < 30 and crop.images[..., 2].min() > 225  # blue only
+    assert stretch.images[:, :, 0, 0].min() > 225 and stretch.images[:, :, -1, 0].min() > 225  # red edges kept

@@ -25,6 +25,12 @@ class DataConfig(Section):
     image_size: int = Field(8, ge=4, le=1024, description="Images are resized to image_size x image_size (SDXL "
                             "and FLUX.1 are trained at 1024, SD 1.x at 512, SD 2.x at 768).")
     channels: Literal[1, 3] = Field(1, description="1 = grayscale, 3 = RGB; images are converted.")
+    resize: Literal["stretch", "center_crop"] = Field(
+        "stretch", description="How a non-square image becomes image_size x image_size: `stretch` resizes it whole "
+        "(its aspect changes), `center_crop` scales its short side to image_size and keeps the middle square (no "
+        "distortion, as diffusers' training scripts' --center_crop; the photo configs use it). Square images are "
+        "the same either way.",
+    )
     test_fraction: float = Field(0.3, gt=0.0, lt=0.9, description="Stratified share of images held out as test.")
     val_fraction: float = Field(
         0.0, ge=0.0, lt=0.9, description="Stratified share held out as validation. 0: every labeled image trains, "

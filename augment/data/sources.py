@@ -74,7 +74,7 @@ def load_sklearn_digits(cfg: DataConfig) -> ImageSet:
     digits = load_digits()
     # 8x8 images with intensities 0..16; scale to 0..255 before normalizing size/channels.
     raw = np.clip(digits.images * (255.0 / 16.0), 0, 255).round().astype(np.uint8)
-    images = [normalize(Image.fromarray(a, mode="L"), cfg.image_size, cfg.channels) for a in raw]
+    images = [normalize(Image.fromarray(a, mode="L"), cfg.image_size, cfg.channels, cfg.resize) for a in raw]
     ids = [f"sklearn-digits:{i}" for i in range(len(raw))]
     return _finish(images, digits.target.tolist(), ids, "sklearn-digits", names=[str(i) for i in range(10)])
 
@@ -112,7 +112,7 @@ def load_imagefolder(cfg: DataConfig) -> ImageSet:
         if not files:
             raise DataError(f"class folder {d} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
         for p in files:
-            images.append(open_image(p, cfg.image_size, cfg.channels))
+            images.append(open_image(p, cfg.image_size, cfg.channels, cfg.resize))
             labels.append(label)
             ids.append(str(p.relative_to(root)))
     data = _finish(images, labels, ids, str(root), names=[d.name for d in class_dirs])
@@ -163,7 +163,7 @@ def load_manifest(cfg: DataConfig) -> ImageSet:
             raise DataError(f"manifest {path}, row {row}: {p} is a folder, not an image file")
         if not p.is_file():
             raise DataError(f"manifest {path}, row {row}: image file not found: {p}")
-        images.append(open_image(p, cfg.image_size, cfg.channels))
+        images.append(open_image(p, cfg.image_size, cfg.channels, cfg.resize))
         ids.append(rel)
         names.append(label)
     data = _finish(images, names, ids, str(path))
@@ -237,7 +237,7 @@ def load_hf(cfg: DataConfig) -> ImageSet:
     labeled = ds.select(keep, keep_in_memory=True) if len(keep) < len(ds) else ds  # nothing written beside the data
     for i, img in zip(keep, labeled[cfg.image_column]):
         try:
-            images.append(normalize(img, cfg.image_size, cfg.channels))
+            images.append(normalize(img, cfg.image_size, cfg.channels, cfg.resize))
         except Exception as err:  # a missing image (None), a path string, a mode PIL cannot convert
             raise DataError(f"{source}, row {i}: column {cfg.image_column!r} is not a usable image ({err})") from None
     ids = [f"{source}:{cfg.hf_split}:{i}" for i in keep]

@@ -205,7 +205,7 @@ def _make_splits(cfg: DataConfig) -> Splits:
             for p in files:
                 inside(p, root, "image")
         if files:
-            pools.append(ImageSet(np.stack([open_image(p, cfg.image_size, cfg.channels) for p in files]),
+            pools.append(ImageSet(np.stack([open_image(p, cfg.image_size, cfg.channels, cfg.resize) for p in files]),
                                   np.full(len(files), -1, np.int64), train.class_names,
                                   [f"pool/{p.relative_to(root / 'pool')}" for p in files]))
     pool = ImageSet(np.concatenate([p.images for p in pools]) if pools else train.images[:0],
