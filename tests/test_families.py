@@ -316,3 +316,14 @@ def test_the_choose_stage_compares_the_adaptations_and_the_product_takes_the_bes
     assert "## How the generator was adapted" in report
     section = report.split("## How the generator was adapted")[1].split("\n## ")[0]
     assert f"| lora | " in section and "| none | 0.0 | " in section and f"The best one, {choice.adaptation}," in section
+
+
+def test_vae_calls_are_sized_by_free_gpu_memory():
+    """A full-size VAE takes about 0.65 GB per 512 px image to encode and 1.1 GB to decode (fp32): a GPU with 8 GB
+    free encodes 9 at a time at 512 px and 2 at 1024 px, decodes 1 at 1024 px even with less than that free; the
+    CPU uses the fixed batch."""
+    from augment.backends.stable_diffusion import ENCODE_BATCH, vae_batch
+
+    assert vae_batch(None, 1024, "decode") == ENCODE_BATCH
+    assert vae_batch(8 * 10**9, 512, "encode") == 9 and vae_batch(8 * 10**9, 1024, "encode") == 2
+    assert vae_batch(10**9, 1024, "decode") == 1 and vae_batch(10**12, 64, "decode") == ENCODE_BATCH

@@ -29,7 +29,19 @@ from augment.diffusion import to_tensor, to_uint8
 from augment.errors import ModelError
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
-ENCODE_BATCH = 32
+ENCODE_BATCH = 32  # images per VAE call on the CPU, and the most on a GPU
+# GPU memory a full-size VAE (SD's, SDXL's, SD 3.x's and FLUX.1's are all this wide) takes per image at 512 px in
+# fp32; it scales with the pixel count.
+VAE_BYTES_512 = {"encode": 0.65e9, "decode": 1.1e9}
+
+
+def vae_batch(free_bytes: int | None, image_size: int, what: str) -> int:
+    """Images per VAE call: ENCODE_BATCH where memory is not counted (the CPU), else as many as fit in 80% of the
+    GPU's free memory (at least one)."""
+    if free_bytes is None:
+        return ENCODE_BATCH
+    per_image = VAE_BYTES_512[what] * (image_size / 512) ** 2
+    return int(max(1, min(ENCODE_BATCH, 0.8 * free_bytes // per_image)))
 
 
 class StableDiffusionBackend(DiffusionBackend):
@@ -98,6 +110,10 @@ class StableDiffusionBackend(DiffusionBackend):
         side = self.image_size // self.vae_scale
         self.latent_shape = (self.vae.config.latent_channels, side, side)
         self._condition()
+        if self.device.type == "cuda":  # the prompts are embedded once: the text encoders leave the GPU
+            for encoder in self.text_encoders():
+                encoder.to("cpu")
+            torch.cuda.empty_cache()
         self.info = info
 
     latent_multiple = 1  # the latent side must be a multiple of this (FLUX packs 2x2 patches)
@@ -181,9 +197,9 @@ class StableDiffusionBackend(DiffusionBackend):
     def encode(self, images: np.ndarray) -> torch.Tensor:
         """VAE posterior means, shifted and scaled as the family's pipeline does (deterministic, so they can be
         cached)."""
-        out = []
-        for i in range(0, len(images), ENCODE_BATCH):
-            x = to_tensor(images[i:i + ENCODE_BATCH], self.device)
+        out, step = [], vae_batch(self._free_bytes(), self.image_size, "encode")
+        for i in range(0, len(images), step):
+            x = to_tensor(images[i:i + step], self.device)
             mean = self.vae.encode(x).latent_dist.mean
             shift = getattr(self.vae.config, "shift_factor", None)  # FLUX's VAE: (z - shift) * scale
             out.append((mean - shift if shift else mean) * self.vae.config.scaling_factor)
@@ -212,9 +228,13 @@ class StableDiffusionBackend(DiffusionBackend):
     @torch.no_grad()
     def decode(self, x: torch.Tensor) -> np.ndarray:
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
-        out = [self.vae.decode(self._unscale(x[i:i + ENCODE_BATCH].float(), shift)).sample
-               for i in range(0, len(x), ENCODE_BATCH)]
+        step = vae_batch(self._free_bytes(), self.image_size, "decode")
+        out = [self.vae.decode(self._unscale(x[i:i + step].float(), shift)).sample for i in range(0, len(x), step)]
         return to_uint8(torch.cat(out)) if out else np.zeros((0, self.image_size, self.image_size, 3), np.uint8)
+
+    def _free_bytes(self) -> int | None:
+        """Free memory of the GPU this backend runs on (None on the CPU)."""
+        return torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else None
 
     def _unscale(self, z: torch.Tensor, shift: float) -> torch.Tensor:
         z = z / self.vae.config.scaling_factor
