@@ -217,9 +217,9 @@ Classes (index: name):
 ## Use
 {backend.usage()}
 
-Sampling settings of the run: {cfg.generation.scheduler}, {cfg.generation.num_inference_steps} steps, classifier-free
-guidance {cfg.generation.guidance_scale}, {precision} (a sample is reproduced exactly in the same precision: run
-the UNet under `torch.autocast("cpu", dtype=torch.bfloat16)` when it says bf16).
+Sampling settings of the run: {backend.sampler_name(cfg.generation)}, {cfg.generation.num_inference_steps} steps, guidance
+{cfg.generation.guidance_scale}, {precision} (a sample is reproduced exactly in the same precision: run
+the denoiser under `torch.autocast("cpu", dtype=torch.bfloat16)` when it says bf16).
 
 ## Evidence and limits
 The run's verdict on its own test split: **{verdict}** (product arm `{product}`, mean gain over

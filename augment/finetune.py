@@ -106,7 +106,9 @@ def finetune(
     t0 = time.time()
     model.train()
     spec = LoopSpec("finetune", cfg.max_train_steps, min(50, cfg.max_train_steps // 10 + 1), cfg.seed,
-                    cfg.checkpointing_steps, ema_decay=cfg.ema_decay, mixed_precision=cfg.mixed_precision)
+                    cfg.checkpointing_steps, ema_decay=cfg.ema_decay,
+                    mixed_precision=backend.precision(cfg.mixed_precision),
+                    loss_scaling=getattr(backend, "dtype", torch.float32) == torch.float16)
     ckpt_dir = out.checkpoint
     steps, final_loss = train_loop(params, opt, step_loss, spec, ckpt_dir, device, log=log, progress=progress)
 

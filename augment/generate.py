@@ -182,16 +182,25 @@ def generate(
             continue
         generate_shard(cfg, backend, model, train, out, df, shard, on_batch=tick, feedback=feedback)
         log(f"generate: shard {shard} written ({done[0]}/{total}, {time.time() - t0:.0f}s)")
-    finish(out, total, time.time() - t0, cfg, backend.device)
+    finish(out, total, time.time() - t0, sampled_in(backend, cfg))
     return out
 
 
-def finish(output_dir: str | Path, samples: int, seconds: float, cfg: GenerationConfig,
-           device: torch.device) -> None:
-    """Mark the candidates complete, with the precision `cfg.mixed_precision` resolved to on `device` ("no" = fp32,
-    "bf16"): reproducing a sample exactly needs it."""
-    results.save(CandidatesFolder(output_dir).done, GenerationRecord(
-        samples=samples, seconds=seconds, precision=resolve_precision(device, cfg.mixed_precision)))
+def sampled_in(backend: "Backend", cfg: GenerationConfig) -> str:
+    """The precision `backend` samples in under `cfg`: its weights' when they are in half precision
+    (base.weights_dtype: "bf16", "fp16"), else generation.mixed_precision resolved on its device ("no" = fp32,
+    "bf16")."""
+    dtype = getattr(backend, "dtype", torch.float32)
+    if dtype != torch.float32:
+        return "fp16" if dtype == torch.float16 else "bf16"
+    return resolve_precision(backend.device, cfg.mixed_precision)
+
+
+def finish(output_dir: str | Path, samples: int, seconds: float, precision: str) -> None:
+    """Mark the candidates complete, with the precision they were sampled in (`sampled_in`): reproducing a sample
+    exactly needs it."""
+    results.save(CandidatesFolder(output_dir).done, GenerationRecord(samples=samples, seconds=seconds,
+                                                                     precision=precision))
 
 
 def _plan_hash(df: pd.DataFrame) -> str:
@@ -217,15 +226,29 @@ def _shard_plan(path: Path) -> str | None:
         return None
 
 
+def sampler_of(run_dir: str | Path, cfg) -> str:
+    """The sampler the run folder's candidates were planned with (the plan's `scheduler` column: the backend's,
+    `flow_match_euler` for SD 3.x and FLUX.1), else generation.scheduler."""
+    from augment.runfolder import RunFolder
+
+    plan = RunFolder(run_dir).candidates.plan
+    try:
+        column = pd.read_parquet(plan, columns=["scheduler"])["scheduler"]
+    except (OSError, ValueError, KeyError):
+        return cfg.generation.scheduler
+    return str(column.iloc[0]) if len(column) else cfg.generation.scheduler
+
+
 def sampling_precision(run_dir: str | Path, cfg) -> str:
     """The precision the candidates of the run folder `run_dir` were sampled in, as its generate stage recorded
-    it: "fp32" or "bf16" (`generation.mixed_precision: auto` resolves per machine; runs from before the record
-    sampled in fp32 unless bf16 was asked for)."""
+    it: "fp32", "bf16" or "fp16" (`generation.mixed_precision: auto` resolves per machine, and half-precision
+    weights sample in their own dtype; runs from before the record sampled in fp32 unless bf16 was asked for)."""
     from augment.runfolder import RunFolder
 
     done = results.load(RunFolder(run_dir).candidates.done, GenerationRecord)
     recorded = done.precision if done is not None else None
-    return "bf16" if (recorded or cfg.generation.mixed_precision) == "bf16" else "fp32"
+    precision = recorded or cfg.generation.mixed_precision
+    return precision if precision in ("bf16", "fp16") else "fp32"
 
 
 def load_candidates(output_dir: str | Path) -> Candidates:

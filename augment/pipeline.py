@@ -35,6 +35,11 @@ def preflight(cfg: RunConfig) -> None:
     runfolder.check_output_dir(cfg.publish.output_dir, cfg.data.source)
     runfolder.check_writable_dir(cfg.base.cache_dir, "base.cache_dir", cfg.data.source)
     kind = check_base(cfg.base)
+    if kind in ("flux", "sd3") and cfg.base.weights_dtype == "fp16":
+        from augment.config import ConfigError
+
+        raise ConfigError(f"base.weights_dtype=fp16: the {kind} backend's T5 text encoder overflows in fp16; use "
+                          "bf16 (or auto, which takes bf16 where the GPU has it and fp32 where it does not)")
     if kind in ("flux", "sd3") and cfg.lora.snr_gamma is not None:
         from augment.config import ConfigError
 

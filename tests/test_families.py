@@ -115,29 +115,78 @@ def test_sd3_conditions_on_three_encoders_and_guides_against_the_empty_prompt(ch
     assert a.shape == x.shape and not torch.allclose(a, b)
 
 
-@pytest.mark.parametrize("kind", list(WRITERS))
-def test_frozen_weights_in_bf16_train_fp32_lora_factors_and_sample(kind, checkpoints, tmp_path):
-    """base.weights_dtype=bf16 (what `auto` picks on a GPU): text encoders and denoiser in bf16, the LoRA factors in
-    fp32, and fine-tuning and sampling run with finite losses and images."""
+@pytest.mark.parametrize("kind,dtype", [(k, "bf16") for k in WRITERS] + [("stable_diffusion", "fp16"),
+                                                                         ("sdxl", "fp16")])
+def test_frozen_weights_in_half_precision_train_fp32_lora_factors_and_sample(kind, dtype, checkpoints, tmp_path):
+    """base.weights_dtype bf16 (what `auto` picks on a GPU with bf16) or fp16 (on one without: loss scaling): text
+    encoders and denoiser in that dtype, the LoRA factors in fp32, and fine-tuning and sampling run with finite
+    losses and images."""
     from augment.config import LoRAConfig
     from augment.data import ImageSet
     from augment.finetune import finetune
 
-    backend, info = _backend(checkpoints[kind], tmp_path, weights_dtype="bf16")
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    backend, info = _backend(checkpoints[kind], tmp_path, weights_dtype=dtype)
     train = ImageSet(np.random.default_rng(0).integers(0, 255, (4, 32, 32, 3), dtype=np.uint8), np.array([0, 1, 0, 1]),
                      ["cat", "dog"], [f"r{i}" for i in range(4)])
     cfg = LoRAConfig(rank=2, lora_alpha=2, max_train_steps=2, train_batch_size=2)
     done = finetune(cfg, backend, info, train, tmp_path / "ft", log=lambda m: None)
     assert np.isfinite(done.final_loss)
-    assert {p.dtype for enc in backend.text_encoders() for p in enc.parameters()} == {torch.bfloat16}
+    assert {p.dtype for enc in backend.text_encoders() for p in enc.parameters()} == {half}
     model = backend.load(info)
     lora, trained = backend.add_lora(model, cfg)
     dtypes = {n: p.dtype for n, p in lora.named_parameters()}
     assert {d for n, d in dtypes.items() if "lora_" in n} == {torch.float32}
-    assert {d for n, d in dtypes.items() if "lora_" not in n} == {torch.bfloat16}
+    assert {d for n, d in dtypes.items() if "lora_" not in n} == {half}
     tuned = backend.load(info, adapter=tmp_path / "ft" / "adapter")
     images = backend.sample(tuned, np.array([0, 1]), [1, 2], GenerationConfig(num_inference_steps=2))
     assert images.shape == (2, 32, 32, 3) and images.dtype == np.uint8 and images.std() > 0
+
+
+def test_fp16_weights_train_with_loss_scaling_and_resume_identically(checkpoints, tmp_path, monkeypatch):
+    """fp16 frozen weights: the loop scales the loss (GradScaler), and its state survives a crash like the rest."""
+    import augment.backends.common as where_the_loss_is
+    import augment.diffusion.training as training
+    from augment.config import LoRAConfig
+    from augment.data import ImageSet
+    from augment.finetune import finetune
+    from conftest import crash_at
+
+    scalers = []
+    real_scaler = torch.amp.GradScaler
+
+    def recorded(*a, **kw):
+        scalers.append(real_scaler(*a, **kw))
+        return scalers[-1]
+
+    monkeypatch.setattr(training.torch.amp, "GradScaler", recorded)
+    backend, info = _backend(checkpoints["stable_diffusion"], tmp_path, weights_dtype="fp16")
+    train = ImageSet(np.random.default_rng(1).integers(0, 255, (4, 32, 32, 3), dtype=np.uint8), np.array([0, 1, 0, 1]),
+                     ["cat", "dog"], [f"r{i}" for i in range(4)])
+    cfg = LoRAConfig(rank=2, lora_alpha=2, max_train_steps=4, train_batch_size=2, checkpointing_steps=2)
+    finetune(cfg, backend, info, train, tmp_path / "full", log=lambda m: None)
+    assert scalers[-1].is_enabled() and scalers[-1].get_scale() > 1
+    real_loss = where_the_loss_is.diffusion_loss
+    monkeypatch.setattr(where_the_loss_is, "diffusion_loss", crash_at(3, real_loss))
+    with pytest.raises(KeyboardInterrupt):
+        finetune(cfg, backend, info, train, tmp_path / "resumed", log=lambda m: None)
+    monkeypatch.setattr(where_the_loss_is, "diffusion_loss", real_loss)
+    finetune(cfg, backend, info, train, tmp_path / "resumed", log=lambda m: None)
+    a, b = (load_file(str(tmp_path / d / "adapter" / "pytorch_lora_weights.safetensors")) for d in ("full", "resumed"))
+    assert set(a) == set(b) and max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4
+    assert scalers[-1].get_scale() == scalers[0].get_scale()
+
+
+def test_fp16_is_refused_for_the_t5_families_before_any_stage(checkpoints, tmp_path, capsys):
+    from flows.cli import main
+
+    args = ["run", str(ROOT / "configs" / "sd-tiny.yaml"), "--set", f"base.pretrained={checkpoints['sd3']}",
+            "--set", "base.kind=auto", "--set", "base.weights_dtype=fp16", "--set", f"base.cache_dir={tmp_path / 'c'}",
+            "--output-dir", str(tmp_path / "out")]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "base.weights_dtype=fp16" in err[0] and "T5" in err[0], err
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("kind", list(WRITERS))

@@ -79,6 +79,10 @@ class Backend(Protocol):
     def sampler_name(self, cfg: "GenerationConfig") -> str:
         """The sampler `sample` uses under `cfg`, as the provenance column `scheduler` records it."""
 
+    def precision(self, requested: str) -> str:
+        """The autocast ("no", "bf16", "auto") a training or sampling call runs under, given the one the config
+        requests (none over weights already in half precision)."""
+
     def sample(self, model: "torch.nn.Module", labels: "np.ndarray", seeds: list[int], cfg: "GenerationConfig",
                strength: float = 1.0, init_images: "np.ndarray | None" = None,
                feedback: "torch.nn.Module | None" = None) -> "np.ndarray":

@@ -38,6 +38,12 @@ class DiffusionBackend:
     def prompt(self, label: int) -> tuple[str, str]:
         return "", ""
 
+    def precision(self, requested: str) -> str:
+        """The autocast a training or sampling call runs under: `requested` (lora/generation.mixed_precision) over
+        fp32 weights, none over weights already in half precision (base.weights_dtype: their dtype is the
+        compute dtype, and bf16 autocast over fp16 weights would mix the two)."""
+        return requested if getattr(self, "dtype", torch.float32) == torch.float32 else "no"
+
     def sampler_name(self, cfg: GenerationConfig) -> str:
         """The sampler `sample` uses, as the provenance column `scheduler` records it."""
         return cfg.scheduler
@@ -65,6 +71,6 @@ class DiffusionBackend:
             torch.tensor(np.asarray(labels, dtype=np.int64)), seeds, self.uncond_label, self.latent_shape,
             scheduler=cfg.scheduler, num_inference_steps=cfg.num_inference_steps,
             guide=guide, eta=cfg.eta, strength=strength, init=init, device=self.device,
-            mixed_precision=cfg.mixed_precision,
+            mixed_precision=self.precision(cfg.mixed_precision),
         )
         return self.decode(x)

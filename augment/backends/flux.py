@@ -45,6 +45,7 @@ class FluxBackend(StableDiffusionBackend):
     denoiser_name = "transformer"
     denoiser_class = "FluxTransformer2DModel"
     latent_multiple = 2  # latents are packed in 2x2 patches
+    fp16_ok = False  # T5 overflows in fp16
 
     def __init__(self, cfg: BaseModelConfig, class_names: list[str], image_size: int, channels: int,
                  device: torch.device):
@@ -178,7 +179,7 @@ class FluxBackend(StableDiffusionBackend):
             x = noise
         y = torch.tensor(np.asarray(labels, dtype=np.int64), device=self.device)
         for t in timesteps:
-            with autocast(self.device, cfg.mixed_precision):
+            with autocast(self.device, self.precision(cfg.mixed_precision)):
                 v = self._predict(model, x, t, y, cfg)
             x = sched.step(v.float(), t, x).prev_sample
         return self.decode(x)

@@ -62,7 +62,7 @@ class StableDiffusionBackend(DiffusionBackend):
         if channels != 3:
             raise ModelError(f"{self.family} makes RGB images but data.channels is {channels}; set data.channels: 3")
         self.info: BaseModelInfo | None = None
-        self.dtype = weights_dtype(cfg.weights_dtype, device)  # of the frozen text encoders and denoiser
+        self.dtype = weights_dtype(cfg.weights_dtype, device, self.fp16_ok)  # the frozen text encoders' and denoiser's
         self.vae = self.text_encoder = self.tokenizer = None
         self.embeddings: torch.Tensor | None = None  # (K + 2, L, D): class prompts, "" (null), negative prompt
 
@@ -117,6 +117,7 @@ class StableDiffusionBackend(DiffusionBackend):
         self.info = info
 
     latent_multiple = 1  # the latent side must be a multiple of this (FLUX packs 2x2 patches)
+    fp16_ok = True  # whether the family's weights work in fp16 (a T5 encoder overflows in it)
 
     def _load_text(self, ref: str, kw: dict) -> None:
         """The family's text encoders and tokenizers (SD 1.x/2.x: one CLIP)."""
@@ -317,11 +318,17 @@ pipe.load_lora_weights("path/to/this/folder")
 """
 
 
-def weights_dtype(name: str, device: torch.device) -> torch.dtype:
-    """base.weights_dtype as a torch dtype: `auto` is bf16 on a CUDA device that computes it, else fp32."""
+def weights_dtype(name: str, device: torch.device, fp16_ok: bool = True) -> torch.dtype:
+    """base.weights_dtype as a torch dtype: `auto` is bf16 on a CUDA device that computes it, fp16 on one that does
+    not (when the family works in fp16, `fp16_ok`), else fp32."""
+    if name == "fp16" and not fp16_ok:
+        raise ModelError("base.weights_dtype=fp16: this family's T5 text encoder overflows in fp16; use bf16 or auto")
     if name == "auto":
-        name = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    return {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
+        if device.type != "cuda":
+            name = "fp32"
+        else:
+            name = "bf16" if torch.cuda.is_bf16_supported() else "fp16" if fp16_ok else "fp32"
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
 def tiny_clip_tokenizer(max_length: int = 16):

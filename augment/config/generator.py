@@ -92,10 +92,12 @@ class BaseModelConfig(Section):
     gradient_checkpointing: bool = Field(
         False, description="Stable Diffusion: recompute UNet activations in the backward pass (less memory).",
     )
-    weights_dtype: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="Diffusers pipelines (stable_diffusion, sdxl, sd3, flux): dtype of the frozen text encoders "
-        "and denoiser (the VAE stays fp32); the LoRA factors always train in fp32, as diffusers' scripts keep them. "
-        "`auto`: bf16 on a CUDA GPU with bf16 (FLUX.1's 12B transformer needs it to fit one 80 GB GPU), else fp32.",
+    weights_dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="Diffusers pipelines (stable_diffusion, sdxl, sd3, flux): dtype of the frozen text "
+        "encoders and denoiser (the VAE stays fp32); the LoRA factors always train in fp32, as diffusers' scripts "
+        "keep them, and fp16 weights train with loss scaling. `auto`: bf16 on a CUDA GPU with bf16 (FLUX.1's 12B "
+        "transformer needs it to fit one 80 GB GPU), fp16 on one without (V100, T4) for SD 1.x/2.x and SDXL, else "
+        "fp32. fp16 is refused for SD 3.x and FLUX.1: their T5 encoder overflows in it.",
     )
     block_out_channels: Literal["auto"] | list[Annotated[int, Field(ge=1, le=2048)]] = Field(
         "auto", min_length=1, max_length=4,

@@ -98,6 +98,7 @@ class LoopSpec:
     checkpoint_every: int
     ema_decay: float | None = None
     mixed_precision: str = "no"
+    loss_scaling: bool = False  # fp16 weights: scale the loss so small gradients do not underflow (GradScaler)
     clip_norm: float = 1.0
     loss_window: int = 50  # the reported loss is the mean of the last `loss_window` steps
 
@@ -123,6 +124,7 @@ def train_loop(
     ema = EMA(params, spec.ema_decay) if spec.ema_decay else None
     gen = torch.Generator().manual_seed(spec.seed)
     rng = np.random.default_rng(spec.seed)
+    scaler = torch.amp.GradScaler(device.type, enabled=spec.loss_scaling)  # disabled: every call passes through
     step, losses = 0, []
 
     # 2. Resume from the last checkpoint of an interrupted run.
@@ -136,6 +138,8 @@ def train_loop(
         if ema: ema.load_state_dict(state["ema"])
         gen.set_state(state["gen"]); rng.bit_generator.state = state["rng"]; step = state["step"]
         losses = list(state["losses"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         log(f"{spec.name}: resumed at step {step}")
 
     # 3. Train.
@@ -143,9 +147,10 @@ def train_loop(
         with autocast(device, spec.mixed_precision):
             loss = step_loss(rng, gen)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)  # clip the true gradients
         torch.nn.utils.clip_grad_norm_(params, spec.clip_norm)
-        opt.step(); sched.step(); step += 1
+        scaler.step(opt); scaler.update(); sched.step(); step += 1
         if ema: ema.update(step)
         losses.append(loss.item())
         if progress:
@@ -155,7 +160,8 @@ def train_loop(
             torch.save({"params": [p.detach().cpu() for p in params], "opt": opt.state_dict(),
                         "sched": sched.state_dict(), "ema": ema.state_dict() if ema else None,
                         "gen": gen.get_state(), "rng": rng.bit_generator.state, "step": step,
-                        "losses": losses}, ckpt.with_suffix(".tmp"))
+                        "losses": losses, "scaler": scaler.state_dict() if spec.loss_scaling else None},
+                       ckpt.with_suffix(".tmp"))
             ckpt.with_suffix(".tmp").replace(ckpt)
             log(f"{spec.name}: step {step}/{spec.steps} loss {np.mean(losses[-spec.loss_window:]):.4f}")
     if ema:

@@ -68,7 +68,7 @@ def memorization_stats(sims: np.ndarray, reference: np.ndarray, threshold: float
 
 def collect_metrics(run: Path) -> dict:
     """Assemble metrics.json from the run folder (augment.report.schema.Metrics is its schema)."""
-    from augment.generate import sampling_precision
+    from augment.generate import sampler_of, sampling_precision
 
     rf = RunFolder(run)
     cfg = parse_config(saved_config(yaml.safe_load(rf.config.read_text())), str(rf.config))
@@ -106,7 +106,7 @@ def collect_metrics(run: Path) -> dict:
                 "evaluation_seeds": evaluation.seeds},
         "data": data.to_json(),
         "generation": {"generated": decisions.generated, "kept": decisions.kept,
-                       "per_class": [c.to_json() for c in decisions.per_class], "scheduler": cfg.generation.scheduler,
+                       "per_class": [c.to_json() for c in decisions.per_class], "scheduler": sampler_of(run, cfg),
                        "num_inference_steps": cfg.generation.num_inference_steps,
                        "precision": sampling_precision(run, cfg),
                        "guidance_scale": cfg.generation.guidance_scale, "strengths": cfg.generation.strengths},

@@ -124,7 +124,7 @@ def generate_stage(cfg: RunConfig, generator_splits: Read[Splits], base: BaseMod
                     done += n
                     if progress:
                         progress(done, len(df))
-                gen.finish(st.folder, len(df), time.time() - t0, cfg.generation, backend.device)
+                gen.finish(st.folder, len(df), time.time() - t0, gen.sampled_in(backend, cfg.generation))
     return results.load(st.stage_folder.done, GenerationRecord)
 
 
