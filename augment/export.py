@@ -16,7 +16,7 @@ from urllib.parse import quote
 import numpy as np
 import pandas as pd
 from augment.stages import core, generator, outputs
-from augment import runfolder
+from augment import results, runfolder
 from augment.backends import BaseModelInfo
 from augment.finetune import AdapterInfo
 from augment.config import RunConfig
@@ -44,13 +44,13 @@ def load_run(run_dir: str | Path) -> RunConfig:
     return cfg
 
 
-def _model(cfg: RunConfig, splits=None, fine_tuned: bool = True):
-    """The run's generator: the base with the run's adapter fused, or the base alone (`fine_tuned` False)."""
+def _model(cfg: RunConfig, splits=None):
+    """The run's fine-tuned generator: the base with the run's LoRA fused."""
     splits = outputs.load_splits(cfg) if splits is None else splits
     backend = generator.backend_for(cfg, splits)
     adapter = core.folder(cfg).finetune.adapter.path
     base, _ = generator.recorded(cfg)
-    return splits, backend, backend.load(base, adapter=adapter if fine_tuned else None)
+    return splits, backend, backend.load(base, adapter=adapter)
 
 
 def _product_adaptation(cfg: RunConfig) -> str:
@@ -138,20 +138,26 @@ def generate_more(run_dir: str | Path, class_name: str, n: int, seed: int = 0,
     k = _sample_index(splits, class_name, n, seed)
     out = None if output_dir is None else _check_new_folder(Path(output_dir), "--out", cfg)
     adaptation = _product_adaptation(cfg)
-    splits, backend, model = _model(cfg, splits, fine_tuned=adaptation == "lora")
+    backend = generator.backend_for(cfg, splits)
     base, adapter = generator.recorded(cfg)
+    folder = generator.adaptation_adapter(cfg, adaptation)
+    model = backend.load(base, adapter=folder.path if adaptation in ("lora", "lora+ti") else None)
+    if adaptation in generator.TRAINED_BESIDE_LORA:
+        backend.load_ti(adaptation, folder.path)
+        adapter = results.load(folder.info, AdapterInfo)
+    backend.use_adaptation(adaptation)
     seeds = [sample_seed(seed, k, j) for j in range(n)]
     gen = cfg.generation
     images = np.concatenate([backend.sample(model, np.full(len(seeds[i:i + gen.batch_size]), k),
                                             seeds[i:i + gen.batch_size], gen)
                              for i in range(0, n, gen.batch_size)])
-    prompt, negative = backend.prompt(k)
+    prompt, negative = backend.adaptation_prompts(adaptation)[k]
     table = pd.DataFrame({
         "sample_id": [f"more-{seed}-{k}-{j}" for j in range(n)], "label": k, "class": class_name,
         "seed": np.array(seeds, np.int64), "strength": 1.0, "guidance_scale": gen.guidance_scale,
         "num_inference_steps": gen.num_inference_steps, "scheduler": backend.sampler_name(gen), "prompt": prompt,
         "negative_prompt": negative, "base_model": base.name,
-        "adapter_hash": adapter.adapter_hash if adaptation == "lora" else "", "config_hash": cfg.fingerprint(),
+        "adapter_hash": adapter.adapter_hash if adaptation != "none" else "", "config_hash": cfg.fingerprint(),
     })
     if out is not None:
         _write_new_folder(out, lambda folder: _write_samples(folder, class_name, table, images))

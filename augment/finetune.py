@@ -31,6 +31,17 @@ def file_hash(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
+def files_hash(paths: list[Path]) -> str:
+    """The adapter's identity: its weights file's hash (file_hash), or of several files (textual inversion's, one
+    per class) their contents in order."""
+    if len(paths) == 1:
+        return file_hash(paths[0])
+    h = hashlib.sha256()
+    for path in paths:
+        h.update(Path(path).read_bytes())
+    return h.hexdigest()[:16]
+
+
 def adapter_damage(adapter: AdapterFolder) -> str | None:
     """What of a finished adapter no longer reads (None when it is whole): the weights must still hash to the
     recorded adapter_hash, and every safetensors file in it (the pixel backend's base copy too) must load."""
@@ -61,21 +72,32 @@ def finetune(
     log=print,
     pseudo: ImageSet | None = None,
     progress=None,
+    adaptation: str = "lora",
 ) -> AdapterInfo:
     """Fine-tune on the labeled `train` images, plus `pseudo` (pseudo-labeled pool images) when given and
-    `cfg.use_pseudo_labeled`: then each batch draws a `cfg.labeled_share` share from the labeled images."""
+    `cfg.use_pseudo_labeled`: then each batch draws a `cfg.labeled_share` share from the labeled images.
+    `adaptation` (lora.adaptations): `lora`, `textual_inversion` (a token per class learned in the text encoders,
+    the denoiser frozen) or `lora+ti` (both, trained together)."""
     out = FinetuneFolder(output_dir)
     final = out.adapter.path
     if out.adapter.info.exists():
         log(f"finetune: reusing adapter {final}")
         return results.load(out.adapter.info, AdapterInfo)
 
-    # 1. The base, wrapped with LoRA on the backend's targets.
+    # 1. The base, wrapped with LoRA on the backend's targets, and/or new class tokens in its text encoders.
     K, n, device = len(train.class_names), len(train), backend.device
     unet = backend.load(base)
     torch.manual_seed(cfg.seed)
-    model, groups = backend.add_lora(unet, cfg)
+    lora, ti = adaptation in ("lora", "lora+ti"), adaptation in ("textual_inversion", "lora+ti")
+    if lora:
+        model, groups = backend.add_lora(unet, cfg)
+    else:
+        model, groups = unet.requires_grad_(False), []
     params = [p for _, p in model.named_parameters() if p.requires_grad]
+    if ti:
+        rows = backend.add_ti(adaptation)
+        groups.append({"params": rows, "lr": cfg.ti_learning_rate, "weight_decay": 0.0})
+        params += rows
     opt = torch.optim.AdamW(groups, weight_decay=1e-4)
 
     # 2. The training images in model space, once (flipped copies too when flips are on).
@@ -115,16 +137,20 @@ def finetune(
     # 4. Save the adapter atomically, with the config that made it.
     tmp = out.adapter_tmp.path
     shutil.rmtree(tmp, ignore_errors=True)
-    weights = backend.save_adapter(model, tmp, final=final)
+    weights = [backend.save_adapter(model, tmp, final=final)] if lora else []
+    if ti:
+        weights += backend.finish_ti(adaptation, tmp)
+        (tmp / "README.md").write_text(backend.ti_card(adaptation, with_lora=lora))
+    prompts = backend.adaptation_prompts(adaptation) if ti else [backend.prompt(k) for k in range(K)]
     out.adapter_tmp.training_config.write_text(json.dumps(
         {"lora": cfg.model_dump(mode="json"), "base": base.to_json(), "backend": backend.kind, "num_classes": K,
-         "class_names": train.class_names, "prompts": [backend.prompt(k) for k in range(K)],
+         "adaptation": adaptation, "class_names": train.class_names, "prompts": prompts,
          "run_config": run_config,
          # provenance: exactly which images the generator learned from
          "trained_on": {"labeled_ids": train.ids, "pseudo_labeled_ids": seen.ids[n:],
                         "pseudo_labels": seen.labels[n:].tolist(), "labeled_share": cfg.labeled_share if n_pseudo
                         else 1.0}}, indent=2))
-    info = AdapterInfo(path=str(final), adapter_hash=file_hash(weights), train_seconds=time.time() - t0,
+    info = AdapterInfo(path=str(final), adapter_hash=files_hash(weights), train_seconds=time.time() - t0,
                        final_loss=final_loss, steps=steps, labeled_images=n, pseudo_labeled_images=n_pseudo)
     results.save(out.adapter_tmp.info, info)
     shutil.rmtree(final, ignore_errors=True)

@@ -54,17 +54,20 @@ def sample_seed(seed: int, label: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, label, index]).generate_state(1)[0])
 
 
-def plan(cfg: GenerationConfig, train: ImageSet, prompts: list[tuple[str, str]] | None = None,
+def plan(cfg: GenerationConfig, train: ImageSet,
+         prompts: list[tuple[str, str]] | dict[str, list[tuple[str, str]]] | None = None,
          sampler: str | None = None, adaptations: Sequence[str] = ("lora",)) -> pd.DataFrame:
     """One row per sample to generate, fully determined by the config, the train split and the class prompts
-    (the backend's (prompt, negative prompt) per class; empty for a backend without text). `sampler`: the sampler
+    (the backend's (prompt, negative prompt) per class, or per adaptation when they differ; empty for a backend
+    without text). `sampler`: the sampler
     the backend uses (default generation.scheduler), for the provenance column `scheduler`. `adaptations`
     (lora.adaptations): every one samples the same seeds, strengths and sources, so that they compare paired; the
     first one's rows keep the ids `syn-<class>-<j>`, another's are `syn-<adaptation>-<class>-<j>`."""
     rows = []
     for a, adaptation in enumerate(adaptations):
         for k, n in enumerate(per_class_counts(cfg, train.class_counts())):
-            prompt, negative = prompts[k] if prompts else ("", "")
+            mine = prompts.get(adaptation) if isinstance(prompts, dict) else prompts
+            prompt, negative = mine[k] if mine else ("", "")
             sources = np.flatnonzero(train.labels == k)
             for j in range(n):
                 s = sample_seed(cfg.seed, k, j)
@@ -94,8 +97,8 @@ def write_plan(cfg: GenerationConfig, backend: "Backend", train: ImageSet, outpu
     """Plan every sample (plan.parquet) and return the plan; the shards are the units of work."""
     out = CandidatesFolder(output_dir)
     out.path.mkdir(parents=True, exist_ok=True)
-    df = plan(cfg, train, [backend.prompt(k) for k in range(len(train.class_names))], backend.sampler_name(cfg),
-              adaptations)
+    prompts = {a: backend.adaptation_prompts(a) for a in adaptations}
+    df = plan(cfg, train, prompts, backend.sampler_name(cfg), adaptations)
     df.to_parquet(out.plan)
     return df
 
@@ -141,6 +144,7 @@ def generate_shard(cfg: GenerationConfig, backend: "Backend", model: "torch.nn.M
         for (adaptation, strength), group in rows.groupby(["adaptation", "strength"], sort=True):
             pos = rows.index.get_indexer(group.index)
             denoiser = model[adaptation] if isinstance(model, Mapping) else model
+            backend.use_adaptation(adaptation)  # its conditioning (a textual-inversion adaptation's tokens)
             for i in range(0, len(group), cfg.batch_size):
                 g, p = group.iloc[i:i + cfg.batch_size], pos[i:i + cfg.batch_size]
                 init = train.images[g["source_index"].to_numpy()] if strength < 1.0 else None
@@ -148,6 +152,7 @@ def generate_shard(cfg: GenerationConfig, backend: "Backend", model: "torch.nn.M
                                            strength=float(strength), init_images=init, feedback=feedback)
                 if on_batch:
                     on_batch(len(g))
+    backend.use_adaptation("base")
     tmp = out.shard_tmp(shard)
     np.savez(tmp, images=images, sample_id=rows["sample_id"].to_numpy().astype(str), plan=np.array(_plan_hash(df)))
     tmp.replace(out.shard(shard))

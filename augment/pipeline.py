@@ -52,6 +52,13 @@ def preflight(cfg: RunConfig) -> None:
                           "class prompts, and the pixel backend's base has none (it learns the classes in "
                           "fine-tuning): use a text-to-image base (stable_diffusion, sdxl, sd3, flux) or list lora "
                           "alone")
+    ti = [a for a in cfg.lora.adaptations if a in ("textual_inversion", "lora+ti")]
+    if ti and kind not in ("stable_diffusion", "sdxl"):
+        from augment.config import ConfigError
+
+        raise ConfigError(f"lora.adaptations lists {', '.join(ti)}: textual inversion learns tokens in CLIP text "
+                          f"encoders, which the stable_diffusion and sdxl backends have alone; the {kind} backend "
+                          "is not supported for it yet (list lora and none)")
     if cfg.generation.feedback_scale > 0:
         from augment.config import ConfigError
 

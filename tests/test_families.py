@@ -300,16 +300,21 @@ def test_export_writes_the_family_pipeline_with_the_lora_fused(family_run, tmp_p
     assert f"{PIPELINE[kind]}.from_pretrained" in (Path(out) / "README.md").read_text()
 
 
+ADAPTATIONS = ("lora", "textual_inversion", "lora+ti", "none")
+ADAPTER = {"lora": "adapter", "textual_inversion": "textual_inversion/adapter", "lora+ti": "lora+ti/adapter"}
+
+
 @pytest.fixture(scope="module")
 def adaptations_run(checkpoints, tmp_path_factory, prefect_harness):
-    """A tiny SD job that lists two adaptations: LoRA and the base with its class prompts alone."""
+    """A tiny SD job that lists every adaptation: LoRA, textual inversion, both (pivotal), the class prompts alone."""
     from flows.cli import main
 
     out = tmp_path_factory.mktemp("adaptations")
     assert main(["run", str(ROOT / "configs" / "sd-tiny.yaml"), "--set", f"base.pretrained={checkpoints['stable_diffusion']}",
                  "--set", f"publish.output_dir={out / 'run'}", "--set", f"base.cache_dir={out / 'cache'}",
-                 "--set", "lora.adaptations=[lora, none]", "--set", "filter.min_confidence=0.0",
-                 "--set", "filter.order=[memorization, near_duplicates]"]) == 0
+                 "--set", f"lora.adaptations=[{', '.join(ADAPTATIONS)}]", "--set", "filter.min_confidence=0.0",
+                 "--set", "filter.order=[memorization, near_duplicates]", "--set", "generation.mixed_precision=no",
+                 "--set", "lora.mixed_precision=no"]) == 0
     return out / "run"
 
 
@@ -323,19 +328,23 @@ def test_the_choose_stage_compares_the_adaptations_and_the_product_takes_the_bes
 
     run = adaptations_run
     cands = load_candidates(run / "candidates")
-    lora, none = (cands.meta[cands.meta["adaptation"] == a] for a in ("lora", "none"))
-    assert len(lora) == len(none) > 0  # the same plan for each: same seeds, strengths and sources, paired
-    for col in ("seed", "strength", "source_index", "label", "prompt"):
-        assert lora[col].tolist() == none[col].tolist(), col
-    assert not np.array_equal(cands.images[lora.index], cands.images[none.index])  # LoRA changed the samples
-    assert lora["sample_id"].str.match(r"syn-\d+-\d+$").all() and none["sample_id"].str.startswith("syn-none-").all()
+    rows = {a: cands.meta[cands.meta["adaptation"] == a] for a in ADAPTATIONS}
+    for a in ADAPTATIONS[1:]:  # the same plan for each: same seeds, strengths and sources, paired
+        assert len(rows[a]) == len(rows["lora"]) > 0
+        for col in ("seed", "strength", "source_index", "label"):
+            assert rows[a][col].tolist() == rows["lora"][col].tolist(), (a, col)
+        assert not np.array_equal(cands.images[rows[a].index], cands.images[rows["lora"].index])
+        assert rows[a]["sample_id"].str.startswith(f"syn-{a}-").all()
+    assert rows["lora"]["sample_id"].str.match(r"syn-\d+-\d+$").all()
+    assert rows["none"]["prompt"].tolist() == rows["lora"]["prompt"].tolist()
+    assert set(rows["textual_inversion"]["prompt"]) == {f"a photo of a <augment-ti-{k}>" for k in range(10)}
+    assert set(rows["lora+ti"]["prompt"]) == {f"a photo of a <augment-pti-{k}>" for k in range(10)}
 
     choice = results.load(run / "choice" / "decision.json", Choice)
-    assert choice.adaptation in ("lora", "none")
-    options = choice.oof_accuracy
-    assert {o for o in options if o.endswith("(lora)")} and {o for o in options if o.endswith("(none)")}
+    assert choice.adaptation in ADAPTATIONS
+    assert all(any(o.endswith(f"({a})") for o in choice.oof_accuracy) for a in ADAPTATIONS)
     table = pd.read_parquet(run / "filter" / "scores.parquet")
-    by = {a: int(table.loc[cands.meta["adaptation"].to_numpy() == a, "kept"].sum()) for a in ("lora", "none")}
+    by = {a: int(table.loc[cands.meta["adaptation"].to_numpy() == a, "kept"].sum()) for a in ADAPTATIONS}
     assert choice.samples_by_adaptation == by
     assert results.load(run / "filter" / "decisions.json", FilterSummary).kept == sum(by.values())
 
@@ -343,28 +352,110 @@ def test_the_choose_stage_compares_the_adaptations_and_the_product_takes_the_bes
     train = datasets.load_from_disk(str(run / "dataset"))["train"]
     syn = train.filter(lambda r: r["is_synthetic"])
     assert len(syn) == by[choice.adaptation] > 0
-    assert all((sid.startswith("syn-none-")) == (choice.adaptation == "none") for sid in syn["sample_id"])
-    assert set(syn["adapter_hash"]) == ({""} if choice.adaptation == "none" else
-                                        {json.loads((run / "finetune" / "adapter" / "info.json").read_text())["adapter_hash"]})
+    assert set(syn["sample_id"]) == set(rows[choice.adaptation].loc[table["kept"].to_numpy()[rows[choice.adaptation].index],
+                                                                    "sample_id"])
+    hashes = {a: json.loads((run / "finetune" / ADAPTER[a] / "info.json").read_text())["adapter_hash"]
+              for a in ADAPTER}
+    assert len(set(hashes.values())) == 3
+    assert set(syn["adapter_hash"]) == {hashes.get(choice.adaptation, "")}
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["evaluation"]["arms"]["real+synthetic"]["train_sizes"]["synthetic"] == by[choice.adaptation]
+    assert set(metrics["run"]["adaptation_seconds"]) == {"textual_inversion", "lora+ti"}
 
     # `augment generate` draws from the generator the product used: the same samples from the same seeds
     from augment.export import generate_more, load_run
 
-    mine = cands.meta[(cands.meta["adaptation"] == choice.adaptation) & (cands.meta["strength"] == 1.0)]
-    row = mine.iloc[0]
+    row = rows[choice.adaptation][rows[choice.adaptation]["strength"] == 1.0].iloc[0]
     names = train.features["label"].names
     j = int(row["sample_id"].rsplit("-", 1)[1])
     more = generate_more(run, names[int(row["label"])], j + 1, seed=load_run(run).generation.seed)
-    assert int(more["seed"].iloc[j]) == int(row["seed"])
+    assert int(more["seed"].iloc[j]) == int(row["seed"]) and more["prompt"].iloc[j] == row["prompt"]
     assert np.abs(more["image"].iloc[j].astype(int) - cands.images[row.name].astype(int)).max() <= 2
     assert set(more["adapter_hash"]) == set(syn["adapter_hash"])
 
     report = (run / "report.md").read_text()
     assert "## How the generator was adapted" in report
     section = report.split("## How the generator was adapted")[1].split("\n## ")[0]
-    assert f"| lora | " in section and "| none | 0.0 | " in section and f"The best one, {choice.adaptation}," in section
+    assert all(f"| {a} | " in section for a in ADAPTATIONS) and "| none | 0.0 | " in section
+    assert f"The best one, {choice.adaptation}," in section
+
+
+@pytest.mark.parametrize("adaptation", ["textual_inversion", "lora+ti"])
+def test_a_textual_inversion_row_reproduces_in_the_plain_pipeline(adaptations_run, checkpoints, adaptation):
+    """The learned tokens load with diffusers' load_textual_inversion (and the pivotal LoRA with
+    load_lora_weights), and the pipeline draws the published candidate from its prompt and seed."""
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    from augment.generate import load_candidates
+
+    run, folder = adaptations_run, adaptations_run / "finetune" / ADAPTER[adaptation]
+    cands = load_candidates(run / "candidates")
+    mine = cands.meta[(cands.meta["adaptation"] == adaptation) & (cands.meta["strength"] == 1.0)]
+    pipe = StableDiffusionPipeline.from_pretrained(str(checkpoints["stable_diffusion"]), safety_checker=None)
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, algorithm_type="dpmsolver++",
+                                                             solver_order=2)
+    if adaptation == "lora+ti":
+        pipe.load_lora_weights(str(folder))
+    for k in range(10):
+        pipe.load_textual_inversion(str(folder / f"learned_embeds-{k:04d}.safetensors"))
+    for _, row in mine.head(2).iterrows():
+        out = pipe(row["prompt"], negative_prompt=row["negative_prompt"] or None, height=32, width=32,
+                   num_inference_steps=int(row["num_inference_steps"]), guidance_scale=float(row["guidance_scale"]),
+                   generator=torch.Generator().manual_seed(int(row["seed"])), output_type="np").images[0]
+        diff = np.abs(cands.images[row.name].astype(int) - np.round(out * 255).astype(int))
+        assert diff.max() <= 1, (adaptation, diff.max())
+    assert "load_textual_inversion" in (folder / "README.md").read_text()
+
+
+def test_sdxl_textual_inversion_loads_per_encoder_in_the_plain_pipeline(checkpoints, tmp_path):
+    """SDXL's tokens are learned in both text encoders and saved as clip_l / clip_g rows; the plain pipeline,
+    loading each into its encoder, samples what augment samples."""
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionXLPipeline
+    from safetensors.torch import load_file as load
+
+    from augment.config import LoRAConfig
+    from augment.data import ImageSet
+    from augment.finetune import finetune
+
+    backend, info = _backend(checkpoints["sdxl"], tmp_path)
+    train = ImageSet(np.random.default_rng(0).integers(0, 255, (4, 32, 32, 3), dtype=np.uint8), np.array([0, 1, 0, 1]),
+                     ["cat", "dog"], [f"r{i}" for i in range(4)])
+    cfg = LoRAConfig(rank=2, lora_alpha=2, max_train_steps=3, train_batch_size=2, ti_learning_rate=0.5)
+    finetune(cfg, backend, info, train, tmp_path / "ti", adaptation="textual_inversion", log=lambda m: None)
+    folder = tmp_path / "ti" / "adapter"
+    rows = [load(str(folder / f"learned_embeds-{k:04d}.safetensors")) for k in range(2)]
+    assert rows[0]["clip_l"].shape == (1, 32) and rows[0]["clip_g"].shape == (1, 32)
+    model = backend.load(info)
+    backend.use_adaptation("textual_inversion")
+    gen = GenerationConfig(num_inference_steps=3, guidance_scale=3.0, mixed_precision="no")
+    mine = backend.sample(model, np.array([1]), [7], gen)[0]
+    backend.use_adaptation("base")
+    assert not np.array_equal(mine, backend.sample(model, np.array([1]), [7], gen)[0])  # the tokens matter
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(checkpoints["sdxl"]))
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, algorithm_type="dpmsolver++",
+                                                             solver_order=2)
+    for k, token in enumerate(backend.ti_tokens("textual_inversion")):
+        pipe.load_textual_inversion(rows[k]["clip_l"], token=token, text_encoder=pipe.text_encoder,
+                                    tokenizer=pipe.tokenizer)
+        pipe.load_textual_inversion(rows[k]["clip_g"], token=token, text_encoder=pipe.text_encoder_2,
+                                    tokenizer=pipe.tokenizer_2)
+    prompt = backend.adaptation_prompts("textual_inversion")[1][0]
+    out = pipe(prompt, negative_prompt=None, height=32, width=32, num_inference_steps=3, guidance_scale=3.0,
+               generator=torch.Generator().manual_seed(7), output_type="np").images[0]
+    assert np.abs(mine.astype(int) - np.round(out * 255).astype(int)).max() <= 1
+
+
+def test_textual_inversion_is_refused_for_the_t5_families_before_any_stage(checkpoints, tmp_path, capsys):
+    from flows.cli import main
+
+    args = ["run", str(ROOT / "configs" / "sd-tiny.yaml"), "--set", f"base.pretrained={checkpoints['flux']}",
+            "--set", "base.kind=auto", "--set", "lora.adaptations=[lora, lora+ti]",
+            "--set", f"base.cache_dir={tmp_path / 'c'}", "--output-dir", str(tmp_path / "out")]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "lora.adaptations lists lora+ti" in err[0] and "flux" in err[0], err
+    assert not (tmp_path / "out").exists()
 
 
 def test_vae_calls_are_sized_by_free_gpu_memory():

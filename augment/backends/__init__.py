@@ -79,6 +79,13 @@ class Backend(Protocol):
     def sampler_name(self, cfg: "GenerationConfig") -> str:
         """The sampler `sample` uses under `cfg`, as the provenance column `scheduler` records it."""
 
+    def adaptation_prompts(self, adaptation: str) -> list[tuple[str, str]]:
+        """(prompt, negative prompt) per class under a lora.adaptations entry (a textual-inversion one names each
+        class by its learned token)."""
+
+    def use_adaptation(self, adaptation: str) -> None:
+        """Condition on `adaptation`'s prompts from now on ("base": the classes' own)."""
+
     def precision(self, requested: str) -> str:
         """The autocast ("no", "bf16", "auto") a training or sampling call runs under, given the one the config
         requests (none over weights already in half precision)."""

@@ -38,6 +38,13 @@ class DiffusionBackend:
     def prompt(self, label: int) -> tuple[str, str]:
         return "", ""
 
+    def adaptation_prompts(self, adaptation: str) -> list[tuple[str, str]]:
+        """(prompt, negative prompt) per class under a lora.adaptations entry (the same for every one here)."""
+        return [self.prompt(k) for k in range(len(self.class_names))]
+
+    def use_adaptation(self, adaptation: str) -> None:
+        """Condition on `adaptation`'s prompts from now on (nothing to switch here)."""
+
     def precision(self, requested: str) -> str:
         """The autocast a training or sampling call runs under: `requested` (lora/generation.mixed_precision) over
         fp32 weights, none over weights already in half precision (base.weights_dtype: their dtype is the

@@ -28,7 +28,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from augment.backends.stable_diffusion import StableDiffusionBackend, tiny_clip_config, tiny_clip_tokenizer
+from augment.backends.stable_diffusion import StableDiffusionBackend
+from augment.backends.tiny import tiny_clip_config, tiny_clip_tokenizer, tiny_t5_tokenizer
 from augment.config import BaseModelConfig, GenerationConfig
 from augment.diffusion import autocast
 from augment.diffusion.sampling import generators
@@ -190,17 +191,6 @@ class FluxBackend(StableDiffusionBackend):
         return FluxPipeline(scheduler=self.scheduler, vae=self.vae, text_encoder=self.text_encoder,
                             tokenizer=self.tokenizer, text_encoder_2=self.text_encoder_2, tokenizer_2=self.tokenizer_2,
                             transformer=denoiser)
-
-
-def tiny_t5_tokenizer(max_length: int = 32):
-    """A T5 (Unigram) tokenizer over single characters, built here (no download)."""
-    import string
-
-    from transformers import T5Tokenizer
-
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -1.0)]
-    pieces += [(c, -2.0) for c in string.ascii_lowercase + string.digits + "-_.,!'"]
-    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=max_length)
 
 
 def write_tiny_checkpoint(path: str | Path, image_size: int = 32, seed: int = 0) -> Path:

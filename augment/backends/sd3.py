@@ -25,8 +25,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from augment.backends.flux import FluxBackend, tiny_t5_tokenizer
-from augment.backends.stable_diffusion import StableDiffusionBackend, tiny_clip_config, tiny_clip_tokenizer
+from augment.backends.flux import FluxBackend
+from augment.backends.stable_diffusion import StableDiffusionBackend
+from augment.backends.tiny import tiny_clip_config, tiny_clip_tokenizer, tiny_t5_tokenizer
 from augment.config import BaseModelConfig, GenerationConfig
 from augment.diffusion import classifier_free
 from augment.errors import ModelError

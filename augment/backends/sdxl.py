@@ -23,7 +23,9 @@ from pathlib import Path
 
 import torch
 
-from augment.backends.stable_diffusion import StableDiffusionBackend, tiny_clip_config, tiny_clip_tokenizer
+from augment.backends.stable_diffusion import StableDiffusionBackend
+from augment.backends.textual_inversion import ti_file
+from augment.backends.tiny import tiny_clip_config, tiny_clip_tokenizer
 from augment.errors import ModelError
 
 
@@ -55,19 +57,55 @@ class StableDiffusionXLBackend(StableDiffusionBackend):
 
         return bool((model_index(self.cfg) or {}).get("force_zeros_for_empty_prompt", True))
 
-    @torch.no_grad()
-    def _condition(self) -> None:
+    def _condition(self, class_prompts: list[str] | None = None) -> None:
         """Class prompts, the null class and the negative prompt through StableDiffusionXLPipeline.encode_prompt
         itself: (K + 2, L, 2 * D) hidden states and (K + 2, P) pooled embeddings."""
-        pipe = self.pipeline(None)
-        prompts = [self.prompt(k)[0] for k in range(len(self.class_names))] + ["", self.cfg.negative_prompt]
-        embeds, _, pooled, _ = pipe.encode_prompt(prompts, device=self.device, do_classifier_free_guidance=False)
-        if self._zeros_for_empty():
-            embeds[-2].zero_()
-            pooled[-2].zero_()
-        self.embeddings, self.pooled = embeds, pooled
+        prompts = (class_prompts or self.class_prompts()) + ["", self.cfg.negative_prompt]
+        labels = torch.arange(len(prompts))
+        c = self._encode_live(prompts, labels)
+        self.embeddings, self.pooled = c["embeddings"], c["pooled"]
         s = self.image_size
-        self.time_ids = torch.tensor([[s, s, 0, 0, s, s]], dtype=embeds.dtype, device=self.device)
+        self.time_ids = torch.tensor([[s, s, 0, 0, s, s]], dtype=self.embeddings.dtype, device=self.device)
+
+    def _encode_live(self, prompts: list[str], labels: torch.Tensor) -> dict:
+        """`prompts` through StableDiffusionXLPipeline.encode_prompt; the null class's rows are zeros when the
+        checkpoint says force_zeros_for_empty_prompt."""
+        embeds, _, pooled, _ = self.pipeline(None).encode_prompt(prompts, device=self.device,
+                                                                 do_classifier_free_guidance=False)
+        if self._zeros_for_empty():
+            keep = (labels != self.null_label).to(embeds.device)
+            embeds = embeds * keep[:, None, None].to(embeds.dtype)
+            pooled = pooled * keep[:, None].to(pooled.dtype)
+        return {"embeddings": embeds, "pooled": pooled}
+
+    def _tokenizers(self) -> list[tuple]:
+        return [(self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)]
+
+    def _save_ti(self, tokens: list[str], learned: list[torch.Tensor], folder: Path) -> list[Path]:
+        """One file per class token in the SDXL format (`clip_l`, `clip_g`: the token's row for each encoder), as
+        load_textual_inversion reads it per encoder."""
+        from safetensors.torch import save_file
+
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for k in range(len(tokens)):
+            path = folder / ti_file(k)
+            save_file({"clip_l": learned[0][k:k + 1].contiguous(), "clip_g": learned[1][k:k + 1].contiguous()},
+                      str(path))
+            paths.append(path)
+        return paths
+
+    def ti_usage(self) -> str:
+        return ("from safetensors.torch import load_file\n"
+                "for k, token in enumerate(tokens):\n"
+                "    rows = load_file(f\"path/to/this/folder/learned_embeds-{k:04d}.safetensors\")\n"
+                "    pipe.load_textual_inversion(rows[\"clip_l\"], token=token, text_encoder=pipe.text_encoder,\n"
+                "                                tokenizer=pipe.tokenizer)\n"
+                "    pipe.load_textual_inversion(rows[\"clip_g\"], token=token, text_encoder=pipe.text_encoder_2,\n"
+                "                                tokenizer=pipe.tokenizer_2)")
+
+    def _rows_of(self, tokens, files) -> list[torch.Tensor]:
+        return [torch.cat([f["clip_l"] for f in files]), torch.cat([f["clip_g"] for f in files])]
 
     def _components(self, info) -> None:
         self.info_path = info.path
@@ -86,10 +124,9 @@ class StableDiffusionXLBackend(StableDiffusionBackend):
                              f"attends over {unet.config.cross_attention_dim})")
 
     def denoise(self, model, x_t, t, labels):
-        i = labels.to(self.embeddings.device)
-        d = self.dtype
-        cond = {"text_embeds": self.pooled[i].to(d), "time_ids": self.time_ids.expand(len(i), -1).to(d)}
-        return model(x_t.to(d), t, encoder_hidden_states=self.embeddings[i].to(d), added_cond_kwargs=cond).sample
+        c, d = self._batch_conditioning(labels), self.dtype
+        cond = {"text_embeds": c["pooled"].to(d), "time_ids": self.time_ids.expand(len(labels), -1).to(d)}
+        return model(x_t.to(d), t, encoder_hidden_states=c["embeddings"].to(d), added_cond_kwargs=cond).sample
 
     def pipeline(self, denoiser: torch.nn.Module | None):
         from diffusers import StableDiffusionXLPipeline

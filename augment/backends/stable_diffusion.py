@@ -23,6 +23,8 @@ import torch
 
 from augment.backends import BaseModelInfo, check_base
 from augment.backends.common import DiffusionBackend, no_lora_target
+from augment.backends.textual_inversion import TextualInversion
+from augment.backends.tiny import tiny_clip_config, tiny_clip_tokenizer
 from augment.config import BaseModelConfig, LoRAConfig
 from augment.data import ImageSet
 from augment.diffusion import to_tensor, to_uint8
@@ -44,7 +46,7 @@ def vae_batch(free_bytes: int | None, image_size: int, what: str) -> int:
     return int(max(1, min(ENCODE_BATCH, 0.8 * free_bytes // per_image)))
 
 
-class StableDiffusionBackend(DiffusionBackend):
+class StableDiffusionBackend(TextualInversion, DiffusionBackend):
     """SD 1.x/2.x, and through its hooks every latent diffusers pipeline augment loads (sdxl.py, flux.py): a
     family brings its text conditioning (`_load_text`, `_condition`, `denoise`), its denoiser class and folder,
     and its pipeline class; VAE latents, their cache, LoRA through peft, the adapter in diffusers' format, fusing
@@ -65,6 +67,9 @@ class StableDiffusionBackend(DiffusionBackend):
         self.dtype = weights_dtype(cfg.weights_dtype, device, self.fp16_ok)  # the frozen text encoders' and denoiser's
         self.vae = self.text_encoder = self.tokenizer = None
         self.embeddings: torch.Tensor | None = None  # (K + 2, L, D): class prompts, "" (null), negative prompt
+        self.pooled: torch.Tensor | None = None  # (K + 2, P) where the family pools its prompts
+        self.conditions: dict[str, dict] = {}  # the conditioning tensors of each adaptation ("base": the prompts')
+        self.live: list[str] | None = None  # while textual inversion trains: the prompts, encoded at every step
 
     # -- base ---------------------------------------------------------------------------------------------------
 
@@ -109,12 +114,42 @@ class StableDiffusionBackend(DiffusionBackend):
                              + (f" times {self.latent_multiple}" if self.latent_multiple > 1 else "") + ")")
         side = self.image_size // self.vae_scale
         self.latent_shape = (self.vae.config.latent_channels, side, side)
-        self._condition()
-        if self.device.type == "cuda":  # the prompts are embedded once: the text encoders leave the GPU
+        self.info = info
+        try:
+            with torch.no_grad():
+                self._condition()
+        except Exception:
+            self.info = None
+            raise
+        self.conditions = {"base": self._conditioning()}
+        self._offload_text()
+
+    def _offload_text(self) -> None:
+        """The prompts are embedded once: on a GPU the text encoders leave it."""
+        if self.device.type == "cuda":
             for encoder in self.text_encoders():
                 encoder.to("cpu")
             torch.cuda.empty_cache()
-        self.info = info
+
+    def _conditioning(self) -> dict:
+        return {name: getattr(self, name) for name in ("embeddings", "pooled") if getattr(self, name) is not None}
+
+    def use_adaptation(self, adaptation: str) -> None:
+        """Condition on `adaptation`'s prompts from now on (a textual-inversion adaptation's learned tokens; the
+        others share the class prompts)."""
+        for name, value in (self.conditions.get(adaptation) or self.conditions.get("base", {})).items():
+            setattr(self, name, value)
+
+    def _batch_conditioning(self, labels: torch.Tensor) -> dict:
+        """The conditioning of a batch of class indices: rows of the embedded prompts, or while textual inversion
+        trains the prompts encoded now (with gradients to the new tokens)."""
+        if self.live is not None:
+            return self._encode_live([self.live[int(y)] for y in labels.tolist()], labels)
+        i = labels.to(self.embeddings.device)
+        return {name: value[i] for name, value in self._conditioning().items()}
+
+    def _encode_live(self, prompts: list[str], labels: torch.Tensor) -> dict:
+        return {"embeddings": self._embed(prompts)}
 
     latent_multiple = 1  # the latent side must be a multiple of this (FLUX packs 2x2 patches)
     fp16_ok = True  # whether the family's weights work in fp16 (a T5 encoder overflows in it)
@@ -143,12 +178,14 @@ class StableDiffusionBackend(DiffusionBackend):
 
         return DDPMScheduler.from_pretrained(ref, subfolder="scheduler", clip_sample=False, **kw)
 
-    def _condition(self) -> None:
-        """Embed every class prompt, the empty prompt (the null class) and the negative prompt, once."""
-        prompts = [self.prompt(k)[0] for k in range(len(self.class_names))] + ["", self.cfg.negative_prompt]
-        self.embeddings = self._embed(prompts)
+    def class_prompts(self) -> list[str]:
+        return [self.prompt(k)[0] for k in range(len(self.class_names))]
 
-    @torch.no_grad()
+    def _condition(self, class_prompts: list[str] | None = None) -> None:
+        """Embed every class prompt (`class_prompts`, default the classes' own), the empty prompt (the null class)
+        and the negative prompt, once."""
+        self.embeddings = self._embed((class_prompts or self.class_prompts()) + ["", self.cfg.negative_prompt])
+
     def _embed(self, prompts: list[str]) -> torch.Tensor:
         """CLIP text embeddings exactly as StableDiffusionPipeline.encode_prompt computes them (no clip skip)."""
         ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
@@ -247,14 +284,13 @@ class StableDiffusionBackend(DiffusionBackend):
         return self.null_label + 1 if self.cfg.negative_prompt else self.null_label
 
     def denoise(self, model, x_t, t, labels):
-        e = self.embeddings[labels.to(self.embeddings.device)]
+        e = self._batch_conditioning(labels)["embeddings"]
         return model(x_t.to(self.dtype), t, encoder_hidden_states=e.to(self.dtype)).sample
 
     def prompt(self, label: int) -> tuple[str, str]:
         name = self.class_names[label]
         text = self.cfg.class_prompts.get(name) or self.cfg.prompt_template.format(name=name.replace("_", " "))
         return text, self.cfg.negative_prompt
-
     # -- LoRA -----------------------------------------------------------------------------------------------------
 
     def add_lora(self, model: torch.nn.Module, cfg: LoRAConfig) -> tuple[torch.nn.Module, list[dict]]:
@@ -317,7 +353,6 @@ pipe.load_lora_weights("path/to/this/folder")
 `training_config.json` holds the configuration and the ids of the images it learned from.
 """
 
-
 def weights_dtype(name: str, device: torch.device, fp16_ok: bool = True) -> torch.dtype:
     """base.weights_dtype as a torch dtype: `auto` is bf16 on a CUDA device that computes it, fp16 on one that does
     not (when the family works in fp16, `fp16_ok`), else fp32."""
@@ -329,29 +364,6 @@ def weights_dtype(name: str, device: torch.device, fp16_ok: bool = True) -> torc
         else:
             name = "bf16" if torch.cuda.is_bf16_supported() else "fp16" if fp16_ok else "fp32"
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
-
-
-def tiny_clip_tokenizer(max_length: int = 16):
-    """A CLIP tokenizer over single characters, built here (no download): every prompt tokenizes."""
-    import string
-
-    from transformers import CLIPTokenizer
-
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for c in string.ascii_lowercase + string.digits + "-_.,!'":
-        vocab.setdefault(c, len(vocab))
-        vocab.setdefault(c + "</w>", len(vocab))
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
-
-
-def tiny_clip_config(vocab_size: int, max_length: int = 16, **kw):
-    """diffusers' test CLIP text configuration (32 wide), for the tiny tokenizer."""
-    from transformers import CLIPTextConfig
-
-    return CLIPTextConfig(bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=32, intermediate_size=37,
-                          num_attention_heads=4, num_hidden_layers=2, vocab_size=vocab_size,
-                          max_position_embeddings=max_length, **kw)
-
 
 def write_tiny_checkpoint(path: str | Path, image_size: int = 32, seed: int = 0) -> Path:
     """A tiny, randomly initialised Stable Diffusion pipeline (UNet, VAE, CLIP text encoder and a tokenizer built

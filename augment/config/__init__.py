@@ -79,6 +79,7 @@ class RunConfig(Section):
     # Keys added after run folders and published rows were keyed: left out of every hash while they hold the value
     # that behaves as before their time, so that an existing run folder keeps its stage keys and config_hash.
     ADDED: ClassVar[tuple] = (("lora", "snr_gamma", None), ("lora", "adaptations", ["lora"]), ("lora", "use_dora", False),
+                              ("lora", "ti_learning_rate", 5e-3),
                               ("base", "weights_dtype", "auto"), ("data", "resize", "stretch"))
 
     def fingerprint(self, *sections: str) -> str:

@@ -175,14 +175,20 @@ class LoRAConfig(Section):
         "recommend 5.0); None = plain MSE. Noise-prediction backends only: the flow-matching families (SD 3.x, "
         "FLUX.1) weight their timesteps by their sampling density instead.",
     )
-    adaptations: list[Literal["lora", "none"]] = Field(
-        ["lora"], min_length=1, max_length=2,
+    adaptations: list[Literal["lora", "textual_inversion", "lora+ti", "none"]] = Field(
+        ["lora"], min_length=1, max_length=4,
         description="How the generator is adapted to the team's classes, as candidates the choose stage scores on "
         "the labeled images the generator never saw (as it scores the synthetic share): `lora` (fine-tuned on the "
-        "labeled images), `none` (the pretrained text-to-image model with the class prompts alone, no fine-tuning: "
-        "ALIA, 'Diversify, Don't Fine-Tune'). Every listed one is generated with the same seeds; the product takes "
-        "the best one's samples, and the report compares them. Without a choice (selection.rule=validation, listed "
-        "arms) the first listed is used. `none` needs a text-to-image base (stable_diffusion, sdxl, sd3, flux).",
+        "labeled images), `textual_inversion` (a new token per class learned in the text encoders, the rest "
+        "frozen: DA-Fusion), `lora+ti` (both at once: pivotal tuning), `none` (the pretrained text-to-image model "
+        "with the class prompts alone: ALIA, 'Diversify, Don't Fine-Tune'). Every listed one is generated with the "
+        "same seeds; the product takes the best one's samples, and the report compares them. Without a choice "
+        "(selection.rule=validation, listed arms) the first listed is used. `none` needs a text-to-image base "
+        "(stable_diffusion, sdxl, sd3, flux); the textual-inversion ones an all-CLIP one (stable_diffusion, sdxl).",
+    )
+    ti_learning_rate: float = Field(
+        5e-3, gt=0, le=1.0, description="Learning rate of the textual-inversion token embeddings (textual_inversion, "
+        "lora+ti).",
     )
     ema_decay: float | None = Field(None, gt=0, lt=1, description="EMA of the trained weights; None = off.")
     checkpointing_steps: int = Field(200, ge=1, le=1_000_000, description="Save a resumable checkpoint every N steps.")
@@ -202,8 +208,8 @@ class LoRAConfig(Section):
         if len(set(self.adaptations)) != len(self.adaptations):
             raise ValueError(f"lora.adaptations={self.adaptations} lists one twice")
         if "lora" not in self.adaptations:
-            raise ValueError(f"lora.adaptations={self.adaptations} must include lora (a run that fine-tunes nothing "
-                             "is not supported yet: list [lora, none] and the choose stage picks)")
+            raise ValueError(f"lora.adaptations={self.adaptations} must include lora (the other adaptations are "
+                             "compared against it: list [lora, none] and the choose stage picks)")
         return self
 
 

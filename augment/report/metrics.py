@@ -103,7 +103,7 @@ def collect_metrics(run: Path) -> dict:
                 "total_seconds": runinfo.get("total_seconds"), "versions": runinfo.get("versions", {}),
                 "cpu": runinfo.get("cpu"),
                 "base_model": runinfo.get("base", {}), "adapter": runinfo.get("adapter", {}),
-                "evaluation_seeds": evaluation.seeds},
+                "evaluation_seeds": evaluation.seeds, **_adaptation_seconds(cfg)},
         "data": data.to_json(),
         "generation": {"generated": decisions.generated, "kept": decisions.kept,
                        "per_class": [c.to_json() for c in decisions.per_class], "scheduler": sampler_of(run, cfg),
@@ -134,3 +134,18 @@ def collect_metrics(run: Path) -> dict:
                                        "product_arm": evaluation.product_arm}),
         "dataset": {"path": str(rf.dataset.path), "splits": _json(publish_info.splits)},
     })
+
+
+def _adaptation_seconds(cfg) -> dict:
+    """{"adaptation_seconds": {name: seconds}} for the adaptations trained beside the LoRA, when any was listed
+    (nothing otherwise, so a run without them writes the metrics it always wrote)."""
+    from augment.results import AdapterInfo
+    from augment.stages.generator import TRAINED_BESIDE_LORA, adaptation_adapter
+
+    seconds = {}
+    for a in cfg.lora.adaptations:
+        if a in TRAINED_BESIDE_LORA:
+            info = results.load(adaptation_adapter(cfg, a).info, AdapterInfo)
+            if info is not None:
+                seconds[a] = info.train_seconds
+    return {"adaptation_seconds": seconds} if seconds else {}

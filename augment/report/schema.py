@@ -63,6 +63,8 @@ class RunFacts(_Model):
     base_model: BaseModelFacts
     adapter: AdapterFacts
     evaluation_seeds: list[int]
+    # seconds of fine-tuning of the adaptations trained beside the LoRA (lora.adaptations), when any was listed
+    adaptation_seconds: dict[str, float] = {}
 
 
 class Generation(_Model):

@@ -223,7 +223,8 @@ def _adaptations(m: Metrics) -> Section | None:
     for a, kept in d.samples_by_adaptation.items():
         mine = [o for o in acc if o.endswith(f" ({a})")]
         best = max(mine, key=lambda o: score.get(o, acc[o])) if mine else None
-        cost = m.run.adapter.train_seconds if a == "lora" else 0.0
+        cost = m.run.adapter.train_seconds if a == "lora" else 0.0 if a == "none" else \
+            m.run.adaptation_seconds.get(a)
         rows.append([a, "—" if cost is None else f"{cost:.1f}", kept,
                      "—" if best is None else f"{_pct(acc[best])} / {_pct(score.get(best))}",
                      "—" if best is None else best.split(" (")[0],
@@ -234,7 +235,8 @@ def _adaptations(m: Metrics) -> Section | None:
         "Every listed adaptation generated the same seeds, went through the same filter, and was scored as the "
         "synthetic share is: classifiers trained on the labeled images the generator saw plus its kept samples, "
         f"scored on the {d.holdout} labeled images it never saw, {d.repeats} seeds each. `lora` fine-tunes the "
-        "base on the labeled images; `none` samples the pretrained base from the class prompts alone. The best "
+        "base on the labeled images; `textual_inversion` learns a token per class in the text encoders; `lora+ti` "
+        "both at once; `none` samples the pretrained base from the class prompts alone. The best "
         f"one, {d.adaptation}, makes the synthetic arms' samples, and the product's when the synthetic data goes "
         f"in: {'it does' if d.in_product else 'it does not'} ({(d.reason or '').rstrip('.')}).",
         [(["adaptation", "fine-tuning (s)", "kept samples", "best held-out accuracy / true-class p (%)",

@@ -78,10 +78,30 @@ def finetune_stage(cfg: RunConfig, generator_splits: Read[Splits], base: BaseMod
     else:
         with st.fresh():
             splits = generator_splits()
-            info = finetune(cfg.lora, backend_for(cfg, splits), base, splits.train, st.folder,
-                            run_config=cfg.model_dump(mode="json"), log=log, pseudo=pseudo()[0], progress=progress)
+            backend, pool = backend_for(cfg, splits), pseudo()[0]
+            info = finetune(cfg.lora, backend, base, splits.train, st.folder,
+                            run_config=cfg.model_dump(mode="json"), log=log, pseudo=pool, progress=progress)
+            for adaptation in [a for a in cfg.lora.adaptations if a in TRAINED_BESIDE_LORA]:
+                log(f"finetune: {adaptation}")
+                finetune(cfg.lora, backend, base, splits.train, st.folder / adaptation, adaptation=adaptation,
+                         run_config=cfg.model_dump(mode="json"), log=log, pseudo=pool, progress=progress)
     st.identify(info)
     return info
+
+
+# the adaptations (lora.adaptations) that the finetune stage trains beside the LoRA, each in finetune/<name>/adapter
+TRAINED_BESIDE_LORA = {"textual_inversion", "lora+ti"}
+
+
+def adaptation_adapter(cfg: RunConfig, adaptation: str):
+    """The adapter folder (runfolder.AdapterFolder) of a trained adaptation; None for `none`."""
+    from augment.runfolder import FinetuneFolder
+
+    if adaptation == "none":
+        return None
+    if adaptation == "lora":
+        return folder(cfg).finetune.adapter
+    return FinetuneFolder(folder(cfg).finetune.path / adaptation).adapter
 
 
 # generation reads the pseudo stage's choices and pool only for feedback-guided sampling (feedback_classifier)
@@ -157,10 +177,17 @@ _MODELS: dict = worker_state()
 
 def denoisers(cfg: RunConfig, backend, base: BaseModelInfo) -> dict:
     """The denoiser of every listed adaptation (lora.adaptations), in order: `lora` with the run's adapter fused,
-    `none` the base as it is. The adapter of the run folder in hand, not the path run.json recorded: a copied or
-    moved folder (cp -a, or a relative --output-dir re-run from elsewhere) must not read the original's."""
-    adapter_dir = folder(cfg).finetune.adapter.path
-    return {a: backend.load(base, adapter=adapter_dir if a == "lora" else None) for a in cfg.lora.adaptations}
+    `none` and `textual_inversion` the base as it is, `lora+ti` with its own LoRA fused; the textual-inversion
+    ones' learned tokens go into the backend's text encoders (backend.use_adaptation picks the conditioning).
+    The adapters of the run folder in hand, not the paths run.json recorded: a copied or moved folder (cp -a, or a
+    relative --output-dir re-run from elsewhere) must not read the original's."""
+    models = {}
+    for a in cfg.lora.adaptations:
+        adapter = adaptation_adapter(cfg, a)
+        models[a] = backend.load(base, adapter=adapter.path if a in ("lora", "lora+ti") else None)
+        if a in TRAINED_BESIDE_LORA:
+            backend.load_ti(a, adapter.path)
+    return models
 
 
 def generate_unit(cfg: RunConfig, base: BaseModelInfo, adapter: AdapterInfo, shard: int) -> int:

@@ -145,6 +145,11 @@ def publish_stage(cfg: RunConfig, splits: Read[Splits], base: BaseModelInfo, ada
         kept, adaptation = product_kept(cands, kept, chosen), product_adaptation(cands, chosen)
         if adaptation == "none":  # the base alone made the published samples
             provenance["adapter_hash"] = ""
+        elif adaptation != "lora":  # a textual-inversion adaptation's own adapter (finetune/<name>/adapter)
+            from augment.stages.generator import adaptation_adapter
+
+            provenance["adapter_hash"] = results.load(adaptation_adapter(cfg, adaptation).info,
+                                                      AdapterInfo).adapter_hash
         sampler = str(cands.meta["scheduler"].iloc[0]) if len(cands) else cfg.generation.scheduler
         pool = None
         if has_part(summary.product_recipe, "pseudo"):
@@ -169,8 +174,12 @@ def _card_facts(cfg: RunConfig, evaluation: EvaluationSummary, decisions: Filter
     g, b = cfg.generation, cfg.base
     how = (f"Source images: `{cfg.data.source}`, {cfg.data.shots_per_class or 'all'} labeled per class. Generator: "
            f"{b.pretrained if b.pretrained != 'builtin' else 'a pixel-space UNet pretrained on the unlabeled pool'}"
-           + (f" + LoRA rank {cfg.lora.rank}, {cfg.lora.max_train_steps} steps" if adaptation == "lora" else
-              ", not fine-tuned (its class prompts alone)")
+           + {"lora": f" + LoRA rank {cfg.lora.rank}, {cfg.lora.max_train_steps} steps",
+              "textual_inversion": f" + a token per class learned by textual inversion, {cfg.lora.max_train_steps} "
+                                   "steps",
+              "lora+ti": f" + LoRA rank {cfg.lora.rank} and a token per class learned together (pivotal tuning), "
+                         f"{cfg.lora.max_train_steps} steps",
+              "none": ", not fine-tuned (its class prompts alone)"}[adaptation]
            + (f" (the best of the adaptations {', '.join(cfg.lora.adaptations)} on held-out labeled images)"
               if len(cfg.lora.adaptations) > 1 else "")
            + f". Sampling: {sampler}, "
