@@ -145,13 +145,15 @@ def generate_more(run_dir: str | Path, class_name: str, n: int, seed: int = 0,
     if adaptation in generator.TRAINED_BESIDE_LORA:
         backend.load_ti(adaptation, folder.path)
         adapter = results.load(folder.info, AdapterInfo)
+    backend.condition_variants(adaptation)
     backend.use_adaptation(adaptation)
     seeds = [sample_seed(seed, k, j) for j in range(n)]
+    rows = [backend.row_prompt(adaptation, k, j) for j in range(n)]  # (prompt, negative), conditioning row
+    conditions = np.array([c for _, c in rows], np.int64)
     gen = cfg.generation
-    images = np.concatenate([backend.sample(model, np.full(len(seeds[i:i + gen.batch_size]), k),
-                                            seeds[i:i + gen.batch_size], gen)
+    images = np.concatenate([backend.sample(model, conditions[i:i + gen.batch_size], seeds[i:i + gen.batch_size], gen)
                              for i in range(0, n, gen.batch_size)])
-    prompt, negative = backend.adaptation_prompts(adaptation)[k]
+    prompt, negative = [p for (p, _), _ in rows], [q for (_, q), _ in rows]
     table = pd.DataFrame({
         "sample_id": [f"more-{seed}-{k}-{j}" for j in range(n)], "label": k, "class": class_name,
         "seed": np.array(seeds, np.int64), "strength": 1.0, "guidance_scale": gen.guidance_scale,

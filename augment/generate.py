@@ -56,13 +56,16 @@ def sample_seed(seed: int, label: int, index: int) -> int:
 
 def plan(cfg: GenerationConfig, train: ImageSet,
          prompts: list[tuple[str, str]] | dict[str, list[tuple[str, str]]] | None = None,
-         sampler: str | None = None, adaptations: Sequence[str] = ("lora",)) -> pd.DataFrame:
+         sampler: str | None = None, adaptations: Sequence[str] = ("lora",),
+         row_prompt: Callable[[str, int, int], tuple[tuple[str, str], int]] | None = None) -> pd.DataFrame:
     """One row per sample to generate, fully determined by the config, the train split and the class prompts
     (the backend's (prompt, negative prompt) per class, or per adaptation when they differ; empty for a backend
     without text). `sampler`: the sampler
     the backend uses (default generation.scheduler), for the provenance column `scheduler`. `adaptations`
     (lora.adaptations): every one samples the same seeds, strengths and sources, so that they compare paired; the
-    first one's rows keep the ids `syn-<class>-<j>`, another's are `syn-<adaptation>-<class>-<j>`."""
+    first one's rows keep the ids `syn-<class>-<j>`, another's are `syn-<adaptation>-<class>-<j>`. `row_prompt`
+    (backend.row_prompt): per sample, its prompt and the conditioning row it samples with (prompt variants, column
+    `condition`; the class index otherwise)."""
     rows = []
     for a, adaptation in enumerate(adaptations):
         for k, n in enumerate(per_class_counts(cfg, train.class_counts())):
@@ -70,6 +73,10 @@ def plan(cfg: GenerationConfig, train: ImageSet,
             prompt, negative = mine[k] if mine else ("", "")
             sources = np.flatnonzero(train.labels == k)
             for j in range(n):
+                if row_prompt is not None:
+                    (prompt, negative), condition = row_prompt(adaptation, k, j)
+                else:
+                    condition = k
                 s = sample_seed(cfg.seed, k, j)
                 r = np.random.default_rng(s)
                 strength = float(cfg.strengths[r.integers(len(cfg.strengths))])
@@ -79,10 +86,11 @@ def plan(cfg: GenerationConfig, train: ImageSet,
                              "source_id": train.ids[src] if src >= 0 else "", "guidance_scale": cfg.guidance_scale,
                              "num_inference_steps": cfg.num_inference_steps, "scheduler": sampler or cfg.scheduler,
                              "eta": cfg.eta, "prompt": prompt, "negative_prompt": negative,
-                             "adaptation": adaptation, "_j": j})
+                             "adaptation": adaptation, "condition": condition, "_j": j})
     columns = ["sample_id", "label", "seed", "strength", "source_index", "source_id", "guidance_scale",
-               "num_inference_steps", "scheduler", "eta", "prompt", "negative_prompt", "adaptation", "_j"]
-    df = pd.DataFrame(rows, columns=columns).astype({"label": "int64", "seed": "int64", "source_index": "int64"})
+               "num_inference_steps", "scheduler", "eta", "prompt", "negative_prompt", "adaptation", "condition", "_j"]
+    df = pd.DataFrame(rows, columns=columns).astype({"label": "int64", "seed": "int64", "source_index": "int64",
+                                                     "condition": "int64"})
     df["shard"] = np.zeros(len(df), np.int64)
     if len(df):
         # Interleave classes so that every shard holds all classes (partial runs stay balanced), and the
@@ -98,7 +106,7 @@ def write_plan(cfg: GenerationConfig, backend: "Backend", train: ImageSet, outpu
     out = CandidatesFolder(output_dir)
     out.path.mkdir(parents=True, exist_ok=True)
     prompts = {a: backend.adaptation_prompts(a) for a in adaptations}
-    df = plan(cfg, train, prompts, backend.sampler_name(cfg), adaptations)
+    df = plan(cfg, train, prompts, backend.sampler_name(cfg), adaptations, backend.row_prompt)
     df.to_parquet(out.plan)
     return df
 
@@ -148,7 +156,8 @@ def generate_shard(cfg: GenerationConfig, backend: "Backend", model: "torch.nn.M
             for i in range(0, len(group), cfg.batch_size):
                 g, p = group.iloc[i:i + cfg.batch_size], pos[i:i + cfg.batch_size]
                 init = train.images[g["source_index"].to_numpy()] if strength < 1.0 else None
-                images[p] = backend.sample(denoiser, g["label"].to_numpy(), g["seed"].tolist(), cfg,
+                rows_of = g["condition"] if "condition" in g else g["label"]  # the conditioning rows (prompt variants)
+                images[p] = backend.sample(denoiser, rows_of.to_numpy(), g["seed"].tolist(), cfg,
                                            strength=float(strength), init_images=init, feedback=feedback)
                 if on_batch:
                     on_batch(len(g))
@@ -219,6 +228,8 @@ def _plan_hash(df: pd.DataFrame) -> str:
                 "scheduler", "shard"] + [c for c in ("prompt", "negative_prompt", "eta") if c in df and df[c].any()]
         if "adaptation" in df and df["adaptation"].nunique() > 1:  # one adaptation: the plans before the column
             cols.append("adaptation")
+        if "condition" in df and (df["condition"] != df["label"]).any():  # prompt variants
+            cols.append("condition")
         df.attrs["plan_hash"] = hashlib.sha256(df[cols].to_csv(index=False).encode()).hexdigest()[:16]
     return df.attrs["plan_hash"]
 

@@ -306,13 +306,15 @@ ADAPTER = {"lora": "adapter", "textual_inversion": "textual_inversion/adapter", 
 
 @pytest.fixture(scope="module")
 def adaptations_run(checkpoints, tmp_path_factory, prefect_harness):
-    """A tiny SD job that lists every adaptation: LoRA, textual inversion, both (pivotal), the class prompts alone."""
+    """A tiny SD job that lists every adaptation: LoRA, textual inversion, both (pivotal), and the class prompts
+    alone, which cycle through three templates."""
     from flows.cli import main
 
     out = tmp_path_factory.mktemp("adaptations")
     assert main(["run", str(ROOT / "configs" / "sd-tiny.yaml"), "--set", f"base.pretrained={checkpoints['stable_diffusion']}",
                  "--set", f"publish.output_dir={out / 'run'}", "--set", f"base.cache_dir={out / 'cache'}",
                  "--set", f"lora.adaptations=[{', '.join(ADAPTATIONS)}]", "--set", "filter.min_confidence=0.0",
+                 "--set", "base.prompt_templates=['a close-up photo of a {name}', 'a {name} outdoors']",
                  "--set", "filter.order=[memorization, near_duplicates]", "--set", "generation.mixed_precision=no",
                  "--set", "lora.mixed_precision=no"]) == 0
     return out / "run"
@@ -336,7 +338,10 @@ def test_the_choose_stage_compares_the_adaptations_and_the_product_takes_the_bes
         assert not np.array_equal(cands.images[rows[a].index], cands.images[rows["lora"].index])
         assert rows[a]["sample_id"].str.startswith(f"syn-{a}-").all()
     assert rows["lora"]["sample_id"].str.match(r"syn-\d+-\d+$").all()
-    assert rows["none"]["prompt"].tolist() == rows["lora"]["prompt"].tolist()
+    templates = ["a photo of a {}", "a close-up photo of a {}", "a {} outdoors"]  # base.prompt_templates, for none
+    j = rows["none"]["sample_id"].str.rsplit("-", n=1).str[1].astype(int)
+    assert rows["none"]["prompt"].tolist() == [templates[i % 3].format(k) for i, k in zip(j, rows["none"]["label"])]
+    assert ((rows["none"]["condition"] == rows["none"]["label"]) == (j % 3 == 0)).all()
     assert set(rows["textual_inversion"]["prompt"]) == {f"a photo of a <augment-ti-{k}>" for k in range(10)}
     assert set(rows["lora+ti"]["prompt"]) == {f"a photo of a <augment-pti-{k}>" for k in range(10)}
 
@@ -380,23 +385,26 @@ def test_the_choose_stage_compares_the_adaptations_and_the_product_takes_the_bes
     assert f"The best one, {choice.adaptation}," in section
 
 
-@pytest.mark.parametrize("adaptation", ["textual_inversion", "lora+ti"])
-def test_a_textual_inversion_row_reproduces_in_the_plain_pipeline(adaptations_run, checkpoints, adaptation):
+@pytest.mark.parametrize("adaptation", ["textual_inversion", "lora+ti", "none"])
+def test_each_adaptations_row_reproduces_in_the_plain_pipeline(adaptations_run, checkpoints, adaptation):
     """The learned tokens load with diffusers' load_textual_inversion (and the pivotal LoRA with
-    load_lora_weights), and the pipeline draws the published candidate from its prompt and seed."""
+    load_lora_weights), and the pipeline draws the published candidate from its prompt and seed; `none`'s rows,
+    from the base alone, with the template their row names."""
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
     from augment.generate import load_candidates
 
-    run, folder = adaptations_run, adaptations_run / "finetune" / ADAPTER[adaptation]
+    run, folder = adaptations_run, adaptations_run / "finetune" / ADAPTER.get(adaptation, "")
     cands = load_candidates(run / "candidates")
     mine = cands.meta[(cands.meta["adaptation"] == adaptation) & (cands.meta["strength"] == 1.0)]
+    if adaptation == "none":  # rows of the other templates
+        mine = mine[mine["condition"] != mine["label"]]
     pipe = StableDiffusionPipeline.from_pretrained(str(checkpoints["stable_diffusion"]), safety_checker=None)
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, algorithm_type="dpmsolver++",
                                                              solver_order=2)
     if adaptation == "lora+ti":
         pipe.load_lora_weights(str(folder))
-    for k in range(10):
+    for k in range(10 if adaptation != "none" else 0):
         pipe.load_textual_inversion(str(folder / f"learned_embeds-{k:04d}.safetensors"))
     for _, row in mine.head(2).iterrows():
         out = pipe(row["prompt"], negative_prompt=row["negative_prompt"] or None, height=32, width=32,
@@ -404,7 +412,8 @@ def test_a_textual_inversion_row_reproduces_in_the_plain_pipeline(adaptations_ru
                    generator=torch.Generator().manual_seed(int(row["seed"])), output_type="np").images[0]
         diff = np.abs(cands.images[row.name].astype(int) - np.round(out * 255).astype(int))
         assert diff.max() <= 1, (adaptation, diff.max())
-    assert "load_textual_inversion" in (folder / "README.md").read_text()
+    if adaptation != "none":
+        assert "load_textual_inversion" in (folder / "README.md").read_text()
 
 
 def test_sdxl_textual_inversion_loads_per_encoder_in_the_plain_pipeline(checkpoints, tmp_path):

@@ -45,6 +45,14 @@ class DiffusionBackend:
     def use_adaptation(self, adaptation: str) -> None:
         """Condition on `adaptation`'s prompts from now on (nothing to switch here)."""
 
+    def row_prompt(self, adaptation: str, label: int, j: int) -> tuple[tuple[str, str], int]:
+        """The j-th sample of class `label` under `adaptation`: its (prompt, negative prompt) and the conditioning
+        row `sample` takes for it (the class index, unless prompt variants add rows)."""
+        return self.adaptation_prompts(adaptation)[label], label
+
+    def condition_variants(self, adaptation: str) -> None:
+        """Embed `adaptation`'s prompt variants (none here)."""
+
     def precision(self, requested: str) -> str:
         """The autocast a training or sampling call runs under: `requested` (lora/generation.mixed_precision) over
         fp32 weights, none over weights already in half precision (base.weights_dtype: their dtype is the

@@ -79,11 +79,14 @@ class FluxBackend(StableDiffusionBackend):
         """T5 tokens per prompt: FluxPipeline's 512, or the tokenizer's own maximum when that is shorter."""
         return min(MAX_SEQUENCE_LENGTH, int(self.tokenizer_2.model_max_length))
 
+    extra_rows = 1  # the null class (no negative prompt)
+
     @torch.no_grad()
-    def _condition(self) -> None:
-        """Class prompts and the empty prompt (the null class) through FluxPipeline.encode_prompt itself."""
+    def _condition(self, class_prompts: list[str] | None = None) -> None:
+        """Class prompts (`class_prompts`, default the classes' own) and the empty prompt (the null class) through
+        FluxPipeline.encode_prompt itself."""
         pipe = self.pipeline(None)
-        prompts = [self.prompt(k)[0] for k in range(len(self.class_names))] + [""]
+        prompts = (class_prompts or self.class_prompts()) + [""]
         self.embeddings, self.pooled, self.text_ids = pipe.encode_prompt(
             prompts, prompt_2=None, device=self.device, max_sequence_length=self.max_sequence_length)
 

@@ -67,12 +67,14 @@ class StableDiffusion3Backend(FluxBackend):
     def max_sequence_length(self) -> int:
         return min(MAX_SEQUENCE_LENGTH, int(self.tokenizer_3.model_max_length))
 
+    extra_rows = 2  # the null class and the negative prompt
+
     @torch.no_grad()
-    def _condition(self) -> None:
-        """Class prompts, the empty prompt (the null class) and the negative prompt through
-        StableDiffusion3Pipeline.encode_prompt itself."""
+    def _condition(self, class_prompts: list[str] | None = None) -> None:
+        """Class prompts (`class_prompts`, default the classes' own), the empty prompt (the null class) and the
+        negative prompt through StableDiffusion3Pipeline.encode_prompt itself."""
         pipe = self.pipeline(None)
-        prompts = [self.prompt(k)[0] for k in range(len(self.class_names))] + ["", self.cfg.negative_prompt]
+        prompts = (class_prompts or self.class_prompts()) + ["", self.cfg.negative_prompt]
         self.embeddings, _, self.pooled, _ = pipe.encode_prompt(
             prompts, None, None, device=self.device, do_classifier_free_guidance=False,
             max_sequence_length=self.max_sequence_length)

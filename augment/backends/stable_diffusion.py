@@ -23,6 +23,7 @@ import torch
 
 from augment.backends import BaseModelInfo, check_base
 from augment.backends.common import DiffusionBackend, no_lora_target
+from augment.backends.prompts import PromptVariants
 from augment.backends.textual_inversion import TextualInversion
 from augment.backends.tiny import tiny_clip_config, tiny_clip_tokenizer
 from augment.config import BaseModelConfig, LoRAConfig
@@ -46,7 +47,7 @@ def vae_batch(free_bytes: int | None, image_size: int, what: str) -> int:
     return int(max(1, min(ENCODE_BATCH, 0.8 * free_bytes // per_image)))
 
 
-class StableDiffusionBackend(TextualInversion, DiffusionBackend):
+class StableDiffusionBackend(PromptVariants, TextualInversion, DiffusionBackend):
     """SD 1.x/2.x, and through its hooks every latent diffusers pipeline augment loads (sdxl.py, flux.py): a
     family brings its text conditioning (`_load_text`, `_condition`, `denoise`), its denoiser class and folder,
     and its pipeline class; VAE latents, their cache, LoRA through peft, the adapter in diffusers' format, fusing

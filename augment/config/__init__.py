@@ -80,7 +80,8 @@ class RunConfig(Section):
     # that behaves as before their time, so that an existing run folder keeps its stage keys and config_hash.
     ADDED: ClassVar[tuple] = (("lora", "snr_gamma", None), ("lora", "adaptations", ["lora"]), ("lora", "use_dora", False),
                               ("lora", "ti_learning_rate", 5e-3),
-                              ("base", "weights_dtype", "auto"), ("data", "resize", "stretch"))
+                              ("base", "weights_dtype", "auto"),
+                              ("base", "prompt_templates", []), ("data", "resize", "stretch"))
 
     def fingerprint(self, *sections: str) -> str:
         """Short hash of the named sections (all when none; `section.key` names one field), for cache keys and

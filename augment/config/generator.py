@@ -85,6 +85,13 @@ class BaseModelConfig(Section):
         "a photo of a {name}", min_length=1,
         description="Stable Diffusion: the prompt of a class; `{name}` is the class name.",
     )
+    prompt_templates: list[Annotated[str, Field(min_length=1)]] = Field(
+        [], max_length=64,
+        description="More templates for the `none` adaptation (lora.adaptations), beside prompt_template: its j-th "
+        "sample of a class takes template j mod their number, so the pretrained model's samples vary in what the "
+        "prompts say (ALIA, 'Diversify, Don't Fine-Tune'); e.g. ['a close-up photo of a {name}', 'a {name} "
+        "outdoors']. A class in class_prompts keeps its own prompt.",
+    )
     class_prompts: dict[str, str] = Field(
         {}, description="Stable Diffusion: per-class prompts that replace the template, by class name.",
     )
@@ -131,10 +138,12 @@ class BaseModelConfig(Section):
         if self.kind not in ("auto", "pixel") and self.pretrained == "builtin":
             raise ValueError(f"base.kind={self.kind} needs base.pretrained: a diffusers pipeline checkpoint folder "
                              "or hub id of that family (there is no builtin one)")
-        try:
-            self.prompt_template.format(name="x")
-        except (KeyError, IndexError, ValueError) as err:
-            raise ValueError(f"base.prompt_template {self.prompt_template!r} must use only {{name}}: {err}") from None
+        for key, template in [("prompt_template", self.prompt_template)] + [
+                (f"prompt_templates[{i}]", t) for i, t in enumerate(self.prompt_templates)]:
+            try:
+                template.format(name="x")
+            except (KeyError, IndexError, ValueError) as err:
+                raise ValueError(f"base.{key} {template!r} must use only {{name}}: {err}") from None
         if "auto" not in (self.attention_levels, self.block_out_channels) and \
                 len(self.attention_levels) != len(self.block_out_channels):
             raise ValueError("base.attention_levels must have one entry per base.block_out_channels entry")

@@ -187,6 +187,7 @@ def denoisers(cfg: RunConfig, backend, base: BaseModelInfo) -> dict:
         models[a] = backend.load(base, adapter=adapter.path if a in ("lora", "lora+ti") else None)
         if a in TRAINED_BESIDE_LORA:
             backend.load_ti(a, adapter.path)
+        backend.condition_variants(a)
     return models
 
 
