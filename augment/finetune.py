@@ -42,6 +42,21 @@ def files_hash(paths: list[Path]) -> str:
     return h.hexdigest()[:16]
 
 
+def needs_checkpointing(step, device, peak_share: float = 0.9) -> bool:
+    """base.gradient_checkpointing `auto` on a GPU: run one training `step` (forward and backward) without it; True
+    when it runs out of memory or its peak passes `peak_share` of the GPU's memory."""
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    try:
+        step()
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return True
+    peak, total = torch.cuda.max_memory_allocated(device), torch.cuda.get_device_properties(device).total_memory
+    torch.cuda.empty_cache()
+    return peak > peak_share * total
+
+
 def adapter_damage(adapter: AdapterFolder) -> str | None:
     """What of a finished adapter no longer reads (None when it is whole): the weights must still hash to the
     recorded adapter_hash, and every safetensors file in it (the pixel backend's base copy too) must load."""
@@ -127,6 +142,12 @@ def finetune(
     # 3. Train (resumes from finetune-checkpoint/ after a crash).
     t0 = time.time()
     model.train()
+    if getattr(backend.cfg, "gradient_checkpointing", False) == "auto" and device.type == "cuda":
+        probe = (np.random.default_rng(cfg.seed), torch.Generator().manual_seed(cfg.seed))  # not the loop's streams
+        if needs_checkpointing(lambda: step_loss(*probe).backward(), device):
+            log("finetune: gradient checkpointing on (a step without it does not fit this GPU)")
+            model.enable_gradient_checkpointing()
+        opt.zero_grad(set_to_none=True)
     spec = LoopSpec("finetune", cfg.max_train_steps, min(50, cfg.max_train_steps // 10 + 1), cfg.seed,
                     cfg.checkpointing_steps, ema_decay=cfg.ema_decay,
                     mixed_precision=backend.precision(cfg.mixed_precision),

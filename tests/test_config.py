@@ -211,15 +211,20 @@ def test_a_moved_key_is_refused_in_a_users_config_and_moved_in_a_run_folders_own
 
 def test_a_key_added_later_stays_out_of_the_hashes_at_its_old_behaviour():
     """Keys that came after run folders were keyed (RunConfig.ADDED: lora.snr_gamma, lora.adaptations,
-    lora.use_dora, base.weights_dtype): left at what behaves as before they change no stage key and no published
-    config_hash; set, they do."""
+    lora.use_dora, base.weights_dtype, ...): left at what behaves as before they change no stage key and no
+    published config_hash; set, they do."""
     import hashlib
     import json
 
     from augment.configfile import load_config
 
     cfg = load_config(ROOT / "configs" / "tiny.yaml")
+    # `auto` gradient checkpointing hashes as the old default (off): it changes no result
+    assert cfg.base.gradient_checkpointing == "auto"
+    assert load_config(ROOT / "configs" / "tiny.yaml", ["base.gradient_checkpointing=false"]).fingerprint() == \
+        cfg.fingerprint()
     dump = cfg.model_dump(mode="json")
+    dump["base"]["gradient_checkpointing"] = False
     for section, key, before in RunConfig.ADDED:
         assert dump[section].pop(key) == before
     for section in ("lora", "base"):

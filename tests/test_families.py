@@ -471,8 +471,56 @@ def test_vae_calls_are_sized_by_free_gpu_memory():
     """A full-size VAE takes about 0.65 GB per 512 px image to encode and 1.1 GB to decode (fp32): a GPU with 8 GB
     free encodes 9 at a time at 512 px and 2 at 1024 px, decodes 1 at 1024 px even with less than that free; the
     CPU uses the fixed batch."""
-    from augment.backends.stable_diffusion import ENCODE_BATCH, vae_batch
+    from augment.backends.memory import ENCODE_BATCH, vae_batch
 
     assert vae_batch(None, 1024, "decode") == ENCODE_BATCH
     assert vae_batch(8 * 10**9, 512, "encode") == 9 and vae_batch(8 * 10**9, 1024, "encode") == 2
     assert vae_batch(10**9, 1024, "decode") == 1 and vae_batch(10**12, 64, "decode") == ENCODE_BATCH
+
+
+def test_gradient_checkpointing_auto_turns_on_when_a_probe_step_does_not_fit(monkeypatch):
+    """base.gradient_checkpointing `auto` on a GPU: a probe step that runs out of memory, or peaks above 90% of the
+    GPU's memory, turns it on; one that fits leaves it off (the GPU is faked: this machine has none)."""
+    from types import SimpleNamespace
+
+    from augment.finetune import needs_checkpointing
+
+    peak = {"bytes": 0}
+    for name in ("empty_cache", "reset_peak_memory_stats"):
+        monkeypatch.setattr(torch.cuda, name, lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: peak["bytes"])
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda *a: SimpleNamespace(total_memory=100))
+
+    def out_of_memory():
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    assert needs_checkpointing(out_of_memory, "cuda:0")
+    peak["bytes"] = 95
+    assert needs_checkpointing(lambda: None, "cuda:0")
+    peak["bytes"] = 60
+    assert not needs_checkpointing(lambda: None, "cuda:0")
+
+
+def test_channels_last_samples_what_the_default_layout_samples(checkpoints, tmp_path):
+    """base.channels_last: the same samples (up to float rounding) from a denoiser and VAE in channels_last."""
+    gen = GenerationConfig(num_inference_steps=3, guidance_scale=3.0, mixed_precision="no")
+    images = []
+    for last in (False, True):
+        backend, info = _backend(checkpoints["stable_diffusion"], tmp_path / str(last), channels_last=last)
+        model = backend.load(info)
+        assert model.conv_in.weight.is_contiguous(memory_format=torch.channels_last) == last
+        images.append(backend.sample(model, np.array([0, 1]), [3, 4], gen).astype(int))
+    assert np.abs(images[0] - images[1]).max() <= 1
+
+
+@pytest.mark.slow
+def test_a_compiled_denoiser_generates_what_the_eager_one_generates(checkpoints, tmp_path):
+    """base.compile: generation samples with torch.compile's denoiser, the same images up to float rounding."""
+    gen = GenerationConfig(num_inference_steps=2, guidance_scale=3.0, mixed_precision="no")
+    images = []
+    for compiled in (False, True):
+        backend, info = _backend(checkpoints["stable_diffusion"], tmp_path / str(compiled), compile=compiled)
+        model = backend.for_sampling(backend.load(info))
+        assert isinstance(model, torch._dynamo.eval_frame.OptimizedModule) == compiled
+        images.append(backend.sample(model, np.array([0, 1]), [3, 4], gen).astype(int))
+    assert np.abs(images[0] - images[1]).max() <= 1

@@ -86,6 +86,9 @@ class Backend(Protocol):
     def use_adaptation(self, adaptation: str) -> None:
         """Condition on `adaptation`'s prompts from now on ("base": the classes' own)."""
 
+    def for_sampling(self, model: "torch.nn.Module") -> "torch.nn.Module":
+        """The denoiser as generation runs it (torch.compile'd under base.compile)."""
+
     def precision(self, requested: str) -> str:
         """The autocast ("no", "bf16", "auto") a training or sampling call runs under, given the one the config
         requests (none over weights already in half precision)."""

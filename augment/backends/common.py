@@ -53,6 +53,10 @@ class DiffusionBackend:
     def condition_variants(self, adaptation: str) -> None:
         """Embed `adaptation`'s prompt variants (none here)."""
 
+    def for_sampling(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The denoiser as generation runs it: torch.compile'd under base.compile (a diffusers pipeline's)."""
+        return torch.compile(model) if getattr(self.cfg, "compile", False) and self.kind != "pixel" else model
+
     def precision(self, requested: str) -> str:
         """The autocast a training or sampling call runs under: `requested` (lora/generation.mixed_precision) over
         fp32 weights, none over weights already in half precision (base.weights_dtype: their dtype is the

@@ -23,6 +23,7 @@ import torch
 
 from augment.backends import BaseModelInfo, check_base
 from augment.backends.common import DiffusionBackend, no_lora_target
+from augment.backends.memory import vae_batch, weights_dtype
 from augment.backends.prompts import PromptVariants
 from augment.backends.textual_inversion import TextualInversion
 from augment.backends.tiny import tiny_clip_config, tiny_clip_tokenizer
@@ -32,19 +33,6 @@ from augment.diffusion import to_tensor, to_uint8
 from augment.errors import ModelError
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
-ENCODE_BATCH = 32  # images per VAE call on the CPU, and the most on a GPU
-# GPU memory a full-size VAE (SD's, SDXL's, SD 3.x's and FLUX.1's are all this wide) takes per image at 512 px in
-# fp32; it scales with the pixel count.
-VAE_BYTES_512 = {"encode": 0.65e9, "decode": 1.1e9}
-
-
-def vae_batch(free_bytes: int | None, image_size: int, what: str) -> int:
-    """Images per VAE call: ENCODE_BATCH where memory is not counted (the CPU), else as many as fit in 80% of the
-    GPU's free memory (at least one)."""
-    if free_bytes is None:
-        return ENCODE_BATCH
-    per_image = VAE_BYTES_512[what] * (image_size / 512) ** 2
-    return int(max(1, min(ENCODE_BATCH, 0.8 * free_bytes // per_image)))
 
 
 class StableDiffusionBackend(PromptVariants, TextualInversion, DiffusionBackend):
@@ -105,6 +93,8 @@ class StableDiffusionBackend(PromptVariants, TextualInversion, DiffusionBackend)
             where = "" if Path(ref).exists() else " (not a local folder, so it was tried as a hub id)"
             raise ModelError(f"cannot load {self.family} components from {ref!r}{where}: {err}") from None
         self.vae.requires_grad_(False)
+        if self.cfg.channels_last:
+            self.vae = self.vae.to(memory_format=torch.channels_last)
         for encoder in self.text_encoders():
             encoder.requires_grad_(False)
         self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
@@ -204,8 +194,10 @@ class StableDiffusionBackend(PromptVariants, TextualInversion, DiffusionBackend)
             raise ModelError(f"cannot load the {self.denoiser_name} of {info.path!r}: {err}") from None
         self._check_denoiser(model)
         model = model.to(self.device)
+        if self.cfg.channels_last:
+            model = model.to(memory_format=torch.channels_last)
         if adapter is None:
-            if self.cfg.gradient_checkpointing:
+            if self.cfg.gradient_checkpointing is True:  # `auto`: fine-tuning decides (augment.finetune)
                 model.enable_gradient_checkpointing()
             return model
         pipe = self.pipeline(model)
@@ -353,18 +345,6 @@ pipe.load_lora_weights("path/to/this/folder")
 ```
 `training_config.json` holds the configuration and the ids of the images it learned from.
 """
-
-def weights_dtype(name: str, device: torch.device, fp16_ok: bool = True) -> torch.dtype:
-    """base.weights_dtype as a torch dtype: `auto` is bf16 on a CUDA device that computes it, fp16 on one that does
-    not (when the family works in fp16, `fp16_ok`), else fp32."""
-    if name == "fp16" and not fp16_ok:
-        raise ModelError("base.weights_dtype=fp16: this family's T5 text encoder overflows in fp16; use bf16 or auto")
-    if name == "auto":
-        if device.type != "cuda":
-            name = "fp32"
-        else:
-            name = "bf16" if torch.cuda.is_bf16_supported() else "fp16" if fp16_ok else "fp32"
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 def write_tiny_checkpoint(path: str | Path, image_size: int = 32, seed: int = 0) -> Path:
     """A tiny, randomly initialised Stable Diffusion pipeline (UNet, VAE, CLIP text encoder and a tokenizer built

@@ -42,7 +42,6 @@ class TokenRows(torch.nn.Module):
         return torch.where(new[..., None], picked, out)
 
 
-
 class TextualInversion:
     """The textual-inversion methods of a CLIP-conditioned backend."""
 

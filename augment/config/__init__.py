@@ -78,10 +78,14 @@ class RunConfig(Section):
     UNHASHED: ClassVar[tuple] = (("publish", "output_dir"), ("base", "cache_dir"), ("runner", None))
     # Keys added after run folders and published rows were keyed: left out of every hash while they hold the value
     # that behaves as before their time, so that an existing run folder keeps its stage keys and config_hash.
+    # Values added to a key after run folders were keyed, hashed as the value that behaves as they do: `auto`
+    # gradient checkpointing decides per GPU what the old default decided off, and changes no result either way.
+    RENAMED_VALUES: ClassVar[tuple] = (("base", "gradient_checkpointing", "auto", False),)
     ADDED: ClassVar[tuple] = (("lora", "snr_gamma", None), ("lora", "adaptations", ["lora"]), ("lora", "use_dora", False),
                               ("lora", "ti_learning_rate", 5e-3),
                               ("base", "weights_dtype", "auto"),
-                              ("base", "prompt_templates", []), ("data", "resize", "stretch"))
+                              ("base", "prompt_templates", []), ("base", "channels_last", False),
+                              ("base", "compile", False), ("data", "resize", "stretch"))
 
     def fingerprint(self, *sections: str) -> str:
         """Short hash of the named sections (all when none; `section.key` names one field), for cache keys and
@@ -95,6 +99,9 @@ class RunConfig(Section):
         for section, key, before in self.ADDED:
             if dump[section].get(key, before) == before:
                 dump[section].pop(key, None)
+        for section, key, now, before in self.RENAMED_VALUES:
+            if dump[section].get(key) == now:
+                dump[section][key] = before
         picked = {s: dump[s.split(".")[0]][s.split(".")[1]] if "." in s else dump[s] for s in sections} \
             if sections else dump
         return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]

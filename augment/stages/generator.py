@@ -188,6 +188,7 @@ def denoisers(cfg: RunConfig, backend, base: BaseModelInfo) -> dict:
         if a in TRAINED_BESIDE_LORA:
             backend.load_ti(a, adapter.path)
         backend.condition_variants(a)
+        models[a] = backend.for_sampling(models[a])
     return models
 
 
