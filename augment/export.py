@@ -225,8 +225,8 @@ Classes (index: name):
 ## Use
 {backend.usage()}
 
-Sampling settings of the run: {backend.sampler_name(cfg.generation)}, {cfg.generation.num_inference_steps} steps, guidance
-{cfg.generation.guidance_scale}, {precision} (a sample is reproduced exactly in the same precision: run
+Sampling settings of the run: {backend.sampler_name(cfg.generation)}, {cfg.generation.num_inference_steps} steps,
+guidance {cfg.generation.guidance_scale}, {precision} (a sample is reproduced exactly in the same precision: run
 the denoiser under `torch.autocast("cpu", dtype=torch.bfloat16)` when it says bf16).
 
 ## Evidence and limits

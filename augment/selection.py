@@ -193,8 +193,8 @@ def _fit_predict(d: Labeled, unit: tuple):
     """One unit. ("labeler", fold): the fold's pseudo-labeler -> its class probabilities on the pool and on the
     held-out rows. ("model", fold, augment, pool_rows, pool_labels[, synthetic_prob[, adaptation]]): the downstream
     classifier on the fold's rows plus those pool rows with those labels (and, with synthetic_prob, the synthetic
-    samples, that adaptation's when they are by adaptation, mixed in at that probability), seeded by the model seed plus the fold's repeat -> its class probabilities on
-    the held-out rows."""
+    samples, that adaptation's when they are by adaptation, mixed in at that probability), seeded by the model seed
+    plus the fold's repeat -> its class probabilities on the held-out rows."""
     from augment.classifier import train_classifier
 
     kind, i = unit[0], unit[1]

@@ -230,6 +230,7 @@ def test_a_key_added_later_stays_out_of_the_hashes_at_its_old_behaviour():
     for section in ("lora", "base"):
         picked = {section: {k: v for k, v in dump[section].items() if k != "cache_dir"}}
         assert cfg.fingerprint(section) == hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
-    for changed in ("lora.snr_gamma=5", "lora.adaptations=[lora, none]", "lora.use_dora=true", "base.weights_dtype=bf16"):
+    for changed in ("lora.snr_gamma=5", "lora.adaptations=[lora, none]", "lora.use_dora=true",
+                    "base.weights_dtype=bf16"):
         section = changed.split(".")[0]
         assert load_config(ROOT / "configs" / "tiny.yaml", [changed]).fingerprint(section) != cfg.fingerprint(section)

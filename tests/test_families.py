@@ -311,7 +311,8 @@ def adaptations_run(checkpoints, tmp_path_factory, prefect_harness):
     from flows.cli import main
 
     out = tmp_path_factory.mktemp("adaptations")
-    assert main(["run", str(ROOT / "configs" / "sd-tiny.yaml"), "--set", f"base.pretrained={checkpoints['stable_diffusion']}",
+    assert main(["run", str(ROOT / "configs" / "sd-tiny.yaml"),
+                 "--set", f"base.pretrained={checkpoints['stable_diffusion']}",
                  "--set", f"publish.output_dir={out / 'run'}", "--set", f"base.cache_dir={out / 'cache'}",
                  "--set", f"lora.adaptations=[{', '.join(ADAPTATIONS)}]", "--set", "filter.min_confidence=0.0",
                  "--set", "base.prompt_templates=['a close-up photo of a {name}', 'a {name} outdoors']",
@@ -357,8 +358,8 @@ def test_the_choose_stage_compares_the_adaptations_and_the_product_takes_the_bes
     train = datasets.load_from_disk(str(run / "dataset"))["train"]
     syn = train.filter(lambda r: r["is_synthetic"])
     assert len(syn) == by[choice.adaptation] > 0
-    assert set(syn["sample_id"]) == set(rows[choice.adaptation].loc[table["kept"].to_numpy()[rows[choice.adaptation].index],
-                                                                    "sample_id"])
+    chosen = rows[choice.adaptation]
+    assert set(syn["sample_id"]) == set(chosen.loc[table["kept"].to_numpy()[chosen.index], "sample_id"])
     hashes = {a: json.loads((run / "finetune" / ADAPTER[a] / "info.json").read_text())["adapter_hash"]
               for a in ADAPTER}
     assert len(set(hashes.values())) == 3

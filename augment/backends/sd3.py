@@ -45,7 +45,8 @@ class StableDiffusion3Backend(FluxBackend):
 
     def __init__(self, cfg: BaseModelConfig, class_names: list[str], image_size: int, channels: int,
                  device: torch.device):
-        StableDiffusionBackend.__init__(self, cfg, class_names, image_size, channels, device)  # a negative prompt is fine
+        # FluxBackend's __init__ refuses a negative prompt; SD 3.x guides against one
+        StableDiffusionBackend.__init__(self, cfg, class_names, image_size, channels, device)
 
     def _load_text(self, ref: str, kw: dict) -> None:
         from transformers import AutoTokenizer, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel
@@ -102,8 +103,8 @@ class StableDiffusion3Backend(FluxBackend):
                  guidance: float | None = None) -> torch.Tensor:
         """The transformer's velocity for latents `x_t` (N, C, H, W) at timesteps `t` (sigma * 1000)."""
         i, d, n = labels.to(self.embeddings.device), self.dtype, x_t.shape[0]
-        return model(hidden_states=x_t.to(d), timestep=t.expand(n).to(d), encoder_hidden_states=self.embeddings[i].to(d),
-                     pooled_projections=self.pooled[i].to(d)).sample
+        return model(hidden_states=x_t.to(d), timestep=t.expand(n).to(d),
+                     encoder_hidden_states=self.embeddings[i].to(d), pooled_projections=self.pooled[i].to(d)).sample
 
     def denoise(self, model, x_t, t, labels):
         return self.velocity(model, x_t, t, labels)
@@ -154,7 +155,8 @@ class StableDiffusion3Backend(FluxBackend):
 def write_tiny_checkpoint(path: str | Path, image_size: int = 32, seed: int = 0) -> Path:
     """A tiny, randomly initialised SD 3.x pipeline after diffusers' own test configuration (a one-layer MMDiT, two
     32-wide CLIPs with projection and a T5), saved with save_pretrained: for tests and offline smoke runs."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
+                           StableDiffusion3Pipeline)
     from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
     torch.manual_seed(seed)

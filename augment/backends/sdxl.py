@@ -40,7 +40,8 @@ class StableDiffusionXLBackend(StableDiffusionBackend):
         dtype = self.load_dtype()
         self.text_encoder = CLIPTextModel.from_pretrained(ref, subfolder="text_encoder", **kw, **dtype)
         self.text_encoder = self.text_encoder.to(self.device).eval()
-        self.text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(ref, subfolder="text_encoder_2", **kw, **dtype)
+        self.text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(ref, subfolder="text_encoder_2", **kw,
+                                                                          **dtype)
         self.text_encoder_2 = self.text_encoder_2.to(self.device).eval()
         self.tokenizer = CLIPTokenizer.from_pretrained(ref, subfolder="tokenizer", **kw)
         self.tokenizer_2 = CLIPTokenizer.from_pretrained(ref, subfolder="tokenizer_2", **kw)

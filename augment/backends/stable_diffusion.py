@@ -311,10 +311,10 @@ class StableDiffusionBackend(PromptVariants, TextualInversion, DiffusionBackend)
 
         layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
         layers = {k: v.detach().cpu().contiguous() for k, v in layers.items()}
-        name = self.denoiser_name
+        name, metadata = self.denoiser_name, model.peft_config["default"].to_dict()
         getattr(diffusers, self.pipeline_name).save_lora_weights(
-            str(folder), safe_serialization=True, **{f"{name}_lora_layers": layers,
-                                                    f"{name}_lora_adapter_metadata": model.peft_config["default"].to_dict()})
+            str(folder), safe_serialization=True,
+            **{f"{name}_lora_layers": layers, f"{name}_lora_adapter_metadata": metadata})
         (Path(folder) / "README.md").write_text(_adapter_card(self))
         return Path(folder) / "pytorch_lora_weights.safetensors"
 

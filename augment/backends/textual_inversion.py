@@ -157,9 +157,10 @@ class TextualInversion:
         classes = "\n".join(f"- {n}: `{t}` (prompt `{p}`)" for n, t, (p, _) in
                              zip(self.class_names, tokens, self.adaptation_prompts(adaptation)))
         lora = "pipe.load_lora_weights(\"path/to/this/folder\")\n" if with_lora else ""
+        encoders = "text encoders" if len(self._tokenizers()) > 1 else "text encoder"
         return f"""# Textual inversion{' and LoRA (pivotal tuning)' if with_lora else ''} for {self.info.reference}
 
-Learned by augment on a small labeled image set: one token per class, in the text encoder{'s' if len(self._tokenizers()) > 1 else ''}
+Learned by augment on a small labeled image set: one token per class, in the {encoders}
 {'and a LoRA on the ' + self.denoiser_name + ', trained together' if with_lora else '(everything else frozen)'}.
 
 {classes}

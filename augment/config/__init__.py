@@ -81,8 +81,8 @@ class RunConfig(Section):
     # Values added to a key after run folders were keyed, hashed as the value that behaves as they do: `auto`
     # gradient checkpointing decides per GPU what the old default decided off, and changes no result either way.
     RENAMED_VALUES: ClassVar[tuple] = (("base", "gradient_checkpointing", "auto", False),)
-    ADDED: ClassVar[tuple] = (("lora", "snr_gamma", None), ("lora", "adaptations", ["lora"]), ("lora", "use_dora", False),
-                              ("lora", "ti_learning_rate", 5e-3),
+    ADDED: ClassVar[tuple] = (("lora", "snr_gamma", None), ("lora", "adaptations", ["lora"]),
+                              ("lora", "use_dora", False), ("lora", "ti_learning_rate", 5e-3),
                               ("base", "weights_dtype", "auto"),
                               ("base", "prompt_templates", []), ("base", "channels_last", False),
                               ("base", "compile", False), ("data", "resize", "stretch"))

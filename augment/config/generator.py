@@ -175,8 +175,8 @@ class LoRAConfig(Section):
     target_modules: list[Annotated[str, Field(min_length=1)]] | None = Field(
         None, min_length=1,
         description="Module name suffixes that get LoRA; None = the backend's: attention projections and resnet "
-        "convolutions (pixel), the denoiser's attention projections to_q/to_k/to_v/to_out.0 (the UNet of SD 1.x/2.x and "
-        "SDXL, the transformer of SD 3.x and FLUX.1).",
+        "convolutions (pixel), the denoiser's attention projections to_q/to_k/to_v/to_out.0 (the UNet of SD "
+        "1.x/2.x and SDXL, the transformer of SD 3.x and FLUX.1).",
     )
     train_class_embedding: bool = Field(
         True, description="Pixel backend: train the class embedding in full (peft modules_to_save)."

@@ -372,7 +372,8 @@ def _facts(m: Metrics) -> Section:
     return Section("Run facts", "", [(["fact", "value"], facts)], [])
 
 
-SECTIONS = (_verdict, _choices, _adaptations, _pseudo, _arms, _per_class, _generator, _ablation, _memorization, _data, _facts)
+SECTIONS = (_verdict, _choices, _adaptations, _pseudo, _arms, _per_class, _generator, _ablation, _memorization, _data,
+            _facts)
 
 
 def sections(m: Metrics) -> list[Section]:
