@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from augment.backends.stable_diffusion import StableDiffusionBackend
-from augment.backends.tiny import tiny_clip_config, tiny_clip_tokenizer, tiny_t5_tokenizer
+from augment.backends.tiny import tiny_clip_config, tiny_clip_tokenizer, tiny_flow_vae, tiny_t5_tokenizer
 from augment.config import BaseModelConfig, GenerationConfig
 from augment.diffusion import autocast
 from augment.diffusion.sampling import generators
@@ -200,7 +200,7 @@ def write_tiny_checkpoint(path: str | Path, image_size: int = 32, seed: int = 0)
     """A tiny, randomly initialised FLUX.1 pipeline after diffusers' own test configuration (a one-double-block,
     one-single-block transformer with guidance embedding, a 32-wide CLIP and T5), saved with save_pretrained: for
     tests and offline smoke runs."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextModel, T5Config, T5EncoderModel
 
     torch.manual_seed(seed)
@@ -211,10 +211,7 @@ def write_tiny_checkpoint(path: str | Path, image_size: int = 32, seed: int = 0)
                                          pooled_projection_dim=32, axes_dims_rope=[4, 4, 8], guidance_embeds=True)
     text_encoder_2 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_2), d_model=32, d_kv=8, d_ff=37, num_layers=2,
                                              num_heads=4, pad_token_id=0, eos_token_id=1))
-    vae = AutoencoderKL(block_out_channels=[8, 16], in_channels=3, out_channels=3, latent_channels=4,
-                        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
-                        norm_num_groups=4, sample_size=image_size, use_quant_conv=False, use_post_quant_conv=False,
-                        shift_factor=0.0609, scaling_factor=1.5035)
+    vae = tiny_flow_vae(image_size)
     # FLUX.1 [dev]'s scheduler config: shift 3, resolution-dependent shifting
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
                                                 max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)

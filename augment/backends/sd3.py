@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from augment.backends.flux import FluxBackend
 from augment.backends.stable_diffusion import StableDiffusionBackend
-from augment.backends.tiny import tiny_clip_config, tiny_clip_tokenizer, tiny_t5_tokenizer
+from augment.backends.tiny import tiny_clip_config, tiny_clip_tokenizer, tiny_flow_vae, tiny_t5_tokenizer
 from augment.config import BaseModelConfig, GenerationConfig
 from augment.diffusion import classifier_free
 from augment.errors import ModelError
@@ -155,8 +155,7 @@ class StableDiffusion3Backend(FluxBackend):
 def write_tiny_checkpoint(path: str | Path, image_size: int = 32, seed: int = 0) -> Path:
     """A tiny, randomly initialised SD 3.x pipeline after diffusers' own test configuration (a one-layer MMDiT, two
     32-wide CLIPs with projection and a T5), saved with save_pretrained: for tests and offline smoke runs."""
-    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
-                           StableDiffusion3Pipeline)
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
     torch.manual_seed(seed)
@@ -167,10 +166,7 @@ def write_tiny_checkpoint(path: str | Path, image_size: int = 32, seed: int = 0)
                                         joint_attention_dim=64, pooled_projection_dim=64, out_channels=4)
     text_encoder_3 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_3), d_model=64, d_kv=8, d_ff=37, num_layers=2,
                                              num_heads=4, pad_token_id=0, eos_token_id=1))
-    vae = AutoencoderKL(block_out_channels=[8, 16], in_channels=3, out_channels=3, latent_channels=4,
-                        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
-                        norm_num_groups=4, sample_size=image_size, use_quant_conv=False, use_post_quant_conv=False,
-                        shift_factor=0.0609, scaling_factor=1.5035)
+    vae = tiny_flow_vae(image_size)
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)  # SD 3.5's scheduler config
     pipe = StableDiffusion3Pipeline(
         transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=CLIPTextModelWithProjection(config),

@@ -35,3 +35,13 @@ def tiny_t5_tokenizer(max_length: int = 32):
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -1.0)]
     pieces += [(c, -2.0) for c in string.ascii_lowercase + string.digits + "-_.,!'"]
     return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=max_length)
+
+
+def tiny_flow_vae(image_size: int):
+    """The tiny VAE of the flow families (SD 3.x, FLUX.1): 4 latent channels, no quant convs, their shift and scale."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(block_out_channels=[8, 16], in_channels=3, out_channels=3, latent_channels=4,
+                         down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                         norm_num_groups=4, sample_size=image_size, use_quant_conv=False, use_post_quant_conv=False,
+                         shift_factor=0.0609, scaling_factor=1.5035)
