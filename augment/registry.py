@@ -105,6 +105,7 @@ CLASSIFIERS = Registry("classifier", {
     "cnn": "augment.classifier:train_cnn",
     "logistic": "augment.classifier:train_sklearn",
     "svm": "augment.classifier:train_sklearn",
+    "encoder": "augment.probes:train_encoder",
 })
 
 SAMPLERS = Registry("sampler", {

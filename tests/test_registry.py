@@ -175,14 +175,17 @@ def test_every_data_source_loads_labeled_uint8_images_with_unique_ids(kind, tmp_
 
 
 @pytest.mark.parametrize("kind", list(CLASSIFIERS))
-def test_every_classifier_trains_reproducibly_and_predicts_probabilities(kind):
+def test_every_classifier_trains_reproducibly_and_predicts_probabilities(kind, tmp_path):
     from augment.classifier import train_classifier
+    from augment.encoders import write_tiny_backbone
 
     rng = np.random.default_rng(0)
     labels = np.repeat(np.arange(3), 6)
     images = (rng.integers(0, 60, (18, 8, 8, 1)) + 60 * labels[:, None, None, None]).astype(np.uint8)
     synthetic = (images[::2].copy(), labels[::2].copy())
-    cfg = C.ClassifierConfig(kind=kind, steps=20, width=8)
+    backbone = {"backbone": str(write_tiny_backbone(tmp_path / "backbone"))} if kind == "encoder" else {}
+    cfg = C.ClassifierConfig(kind=kind, steps=20, width=8, **backbone)
+    cfg._cache_dir = str(tmp_path)  # what RunConfig hands down: its base.cache_dir
     a = train_classifier(cfg, images, labels, 4, seed=3, synthetic=synthetic)  # K = 4: one class has no images
     b = train_classifier(cfg, images, labels, 4, seed=3, synthetic=synthetic)
     p = a.predict_proba(images)

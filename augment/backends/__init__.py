@@ -12,6 +12,7 @@ This module imports no torch. The registry's names live in augment.registry, whi
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Protocol
 
@@ -166,12 +167,25 @@ def create(cfg: "BaseModelConfig", class_names: list[str], image_size: int, chan
 
 
 def resolve_device(name: str) -> "torch.device":
+    """The torch device `name` (RunConfig.device) names here, checked: `auto` is this process's first CUDA GPU (a
+    worker pinned with CUDA_VISIBLE_DEVICES sees its own), else Apple's mps, else the CPU."""
     import torch
 
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ModelError("device 'cuda' requested but no CUDA GPU is available; use device: auto or cpu")
+        name = "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
+    if name.startswith("cuda"):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(name.partition(":")[2] or 0)
+        if index >= count:
+            seen = f"this process sees {count} CUDA GPU(s)" + (
+                f" (CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']})"
+                if "CUDA_VISIBLE_DEVICES" in os.environ else "")
+            raise ModelError(f"device {name!r} requested but {seen}; use device: auto, cpu or an index below {count}"
+                             if count else f"device {name!r} requested but {seen}; use device: auto or cpu")
+    if name == "mps" and not mps:
+        raise ModelError("device 'mps' requested but Apple's Metal backend is not available here; use device: auto "
+                         "or cpu")
     device = torch.device(name)
     if device.type == "cuda":  # TF32 matmuls and convolutions, as diffusers' scripts' --allow_tf32
         torch.backends.cuda.matmul.allow_tf32 = True

@@ -60,6 +60,11 @@ class RunnerConfig(Section):
         return self
 
 
+# The run's classifier sections, as (section, field): each is handed the run's device and cache folder.
+CLASSIFIERS = (("pseudo", "classifier"), ("selection", "model"), ("filter", "quality_classifier"),
+               ("evaluation", "model"))
+
+
 class RunConfig(Section):
     name: str = Field("digits", min_length=1, description="Name of the job.")
     data: DataConfig = Field(default_factory=DataConfig)
@@ -72,7 +77,13 @@ class RunConfig(Section):
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     publish: PublishConfig = Field(default_factory=PublishConfig)
     runner: RunnerConfig = Field(default_factory=RunnerConfig, description="Where the flow's units run.")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Torch device; auto = cuda if available.")
+    device: str = Field(
+        "auto", pattern=r"^(auto|cpu|cuda|cuda:\d{1,3}|mps)$",
+        description="Torch device of every stage (fine-tuning, generation, the classifiers and encoders, every "
+        "downstream training): `auto` (the process's first CUDA GPU, else Apple's mps, else the CPU), `cpu`, `cuda`, "
+        "`cuda:N` or `mps`. A worker pinned to one GPU (CUDA_VISIBLE_DEVICES, e.g. a dask-cuda worker) sees it as "
+        "`cuda`.",
+    )
 
     # Where things are written and how many processes do the work change no result: not part of any hash.
     UNHASHED: ClassVar[tuple] = (("publish", "output_dir"), ("base", "cache_dir"), ("runner", None))
@@ -85,7 +96,10 @@ class RunConfig(Section):
                               ("lora", "use_dora", False), ("lora", "ti_learning_rate", 5e-3),
                               ("base", "weights_dtype", "auto"),
                               ("base", "prompt_templates", []), ("base", "channels_last", False),
-                              ("base", "compile", False), ("data", "resize", "stretch"))
+                              ("base", "compile", False), ("data", "resize", "stretch"),
+                              *((section, f"{key}.{field}", before) for section, key in CLASSIFIERS
+                                for field, before in (("backbone", None), ("head", "linear"), ("lora_rank", 8),
+                                                      ("augment_views", 4))))
 
     def fingerprint(self, *sections: str) -> str:
         """Short hash of the named sections (all when none; `section.key` names one field), for cache keys and
@@ -97,14 +111,26 @@ class RunConfig(Section):
             else:
                 dump[section].pop(key, None)
         for section, key, before in self.ADDED:
-            if dump[section].get(key, before) == before:
-                dump[section].pop(key, None)
+            *inner, key = key.split(".")
+            where = dump[section]
+            for k in inner:
+                where = where[k]
+            if where.get(key, before) == before:
+                where.pop(key, None)
         for section, key, now, before in self.RENAMED_VALUES:
             if dump[section].get(key) == now:
                 dump[section][key] = before
         picked = {s: dump[s.split(".")[0]][s.split(".")[1]] if "." in s else dump[s] for s in sections} \
             if sections else dump
         return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
+
+    @model_validator(mode="after")
+    def _hand_down(self) -> "RunConfig":
+        """Every classifier section works on the run's device and caches its features under base.cache_dir."""
+        for section, key in CLASSIFIERS:
+            clf = getattr(getattr(self, section), key)
+            clf._device, clf._cache_dir = self.device, self.base.cache_dir
+        return self
 
     @model_validator(mode="after")
     def _unet_fits_the_images(self) -> "RunConfig":

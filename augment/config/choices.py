@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from augment.arms import ARM_PARTS, Arm
 from augment.config.common import AutoPrecision, Section, seed_field
@@ -13,9 +13,30 @@ from augment.registry import CLASSIFIERS, FILTERS
 
 
 class ClassifierConfig(Section):
-    """A small CNN (the quality judge and the default downstream model) or a scikit-learn estimator on pixels."""
+    """A small CNN (the quality judge and the default downstream model), a scikit-learn estimator on pixels, or a
+    pretrained image encoder with a head (augment.encoders)."""
 
-    kind: Literal[CLASSIFIERS.names] = Field("cnn", description="Model family.")
+    kind: Literal[CLASSIFIERS.names] = Field(
+        "cnn", description="Model family: `cnn` (trained from scratch), `logistic` or `svm` (on pixels), `encoder` "
+        "(a pretrained transformers vision model, `backbone`, read by `head`).",
+    )
+    backbone: str | None = Field(
+        None, min_length=1, description="kind encoder: a transformers vision model, a Hub id or a local folder with "
+        "config.json, the weights and its image processor (CLIP or SigLIP, the vision tower of a full checkpoint; "
+        "DINOv2, ViT, ConvNeXt, ResNet), e.g. facebook/dinov2-small or openai/clip-vit-base-patch16.",
+    )
+    head: Literal["linear", "lora"] = Field(
+        "linear", description="kind encoder: `linear`, a linear probe on the frozen backbone's features, computed "
+        "once per image and cached on disk under base.cache_dir/features by content and backbone (the many small "
+        "trainings then cost a probe each); `lora`, the backbone tuned with peft LoRA (`lora_rank`) beside the "
+        "head, end to end (nothing cached).",
+    )
+    lora_rank: int = Field(8, ge=1, le=256, description="kind encoder, head lora: rank of the backbone's LoRA.")
+    augment_views: int = Field(
+        4, ge=1, le=64, description="kind encoder, head linear: classic augmentation on frozen features draws from "
+        "this many jittered copies of each image (each copy drawn from the image's own content hash, so that every "
+        "training reads the same cached features).",
+    )
     width: int = Field(32, ge=4, le=512, description="CNN base width.")
     steps: int = Field(600, ge=1, le=1_000_000, description="CNN optimizer steps.")
     batch_size: int = Field(64, ge=1, le=4096, description="CNN batch size.")
@@ -33,6 +54,28 @@ class ClassifierConfig(Section):
         "faster, accuracy -0.11 pts (95% CI +-0.24); 8 px only 1.09x, so it stays fp32. Weights and the optimizer "
         "stay fp32.",
     )
+    # The run's device and cache folder, handed down by RunConfig (not fields: they change no result's meaning and
+    # stay out of the section's hashes, its YAML and its form).
+    _device: str = PrivateAttr("auto")
+    _cache_dir: str = PrivateAttr("outputs/.cache")
+
+    @property
+    def device(self) -> str:
+        """The device this classifier trains and predicts on: the run's `device`."""
+        return self._device
+
+    @property
+    def cache_dir(self) -> str:
+        """Where an encoder's features are cached: the run's base.cache_dir."""
+        return self._cache_dir
+
+    @model_validator(mode="after")
+    def _backbone(self) -> "ClassifierConfig":
+        if self.kind == "encoder" and self.backbone is None:
+            raise ValueError("kind encoder needs `backbone`: a transformers vision model's Hub id or local folder")
+        if self.kind != "encoder" and self.backbone is not None:
+            raise ValueError(f"`backbone` is for kind encoder, not {self.kind}")
+        return self
 
 
 class PseudoConfig(Section):

@@ -103,7 +103,7 @@ def collect_metrics(run: Path) -> dict:
                 "total_seconds": runinfo.get("total_seconds"), "versions": runinfo.get("versions", {}),
                 "cpu": runinfo.get("cpu"),
                 "base_model": runinfo.get("base", {}), "adapter": runinfo.get("adapter", {}),
-                "evaluation_seeds": evaluation.seeds, **_adaptation_seconds(cfg)},
+                "evaluation_seeds": evaluation.seeds, **_adaptation_seconds(cfg), **_encoders(cfg)},
         "data": data.to_json(),
         "generation": {"generated": decisions.generated, "kept": decisions.kept,
                        "per_class": [c.to_json() for c in decisions.per_class], "scheduler": sampler_of(run, cfg),
@@ -134,6 +134,18 @@ def collect_metrics(run: Path) -> dict:
                                        "product_arm": evaluation.product_arm}),
         "dataset": {"path": str(rf.dataset.path), "splits": _json(publish_info.splits)},
     })
+
+
+def _encoders(cfg) -> dict:
+    """{"classifiers": {section: {kind, backbone, head}}} when some classifier section is a pretrained encoder
+    (nothing otherwise, so a run without one writes the metrics it always wrote)."""
+    from augment.config import CLASSIFIERS
+
+    sections = {f"{s}.{k}": getattr(getattr(cfg, s), k) for s, k in CLASSIFIERS}
+    if all(c.kind != "encoder" for c in sections.values()):
+        return {}
+    return {"classifiers": {name: {"kind": c.kind, "backbone": c.backbone, "head": c.head if c.backbone else None}
+                            for name, c in sections.items()}}
 
 
 def _adaptation_seconds(cfg) -> dict:

@@ -52,6 +52,12 @@ class AdapterFacts(AdapterInfo):
     steps: int | None = None
 
 
+class ClassifierFacts(_Model):
+    kind: str
+    backbone: str | None
+    head: str | None
+
+
 class RunFacts(_Model):
     name: str
     output_dir: str
@@ -65,6 +71,8 @@ class RunFacts(_Model):
     evaluation_seeds: list[int]
     # seconds of fine-tuning of the adaptations trained beside the LoRA (lora.adaptations), when any was listed
     adaptation_seconds: dict[str, float] = {}
+    # each classifier section's model, when some section is a pretrained encoder (kind, backbone, head)
+    classifiers: dict[str, ClassifierFacts] = {}
 
 
 class Generation(_Model):

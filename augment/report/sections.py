@@ -260,7 +260,7 @@ def _arms(m: Metrics) -> Section:
                      " ".join(_pct(x) for x in v.per_seed_accuracy)])
     return Section(
         "Downstream accuracy by arm",
-        f"The same {ev.model} recipe trained from scratch on each arm, {len(m.run.evaluation_seeds)} seeds "
+        f"The same {_model(m)} recipe trained on each arm, {len(m.run.evaluation_seeds)} seeds "
         f"each (paired across arms), scored on the real {ev.split} split. Accuracy and macro-F1 in %: mean ± std "
         "[95% CI].",
         [(["arm", "accuracy", "macro-F1", "train real / synthetic", "per-seed accuracy"], rows)],
@@ -353,6 +353,14 @@ def _data(m: Metrics) -> Section:
         + ([(["split", "image", "identical to"], dup_rows)] if dup_rows else []), [])
 
 
+def _model(m: Metrics) -> str:
+    """The downstream model in words: a CNN trained from scratch, or the pretrained encoder and its head."""
+    c = m.run.classifiers.get("evaluation.model")
+    if c is None or c.backbone is None:
+        return m.evaluation.model + (" (trained from scratch)" if m.evaluation.model == "cnn" else "")
+    return f"{c.backbone} encoder with a {c.head} head"
+
+
 def _facts(m: Metrics) -> Section:
     run, data, gen, ev = m.run, m.data, m.generation, m.evaluation
     facts = [["config hash", run.config_hash],
@@ -362,7 +370,9 @@ def _facts(m: Metrics) -> Section:
              ["data fingerprint", data.fingerprint], ["evaluation seeds", ", ".join(map(str, run.evaluation_seeds))],
              ["sampler", f"{gen.scheduler}, {gen.num_inference_steps} steps, {gen.precision}, "
                          f"guidance {gen.guidance_scale}, strengths {gen.strengths}"],
-             ["downstream model", f"{ev.model}, synthetic share per batch {ev.synthetic_prob}"]]
+             ["downstream model", f"{_model(m)}, synthetic share per batch {ev.synthetic_prob}"]]
+    facts += [[f"{name} classifier", f"{c.kind}" + (f" on {c.backbone} ({c.head} head)" if c.backbone else "")]
+              for name, c in run.classifiers.items() if name != "evaluation.model"]
     facts += [[f"{k} version", v] for k, v in run.versions.items()]
     if run.cpu:
         facts.append(["CPU", run.cpu])

@@ -1,0 +1,162 @@
+"""The heads of the encoder classifier (classifier kind `encoder`, augment/encoders.py holds the backbone and its
+feature cache): `head: linear`, a linear probe on the cached frozen features; `head: lora`, the backbone tuned end to
+end with peft's LoRA on its linear layers (`lora_rank`) beside a linear head (DataDream's recipe for CLIP), nothing
+cached since the features change as it trains. Both train as the CNN does (AdamW, one-cycle schedule, label smoothing
+0.05, each example synthetic with probability `synthetic_prob`); the probe on the CPU (a step is a (batch x D) by
+(D x K) product: microseconds), the tuned backbone on the run's device."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from augment.classifier import TrainedClassifier, classic_augment, resize
+from augment.config import ClassifierConfig
+from augment.diffusion import to_tensor, to_uint8
+from augment.encoders import backbone_folder, features, forward, load_backbone, precision
+from augment.errors import ModelError
+
+
+@dataclass
+class EncoderClassifier(TrainedClassifier):
+    """A linear probe on cached frozen features (standardized by the training rows' mean and spread)."""
+
+    cfg: ClassifierConfig | None = None
+    mean: np.ndarray | None = None
+    std: np.ndarray | None = None
+
+    def _standard(self, images: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy((features(self.cfg, resize(images, self.image_size)) - self.mean) / self.std)
+
+    def predict_proba(self, images: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+        if not len(images):
+            return np.zeros((0, self.num_classes), np.float32)
+        with torch.no_grad():
+            return F.softmax(self.model(self._standard(images)), dim=1).numpy()
+
+    def features(self, images: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+        """The backbone's features (the space of filter.memorization_space: features)."""
+        return features(self.cfg, resize(images, self.image_size)) if len(images) else np.zeros((0, 1), np.float32)
+
+
+def _batches(cfg: ClassifierConfig, pools: list, p_syn: float, seed: int):
+    """Index batches as the CNN draws them: each example synthetic (the last pool) with probability p_syn."""
+    rng = np.random.default_rng(seed)
+    for _ in range(cfg.steps):
+        from_syn = rng.random(cfg.batch_size) < p_syn
+        picks = []
+        for which, count in ((0, int((~from_syn).sum())), (len(pools) - 1, int(from_syn.sum()))):
+            if count:
+                picks.append((which, rng.integers(0, len(pools[which][1]), count)))
+        yield rng, picks
+
+
+def _pools(images, labels, synthetic, p_syn):
+    pools = [(images, np.asarray(labels))] if len(images) else []
+    if synthetic is not None and len(synthetic[0]):
+        pools.append((synthetic[0], np.asarray(synthetic[1])))
+    if not pools:
+        raise ValueError("train_classifier: no training images")
+    return pools, p_syn if len(pools) == 2 else (1.0 if not len(images) else 0.0)
+
+
+def train_encoder(cfg: ClassifierConfig, images: np.ndarray, labels: np.ndarray, num_classes: int, seed: int,
+                  augment: bool, flip: bool, synthetic: tuple[np.ndarray, np.ndarray] | None,
+                  synthetic_prob: float) -> TrainedClassifier:
+    """The encoder's head (classifier kind `encoder`), trained as the CNN is (AdamW, one-cycle schedule, label
+    smoothing 0.05, each example synthetic with probability `synthetic_prob`)."""
+    pools, p_syn = _pools(images, labels, synthetic, synthetic_prob)
+    if cfg.head == "lora":
+        return train_lora_head(cfg, pools, p_syn, num_classes, seed, augment, flip)
+    views = range(cfg.augment_views + 1) if augment else range(1)
+    feats = [np.stack([features(cfg, x, v, flip) for v in views]) for x, _ in pools]  # (V, N, D) per pool
+    base = np.concatenate([f[0] for f in feats])
+    mean, std = base.mean(0), base.std(0) + 1e-6
+    feats = [torch.from_numpy((f - mean) / std) for f in feats]
+    targets = [torch.tensor(y, dtype=torch.long) for _, y in pools]
+    torch.manual_seed(seed)
+    head = nn.Linear(base.shape[1], num_classes)
+    drop = nn.Dropout(cfg.dropout)
+    opt = torch.optim.AdamW(head.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.learning_rate, total_steps=cfg.steps, pct_start=0.15)
+    for rng, picks in _batches(cfg, pools, p_syn, seed):
+        x = torch.cat([feats[w][torch.from_numpy(rng.integers(0, len(views), len(i))), torch.from_numpy(i)]
+                       for w, i in picks])
+        y = torch.cat([targets[w][torch.from_numpy(i)] for w, i in picks])
+        loss = F.cross_entropy(head(drop(x)), y, label_smoothing=0.05)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step(); sched.step()
+    head.eval()
+    return EncoderClassifier("encoder", head, num_classes, cfg.image_size, "no", cfg, mean, std)
+
+
+@dataclass
+class TunedEncoderClassifier(TrainedClassifier):
+    """The tuned backbone and its head (`model` holds both), with the image processor that feeds it."""
+
+    processor: object = None
+    model_type: str = ""
+    device: str = "cpu"
+
+    def _pooled(self, images: np.ndarray, batch_size: int) -> torch.Tensor:
+        images = resize(images, self.image_size)
+        device = torch.device(self.device)
+        self.model.eval()
+        with torch.no_grad():
+            return torch.cat([forward(self.model["backbone"], self.processor, self.model_type,
+                                      images[i:i + batch_size], device, self.mixed_precision)
+                              for i in range(0, len(images), batch_size)])
+
+    def predict_proba(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+        if not len(images):
+            return np.zeros((0, self.num_classes), np.float32)
+        with torch.no_grad():
+            return F.softmax(self.model["head"](self._pooled(images, batch_size)), dim=1).cpu().numpy()
+
+    def features(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+        return self._pooled(images, batch_size).cpu().numpy() if len(images) else np.zeros((0, 1), np.float32)
+
+
+def train_lora_head(cfg: ClassifierConfig, pools: list, p_syn: float, num_classes: int, seed: int, augment: bool,
+                    flip: bool) -> TunedEncoderClassifier:
+    from peft import LoraConfig, get_peft_model
+
+    from augment.backends import resolve_device
+
+    device = resolve_device(cfg.device)
+    mixed = precision(cfg, device)
+    torch.manual_seed(seed)
+    backbone, processor, model_type = load_backbone(backbone_folder(cfg.backbone), device)
+    try:
+        backbone = get_peft_model(backbone, LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_rank,
+                                                       target_modules="all-linear"))
+    except ValueError as e:  # e.g. a ResNet: convolutions only
+        raise ModelError(f"classifier backbone {cfg.backbone}: head lora found no layer to tune "
+                         f"({str(e).splitlines()[0]}); use head: linear") from None
+    with torch.no_grad():
+        dim = forward(backbone, processor, model_type, pools[0][0][:1], device, mixed).shape[1]
+    model = nn.ModuleDict({"backbone": backbone, "head": nn.Linear(dim, num_classes)}).to(device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    drop = nn.Dropout(cfg.dropout)
+    opt = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.learning_rate, total_steps=cfg.steps, pct_start=0.15)
+    gen = torch.Generator().manual_seed(seed)
+    model.eval()  # LoRA trains; the backbone's own dropout and norm statistics stay as pretrained
+    for _, picks in _batches(cfg, pools, p_syn, seed):
+        x = np.concatenate([pools[w][0][i] for w, i in picks])
+        y = torch.from_numpy(np.concatenate([pools[w][1][i] for w, i in picks])).long().to(device)
+        if augment:
+            x = to_uint8(classic_augment(to_tensor(x), gen, flip))
+        logits = model["head"](drop(forward(backbone, processor, model_type, x, device, mixed)))
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=0.05)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step(); sched.step()
+    model.eval()
+    return TunedEncoderClassifier("encoder", model, num_classes, cfg.image_size, mixed, processor, model_type,
+                                  str(device))
