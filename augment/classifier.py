@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from augment.config import ClassifierConfig
 from augment.diffusion import autocast, to_tensor, to_uint8
-from augment.diffusion.tensors import bf16_native
+from augment.diffusion.tensors import bf16_native, resolve_precision
 
 
 class SmallCNN(nn.Module):
@@ -75,17 +75,27 @@ def resize(images: np.ndarray, size: int | None, chunk: int = 256) -> np.ndarray
     return np.concatenate(out)
 
 
-def precision(cfg: ClassifierConfig, image_size: int) -> str:
-    """The precision a CNN trains and predicts in: `cfg.mixed_precision`, with `auto` resolved by image size."""
+def precision(cfg: ClassifierConfig, image_size: int, device: torch.device = torch.device("cpu")) -> str:
+    """The precision a CNN trains and predicts in: `cfg.mixed_precision`, with `auto` resolved by image size on the
+    CPU, and bf16 on a GPU that computes it."""
     if cfg.mixed_precision != "auto":
         return cfg.mixed_precision
+    if device.type != "cpu":
+        return resolve_precision(device, "auto")
     return "bf16" if image_size >= 16 and bf16_native() else "no"
 
 
-def _inputs(images: np.ndarray) -> torch.Tensor:
-    """[-1, 1] float NCHW in channels_last memory order: oneDNN's fast path for convolutions on the CPU (measured:
-    a 16 px training step 36 -> 28 ms in fp32, same numbers up to summation order)."""
-    return to_tensor(images).contiguous(memory_format=torch.channels_last)
+def device_of(cfg: ClassifierConfig) -> torch.device:
+    """The run's device, handed down to the classifier section (RunConfig.device)."""
+    from augment.backends import resolve_device
+
+    return resolve_device(cfg.device)
+
+
+def _inputs(images: np.ndarray, device: torch.device) -> torch.Tensor:
+    """[-1, 1] float NCHW in channels_last memory order on `device`: oneDNN's fast path for convolutions on the CPU
+    (measured: a 16 px training step 36 -> 28 ms in fp32, same numbers up to summation order), and cuDNN's."""
+    return to_tensor(images).to(device).contiguous(memory_format=torch.channels_last)
 
 
 @dataclass
@@ -95,14 +105,16 @@ class TrainedClassifier:
     num_classes: int
     image_size: int | None = None  # inputs are resized to this (ClassifierConfig.image_size)
     mixed_precision: str = "no"
+    device: str = "cpu"  # where the model is and its inputs go
 
     def predict_proba(self, images: np.ndarray, batch_size: int = 1024) -> np.ndarray:
         images = resize(images, self.image_size)
         if self.kind != "cnn":
             return self.model.predict_proba(_flat(images))
         self.model.eval()
-        with torch.no_grad(), autocast(torch.device("cpu"), self.mixed_precision):
-            out = [F.softmax(self.model(_inputs(images[i:i + batch_size])).float(), dim=1)
+        device = torch.device(self.device)
+        with torch.no_grad(), autocast(device, self.mixed_precision):
+            out = [F.softmax(self.model(_inputs(images[i:i + batch_size], device)).float(), dim=1).cpu()
                    for i in range(0, len(images), batch_size)]
         return torch.cat(out).numpy() if out else np.zeros((0, self.num_classes), np.float32)
 
@@ -112,8 +124,9 @@ class TrainedClassifier:
         if self.kind != "cnn":
             return _flat(images)
         self.model.eval()
-        with torch.no_grad(), autocast(torch.device("cpu"), self.mixed_precision):
-            out = [self.model.features(_inputs(images[i:i + batch_size])).float()
+        device = torch.device(self.device)
+        with torch.no_grad(), autocast(device, self.mixed_precision):
+            out = [self.model.features(_inputs(images[i:i + batch_size], device)).float().cpu()
                    for i in range(0, len(images), batch_size)]
         return torch.cat(out).numpy() if out else np.zeros((0, self.model.feature_dim), np.float32)
 
@@ -151,20 +164,22 @@ def train_cnn(cfg: ClassifierConfig, images: np.ndarray, labels: np.ndarray, num
     """The small CNN (classifier kind `cnn`): AdamW with a one-cycle schedule, label smoothing 0.05, each batch
     example synthetic with probability `synthetic_prob`."""
     torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)  # on the CPU whatever the device: the same draws everywhere
     rng = np.random.default_rng(seed)
+    device = device_of(cfg)
     pools = []
     if len(images):
-        pools.append((to_tensor(images), torch.tensor(np.asarray(labels), dtype=torch.long)))
+        pools.append((to_tensor(images).to(device), torch.tensor(np.asarray(labels), dtype=torch.long).to(device)))
     if synthetic is not None and len(synthetic[0]):
-        pools.append((to_tensor(synthetic[0]), torch.tensor(np.asarray(synthetic[1]), dtype=torch.long)))
+        pools.append((to_tensor(synthetic[0]).to(device),
+                      torch.tensor(np.asarray(synthetic[1]), dtype=torch.long).to(device)))
     if not pools:
         raise ValueError("train_classifier: no training images")
     p_syn = synthetic_prob if len(pools) == 2 else (1.0 if not len(images) else 0.0)
     size = pools[0][0].shape[2]
-    mixed = precision(cfg, size)
+    mixed = precision(cfg, size, device)
     model = SmallCNN(pools[0][0].shape[1], num_classes, size, cfg.width, cfg.dropout)
-    model = model.to(memory_format=torch.channels_last)
+    model = model.to(device, memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.learning_rate, total_steps=cfg.steps, pct_start=0.15)
     model.train()
@@ -175,7 +190,7 @@ def train_cnn(cfg: ClassifierConfig, images: np.ndarray, labels: np.ndarray, num
             if count == 0:
                 continue
             x_pool, y_pool = pools[-1] if (which == 1 or len(pools) == 1) else pools[0]
-            idx = torch.from_numpy(rng.integers(0, len(y_pool), count))
+            idx = torch.from_numpy(rng.integers(0, len(y_pool), count)).to(device)
             xs.append(x_pool[idx]); ys.append(y_pool[idx])
         x, y = torch.cat(xs), torch.cat(ys)
         if augment:
@@ -187,7 +202,7 @@ def train_cnn(cfg: ClassifierConfig, images: np.ndarray, labels: np.ndarray, num
         loss.backward()
         opt.step(); sched.step()
     model.eval()
-    return TrainedClassifier("cnn", model, num_classes, cfg.image_size, mixed)
+    return TrainedClassifier("cnn", model, num_classes, cfg.image_size, mixed, str(device))
 
 
 def train_sklearn(cfg: ClassifierConfig, images: np.ndarray, labels: np.ndarray, num_classes: int, seed: int,

@@ -30,6 +30,7 @@ FEATURES_VERSION = "1"  # part of every cache key: bump it when the pooling belo
 VISION_TOWERS = {"clip": "CLIPVisionModel", "siglip": "SiglipVisionModel", "siglip2": "Siglip2VisionModel"}
 _KEYS: dict = {}  # (folder, files' sizes and times) -> content key: a pure function's memo
 _LOADED = worker_state()  # (folder, device) -> (model, processor): per process, per batch of units
+_SHARDS = worker_state()  # cache folder -> the shards read and their rows: per process, per batch of units
 
 
 # 1. The backbone: its folder, its content key, the model and its image processor.
@@ -97,6 +98,22 @@ def load_backbone(folder: Path, device: torch.device):
     return model.to(device), processor, config.model_type
 
 
+def check_backbone(name: str, field: str) -> None:
+    """Before any stage runs: the backbone is there, and transformers reads its config and its image processor's."""
+    import transformers
+
+    try:
+        folder = backbone_folder(name)
+        transformers.AutoConfig.from_pretrained(folder)
+        if not (folder / "preprocessor_config.json").is_file():
+            raise ModelError(f"{folder} has no preprocessor_config.json (its image processor)")
+    except ModelError as e:
+        raise ModelError(f"{field}: {e}") from None
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{field}: {name} is not a transformers vision model ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
+
+
 def _backbone(cfg: ClassifierConfig, device: torch.device):
     folder = backbone_folder(cfg.backbone)
     key = (str(folder), str(device))
@@ -135,14 +152,18 @@ def image_hashes(images: np.ndarray) -> list[str]:
 
 
 def _index(folder: Path) -> dict[str, np.ndarray]:
-    out: dict[str, np.ndarray] = {}
+    """image hash -> feature of every shard in `folder`; a shard read once per process and batch (they never
+    change: a new row is a new shard)."""
+    seen = _SHARDS.setdefault(str(folder), {"names": set(), "rows": {}})
     for shard in sorted(folder.glob("*.npz")) if folder.is_dir() else []:
-        with np.load(shard) as z:
-            out.update(zip(z["hashes"].tolist(), z["features"]))
-    return out
+        if shard.name not in seen["names"]:
+            with np.load(shard) as z:
+                seen["rows"].update(zip(z["hashes"].tolist(), z["features"]))
+            seen["names"].add(shard.name)
+    return seen["rows"]
 
 
-def _save(folder: Path, hashes: list[str], feats: np.ndarray) -> None:
+def _save(folder: Path, hashes: list[str], feats: np.ndarray) -> str:
     """A new shard, written under a temporary name and renamed: a reader never sees half of one, and two processes
     that computed the same rows write the same file."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -155,6 +176,7 @@ def _save(folder: Path, hashes: list[str], feats: np.ndarray) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+    return name
 
 
 def view_images(images: np.ndarray, hashes: list[str], view: int, flip: bool) -> np.ndarray:
@@ -188,9 +210,21 @@ def features(cfg: ClassifierConfig, images: np.ndarray, view: int = 0, flip: boo
         with torch.no_grad():
             new = torch.cat([forward(model, processor, model_type, todo[i:i + step], device, precision(cfg, device))
                              for i in range(0, len(todo), step)]).cpu().numpy()
-        _save(where, [hashes[i] for i in missing], new)
+        _SHARDS[str(where)]["names"].add(_save(where, [hashes[i] for i in missing], new))
         cached.update(zip((hashes[i] for i in missing), new))
     return np.stack([cached[h] for h in hashes]) if hashes else np.zeros((0, 0), np.float32)
+
+
+def warm(cfg: ClassifierConfig, plain: list[np.ndarray], jittered: list[np.ndarray] = ()) -> None:
+    """Compute here, once, the features a stage's trainings will read (`plain` images, and the jittered views of
+    the `jittered` ones): the units that run after it on other processes or workers load no backbone."""
+    if cfg.kind != "encoder" or cfg.head != "linear":
+        return
+    plain, jittered = [x for x in plain if len(x)], [x for x in jittered if len(x)]
+    if plain:
+        features(cfg, np.concatenate(plain))
+    for view in range(1, cfg.augment_views + 1) if jittered else ():
+        features(cfg, np.concatenate(jittered), view)
 
 
 def precision(cfg: ClassifierConfig, device: torch.device) -> str:

@@ -86,6 +86,13 @@ def evaluate(cfg: EvaluationConfig, sets: TrainingSets, output_dir: str | Path,
     product takes the synthetic data. Synthetic data is mixed in at the first of cfg.synthetic_prob (the caller
     passes the chosen one)."""
     decisions = decisions or Selection()
+    if cfg.model.kind == "encoder":  # an encoder's features once, here, before any unit runs
+        from augment.encoders import warm
+
+        trained = [sets.splits.train, *(x for x in (sets.pseudo, sets.kept, sets.unfiltered) if x is not None),
+                   *sets.ablation.values()]
+        scored = [getattr(sets.splits, cfg.split), sets.splits.validation]
+        warm(cfg.model, [x.images for x in trained + scored], [x.images for x in trained])
 
     keys: dict[tuple[str, str], str] = {}
 

@@ -68,6 +68,16 @@ def preflight(cfg: RunConfig) -> None:
         if cfg.pseudo.classifier.kind != "cnn":
             raise ConfigError(f"generation.feedback_scale={cfg.generation.feedback_scale} needs a differentiable "
                               f"classifier: pseudo.classifier.kind is {cfg.pseudo.classifier.kind!r}, set it to cnn")
+    from augment.backends import resolve_device
+    from augment.config import CLASSIFIERS
+
+    resolve_device(cfg.device)  # a GPU that is not there: one line now, not after the base has trained
+    for section, key in CLASSIFIERS:
+        clf = getattr(getattr(cfg, section), key)
+        if clf.kind == "encoder":
+            from augment.encoders import check_backbone
+
+            check_backbone(clf.backbone, f"{section}.{key}.backbone")
     splits = make_splits(cfg.data, keep=True)
     if cfg.selection.rule == "cross_validation":
         counts = splits.train.class_counts()
@@ -172,6 +182,7 @@ def walk(cfg: RunConfig, call: Callable[[Stage, dict], object], wait: bool = Fal
     """Every stage of STAGES in order, inside `started` (inputs checked, the run folder claimed and locked):
     `call(stage, kept)` runs one (here, or as a Prefect task) and returns its result. Returns the last stage's
     result: the report's metrics."""
+    from augment.backends import device_name
     from augment.cpus import fair_share, running_jobs, usable_cpus
 
     t0 = time.time() if t0 is None else t0
@@ -179,8 +190,8 @@ def walk(cfg: RunConfig, call: Callable[[Stage, dict], object], wait: bool = Fal
     with started(cfg, wait=wait), _worker_processes():
         mark_finished(cfg, False)
         # trainings round by their thread count: it is recorded with the CPU (augment/cpus.py says how it is chosen)
-        record(cfg, None, versions=versions(), cpu=cpu_kind(), threads=fair_share(), usable_cpus=usable_cpus(),
-               jobs_running=running_jobs())
+        record(cfg, None, versions=versions(), cpu=cpu_kind(), device=device_name(cfg.device), threads=fair_share(),
+               usable_cpus=usable_cpus(), jobs_running=running_jobs())
         timing = True
         for s in STAGES:
             if timing and not s.timed:

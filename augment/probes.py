@@ -92,7 +92,7 @@ def train_encoder(cfg: ClassifierConfig, images: np.ndarray, labels: np.ndarray,
         loss.backward()
         opt.step(); sched.step()
     head.eval()
-    return EncoderClassifier("encoder", head, num_classes, cfg.image_size, "no", cfg, mean, std)
+    return EncoderClassifier("encoder", head, num_classes, cfg.image_size, cfg=cfg, mean=mean, std=std)
 
 
 @dataclass
@@ -101,7 +101,6 @@ class TunedEncoderClassifier(TrainedClassifier):
 
     processor: object = None
     model_type: str = ""
-    device: str = "cpu"
 
     def _pooled(self, images: np.ndarray, batch_size: int) -> torch.Tensor:
         images = resize(images, self.image_size)
@@ -158,5 +157,5 @@ def train_lora_head(cfg: ClassifierConfig, pools: list, p_syn: float, num_classe
         loss.backward()
         opt.step(); sched.step()
     model.eval()
-    return TunedEncoderClassifier("encoder", model, num_classes, cfg.image_size, mixed, processor, model_type,
-                                  str(device))
+    return TunedEncoderClassifier("encoder", model, num_classes, cfg.image_size, mixed, str(device),
+                                  processor=processor, model_type=model_type)

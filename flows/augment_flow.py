@@ -108,8 +108,16 @@ def task_runner(cfg: RunConfig):
 
     from augment.cpus import fair_share
 
+    from augment.backends import resolve_device
+
     r = cfg.runner
-    n = r.workers or fair_share()
+    devices = pinned_devices(cfg)
+    accelerator = not devices and resolve_device(cfg.device).type != "cpu"
+    n = r.workers or (1 if accelerator else fair_share())  # on one GPU: one worker, unless told otherwise
+    if accelerator and n > 1:
+        raise ConfigError(f"runner.kind={r.kind} with {n} workers would put {n} copies of every model on "
+                          f"{cfg.device}: use runner.kind=dask with runner.devices (one worker per GPU), or "
+                          "runner.workers=1")
     if r.kind == "processes":
         return ProcessPoolTaskRunner(max_workers=n)
     try:
@@ -125,7 +133,37 @@ def task_runner(cfg: RunConfig):
     dask.config.set({"distributed.nanny.pre-spawn-environ": environ})
     if r.address:
         return DaskTaskRunner(address=r.address)
+    if devices:
+        return DaskTaskRunner(cluster_class=pinned_cluster, cluster_kwargs={"devices": devices})
     return DaskTaskRunner(cluster_kwargs={"n_workers": n, "threads_per_worker": 1, "processes": True})
+
+
+def pinned_devices(cfg: RunConfig) -> list[str]:
+    """The GPUs a local Dask cluster pins one worker to each of: runner.devices, or every GPU of this machine when
+    the run's device is `auto` or `cuda` (none on a machine without one, or for `cuda:N`: that one GPU only)."""
+    r = cfg.runner
+    if r.kind != "dask" or r.address:
+        return []
+    if r.devices:
+        if cfg.device.startswith("cuda:") or cfg.device == "mps":
+            raise ConfigError(f"runner.devices pins each worker to its GPU, which it sees as `cuda`: set device to "
+                              f"auto or cuda, not {cfg.device}")
+        return list(r.devices)
+    import torch
+
+    count = torch.cuda.device_count() if cfg.device in ("auto", "cuda") and torch.cuda.is_available() else 0
+    return [str(i) for i in range(count)] if count > 1 else []
+
+
+def pinned_cluster(devices: list[str], **kwargs):
+    """A local Dask cluster of one single-threaded worker per GPU, each started with CUDA_VISIBLE_DEVICES set to its
+    own (as dask-cuda's LocalCUDACluster does, without needing NVML), named after it."""
+    from distributed import Nanny, Scheduler, SpecCluster
+
+    workers = {f"gpu-{d}": {"cls": Nanny, "options": {"nthreads": 1, "name": f"gpu-{d}",
+                                                       "env": {"CUDA_VISIBLE_DEVICES": d}}} for d in devices}
+    return SpecCluster(workers=workers, scheduler={"cls": Scheduler, "options": {"dashboard_address": ":0"}},
+                       **kwargs)
 
 
 @task(cache_policy=NO_CACHE)

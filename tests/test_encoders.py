@@ -115,7 +115,8 @@ def test_the_config_asks_for_a_backbone_and_hands_down_the_run_device(tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["clip", "dinov2"])
-def test_an_encoder_judges_labels_and_measures_in_every_section_of_the_tiny_run(kind, backbones, tmp_path):
+def test_an_encoder_judges_labels_and_measures_in_every_section_of_the_tiny_run(kind, backbones, tmp_path,
+                                                                            prefect_harness):
     """The README's command on configs/tiny.yaml with the encoder in all four classifier sections; a second run
     into another folder, with the same cache, computes no feature."""
     from flows.cli import main

@@ -155,6 +155,11 @@ BAD_INPUTS = {
     "an adaptation twice": (None, ["--set", "lora.adaptations=[lora, lora]"], "lists one twice"),
     "prompts alone on pixels": (None, ["--set", "lora.adaptations=[lora, none]"],
                                 "`none` samples the pretrained model from its class prompts"),
+    "encoder backbone missing": (None, ["--set", "filter.quality_classifier={kind: encoder, backbone: /no/such/dir}"],
+                                 "filter.quality_classifier.backbone: classifier backbone '/no/such/dir' is not a "
+                                 "folder"),
+    "a GPU that is not there": (None, ["--set", "device=cuda:3"], "device 'cuda:3' requested but this process sees"),
+    "not a device": (None, ["--set", "device=gpu"], "device"),
     "feedback without a CNN": (None, ["--set", "generation.feedback_scale=1", "--set", "pseudo.classifier.kind=svm"],
                                "pseudo.classifier.kind is 'svm'"),
     "sd not a pipeline": (None, ["--set", "base.kind=stable_diffusion", "--set", f"base.pretrained={ROOT / 'configs'}"],

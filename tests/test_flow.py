@@ -2,6 +2,7 @@
 
 import html
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -44,7 +45,7 @@ def finished_run(tmp_path_factory, prefect_harness):
 
 GOLDEN_RUN = Path(__file__).parent / "data" / "tiny_run_golden.json"
 _MACHINE_KEYS = {"seconds", "stage_seconds", "total_seconds", "pretrain_seconds", "train_seconds", "versions", "cpu",
-                 "output_dir", "path"}  # what depends on the machine, the clock or the temporary folder
+                 "device", "output_dir", "path"}  # what depends on the machine, the clock or the temporary folder
 
 
 def run_digest(run: Path) -> dict:
@@ -395,6 +396,67 @@ def test_results_do_not_depend_on_the_runner(finished_run, tmp_path, kind):
     mine, theirs = (json.loads((d / "evaluation" / "results.json").read_text()) for d in (copy, run))
     assert strip(mine) == strip(theirs) and mine["selection"] == theirs["selection"]
     assert again.gain_over_best_baseline == metrics.gain_over_best_baseline
+
+
+@pytest.mark.slow
+def test_workers_pinned_to_different_devices_split_the_generation_and_evaluation_units(finished_run, tmp_path):
+    """runner.devices: a local Dask cluster of one worker per GPU, each started with its own CUDA_VISIBLE_DEVICES
+    (fake here: no GPU, device cpu), shares the generation shards and the downstream trainings; the results are the
+    local run's."""
+    pytest.importorskip("prefect_dask")
+    from distributed import Client, get_task_stream
+
+    from augment.config import RunnerConfig
+    from flows.augment_flow import augment_flow, pinned_cluster, task_runner
+
+    cfg, metrics, run = finished_run
+    pinned = cfg.model_copy(update={"runner": RunnerConfig(kind="dask", devices=["0", "1"]), "device": "cpu"})
+    runner = task_runner(pinned)
+    assert runner.cluster_kwargs == {"devices": ["0", "1"]}
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns(".augment-run.lock"))
+    for stage in ("candidates", "filter", "evaluation"):
+        shutil.rmtree(copy / stage)
+    # The same cluster the runner builds, started here so that its task stream can be read after the flow
+    with pinned_cluster(["0", "1"]) as cluster, Client(cluster) as client:
+        seen = client.run(lambda: os.environ.get("CUDA_VISIBLE_DEVICES"))
+        assert sorted(seen.values()) == ["0", "1"]
+        with get_task_stream(client=client) as stream:
+            other = pinned.model_copy(update={
+                "publish": cfg.publish.model_copy(update={"output_dir": str(copy)}),
+                "runner": RunnerConfig(kind="dask", address=cluster.scheduler_address)})
+            again = augment_flow(config=other)
+        by_device: dict[str, set[str]] = {}
+        for t in stream.data:
+            by_device.setdefault(seen[t["worker"]], set()).add(t["key"].split("-")[0])
+    assert set(by_device) == {"0", "1"}, by_device
+    for device, kinds in by_device.items():
+        assert {"generate_task", "train_task"} <= kinds, (device, by_device)
+    mine, theirs = (json.loads((d / "evaluation" / "results.json").read_text()) for d in (copy, run))
+    strip = lambda res: {a: [{k: v for k, v in r.items() if k != "seconds"} for r in rs]  # noqa: E731
+                         for a, rs in res["runs"].items()}
+    assert strip(mine) == strip(theirs) and again.gain_over_best_baseline == metrics.gain_over_best_baseline
+
+
+def test_several_model_copies_on_one_gpu_are_refused(tiny_cfg, monkeypatch):
+    import torch
+
+    from augment.config import ConfigError, RunnerConfig
+    from flows import augment_flow as af
+
+    monkeypatch.setattr("augment.backends.resolve_device", lambda name: torch.device("cuda", 0))
+    for kind in ("processes", "dask"):
+        cfg = tiny_cfg.model_copy(update={"runner": RunnerConfig(kind=kind, workers=2), "device": "cuda"})
+        with pytest.raises(ConfigError, match="would put 2 copies of every model on cuda"):
+            af.task_runner(cfg)
+    one = af.task_runner(tiny_cfg.model_copy(update={"runner": RunnerConfig(kind="processes"), "device": "cuda"}))
+    assert one._max_workers == 1  # on one GPU the default is one worker
+    with pytest.raises(ConfigError, match="sees as `cuda`"):
+        af.pinned_devices(tiny_cfg.model_copy(update={"runner": RunnerConfig(kind="dask", devices=["0", "1"]),
+                                                      "device": "cuda:1"}))
+    from augment.stages.core import local_workers
+
+    assert local_workers(tiny_cfg.model_copy(update={"runner": RunnerConfig(local_workers=4)})) == 1
 
 
 def test_flow_leaves_progress_report_and_summary_artifacts(finished_run):

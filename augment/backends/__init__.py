@@ -191,3 +191,11 @@ def resolve_device(name: str) -> "torch.device":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     return device
+
+
+def device_name(name: str) -> str:
+    """The device `name` resolves to, as the report names it: `cpu`, `mps`, or `cuda:0 (NVIDIA H100 80GB HBM3)`."""
+    import torch
+
+    device = resolve_device(name)
+    return f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else str(device)

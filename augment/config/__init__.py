@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -52,11 +52,22 @@ class RunnerConfig(Section):
     )
     address: str | None = Field(None, description="dask: an existing scheduler, e.g. tcp://10.0.0.5:8786 (its "
                                 "workers must see the run folder's path); None = a local cluster.")
+    devices: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9:_-]{1,64}$")]] = Field(
+        [], description="dask, local cluster: one worker per entry, pinned to that GPU with CUDA_VISIBLE_DEVICES (an "
+        "index or a GPU UUID; each worker sees its GPU as `cuda`), so that generation shards and downstream trainings "
+        "spread over the GPUs with one copy of each model per GPU. Empty: one worker per GPU this machine has when "
+        "the run's device is `auto` or `cuda` and it has one, else `workers` workers.",
+    )
 
     @model_validator(mode="after")
     def _address(self) -> "RunnerConfig":
         if self.address and self.kind != "dask":
             raise ValueError(f"runner.address is for runner.kind=dask, not {self.kind}")
+        if self.devices and (self.kind != "dask" or self.address):
+            raise ValueError("runner.devices pins the workers of a local Dask cluster: it needs runner.kind=dask "
+                             "and no runner.address")
+        if len(set(self.devices)) < len(self.devices):
+            raise ValueError(f"runner.devices lists a GPU twice: {self.devices} (one worker per GPU)")
         return self
 
 

@@ -101,7 +101,7 @@ def collect_metrics(run: Path) -> dict:
         "run": {"name": cfg.name, "output_dir": str(run), "config_hash": cfg.fingerprint(),
                 "stage_seconds": {k: v.get("seconds") for k, v in runinfo["stages"].items()},
                 "total_seconds": runinfo.get("total_seconds"), "versions": runinfo.get("versions", {}),
-                "cpu": runinfo.get("cpu"),
+                "cpu": runinfo.get("cpu"), "device": runinfo.get("device"),
                 "base_model": runinfo.get("base", {}), "adapter": runinfo.get("adapter", {}),
                 "evaluation_seeds": evaluation.seeds, **_adaptation_seconds(cfg), **_encoders(cfg)},
         "data": data.to_json(),

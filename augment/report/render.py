@@ -23,7 +23,8 @@ from augment.report import plots
 from augment.report.metrics import collect_metrics, read_record
 from augment.report.schema import Metrics, validate_metrics
 from augment.results import FilterScores
-from augment.report.sections import key_arms, sections
+from augment.report.facts import sections
+from augment.report.sections import key_arms
 from augment.runfolder import RunFolder, read_json, write_json, write_text
 
 def _md_table(header: list[str], rows: list[list]) -> str:

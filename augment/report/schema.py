@@ -66,6 +66,7 @@ class RunFacts(_Model):
     total_seconds: float | None
     versions: dict[str, str]
     cpu: str | None
+    device: str | None = None  # the torch device the stages ran on (recorded since issue 36)
     base_model: BaseModelFacts
     adapter: AdapterFacts
     evaluation_seeds: list[int]

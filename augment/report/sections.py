@@ -361,36 +361,6 @@ def _model(m: Metrics) -> str:
     return f"{c.backbone} encoder with a {c.head} head"
 
 
-def _facts(m: Metrics) -> Section:
-    run, data, gen, ev = m.run, m.data, m.generation, m.evaluation
-    facts = [["config hash", run.config_hash],
-             ["base model", f"{run.base_model.description} ({run.base_model.kind} backend)"],
-             ["base fingerprint", run.base_model.fingerprint],
-             ["adapter hash", run.adapter.adapter_hash],
-             ["data fingerprint", data.fingerprint], ["evaluation seeds", ", ".join(map(str, run.evaluation_seeds))],
-             ["sampler", f"{gen.scheduler}, {gen.num_inference_steps} steps, {gen.precision}, "
-                         f"guidance {gen.guidance_scale}, strengths {gen.strengths}"],
-             ["downstream model", f"{_model(m)}, synthetic share per batch {ev.synthetic_prob}"]]
-    facts += [[f"{name} classifier", f"{c.kind}" + (f" on {c.backbone} ({c.head} head)" if c.backbone else "")]
-              for name, c in run.classifiers.items() if name != "evaluation.model"]
-    facts += [[f"{k} version", v] for k, v in run.versions.items()]
-    if run.cpu:
-        facts.append(["CPU", run.cpu])
-    facts += [[f"stage {k} (s)", f"{v:.1f}"] for k, v in run.stage_seconds.items() if v is not None]
-    if run.total_seconds:
-        facts.append(["total wall time (s)", f"{run.total_seconds:.1f}"])
-    return Section("Run facts", "", [(["fact", "value"], facts)], [])
-
-
-SECTIONS = (_verdict, _choices, _adaptations, _pseudo, _arms, _per_class, _generator, _ablation, _memorization, _data,
-            _facts)
-
-
-def sections(m: Metrics) -> list[Section]:
-    """The report's sections in order; both renderers walk this list."""
-    return [s for s in (section(m) for section in SECTIONS) if s is not None]
-
-
 def _ablation_seeds(ev: Evaluation, arms: dict[str, ArmResult], product: str | None) -> str:
     n_diag = {len(v.per_seed_accuracy) for v in ev.filter_ablation.values() if v.ran}
     n_all = len(arms[product].per_seed_accuracy) if product in arms else 0
