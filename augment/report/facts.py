@@ -20,7 +20,7 @@ def _facts(m: Metrics) -> Section:
              ["sampler", f"{gen.scheduler}, {gen.num_inference_steps} steps, {gen.precision}, "
                          f"guidance {gen.guidance_scale}, strengths {gen.strengths}"],
              ["downstream model", f"{_model(m)}, synthetic share per batch {ev.synthetic_prob}"]]
-    facts += [[f"{name} classifier", f"{c.kind}" + (f" on {c.backbone} ({c.head} head)" if c.backbone else "")]
+    facts += [[name, f"{c.kind}" + (f" on {c.backbone} ({c.head} head)" if c.backbone else "")]
               for name, c in run.classifiers.items() if name != "evaluation.model"]
     facts += [[f"{k} version", v] for k, v in run.versions.items()]
     if run.cpu:
