@@ -115,6 +115,10 @@ def score_candidates(cfg: FilterConfig, cands: Candidates, train: ImageSet, vali
     K = len(train.class_names)
     # 1. The quality judge, trained on real labeled train data only (its validation accuracy is reported), and the
     #    classifiers of the ALIA folds: independent trainings, on `workers` processes.
+    from augment.encoders import warm  # an encoder's features once, here, before the trainings
+
+    warm(cfg.quality_classifier, [train.images, validation.images, cands.images],
+         [train.images] if cfg.quality_classifier.augment else [])
     folds = alia_folds(cfg, train) if "alia" in cfg.order else []
     calls = [(None, cfg.seed)] + [(tr, cfg.seed + 1 + f) for f, (tr, _) in enumerate(folds)]
     judge, *fold_models = run_each(_fit, calls, workers, _share, (cfg.quality_classifier, train.images,

@@ -233,6 +233,11 @@ class Workers:
         from augment.parallel import worker_count
 
         self.d, self.workers, self.progress, self.pool = d, worker_count(workers), progress, None
+        from augment.encoders import warm  # an encoder's features once, here, before the units
+
+        synthetic = d.synthetic.values() if isinstance(d.synthetic, dict) else [d.synthetic] if d.synthetic else []
+        warm(d.labeler, [d.images, d.pool])
+        warm(d.model, [d.images, d.pool, *(s[0] for s in synthetic)])
 
     def map(self, units: list[tuple]) -> list:
         if self.workers <= 1:

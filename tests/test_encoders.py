@@ -114,15 +114,16 @@ def test_the_config_asks_for_a_backbone_and_hands_down_the_run_device(tmp_path):
         {"device": "cuda:1", "evaluation": {"model": given}}).fingerprint("evaluation")
 
 
-@pytest.mark.parametrize("kind", ["clip", "dinov2"])
-def test_an_encoder_judges_labels_and_measures_in_every_section_of_the_tiny_run(kind, backbones, tmp_path,
+@pytest.mark.parametrize("kind, workers", [("clip", 1), ("dinov2", 2)])
+def test_an_encoder_judges_labels_and_measures_in_every_section_of_the_tiny_run(kind, workers, backbones, tmp_path,
                                                                             prefect_harness):
-    """The README's command on configs/tiny.yaml with the encoder in all four classifier sections; a second run
-    into another folder, with the same cache, computes no feature."""
+    """The README's command on configs/tiny.yaml with the encoder in all four classifier sections (its trainings
+    in this process, or on two worker processes); a second run into another folder, with the same cache, computes
+    no feature."""
     from flows.cli import main
 
     sets = [f"{s}={{kind: encoder, backbone: {backbones[kind]}, steps: 30, batch_size: 16}}" for s in SECTIONS]
-    sets.append("filter.memorization_space=features")
+    sets += ["filter.memorization_space=features", f"runner.local_workers={workers}"]
 
     def run(name):
         args = ["run", str(ROOT / "configs" / "tiny.yaml"), "--set", f"publish.output_dir={tmp_path / name}",
