@@ -142,3 +142,27 @@ def test_an_encoder_judges_labels_and_measures_in_every_section_of_the_tiny_run(
     second = run("second")
     assert _shards(tmp_path / "cache") == shards  # every feature came from the cache
     assert second["evaluation"]["arms"].keys() == metrics["evaluation"]["arms"].keys()
+
+
+def test_a_full_clip_checkpoint_serves_through_its_vision_tower(tmp_path):
+    """A CLIPModel folder (text and vision, as openai/clip-vit-base-patch16 ships) loads as its vision tower: the
+    features are CLIPModel.vision_model's pooled output, weights and all."""
+    import torch
+    import transformers
+
+    from augment.encoders import load_backbone
+
+    torch.manual_seed(0)
+    shape = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4)
+    full = transformers.CLIPModel(transformers.CLIPConfig(
+        text_config=dict(shape, vocab_size=99, max_position_embeddings=16, bos_token_id=0, eos_token_id=1),
+        vision_config=dict(shape, image_size=16, patch_size=4), projection_dim=16)).eval()
+    full.save_pretrained(tmp_path / "clip")
+    processor = getattr(transformers, "CLIPImageProcessorPil", transformers.CLIPImageProcessor)
+    processor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}).save_pretrained(tmp_path / "clip")
+    model, _, model_type = load_backbone(tmp_path / "clip", torch.device("cpu"))
+    assert type(model).__name__ == "CLIPVisionModel" and model_type == "clip"
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(model(pixel_values=x).pooler_output, full.vision_model(pixel_values=x).pooler_output,
+                              atol=1e-6)
