@@ -12,6 +12,7 @@ hash: every training, in any process, reads the same cached copies.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import tempfile
@@ -34,9 +35,10 @@ _SHARDS = worker_state()  # cache folder -> the shards read and their rows: per 
 
 
 # 1. The backbone: its folder, its content key, the model and its image processor.
+@functools.lru_cache(maxsize=16)
 def backbone_folder(name: str) -> Path:
     """A local folder as given, or a Hub id's snapshot (the configs, processor and safetensors weights; .bin only
-    where a repository has no safetensors)."""
+    where a repository has no safetensors), asked of the Hub once per process."""
     path = Path(os.path.expanduser(name))
     if path.is_dir():
         return path
@@ -82,12 +84,14 @@ def load_backbone(folder: Path, device: torch.device):
     try:
         config = transformers.AutoConfig.from_pretrained(folder)
         tower = VISION_TOWERS.get(config.model_type)
-        cls = getattr(transformers, tower) if tower else transformers.AutoModel
+        cls = getattr(transformers, tower, None) if tower else transformers.AutoModel
+        if cls is None:  # a vision tower this transformers does not have (Siglip2 before 4.49)
+            raise ValueError(f"this transformers {transformers.__version__} has no {tower}")
         model = cls.from_pretrained(folder)
         # The PIL processors: the reference implementation, and the only one beside a torch without torchvision.
         pil = {"backend": "pil"} if int(transformers.__version__.split(".")[0]) >= 5 else {"use_fast": False}
         processor = transformers.AutoImageProcessor.from_pretrained(folder, **pil)
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, ImportError, AttributeError) as e:
         raise ModelError(f"classifier backbone {folder}: cannot load it as a transformers vision model with its image "
                          f"processor ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     finally:
@@ -191,40 +195,51 @@ def view_images(images: np.ndarray, hashes: list[str], view: int, flip: bool) ->
 
 
 def features(cfg: ClassifierConfig, images: np.ndarray, view: int = 0, flip: bool = False,
-             batch_size: int | None = None) -> np.ndarray:
-    """(N, D) frozen features of `images` (their `view`), from the cache where it holds them, computed and added
-    where it does not."""
+             hashes: list[str] | None = None, batch_size: int | None = None) -> np.ndarray:
+    """(N, D) frozen features of `images` (their `view`; `hashes` their image_hashes when known), from the cache
+    where it holds them, computed and added where it does not. The cache is per backbone, view, device type and
+    precision: bf16 on a GPU and fp32 on the CPU give other numbers, and a run must not read the other's."""
     from augment.backends import resolve_device
 
     folder = backbone_folder(cfg.backbone)
-    where = Path(cfg.cache_dir) / "features" / backbone_key(folder) / (f"jitter{'-flip' if flip else ''}-{view}"
-                                                                        if view else "image")
-    hashes = image_hashes(images)
+    device = resolve_device(cfg.device)
+    mixed = precision(cfg, device)
+    name = (f"jitter{'-flip' if flip else ''}-{view}" if view else "image") + f"-{device.type}-{mixed}"
+    where = Path(cfg.cache_dir) / "features" / backbone_key(folder) / name
+    hashes = image_hashes(images) if hashes is None else hashes
     cached = _index(where)
     missing = sorted({h: i for i, h in enumerate(hashes) if h not in cached}.values())
     if missing:
-        device = resolve_device(cfg.device)
         model, processor, model_type = _backbone(cfg, device)
         todo = view_images(images[missing], [hashes[i] for i in missing], view, flip)
         step = batch_size or (256 if device.type == "cuda" else 64)
         with torch.no_grad():
-            new = torch.cat([forward(model, processor, model_type, todo[i:i + step], device, precision(cfg, device))
+            new = torch.cat([forward(model, processor, model_type, todo[i:i + step], device, mixed)
                              for i in range(0, len(todo), step)]).cpu().numpy()
         _SHARDS[str(where)]["names"].add(_save(where, [hashes[i] for i in missing], new))
         cached.update(zip((hashes[i] for i in missing), new))
-    return np.stack([cached[h] for h in hashes]) if hashes else np.zeros((0, 0), np.float32)
+    if not hashes:
+        return np.zeros((0, next(iter(cached.values())).shape[0] if cached else 0), np.float32)
+    return np.stack([cached[h] for h in hashes])
 
 
 def warm(cfg: ClassifierConfig, plain: list[np.ndarray], jittered: list[np.ndarray] = ()) -> None:
     """Compute here, once, the features a stage's trainings will read (`plain` images, and the jittered views of
-    the `jittered` ones): the units that run after it on other processes or workers load no backbone."""
+    the `jittered` ones, at the classifier's image_size as the trainings see them): the units that run after it, on
+    other processes or workers, load no backbone."""
     if cfg.kind != "encoder" or cfg.head != "linear":
         return
-    plain, jittered = [x for x in plain if len(x)], [x for x in jittered if len(x)]
+    from augment.classifier import resize
+
+    plain, jittered = [resize(x, cfg.image_size) for x in plain if len(x)], [resize(x, cfg.image_size)
+                                                                               for x in jittered if len(x)]
     if plain:
         features(cfg, np.concatenate(plain))
-    for view in range(1, cfg.augment_views + 1) if jittered else ():
-        features(cfg, np.concatenate(jittered), view)
+    if jittered:
+        images = np.concatenate(jittered)
+        hashes = image_hashes(images)
+        for view in range(1, cfg.augment_views + 1):
+            features(cfg, images, view, hashes=hashes)
 
 
 def precision(cfg: ClassifierConfig, device: torch.device) -> str:

@@ -92,7 +92,9 @@ def evaluate(cfg: EvaluationConfig, sets: TrainingSets, output_dir: str | Path,
         trained = [sets.splits.train, *(x for x in (sets.pseudo, sets.kept, sets.unfiltered) if x is not None),
                    *sets.ablation.values()]
         scored = [getattr(sets.splits, cfg.split), sets.splits.validation]
-        warm(cfg.model, [x.images for x in trained + scored], [x.images for x in trained])
+        # jittered views for the recipe's real+classic arms (train, pool, kept); the diagnostics' on demand
+        jittered = [x for x in (sets.splits.train, sets.pseudo, sets.kept) if x is not None]
+        warm(cfg.model, [x.images for x in trained + scored], [x.images for x in jittered])
 
     keys: dict[tuple[str, str], str] = {}
 

@@ -69,10 +69,14 @@ def preflight(cfg: RunConfig) -> None:
             raise ConfigError(f"generation.feedback_scale={cfg.generation.feedback_scale} needs a differentiable "
                               f"classifier: pseudo.classifier.kind is {cfg.pseudo.classifier.kind!r}, set it to cnn")
     from augment.backends import resolve_device
-    from augment.config import CLASSIFIERS
+    from augment.config import CLASSIFIER_SECTIONS
 
     resolve_device(cfg.device)  # a GPU that is not there: one line now, not after the base has trained
-    for section, key in CLASSIFIERS:
+    if cfg.runner.kind != "local":
+        from augment.gpus import runner_workers
+
+        runner_workers(cfg)  # several workers on one GPU, or a GPU runner.devices names that is not there
+    for section, key in CLASSIFIER_SECTIONS:
         clf = getattr(getattr(cfg, section), key)
         if clf.kind == "encoder":
             from augment.encoders import check_backbone

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from augment.classifier import TrainedClassifier, classic_augment, resize
 from augment.config import ClassifierConfig
 from augment.diffusion import to_tensor, to_uint8
-from augment.encoders import backbone_folder, features, forward, load_backbone, precision
+from augment.encoders import backbone_folder, features, forward, image_hashes, load_backbone, precision
 from augment.errors import ModelError
 
 
@@ -40,7 +40,8 @@ class EncoderClassifier(TrainedClassifier):
 
     def features(self, images: np.ndarray, batch_size: int = 1024) -> np.ndarray:
         """The backbone's features (the space of filter.memorization_space: features)."""
-        return features(self.cfg, resize(images, self.image_size)) if len(images) else np.zeros((0, 1), np.float32)
+        return features(self.cfg, resize(images, self.image_size)) if len(images) else \
+            np.zeros((0, self.model.in_features), np.float32)
 
 
 def _batches(cfg: ClassifierConfig, pools: list, p_syn: float, seed: int):
@@ -73,9 +74,13 @@ def train_encoder(cfg: ClassifierConfig, images: np.ndarray, labels: np.ndarray,
     if cfg.head == "lora":
         return train_lora_head(cfg, pools, p_syn, num_classes, seed, augment, flip)
     views = range(cfg.augment_views + 1) if augment else range(1)
-    feats = [np.stack([features(cfg, x, v, flip) for v in views]) for x, _ in pools]  # (V, N, D) per pool
+    hashes = [image_hashes(x) for x, _ in pools]
+    feats = [np.stack([features(cfg, x, v, flip, h) for v in views]) for (x, _), h in zip(pools, hashes)]  # (V,N,D)
     base = np.concatenate([f[0] for f in feats])
-    mean, std = base.mean(0), base.std(0) + 1e-6
+    # standardized as scikit-learn's StandardScaler does: a feature constant over the training rows (a dead channel)
+    # keeps scale 1, not 1e-6, which would blow up at test time
+    mean, std = base.mean(0), base.std(0)
+    std[std < 1e-6] = 1.0
     feats = [torch.from_numpy((f - mean) / std) for f in feats]
     targets = [torch.tensor(y, dtype=torch.long) for _, y in pools]
     torch.manual_seed(seed)
@@ -118,7 +123,8 @@ class TunedEncoderClassifier(TrainedClassifier):
             return F.softmax(self.model["head"](self._pooled(images, batch_size)), dim=1).cpu().numpy()
 
     def features(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
-        return self._pooled(images, batch_size).cpu().numpy() if len(images) else np.zeros((0, 1), np.float32)
+        return self._pooled(images, batch_size).cpu().numpy() if len(images) else \
+            np.zeros((0, self.model["head"].in_features), np.float32)
 
 
 def train_lora_head(cfg: ClassifierConfig, pools: list, p_syn: float, num_classes: int, seed: int, augment: bool,

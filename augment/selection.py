@@ -236,7 +236,7 @@ class Workers:
         from augment.encoders import warm  # an encoder's features once, here, before the units
 
         synthetic = d.synthetic.values() if isinstance(d.synthetic, dict) else [d.synthetic] if d.synthetic else []
-        warm(d.labeler, [d.images, d.pool])
+        warm(d.labeler, [d.images, d.pool], [d.images] if d.labeler.augment else [])
         warm(d.model, [d.images, d.pool, *(s[0] for s in synthetic)])
 
     def map(self, units: list[tuple]) -> list:

@@ -103,21 +103,14 @@ class SharedRunner(TaskRunner):
 
 
 def task_runner(cfg: RunConfig):
-    """The Prefect task runner that `cfg.runner` names (not used for `local`)."""
+    """The Prefect task runner that `cfg.runner` names (not used for `local`): on GPUs, one worker per GPU
+    (augment/gpus.py; the pipeline's preflight has refused several on one)."""
     from prefect.task_runners import ProcessPoolTaskRunner
 
-    from augment.cpus import fair_share
-
-    from augment.backends import resolve_device
+    from augment.gpus import pinned_devices, runner_workers
 
     r = cfg.runner
-    devices = pinned_devices(cfg)
-    accelerator = not devices and resolve_device(cfg.device).type != "cpu"
-    n = r.workers or (1 if accelerator else fair_share())  # on one GPU: one worker, unless told otherwise
-    if accelerator and n > 1:
-        raise ConfigError(f"runner.kind={r.kind} with {n} workers would put {n} copies of every model on "
-                          f"{cfg.device}: use runner.kind=dask with runner.devices (one worker per GPU), or "
-                          "runner.workers=1")
+    n, devices = runner_workers(cfg), pinned_devices(cfg)
     if r.kind == "processes":
         return ProcessPoolTaskRunner(max_workers=n)
     try:
@@ -134,34 +127,23 @@ def task_runner(cfg: RunConfig):
     if r.address:
         return DaskTaskRunner(address=r.address)
     if devices:
-        return DaskTaskRunner(cluster_class=pinned_cluster, cluster_kwargs={"devices": devices})
+        # a pinned worker of a GPU run must find its GPU; a CPU run (device cpu) keeps its workers on the CPU
+        strict = cfg.device != "cpu"
+        return DaskTaskRunner(cluster_class=pinned_cluster, cluster_kwargs={"devices": devices, "strict": strict})
     return DaskTaskRunner(cluster_kwargs={"n_workers": n, "threads_per_worker": 1, "processes": True})
 
 
-def pinned_devices(cfg: RunConfig) -> list[str]:
-    """The GPUs a local Dask cluster pins one worker to each of: runner.devices, or every GPU of this machine when
-    the run's device is `auto` or `cuda` (none on a machine without one, or for `cuda:N`: that one GPU only)."""
-    r = cfg.runner
-    if r.kind != "dask" or r.address:
-        return []
-    if r.devices:
-        if cfg.device.startswith("cuda:") or cfg.device == "mps":
-            raise ConfigError(f"runner.devices pins each worker to its GPU, which it sees as `cuda`: set device to "
-                              f"auto or cuda, not {cfg.device}")
-        return list(r.devices)
-    import torch
-
-    count = torch.cuda.device_count() if cfg.device in ("auto", "cuda") and torch.cuda.is_available() else 0
-    return [str(i) for i in range(count)] if count > 1 else []
-
-
-def pinned_cluster(devices: list[str], **kwargs):
+def pinned_cluster(devices: list[str], strict: bool = True, **kwargs):
     """A local Dask cluster of one single-threaded worker per GPU, each started with CUDA_VISIBLE_DEVICES set to its
-    own (as dask-cuda's LocalCUDACluster does, without needing NVML), named after it."""
+    own (as dask-cuda's LocalCUDACluster does, without needing NVML), named after it; `strict`: a worker whose GPU
+    is not there fails its units rather than training on the CPU (augment.gpus.PINNED)."""
     from distributed import Nanny, Scheduler, SpecCluster
 
+    from augment.gpus import PINNED
+
+    env = {PINNED: "1"} if strict else {}
     workers = {f"gpu-{d}": {"cls": Nanny, "options": {"nthreads": 1, "name": f"gpu-{d}",
-                                                       "env": {"CUDA_VISIBLE_DEVICES": d}}} for d in devices}
+                                                       "env": {"CUDA_VISIBLE_DEVICES": d, **env}}} for d in devices}
     return SpecCluster(workers=workers, scheduler={"cls": Scheduler, "options": {"dashboard_address": ":0"}},
                        **kwargs)
 

@@ -235,6 +235,10 @@ def test_a_key_added_later_stays_out_of_the_hashes_at_its_old_behaviour():
         picked = {section: {k: v for k, v in dump[section].items() if k != "cache_dir"}}
         assert cfg.fingerprint(section) == hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
     for changed in ("lora.snr_gamma=5", "lora.adaptations=[lora, none]", "lora.use_dora=true",
-                    "base.weights_dtype=bf16", "evaluation.model.head=lora", "filter.quality_classifier.augment_views=2"):
+                    "base.weights_dtype=bf16"):
         section = changed.split(".")[0]
         assert load_config(ROOT / "configs" / "tiny.yaml", [changed]).fingerprint(section) != cfg.fingerprint(section)
+    encoder = "filter.quality_classifier={kind: encoder, backbone: b"
+    linear = load_config(ROOT / "configs" / "tiny.yaml", [encoder + "}"]).fingerprint("filter")
+    for changed in (", head: lora}", ", augment_views: 2}"):
+        assert load_config(ROOT / "configs" / "tiny.yaml", [encoder + changed]).fingerprint("filter") != linear

@@ -108,10 +108,19 @@ def test_the_config_asks_for_a_backbone_and_hands_down_the_run_device(tmp_path):
     cfg = RunConfig.model_validate({"device": "cuda:1", "base": {"cache_dir": str(tmp_path)}})
     models = [getattr(getattr(cfg, s.split(".")[0]), s.split(".")[1]) for s in SECTIONS]
     assert {m.device for m in models} == {"cuda:1"} and {m.cache_dir for m in models} == {str(tmp_path)}
-    # The new keys at their defaults leave every hash as it was
-    given = {"augment": False, "steps": 400, "head": "linear", "augment_views": 4, "lora_rank": 8}
-    assert cfg.fingerprint("evaluation") == RunConfig.model_validate(
-        {"device": "cuda:1", "evaluation": {"model": given}}).fingerprint("evaluation")
+    # A copy that changes the device hands it down; the section it shared with the original is left as it was
+    copy = cfg.model_copy(update={"device": "cpu"})
+    assert copy.evaluation.model.device == "cpu" and cfg.evaluation.model.device == "cuda:1"
+    other = RunConfig(evaluation=cfg.evaluation, device="cpu")
+    assert other.evaluation.model.device == "cpu" and cfg.evaluation.model.device == "cuda:1"
+    # Encoder keys belong to encoders, and each head to its own
+    with pytest.raises(ConfigError, match="`head` is for kind encoder, not cnn"):
+        parse_config({"evaluation": {"model": {"head": "lora"}}})
+    with pytest.raises(ConfigError, match="`augment_views` is for head linear, not lora"):
+        parse_config({"evaluation": {"model": {"kind": "encoder", "backbone": "b", "head": "lora",
+                                                "augment_views": 2}}})
+    with pytest.raises(ConfigError, match="not a device: auto, cpu, cuda, cuda:N"):
+        parse_config({"device": "gpu"})
 
 
 @pytest.mark.parametrize("kind, workers", [("clip", 1), ("dinov2", 2)])

@@ -412,7 +412,7 @@ def test_workers_pinned_to_different_devices_split_the_generation_and_evaluation
     cfg, metrics, run = finished_run
     pinned = cfg.model_copy(update={"runner": RunnerConfig(kind="dask", devices=["0", "1"]), "device": "cpu"})
     runner = task_runner(pinned)
-    assert runner.cluster_kwargs == {"devices": ["0", "1"]}
+    assert runner.cluster_kwargs == {"devices": ["0", "1"], "strict": False}  # a CPU run: fake GPUs are fine
     copy = tmp_path / "run"
     shutil.copytree(run, copy, ignore=shutil.ignore_patterns(".augment-run.lock"))
     for stage in ("candidates", "filter", "evaluation"):
@@ -436,27 +436,6 @@ def test_workers_pinned_to_different_devices_split_the_generation_and_evaluation
     strip = lambda res: {a: [{k: v for k, v in r.items() if k != "seconds"} for r in rs]  # noqa: E731
                          for a, rs in res["runs"].items()}
     assert strip(mine) == strip(theirs) and again.gain_over_best_baseline == metrics.gain_over_best_baseline
-
-
-def test_several_model_copies_on_one_gpu_are_refused(tiny_cfg, monkeypatch):
-    import torch
-
-    from augment.config import ConfigError, RunnerConfig
-    from flows import augment_flow as af
-
-    monkeypatch.setattr("augment.backends.resolve_device", lambda name: torch.device("cuda", 0))
-    for kind in ("processes", "dask"):
-        cfg = tiny_cfg.model_copy(update={"runner": RunnerConfig(kind=kind, workers=2), "device": "cuda"})
-        with pytest.raises(ConfigError, match="would put 2 copies of every model on cuda"):
-            af.task_runner(cfg)
-    one = af.task_runner(tiny_cfg.model_copy(update={"runner": RunnerConfig(kind="processes"), "device": "cuda"}))
-    assert one._max_workers == 1  # on one GPU the default is one worker
-    with pytest.raises(ConfigError, match="sees as `cuda`"):
-        af.pinned_devices(tiny_cfg.model_copy(update={"runner": RunnerConfig(kind="dask", devices=["0", "1"]),
-                                                      "device": "cuda:1"}))
-    from augment.stages.core import local_workers
-
-    assert local_workers(tiny_cfg.model_copy(update={"runner": RunnerConfig(local_workers=4)})) == 1
 
 
 def test_flow_leaves_progress_report_and_summary_artifacts(finished_run):

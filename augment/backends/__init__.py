@@ -168,12 +168,13 @@ def create(cfg: "BaseModelConfig", class_names: list[str], image_size: int, chan
 
 def resolve_device(name: str) -> "torch.device":
     """The torch device `name` (RunConfig.device) names here, checked: `auto` is this process's first CUDA GPU (a
-    worker pinned with CUDA_VISIBLE_DEVICES sees its own), else Apple's mps, else the CPU."""
+    worker pinned with CUDA_VISIBLE_DEVICES sees its own, and must find it), else the CPU; `mps` only when named."""
     import torch
 
     mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    pinned = os.environ.get("AUGMENT_PINNED_GPU") == "1"  # a worker pinned to its GPU (augment.gpus.PINNED)
     if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
+        name = "cuda" if torch.cuda.is_available() or pinned else "cpu"
     if name.startswith("cuda"):
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         index = int(name.partition(":")[2] or 0)
@@ -194,7 +195,7 @@ def resolve_device(name: str) -> "torch.device":
 
 
 def device_name(name: str) -> str:
-    """The device `name` resolves to, as the report names it: `cpu`, `mps`, or `cuda:0 (NVIDIA H100 80GB HBM3)`."""
+    """The device `name` resolves to, as the report names it: `cpu`, `mps`, or `cuda (NVIDIA H100 80GB HBM3)`."""
     import torch
 
     device = resolve_device(name)

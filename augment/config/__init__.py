@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from typing import Annotated, ClassVar, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from augment.config.choices import (ClassifierConfig, EvaluationConfig, FilterConfig, PseudoConfig,
                                     SelectionConfig)
@@ -52,7 +53,7 @@ class RunnerConfig(Section):
     )
     address: str | None = Field(None, description="dask: an existing scheduler, e.g. tcp://10.0.0.5:8786 (its "
                                 "workers must see the run folder's path); None = a local cluster.")
-    devices: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9:_-]{1,64}$")]] = Field(
+    devices: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9:/_-]{1,96}$")]] = Field(
         [], description="dask, local cluster: one worker per entry, pinned to that GPU with CUDA_VISIBLE_DEVICES (an "
         "index or a GPU UUID; each worker sees its GPU as `cuda`), so that generation shards and downstream trainings "
         "spread over the GPUs with one copy of each model per GPU. Empty: one worker per GPU this machine has when "
@@ -66,13 +67,15 @@ class RunnerConfig(Section):
         if self.devices and (self.kind != "dask" or self.address):
             raise ValueError("runner.devices pins the workers of a local Dask cluster: it needs runner.kind=dask "
                              "and no runner.address")
+        if self.devices and self.workers:
+            raise ValueError("runner.devices starts one worker per GPU it lists: leave runner.workers at 0")
         if len(set(self.devices)) < len(self.devices):
             raise ValueError(f"runner.devices lists a GPU twice: {self.devices} (one worker per GPU)")
         return self
 
 
 # The run's classifier sections, as (section, field): each is handed the run's device and cache folder.
-CLASSIFIERS = (("pseudo", "classifier"), ("selection", "model"), ("filter", "quality_classifier"),
+CLASSIFIER_SECTIONS = (("pseudo", "classifier"), ("selection", "model"), ("filter", "quality_classifier"),
                ("evaluation", "model"))
 
 
@@ -89,11 +92,10 @@ class RunConfig(Section):
     publish: PublishConfig = Field(default_factory=PublishConfig)
     runner: RunnerConfig = Field(default_factory=RunnerConfig, description="Where the flow's units run.")
     device: str = Field(
-        "auto", pattern=r"^(auto|cpu|cuda|cuda:\d{1,3}|mps)$",
-        description="Torch device of every stage (fine-tuning, generation, the classifiers and encoders, every "
-        "downstream training): `auto` (the process's first CUDA GPU, else Apple's mps, else the CPU), `cpu`, `cuda`, "
-        "`cuda:N` or `mps`. A worker pinned to one GPU (CUDA_VISIBLE_DEVICES, e.g. a dask-cuda worker) sees it as "
-        "`cuda`.",
+        "auto", description="Torch device of every stage (fine-tuning, generation, the classifiers and encoders, "
+        "every downstream training): `auto` (the process's first CUDA GPU, else the CPU), `cpu`, `cuda`, `cuda:N` "
+        "or `mps` (Apple's GPU: named, never chosen by `auto`). A worker pinned to one GPU (runner.devices) sees it "
+        "as `cuda`.",
     )
 
     # Where things are written and how many processes do the work change no result: not part of any hash.
@@ -108,9 +110,16 @@ class RunConfig(Section):
                               ("base", "weights_dtype", "auto"),
                               ("base", "prompt_templates", []), ("base", "channels_last", False),
                               ("base", "compile", False), ("data", "resize", "stretch"),
-                              *((section, f"{key}.{field}", before) for section, key in CLASSIFIERS
+                              *((section, f"{key}.{field}", before) for section, key in CLASSIFIER_SECTIONS
                                 for field, before in (("backbone", None), ("head", "linear"), ("lora_rank", 8),
                                                       ("augment_views", 4))))
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda|cuda:\d{1,3}|mps", v):
+            raise ValueError(f"{v!r} is not a device: auto, cpu, cuda, cuda:N (N a GPU index) or mps")
+        return v
 
     def fingerprint(self, *sections: str) -> str:
         """Short hash of the named sections (all when none; `section.key` names one field), for cache keys and
@@ -137,11 +146,21 @@ class RunConfig(Section):
 
     @model_validator(mode="after")
     def _hand_down(self) -> "RunConfig":
-        """Every classifier section works on the run's device and caches its features under base.cache_dir."""
-        for section, key in CLASSIFIERS:
-            clf = getattr(getattr(self, section), key)
+        """Every classifier section works on the run's device and caches its features under base.cache_dir. Each
+        gets its own copy of the section that holds it: a section shared with another config (a shallow copy, one
+        object passed to two configs) is never changed under that config."""
+        for section, key in CLASSIFIER_SECTIONS:
+            outer = getattr(self, section).model_copy()
+            clf = getattr(outer, key).model_copy()
             clf._device, clf._cache_dir = self.device, self.base.cache_dir
+            outer.__dict__[key] = clf  # no validation: the values are the validated ones
+            self.__dict__[section] = outer
         return self
+
+    def model_copy(self, *, update: dict | None = None, deep: bool = False) -> "RunConfig":
+        """pydantic's copy (no validation), with the device and cache folder handed down again: a copy that
+        updates `device` or `base` must not leave its classifiers on the old ones."""
+        return super().model_copy(update=update, deep=deep)._hand_down()
 
     @model_validator(mode="after")
     def _unet_fits_the_images(self) -> "RunConfig":

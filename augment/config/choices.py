@@ -73,8 +73,15 @@ class ClassifierConfig(Section):
     def _backbone(self) -> "ClassifierConfig":
         if self.kind == "encoder" and self.backbone is None:
             raise ValueError("kind encoder needs `backbone`: a transformers vision model's Hub id or local folder")
-        if self.kind != "encoder" and self.backbone is not None:
-            raise ValueError(f"`backbone` is for kind encoder, not {self.kind}")
+        # Encoder keys away from their defaults (by value, not by being written: a config dumped and read back, as a
+        # flow parameter is, writes them all)
+        for key, head in (("backbone", None), ("head", None), ("lora_rank", "lora"), ("augment_views", "linear")):
+            if getattr(self, key) == type(self).model_fields[key].default:
+                continue
+            if self.kind != "encoder":
+                raise ValueError(f"`{key}` is for kind encoder, not {self.kind}")
+            if head is not None and self.head != head:
+                raise ValueError(f"`{key}` is for head {head}, not {self.head}")
         return self
 
 

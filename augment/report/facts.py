@@ -1,11 +1,11 @@
-"""The report's last sections, what the run was and what it cost (device-seconds per stage, per 1,000 kept samples
-and per point of gain), and the list of every section in order (`sections`), which both renderers walk."""
+"""The report's last sections, what the run cost (wall seconds per stage on its device, per 1,000 kept samples and
+per point of gain) and what it was, and the list of every section in order (`sections`), which both renderers
+walk."""
 
 from __future__ import annotations
 
 from augment.report.schema import Metrics
-from augment.report.sections import (Section, _ablation, _adaptations, _arms, _choices, _data, _generator, _memorization,
-                                     _model, _per_class, _pseudo, _verdict)
+from augment.report.sections import CONTENT, Section, model_words
 
 GENERATOR_STAGES = ("base", "finetune", "generate", "filter")  # what making the kept samples took
 
@@ -19,7 +19,7 @@ def _facts(m: Metrics) -> Section:
              ["data fingerprint", data.fingerprint], ["evaluation seeds", ", ".join(map(str, run.evaluation_seeds))],
              ["sampler", f"{gen.scheduler}, {gen.num_inference_steps} steps, {gen.precision}, "
                          f"guidance {gen.guidance_scale}, strengths {gen.strengths}"],
-             ["downstream model", f"{_model(m)}, synthetic share per batch {ev.synthetic_prob}"]]
+             ["downstream model", f"{model_words(m)}, synthetic share per batch {ev.synthetic_prob}"]]
     facts += [[name, f"{c.kind}" + (f" on {c.backbone} ({c.head} head)" if c.backbone else "")]
               for name, c in run.classifiers.items() if name != "evaluation.model"]
     facts += [[f"{k} version", v] for k, v in run.versions.items()]
@@ -37,12 +37,13 @@ def _cost(m: Metrics) -> Section | None:
     run, seconds = m.run, {k: v for k, v in m.run.stage_seconds.items() if v is not None}
     if not seconds:
         return None
-    device = run.device or "cpu"
-    total = run.total_seconds or sum(seconds.values())
+    device = run.device or "a device not recorded"
+    total = sum(seconds.values())
     making = sum(seconds.get(k, 0.0) for k in GENERATOR_STAGES)
     kept = m.generation.kept
-    lines = [f"{total:.0f} s of {device} in all (each stage's wall time when it last ran in this run folder; a "
-             "stage reused on a rerun keeps the time it took then)."]
+    lines = [f"{total:.0f} s of wall time on {device} in all: each stage's wall time when it last ran in this run "
+             "folder (a stage reused on a rerun keeps the time it took then; a runner with several GPUs holds each "
+             "of them that long)."]
     if kept:
         lines.append(f"Making the kept samples (stages {', '.join(GENERATOR_STAGES)}): {making:.0f} s, "
                      f"{1000 * making / kept:.0f} s per 1,000 kept samples ({kept} kept).")
@@ -53,11 +54,10 @@ def _cost(m: Metrics) -> Section | None:
     else:
         lines.append("No significant gain over the best baseline, so no cost per point of gain.")
     rows = [[k, f"{v:.1f}", f"{100 * v / total:.0f}%" if total else "—"] for k, v in seconds.items()]
-    return Section("What it cost", " ".join(lines), [(["stage", f"seconds ({device})", "share"], rows)], [])
+    return Section("What it cost", " ".join(lines), [(["stage", "wall seconds", "share"], rows)], [])
 
 
-SECTIONS = (_verdict, _choices, _adaptations, _pseudo, _arms, _per_class, _generator, _ablation, _memorization, _data,
-            _cost, _facts)
+SECTIONS = (*CONTENT, _cost, _facts)
 
 
 def sections(m: Metrics) -> list[Section]:

@@ -139,9 +139,9 @@ def collect_metrics(run: Path) -> dict:
 def _encoders(cfg) -> dict:
     """{"classifiers": {section: {kind, backbone, head}}} when some classifier section is a pretrained encoder
     (nothing otherwise, so a run without one writes the metrics it always wrote)."""
-    from augment.config import CLASSIFIERS
+    from augment.config import CLASSIFIER_SECTIONS
 
-    sections = {f"{s}.{k}": getattr(getattr(cfg, s), k) for s, k in CLASSIFIERS}
+    sections = {f"{s}.{k}": getattr(getattr(cfg, s), k) for s, k in CLASSIFIER_SECTIONS}
     if all(c.kind != "encoder" for c in sections.values()):
         return {}
     return {"classifiers": {name: {"kind": c.kind, "backbone": c.backbone, "head": c.head if c.backbone else None}

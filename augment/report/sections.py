@@ -260,7 +260,7 @@ def _arms(m: Metrics) -> Section:
                      " ".join(_pct(x) for x in v.per_seed_accuracy)])
     return Section(
         "Downstream accuracy by arm",
-        f"The same {_model(m)} recipe trained on each arm, {len(m.run.evaluation_seeds)} seeds "
+        f"The same {model_words(m)} recipe trained on each arm, {len(m.run.evaluation_seeds)} seeds "
         f"each (paired across arms), scored on the real {ev.split} split. Accuracy and macro-F1 in %: mean ± std "
         "[95% CI].",
         [(["arm", "accuracy", "macro-F1", "train real / synthetic", "per-seed accuracy"], rows)],
@@ -353,12 +353,16 @@ def _data(m: Metrics) -> Section:
         + ([(["split", "image", "identical to"], dup_rows)] if dup_rows else []), [])
 
 
-def _model(m: Metrics) -> str:
+def model_words(m: Metrics) -> str:
     """The downstream model in words: a CNN trained from scratch, or the pretrained encoder and its head."""
     c = m.run.classifiers.get("evaluation.model")
     if c is None or c.backbone is None:
         return m.evaluation.model + (" (trained from scratch)" if m.evaluation.model == "cnn" else "")
     return f"{c.backbone} encoder with a {c.head} head"
+
+
+# What the run found, in the report's order (augment/report/facts.py adds what it cost and what it was).
+CONTENT = (_verdict, _choices, _adaptations, _pseudo, _arms, _per_class, _generator, _ablation, _memorization, _data)
 
 
 def _ablation_seeds(ev: Evaluation, arms: dict[str, ArmResult], product: str | None) -> str:

@@ -10,7 +10,8 @@ from augment.arms import has_part
 from augment.config import RunConfig
 from augment.data import Splits
 from augment.results import Choice, PseudoSummary, Selection
-from augment.stages.core import CHOICES, Read, StageRun, local_workers, stage
+from augment.gpus import local_workers
+from augment.stages.core import CHOICES, Read, StageRun, stage
 from augment.stages.outputs import kept_by_adaptation, load_choice, synthetic_holdout
 
 
@@ -28,7 +29,9 @@ def pseudo_stage(cfg: RunConfig, splits: Read[Splits], log=print,
             splits = splits()
             if cfg.selection.rule == "cross_validation":
                 labels, decisions = select_and_label(cfg.pseudo, cfg.selection, splits.train, splits.pool,
-                                                     recipe=cfg.evaluation.recipe, workers=local_workers(cfg),
+                                                     recipe=cfg.evaluation.recipe,
+                                                     workers=local_workers(cfg, cfg.selection.model,
+                                                                           cfg.pseudo.classifier),
                                                      log=log, progress=progress)
             else:
                 labels, decisions = pseudo_label(cfg.pseudo, splits.train, splits.validation, splits.pool,
@@ -64,6 +67,6 @@ def choose_stage(cfg: RunConfig, splits: Read[Splits], filtered: Read, selection
             decision = Choice(skipped="no synthetic sample was kept") if not kept.any() else choose_synthetic(
                 cfg.selection, cfg.evaluation.synthetic_prob, recipe, splits.train.images, splits.train.labels,
                 len(splits.class_names), holdout, pool, kept_by_adaptation(cands, kept),
-                workers=local_workers(cfg), log=log, progress=progress)
+                workers=local_workers(cfg, cfg.selection.model), log=log, progress=progress)
         results.save(st.stage_folder.decision, decision)
     return decision

@@ -30,15 +30,6 @@ from augment.results import Record
 CHOICES = ("pseudo", "selection", "evaluation.recipe")
 
 
-def local_workers(cfg: RunConfig) -> int:
-    """Processes of the local pool (runner.local_workers): 1, this process, when the run's device is a GPU (or mps):
-    one copy of each model per accelerator. Several GPUs are the task runner's: runner.kind dask, one worker pinned
-    to each (runner.devices)."""
-    from augment.backends import resolve_device
-
-    return cfg.runner.local_workers if resolve_device(cfg.device).type == "cpu" else 1
-
-
 def output_dir(cfg: RunConfig) -> Path:
     return Path(cfg.publish.output_dir)
 

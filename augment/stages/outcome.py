@@ -16,7 +16,8 @@ from augment.parallel import worker_state
 from augment.report.schema import Metrics
 from augment.results import (AdapterInfo, BaseModelInfo, Choice, ClassFilter, EvaluationSummary, FilterSummary,
                              PublishRecord, Selection)
-from augment.stages.core import ALL, Read, StageRun, folder, identity, local_workers, output_dir, stage
+from augment.gpus import local_workers
+from augment.stages.core import ALL, Read, StageRun, folder, identity, output_dir, stage
 from augment.stages.outputs import (evaluation_config, load_choice, load_filter_summary, load_filtered,
                                     load_published, load_pseudo, load_splits, product_adaptation, product_kept)
 
@@ -34,7 +35,7 @@ def filter_stage(cfg: RunConfig, splits: Read[Splits], candidates: Read, log=pri
     with st.fresh():
         splits, cands = splits(), candidates()
         scored, _ = score_candidates(cfg.filter, cands, splits.train, splits.validation, log=log,
-                                     workers=local_workers(cfg))
+                                     workers=local_workers(cfg, cfg.filter.quality_classifier))
         kept, reason = decide(scored, cfg.filter)
         table = save_outcome(scored, kept, reason, cands, st.folder)
         per_class = []
@@ -114,7 +115,7 @@ def evaluate_stage(cfg: RunConfig, splits: Read[Splits], filtered: Read, pseudo:
                 decisions = decisions.with_(synthetic=chosen)
             sets = training_sets(cfg, splits(), filtered(), pseudo(), chosen)
             runs = evaluate(evaluation_config(cfg, chosen), sets, st.folder, progress=progress, log=log,
-                            run_units=units, decisions=decisions, workers=local_workers(cfg))
+                            run_units=units, decisions=decisions, workers=local_workers(cfg, cfg.evaluation.model))
     summary = summarize_results(runs)
     results.save(st.stage_folder.summary, summary)
     return summary
