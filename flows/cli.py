@@ -308,6 +308,32 @@ def _stop_on_sigterm() -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stop)
+    sys.unraisablehook = _redeliver_stops(sys.unraisablehook)
+
+
+def _redeliver_stops(previous):
+    """An unraisable-exception hook that delivers a stop again. Python runs a signal's handler wherever the main
+    thread is, and the exception it raises (Ctrl-C's KeyboardInterrupt; SIGTERM's, as ours or Prefect's bridge
+    raises it during a task) is swallowed when that is inside a `__del__` ("Exception ignored in"): seen, one
+    SIGTERM in three landed in a garbage collection of `regex` objects during fine-tuning, and the run trained on.
+    The stop is raised once more in the main thread a moment later, from another thread (raised from here, it would
+    land in this hook and be swallowed as well); anything else goes to `previous`."""
+    import _thread
+    import signal
+    import threading
+
+    def hook(unraisable) -> None:
+        exc = unraisable.exc_value
+        signum = getattr(exc, "signal", None) if not isinstance(exc, Exception) else None
+        if isinstance(exc, KeyboardInterrupt) or isinstance(signum, int):
+            signum = signum if isinstance(signum, int) else signal.SIGINT
+            again = threading.Timer(0.1, _thread.interrupt_main, (signum,))
+            again.daemon = True
+            again.start()
+            return
+        previous(unraisable)
+
+    return hook
 
 
 if __name__ == "__main__":

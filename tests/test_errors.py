@@ -758,3 +758,49 @@ def test_every_user_error_is_a_user_error_and_keeps_its_builtin_base():
         assert issubclass(cls, UserError) and issubclass(cls, builtin), cls
     assert isinstance(StorageError(errno.ENOSPC, "no space"), USER_ERRORS)
     assert not isinstance(KeyError("x"), USER_ERRORS) and isinstance(FileNotFoundError("f"), USER_ERRORS)
+
+
+def test_a_stop_swallowed_by_a_finalizer_is_delivered_again(monkeypatch):
+    """A stop raised while a `__del__` runs is swallowed by Python ("Exception ignored in"): the CLI's hook raises it
+    once more in the main thread, Ctrl-C's as KeyboardInterrupt, a signal's through that signal's handler."""
+    import signal
+    import sys
+    import time
+
+    from flows.cli import _redeliver_stops
+
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", _redeliver_stops(seen.append))
+
+    def busy(seconds=5.0):  # Python code running, as a training loop is (a sleep is not woken by it)
+        end = time.time() + seconds
+        while time.time() < end:
+            pass
+
+    class Stopping:
+        def __init__(self, exc):
+            self.exc = exc
+
+        def __del__(self):
+            raise self.exc
+
+    with pytest.raises(KeyboardInterrupt):
+        Stopping(KeyboardInterrupt())
+        busy()  # the stop comes again within 0.1 s
+
+    class Terminated(BaseException):  # as Prefect's TerminationSignal: a BaseException carrying its signal
+        def __init__(self, signum):
+            self.signal = signum
+
+    def handler(signum, frame):
+        raise Terminated(signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        with pytest.raises(Terminated):
+            Stopping(Terminated(signal.SIGTERM))
+            busy()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    Stopping(ValueError("a finalizer's own error"))
+    assert [type(u.exc_value) for u in seen] == [ValueError]  # anything else goes to the hook before
