@@ -108,6 +108,14 @@ def test_the_config_asks_for_a_backbone_and_hands_down_the_run_device(tmp_path):
     cfg = RunConfig.model_validate({"device": "cuda:1", "base": {"cache_dir": str(tmp_path)}})
     models = [getattr(getattr(cfg, s.split(".")[0]), s.split(".")[1]) for s in SECTIONS]
     assert {m.device for m in models} == {"cuda:1"} and {m.cache_dir for m in models} == {str(tmp_path)}
+    # What a worker process receives (a pickle) and a config saved and read back keep them
+    import pickle
+
+    from augment.configfile import saved_config
+
+    assert pickle.loads(pickle.dumps(cfg.evaluation.model)).cache_dir == str(tmp_path)
+    again = parse_config(saved_config(cfg.model_dump(mode="json")))
+    assert again.filter.quality_classifier.device == "cuda:1" and again.pseudo.classifier.cache_dir == str(tmp_path)
     # A copy that changes the device hands it down; the section it shared with the original is left as it was
     copy = cfg.model_copy(update={"device": "cpu"})
     assert copy.evaluation.model.device == "cpu" and cfg.evaluation.model.device == "cuda:1"
