@@ -56,8 +56,8 @@ class RunnerConfig(Section):
     devices: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9:/_-]{1,96}$")]] = Field(
         [], description="dask, local cluster: one worker per entry, pinned to that GPU with CUDA_VISIBLE_DEVICES (an "
         "index or a GPU UUID; each worker sees its GPU as `cuda`), so that generation shards and downstream trainings "
-        "spread over the GPUs with one copy of each model per GPU. Empty: one worker per GPU this machine has when "
-        "the run's device is `auto` or `cuda` and it has one, else `workers` workers.",
+        "spread over the GPUs with one copy of each model per GPU. Empty: one worker per GPU this job sees (through its "
+        "own CUDA_VISIBLE_DEVICES) when the run's device is `auto` or `cuda` and it sees several, else `workers`.",
     )
 
     @model_validator(mode="after")
@@ -76,7 +76,7 @@ class RunnerConfig(Section):
 
 # The run's classifier sections, as (section, field): each is handed the run's device and cache folder.
 CLASSIFIER_SECTIONS = (("pseudo", "classifier"), ("selection", "model"), ("filter", "quality_classifier"),
-               ("evaluation", "model"))
+                       ("evaluation", "model"))
 
 
 class RunConfig(Section):
