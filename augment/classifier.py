@@ -158,6 +158,31 @@ def train_classifier(
                                       synthetic_prob)
 
 
+def training_pools(images: np.ndarray, labels: np.ndarray, synthetic: tuple[np.ndarray, np.ndarray] | None,
+                   synthetic_prob: float) -> tuple[list[tuple[np.ndarray, np.ndarray]], float]:
+    """What a training draws from: the real (images, labels) and the synthetic ones, each when there are any, and
+    the probability that an example is synthetic (1 with no real images, 0 with no synthetic ones)."""
+    pools = [(images, np.asarray(labels))] if len(images) else []
+    if synthetic is not None and len(synthetic[0]):
+        pools.append((synthetic[0], np.asarray(synthetic[1])))
+    if not pools:
+        raise ValueError("train_classifier: no training images")
+    return pools, synthetic_prob if len(pools) == 2 else (1.0 if not len(images) else 0.0)
+
+
+def batches(cfg: ClassifierConfig, pools: list, p_syn: float, seed: int):
+    """cfg.steps batches of cfg.batch_size rows, each synthetic (the last pool) with probability p_syn: per step
+    (rng, [(pool, row indices)]), the real rows first; `rng` is the draws' generator, for a caller's own draws."""
+    rng = np.random.default_rng(seed)
+    for _ in range(cfg.steps):
+        from_syn = rng.random(cfg.batch_size) < p_syn
+        picks = []
+        for which, count in ((0, int((~from_syn).sum())), (len(pools) - 1, int(from_syn.sum()))):
+            if count:
+                picks.append((which, rng.integers(0, len(pools[which][1]), count)))
+        yield rng, picks
+
+
 def train_cnn(cfg: ClassifierConfig, images: np.ndarray, labels: np.ndarray, num_classes: int, seed: int,
               augment: bool, flip: bool, synthetic: tuple[np.ndarray, np.ndarray] | None,
               synthetic_prob: float) -> TrainedClassifier:
@@ -165,34 +190,19 @@ def train_cnn(cfg: ClassifierConfig, images: np.ndarray, labels: np.ndarray, num
     example synthetic with probability `synthetic_prob`."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)  # on the CPU whatever the device: the same draws everywhere
-    rng = np.random.default_rng(seed)
     device = device_of(cfg)
-    pools = []
-    if len(images):
-        pools.append((to_tensor(images).to(device), torch.tensor(np.asarray(labels), dtype=torch.long).to(device)))
-    if synthetic is not None and len(synthetic[0]):
-        pools.append((to_tensor(synthetic[0]).to(device),
-                      torch.tensor(np.asarray(synthetic[1]), dtype=torch.long).to(device)))
-    if not pools:
-        raise ValueError("train_classifier: no training images")
-    p_syn = synthetic_prob if len(pools) == 2 else (1.0 if not len(images) else 0.0)
-    size = pools[0][0].shape[2]
+    pools, p_syn = training_pools(images, labels, synthetic, synthetic_prob)
+    tensors = [(to_tensor(x).to(device), torch.tensor(y, dtype=torch.long).to(device)) for x, y in pools]
+    size = tensors[0][0].shape[2]
     mixed = precision(cfg, size, device)
-    model = SmallCNN(pools[0][0].shape[1], num_classes, size, cfg.width, cfg.dropout)
+    model = SmallCNN(tensors[0][0].shape[1], num_classes, size, cfg.width, cfg.dropout)
     model = model.to(device, memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.learning_rate, total_steps=cfg.steps, pct_start=0.15)
     model.train()
-    for _ in range(cfg.steps):
-        from_syn = rng.random(cfg.batch_size) < p_syn
-        xs, ys = [], []
-        for which, count in ((0, int((~from_syn).sum())), (1, int(from_syn.sum()))):
-            if count == 0:
-                continue
-            x_pool, y_pool = pools[-1] if (which == 1 or len(pools) == 1) else pools[0]
-            idx = torch.from_numpy(rng.integers(0, len(y_pool), count)).to(device)
-            xs.append(x_pool[idx]); ys.append(y_pool[idx])
-        x, y = torch.cat(xs), torch.cat(ys)
+    for _, picks in batches(cfg, pools, p_syn, seed):
+        rows = [(w, torch.from_numpy(i).to(device)) for w, i in picks]
+        x, y = torch.cat([tensors[w][0][i] for w, i in rows]), torch.cat([tensors[w][1][i] for w, i in rows])
         if augment:
             x = classic_augment(x, gen, flip)
         with autocast(x.device, mixed):

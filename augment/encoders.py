@@ -16,12 +16,13 @@ import functools
 import hashlib
 import os
 import tempfile
+import weakref
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from augment.classifier import classic_augment
+from augment.classifier import classic_augment, device_of
 from augment.config import ClassifierConfig
 from augment.diffusion import autocast, to_tensor, to_uint8
 from augment.errors import ModelError
@@ -32,6 +33,7 @@ VISION_TOWERS = {"clip": "CLIPVisionModel", "siglip": "SiglipVisionModel", "sigl
 _KEYS: dict = {}  # (folder, files' sizes and times) -> content key: a pure function's memo
 _LOADED = worker_state()  # (folder, device) -> (model, processor): per process, per batch of units
 _SHARDS = worker_state()  # cache folder -> the shards read and their rows: per process, per batch of units
+_HASHES = worker_state()  # id(array) -> (weak reference to it, its image hashes): per process, per batch of units
 
 
 # 1. The backbone: its folder, its content key, the model and its image processor.
@@ -151,8 +153,17 @@ def forward(model, processor, model_type: str, images: np.ndarray, device: torch
 
 # 2. The feature cache: per backbone and view, shards of (image hash, feature) rows.
 def image_hashes(images: np.ndarray) -> list[str]:
-    return [hashlib.sha1(np.ascontiguousarray(im).tobytes() + str(im.shape).encode()).hexdigest()[:20]
-            for im in images]
+    """Each image's content hash. An array is hashed once per process and batch, however many trainings read it
+    (each downstream training scores the same test array: at 512 px, 0.8 MB an image to hash, each time); arrays
+    are never changed in place here."""
+    entry = _HASHES.get(id(images))
+    if entry is not None and entry[0]() is images:
+        return entry[1]
+    hashes = [hashlib.sha1(np.ascontiguousarray(im).tobytes() + str(im.shape).encode()).hexdigest()[:20]
+              for im in images]
+    key = id(images)
+    _HASHES[key] = (weakref.ref(images, lambda _: _HASHES.pop(key, None)), hashes)
+    return hashes
 
 
 def _index(folder: Path) -> dict[str, np.ndarray]:
@@ -199,10 +210,8 @@ def features(cfg: ClassifierConfig, images: np.ndarray, view: int = 0, flip: boo
     """(N, D) frozen features of `images` (their `view`; `hashes` their image_hashes when known), from the cache
     where it holds them, computed and added where it does not. The cache is per backbone, view, device type and
     precision: bf16 on a GPU and fp32 on the CPU give other numbers, and a run must not read the other's."""
-    from augment.backends import resolve_device
-
     folder = backbone_folder(cfg.backbone)
-    device = resolve_device(cfg.device)
+    device = device_of(cfg)
     mixed = precision(cfg, device)
     name = (f"jitter{'-flip' if flip else ''}-{view}" if view else "image") + f"-{device.type}-{mixed}"
     where = Path(cfg.cache_dir) / "features" / backbone_key(folder) / name

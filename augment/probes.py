@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from augment.classifier import TrainedClassifier, classic_augment, resize
+from augment.classifier import TrainedClassifier, batches, classic_augment, device_of, resize, training_pools
 from augment.config import ClassifierConfig
 from augment.diffusion import to_tensor, to_uint8
 from augment.encoders import backbone_folder, features, forward, image_hashes, load_backbone, precision
@@ -44,33 +44,12 @@ class EncoderClassifier(TrainedClassifier):
             np.zeros((0, self.model.in_features), np.float32)
 
 
-def _batches(cfg: ClassifierConfig, pools: list, p_syn: float, seed: int):
-    """Index batches as the CNN draws them: each example synthetic (the last pool) with probability p_syn."""
-    rng = np.random.default_rng(seed)
-    for _ in range(cfg.steps):
-        from_syn = rng.random(cfg.batch_size) < p_syn
-        picks = []
-        for which, count in ((0, int((~from_syn).sum())), (len(pools) - 1, int(from_syn.sum()))):
-            if count:
-                picks.append((which, rng.integers(0, len(pools[which][1]), count)))
-        yield rng, picks
-
-
-def _pools(images, labels, synthetic, p_syn):
-    pools = [(images, np.asarray(labels))] if len(images) else []
-    if synthetic is not None and len(synthetic[0]):
-        pools.append((synthetic[0], np.asarray(synthetic[1])))
-    if not pools:
-        raise ValueError("train_classifier: no training images")
-    return pools, p_syn if len(pools) == 2 else (1.0 if not len(images) else 0.0)
-
-
 def train_encoder(cfg: ClassifierConfig, images: np.ndarray, labels: np.ndarray, num_classes: int, seed: int,
                   augment: bool, flip: bool, synthetic: tuple[np.ndarray, np.ndarray] | None,
                   synthetic_prob: float) -> TrainedClassifier:
     """The encoder's head (classifier kind `encoder`), trained as the CNN is (AdamW, one-cycle schedule, label
     smoothing 0.05, each example synthetic with probability `synthetic_prob`)."""
-    pools, p_syn = _pools(images, labels, synthetic, synthetic_prob)
+    pools, p_syn = training_pools(images, labels, synthetic, synthetic_prob)
     if cfg.head == "lora":
         return train_lora_head(cfg, pools, p_syn, num_classes, seed, augment, flip)
     views = range(cfg.augment_views + 1) if augment else range(1)
@@ -88,7 +67,7 @@ def train_encoder(cfg: ClassifierConfig, images: np.ndarray, labels: np.ndarray,
     drop = nn.Dropout(cfg.dropout)
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.learning_rate, total_steps=cfg.steps, pct_start=0.15)
-    for rng, picks in _batches(cfg, pools, p_syn, seed):
+    for rng, picks in batches(cfg, pools, p_syn, seed):
         x = torch.cat([feats[w][torch.from_numpy(rng.integers(0, len(views), len(i))), torch.from_numpy(i)]
                        for w, i in picks])
         y = torch.cat([targets[w][torch.from_numpy(i)] for w, i in picks])
@@ -131,9 +110,7 @@ def train_lora_head(cfg: ClassifierConfig, pools: list, p_syn: float, num_classe
                     flip: bool) -> TunedEncoderClassifier:
     from peft import LoraConfig, get_peft_model
 
-    from augment.backends import resolve_device
-
-    device = resolve_device(cfg.device)
+    device = device_of(cfg)
     mixed = precision(cfg, device)
     torch.manual_seed(seed)
     backbone, processor, model_type = load_backbone(backbone_folder(cfg.backbone), device)
@@ -152,7 +129,7 @@ def train_lora_head(cfg: ClassifierConfig, pools: list, p_syn: float, num_classe
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.learning_rate, total_steps=cfg.steps, pct_start=0.15)
     gen = torch.Generator().manual_seed(seed)
     model.eval()  # LoRA trains; the backbone's own dropout and norm statistics stay as pretrained
-    for _, picks in _batches(cfg, pools, p_syn, seed):
+    for _, picks in batches(cfg, pools, p_syn, seed):
         x = np.concatenate([pools[w][0][i] for w, i in picks])
         y = torch.from_numpy(np.concatenate([pools[w][1][i] for w, i in picks])).long().to(device)
         if augment:
