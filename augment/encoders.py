@@ -210,21 +210,27 @@ def features(cfg: ClassifierConfig, images: np.ndarray, view: int = 0, flip: boo
     """(N, D) frozen features of `images` (their `view`; `hashes` their image_hashes when known), from the cache
     where it holds them, computed and added where it does not. The cache is per backbone, view, device type and
     precision: bf16 on a GPU and fp32 on the CPU give other numbers, and a run must not read the other's."""
-    folder = backbone_folder(cfg.backbone)
+    from augment import base_encoder
+
     device = device_of(cfg)
     mixed = precision(cfg, device)
+    own_base = base_encoder.uses_base(cfg)
+    key = base_encoder.cache_key(cfg) if own_base else backbone_key(backbone_folder(cfg.backbone))
     name = (f"jitter{'-flip' if flip else ''}-{view}" if view else "image") + f"-{device.type}-{mixed}"
-    where = Path(cfg.cache_dir) / "features" / backbone_key(folder) / name
+    where = Path(cfg.cache_dir) / "features" / key / name
     hashes = image_hashes(images) if hashes is None else hashes
     cached = _index(where)
     missing = sorted({h: i for i, h in enumerate(hashes) if h not in cached}.values())
     if missing:
-        model, processor, model_type = _backbone(cfg, device)
         todo = view_images(images[missing], [hashes[i] for i in missing], view, flip)
         step = batch_size or (256 if device.type == "cuda" else 64)
-        with torch.no_grad():
-            new = torch.cat([forward(model, processor, model_type, todo[i:i + step], device, mixed)
-                             for i in range(0, len(todo), step)]).cpu().numpy()
+        if own_base:  # the noise of each image drawn from its own hash, every view alike
+            new = base_encoder.compute(cfg, todo, [hashes[i] for i in missing], device, step)
+        else:
+            model, processor, model_type = _backbone(cfg, device)
+            with torch.no_grad():
+                new = torch.cat([forward(model, processor, model_type, todo[i:i + step], device, mixed)
+                                 for i in range(0, len(todo), step)]).cpu().numpy()
         _SHARDS[str(where)]["names"].add(_save(where, [hashes[i] for i in missing], new))
         cached.update(zip((hashes[i] for i in missing), new))
     if not hashes:
@@ -252,7 +258,10 @@ def warm(cfg: ClassifierConfig, plain: list[np.ndarray], jittered: list[np.ndarr
 
 
 def precision(cfg: ClassifierConfig, device: torch.device) -> str:
-    """`auto`: bf16 on a CUDA GPU, fp32 elsewhere (a probe reads features that a CPU's bf16 would round)."""
+    """`auto`: bf16 on a CUDA GPU, fp32 elsewhere (a probe reads features that a CPU's bf16 would round); the
+    run's own base computes its features in fp32 (a small UNet: nothing to gain)."""
+    if cfg.backbone == "base":
+        return "no"
     return cfg.mixed_precision if cfg.mixed_precision != "auto" else "bf16" if device.type == "cuda" else "no"
 
 

@@ -78,7 +78,17 @@ def preflight(cfg: RunConfig) -> None:
         runner_workers(cfg)  # several workers on one GPU, or a GPU runner.devices names that is not there
     for section, key in CLASSIFIER_SECTIONS:
         clf = getattr(getattr(cfg, section), key)
-        if clf.kind == "encoder":
+        if clf.kind == "encoder" and clf.backbone == "base":
+            from augment.config import ConfigError
+
+            if kind != "pixel":
+                raise ConfigError(f"{section}.{key}.backbone=base reads the pixel backend's UNet; the {kind} "
+                                  "backend's base is not one: name a transformers vision model (e.g. "
+                                  "facebook/dinov2-small)")
+            if clf.image_size not in (None, cfg.data.image_size):
+                raise ConfigError(f"{section}.{key}.image_size={clf.image_size}: backbone base reads images at the "
+                                  f"base's size, data.image_size={cfg.data.image_size}; set it to null")
+        elif clf.kind == "encoder":
             from augment.encoders import check_backbone
 
             check_backbone(clf.backbone, f"{section}.{key}.backbone")

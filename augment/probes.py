@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from augment.base_encoder import choose, layout, uses_base
 from augment.classifier import TrainedClassifier, batches, classic_augment, device_of, resize, training_pools
 from augment.config import ClassifierConfig
 from augment.diffusion import to_tensor, to_uint8
@@ -28,9 +29,14 @@ class EncoderClassifier(TrainedClassifier):
     cfg: ClassifierConfig | None = None
     mean: np.ndarray | None = None
     std: np.ndarray | None = None
+    columns: tuple[int, int] | None = None  # backbone base: the chosen candidate's columns of a feature row
+
+    def _features(self, images: np.ndarray) -> np.ndarray:
+        feats = features(self.cfg, resize(images, self.image_size))
+        return feats[:, slice(*self.columns)] if self.columns else feats
 
     def _standard(self, images: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy((features(self.cfg, resize(images, self.image_size)) - self.mean) / self.std)
+        return torch.from_numpy((self._features(images) - self.mean) / self.std)
 
     def predict_proba(self, images: np.ndarray, batch_size: int = 1024) -> np.ndarray:
         if not len(images):
@@ -40,8 +46,7 @@ class EncoderClassifier(TrainedClassifier):
 
     def features(self, images: np.ndarray, batch_size: int = 1024) -> np.ndarray:
         """The backbone's features (the space of filter.memorization_space: features)."""
-        return features(self.cfg, resize(images, self.image_size)) if len(images) else \
-            np.zeros((0, self.model.in_features), np.float32)
+        return self._features(images) if len(images) else np.zeros((0, self.model.in_features), np.float32)
 
 
 def train_encoder(cfg: ClassifierConfig, images: np.ndarray, labels: np.ndarray, num_classes: int, seed: int,
@@ -55,6 +60,11 @@ def train_encoder(cfg: ClassifierConfig, images: np.ndarray, labels: np.ndarray,
     views = range(cfg.augment_views + 1) if augment else range(1)
     hashes = [image_hashes(x) for x, _ in pools]
     feats = [np.stack([features(cfg, x, v, flip, h) for v in views]) for (x, _), h in zip(pools, hashes)]  # (V,N,D)
+    columns = None
+    if uses_base(cfg):  # the candidate (noise level, block) chosen on the real rows, out of fold
+        spans = layout(cfg)
+        columns = spans[choose(feats[0][0], pools[0][1], spans, num_classes)]
+        feats = [f[:, :, slice(*columns)] for f in feats]
     base = np.concatenate([f[0] for f in feats])
     # standardized as scikit-learn's StandardScaler does: a feature constant over the training rows (a dead channel)
     # keeps scale 1, not 1e-6, which would blow up at test time
@@ -76,7 +86,8 @@ def train_encoder(cfg: ClassifierConfig, images: np.ndarray, labels: np.ndarray,
         loss.backward()
         opt.step(); sched.step()
     head.eval()
-    return EncoderClassifier("encoder", head, num_classes, cfg.image_size, cfg=cfg, mean=mean, std=std)
+    return EncoderClassifier("encoder", head, num_classes, cfg.image_size, cfg=cfg, mean=mean, std=std,
+                             columns=columns)
 
 
 @dataclass

@@ -23,7 +23,9 @@ class ClassifierConfig(Section):
     backbone: str | None = Field(
         None, min_length=1, description="kind encoder: a transformers vision model, a Hub id or a local folder with "
         "config.json, the weights and its image processor (CLIP or SigLIP, the vision tower of a full checkpoint; "
-        "DINOv2, ViT, ConvNeXt, ResNet), e.g. facebook/dinov2-small or openai/clip-vit-base-patch16.",
+        "DINOv2, ViT, ConvNeXt, ResNet), e.g. facebook/dinov2-small or openai/clip-vit-base-patch16; or `base`: "
+        "the run's own pixel base (the builtin UNet, pretrained on the job's images), its denoising features at "
+        "the noise level and block chosen out of fold per training set (augment/base_encoder.py).",
     )
     head: Literal["linear", "lora"] = Field(
         "linear", description="kind encoder: `linear`, a linear probe on the frozen backbone's features, computed "
@@ -58,6 +60,7 @@ class ClassifierConfig(Section):
     # stay out of the section's hashes, its YAML and its form).
     _device: str = PrivateAttr("auto")
     _cache_dir: str = PrivateAttr("outputs/.cache")
+    _base: dict | None = PrivateAttr(None)  # backbone base: the run's base (BaseModelInfo), handed down by the stage
 
     @property
     def device(self) -> str:
@@ -69,10 +72,18 @@ class ClassifierConfig(Section):
         """Where an encoder's features are cached: the run's base.cache_dir."""
         return self._cache_dir
 
+    @property
+    def base_model(self) -> dict | None:
+        """backbone base: the run's base model (augment.results.BaseModelInfo as JSON), once the base stage ran."""
+        return self._base
+
     @model_validator(mode="after")
     def _backbone(self) -> "ClassifierConfig":
         if self.kind == "encoder" and self.backbone is None:
-            raise ValueError("kind encoder needs `backbone`: a transformers vision model's Hub id or local folder")
+            raise ValueError("kind encoder needs `backbone`: a transformers vision model's Hub id or local folder, "
+                             "or `base`")
+        if self.backbone == "base" and self.head != "linear":
+            raise ValueError(f"backbone base takes head linear (its features are cached), not {self.head}")
         # Encoder keys away from their defaults (by value, not by being written: a config dumped and read back, as a
         # flow parameter is, writes them all)
         for key, head in (("backbone", None), ("head", None), ("lora_rank", "lora"), ("augment_views", "linear")):

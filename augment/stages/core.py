@@ -143,6 +143,7 @@ class Stage:
         from augment.cpus import share_threads
 
         share_threads()  # this job's share of the CPUs as the stage starts, kept to its end (augment/cpus.py)
+        cfg = with_base(cfg)
         args = {**self.inputs(cfg, kept), "log": log, "progress": progress}
         if self.distributed:
             args["units"] = units
@@ -210,6 +211,30 @@ def stage(name: str, what: str, unit: str = "", **declared) -> Callable:
     return wrap
 
 
+def reads_base(cfg: RunConfig) -> bool:
+    """Whether a classifier section reads the run's own base (`backbone: base`)."""
+    from augment.config import CLASSIFIER_SECTIONS
+
+    return any(getattr(getattr(cfg, s), k).backbone == "base" for s, k in CLASSIFIER_SECTIONS)
+
+
+def with_base(cfg: RunConfig) -> RunConfig:
+    """The config with the run's base (as run.json records it, once the base stage ran) handed to each classifier
+    section that reads its features; the config itself when none does. Each stage and each unit calls it."""
+    if not reads_base(cfg):
+        return cfg
+    info = runfolder.read_json(folder(cfg).info, {})
+    base = info.get("base") if isinstance(info, dict) else None
+    if not isinstance(base, dict):
+        return cfg  # before the base stage: a classifier that reads it says so
+    from augment.config import CLASSIFIER_SECTIONS
+
+    cfg = cfg.model_copy()  # every classifier section a copy of its own (RunConfig._hand_down)
+    for s, k in CLASSIFIER_SECTIONS:
+        getattr(getattr(cfg, s), k)._base = base
+    return cfg
+
+
 def to_json(result):
     """A stage result as run.json records it."""
     return result.to_json() if isinstance(result, Record) else result
@@ -250,6 +275,8 @@ class StageRun:
         self.cfg, self.spec = cfg, SPECS[name]
         self.name = name
         upstream = {u: identity(cfg, u) for u in self.spec.upstream}
+        if name not in ("data", "base") and reads_base(cfg):  # its classifiers read the base's features
+            upstream.setdefault("base", identity(cfg, "base"))
         for u, result in (consumed or {}).items():
             upstream[u] = _identity_of(result, SPECS[u].identity)
         sections = () if self.spec.covers == ALL else self.spec.covers  # fingerprint(): the whole config

@@ -17,7 +17,7 @@ from augment.report.schema import Metrics
 from augment.results import (AdapterInfo, BaseModelInfo, Choice, ClassFilter, EvaluationSummary, FilterSummary,
                              PublishRecord, Selection)
 from augment.gpus import local_workers
-from augment.stages.core import ALL, Read, StageRun, folder, identity, output_dir, stage
+from augment.stages.core import ALL, Read, StageRun, folder, identity, output_dir, stage, with_base
 from augment.stages.outputs import (evaluation_config, load_choice, load_filter_summary, load_filtered,
                                     load_published, load_pseudo, load_splits, product_adaptation, product_kept)
 
@@ -84,6 +84,7 @@ def train_unit(cfg: RunConfig, arm: str, recipe: str, seed: int) -> TrainingRun:
     task runner (threads, processes, Dask) distributes."""
     from augment.trainings import train_arm
 
+    cfg = with_base(cfg)  # a unit on another worker: the base its classifier may read
     key = (str(output_dir(cfg)), identity(cfg, "filter"), identity(cfg, "pseudo"), identity(cfg, "choose"),
            cfg.fingerprint("filter"))
     if key not in _SETS:

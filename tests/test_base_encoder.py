@@ -1,0 +1,128 @@
+"""The run's own base as an encoder (`kind: encoder, backbone: base`, augment/base_encoder.py): the candidate features
+chosen out of fold, configs/rgb32.yaml at tiny size with the base judging in every classifier section, its
+features computed once, a changed base a new key, and what is refused."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import ROOT
+
+SECTIONS = ("pseudo.classifier", "selection.model", "filter.quality_classifier", "evaluation.model")
+
+
+def test_the_choice_finds_the_candidate_that_separates_the_classes_and_is_the_same_for_the_same_rows():
+    from augment import base_encoder
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(3), 12)
+    spans = [(0, 8), (8, 16), (16, 24)]
+    feats = rng.normal(size=(36, 24))
+    means = rng.normal(size=(3, 8)) * 1.5
+    for informative in range(3):
+        x = feats.copy()
+        a, b = spans[informative]
+        x[:, a:b] += means[labels]
+        base_encoder._CHOSEN.clear()
+        assert base_encoder.choose(x, labels, spans, 3) == informative
+    base_encoder._CHOSEN.clear()
+    assert base_encoder.choose(x, labels, spans, 3) == base_encoder.choose(x.copy(), labels.copy(), spans, 3)
+
+
+def _colour_digits(root, classes=3, per_class=40, seed=0):
+    """32 px RGB class folders from scikit-learn's digits (upscaled, painted in random colours)."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    rng = np.random.default_rng(seed)
+    for k in range(classes):
+        (root / f"c{k}").mkdir(parents=True, exist_ok=True)
+        for i, img in enumerate(d.images[d.target == k][:per_class]):
+            ink = np.kron(img / 16.0, np.ones((4, 4)))[..., None]
+            fg, bg = rng.random(3), rng.random(3) * 0.3
+            Image.fromarray((255 * (ink * fg + (1 - ink) * bg)).round().astype(np.uint8)).save(root / f"c{k}" / f"{i}.png")
+    return root
+
+
+TINY = ["base.block_out_channels=[8, 16]", "base.attention_levels=[false, true]", "base.norm_num_groups=4",
+        "base.pretrain_steps=20", "base.pretrain_batch_size=16", "lora.rank=2", "lora.lora_alpha=2",
+        "lora.max_train_steps=10", "lora.train_batch_size=8", "generation.num_per_class=6",
+        "generation.num_inference_steps=2", "pseudo.per_class=[5, 10]", "selection.folds=2",
+        "selection.bootstrap=200", "filter.alia_folds=2", "evaluation.seeds=2", "data.max_pool_size=60",
+        "filter.memorization_space=features"]
+
+
+def test_the_rgb32_config_runs_at_tiny_size_with_the_base_judging_everywhere(tmp_path, prefect_harness):
+    """The README's 32 px RGB example (configs/rgb32.yaml) at tiny size: every classifier section reads the base's
+    features, computed once per image; a second run into another folder computes none; another base is a new cache
+    key, and the stages that judge with it run again."""
+    from flows.cli import main
+
+    source = _colour_digits(tmp_path / "images")
+
+    def run(name, *extra):
+        args = ["run", str(ROOT / "configs" / "rgb32.yaml"), "--set", f"data.source={source}",
+                "--set", f"publish.output_dir={tmp_path / name}", "--set", f"base.cache_dir={tmp_path / 'cache'}"]
+        for s in [*TINY, *(f"{s}.steps=30" for s in SECTIONS), *extra]:
+            args += ["--set", s]
+        assert main(args) == 0
+        return json.loads((tmp_path / name / "metrics.json").read_text())
+
+    def shards():
+        return sorted(p.relative_to(tmp_path) for p in (tmp_path / "cache" / "features").rglob("*.npz"))
+
+    metrics = run("first")
+    assert metrics["run"]["classifiers"] == {s: {"kind": "encoder", "backbone": "base", "head": "linear"}
+                                             for s in SECTIONS}
+    first = shards()
+    keys = {p.parts[2] for p in first}
+    assert len(keys) == 1 and next(iter(keys)).startswith("base-")
+    assert {p.parts[3] for p in first} >= {"image-cpu-no", "jitter-1-cpu-no"}
+    arms = metrics["evaluation"]["arms"]
+    assert all(0 <= a["accuracy"]["mean"] <= 1 for a in arms.values() if "accuracy" in a)
+    second = run("second")
+    assert shards() == first  # every feature came from the cache
+    assert second["evaluation"]["arms"].keys() == arms.keys()
+    # the same folder again with another base: the judging stages do not reuse what the old base judged
+    from augment.runfolder import RunFolder, read_json
+
+    def stage_keys():
+        return {s: read_json(RunFolder(tmp_path / "first").stage(s).stage)["key"] for s in ("pseudo", "filter")}
+
+    before = stage_keys()
+    run("first", "base.pretrain_steps=21")
+    assert len({p.parts[2] for p in shards()}) == 2
+    after = stage_keys()
+    assert all(after[s] != before[s] for s in before)
+
+
+def test_what_the_base_as_an_encoder_refuses(tmp_path, monkeypatch):
+    from augment import backends
+    from augment.config import ConfigError
+    from augment.configfile import parse_config
+    from augment.configfile import load_config
+    from augment.errors import ModelError
+    from augment.pipeline import preflight
+
+    with pytest.raises(ConfigError, match="backbone base takes head linear"):
+        parse_config({"evaluation": {"model": {"kind": "encoder", "backbone": "base", "head": "lora"}}})
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", [f"publish.output_dir={tmp_path / 'run'}",
+                                                       f"base.cache_dir={tmp_path / 'cache'}",
+                                                       "filter.quality_classifier.kind=encoder",
+                                                       "filter.quality_classifier.backbone=base",
+                                                       "filter.quality_classifier.image_size=16"])
+    with pytest.raises(ConfigError, match=r"filter.quality_classifier.image_size=16: backbone base reads images at "
+                                          r"the base's size, data.image_size=8"):
+        preflight(cfg)
+    monkeypatch.setattr(backends, "check_base", lambda base: "sdxl")
+    with pytest.raises(ConfigError, match="filter.quality_classifier.backbone=base reads the pixel backend's UNet; "
+                                          "the sdxl backend"):
+        preflight(cfg)
+    # a classifier that reads the base before any stage handed it one says so
+    from augment.classifier import train_classifier
+
+    clf = cfg.filter.quality_classifier
+    with pytest.raises(ModelError, match="the run's base model is not known here"):
+        train_classifier(clf, np.zeros((4, 8, 8, 1), np.uint8), np.array([0, 1, 0, 1]), 2, seed=0)
