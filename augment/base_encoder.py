@@ -16,6 +16,7 @@ the same choice, whatever the seed. Everything the head sees of the test images 
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -31,7 +32,7 @@ RECIPE = "1"  # part of the cache key: bump it when the features below change
 FRACTIONS = (0.01, 0.05, 0.15)  # noise levels, as fractions of the base's training timesteps
 GRID = 2  # each block's output averaged to GRID x GRID cells (a digit's layout matters; one cell would lose it)
 CHOICE_ROWS = 600  # at most this many real rows (evenly spaced) decide a training set's candidate
-_LOADED = worker_state()  # (base path, device) -> (unet, scheduler, label): per process, per batch of units
+_LOADED = worker_state()  # (base path, shape, device) -> (unet, scheduler): per process, per batch of units
 _CHOSEN = worker_state()  # digest of a training set's real rows -> chosen candidate
 
 
@@ -77,7 +78,8 @@ def layout(cfg: ClassifierConfig) -> list[tuple[int, int]]:
     from diffusers import UNet2DModel
 
     info = base_info(cfg)
-    sub = info.get("subfolder") or "unet"
+    # where load_base finds the UNet: the subfolder named, else unet/ when there is one (the builtin base's layout)
+    sub = info.get("subfolder") or ("unet" if (Path(info["path"]) / "unet").is_dir() else None)
     return _layout(UNet2DModel.load_config(info["path"], subfolder=sub, revision=info.get("revision")))
 
 

@@ -31,6 +31,34 @@ def test_the_choice_finds_the_candidate_that_separates_the_classes_and_is_the_sa
     assert base_encoder.choose(x, labels, spans, 3) == base_encoder.choose(x.copy(), labels.copy(), spans, 3)
 
 
+@pytest.mark.parametrize("subfolder", [True, False])
+def test_the_features_are_the_layouts_candidates_each_image_its_own_noise(tmp_path, subfolder):
+    """A base's features: as wide as its layout says (a UNet in unet/ as the builtin base is saved, or a bare
+    UNet2DModel folder), the same for the same image wherever it sits in a batch, finite."""
+    import torch
+
+    from augment import base_encoder
+    from augment.backends.pixel_unet import build_scheduler, build_unet
+    from augment.config import BaseModelConfig, ClassifierConfig
+
+    bcfg = BaseModelConfig(block_out_channels=[8, 16], attention_levels=[False, True], norm_num_groups=4)
+    torch.manual_seed(0)
+    folder = tmp_path / "base"
+    build_unet(bcfg, 16, 3, num_class_embeds=1).save_pretrained(folder / "unet" if subfolder else folder)
+    build_scheduler(bcfg).save_pretrained(folder / "scheduler")
+    clf = ClassifierConfig(kind="encoder", backbone="base")
+    clf._base, clf._device = {"path": str(folder), "description": "tiny", "fingerprint": "f"}, "cpu"
+    base_encoder._LOADED.clear()
+    images = np.random.default_rng(0).integers(0, 256, (5, 16, 16, 3), dtype=np.uint8)
+    hashes = [f"{i:020x}" for i in range(5)]
+    feats = base_encoder.compute(clf, images, hashes, torch.device("cpu"), batch_size=2)
+    spans = base_encoder.layout(clf)
+    assert len(spans) == len(base_encoder.FRACTIONS) * 3  # the middle block and two decoder blocks
+    assert feats.shape == (5, spans[-1][1]) and np.isfinite(feats).all()
+    again = base_encoder.compute(clf, images[[3, 1]], [hashes[3], hashes[1]], torch.device("cpu"))
+    assert np.allclose(again, feats[[3, 1]], atol=1e-5)
+
+
 def _colour_digits(root, classes=3, per_class=40, seed=0):
     """32 px RGB class folders from scikit-learn's digits (upscaled, painted in random colours)."""
     from sklearn.datasets import load_digits
@@ -76,6 +104,9 @@ def test_the_rgb32_config_runs_at_tiny_size_with_the_base_judging_everywhere(tmp
     metrics = run("first")
     assert metrics["run"]["classifiers"] == {s: {"kind": "encoder", "backbone": "base", "head": "linear"}
                                              for s in SECTIONS}
+    report = (tmp_path / "first" / "report.md").read_text()
+    assert "linear head on the base model's own denoising features" in report
+    assert "| selection.model | encoder on the run's own base (linear head) |" in report
     first = shards()
     keys = {p.parts[2] for p in first}
     assert len(keys) == 1 and next(iter(keys)).startswith("base-")

@@ -5,7 +5,7 @@ walk."""
 from __future__ import annotations
 
 from augment.report.schema import Metrics
-from augment.report.sections import CONTENT, Section, model_words
+from augment.report.sections import CONTENT, Section, backbone_words, model_words
 
 GENERATOR_STAGES = ("base", "finetune", "generate", "filter")  # what making the kept samples took
 
@@ -20,7 +20,7 @@ def _facts(m: Metrics) -> Section:
              ["sampler", f"{gen.scheduler}, {gen.num_inference_steps} steps, {gen.precision}, "
                          f"guidance {gen.guidance_scale}, strengths {gen.strengths}"],
              ["downstream model", f"{model_words(m)}, synthetic share per batch {ev.synthetic_prob}"]]
-    facts += [[name, f"{c.kind}" + (f" on {c.backbone} ({c.head} head)" if c.backbone else "")]
+    facts += [[name, f"{c.kind}" + (f" on {backbone_words(c.backbone)} ({c.head} head)" if c.backbone else "")]
               for name, c in run.classifiers.items() if name != "evaluation.model"]
     facts += [[f"{k} version", v] for k, v in run.versions.items()]
     if run.cpu:

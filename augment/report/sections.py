@@ -358,7 +358,14 @@ def model_words(m: Metrics) -> str:
     c = m.run.classifiers.get("evaluation.model")
     if c is None or c.backbone is None:
         return m.evaluation.model + (" (trained from scratch)" if m.evaluation.model == "cnn" else "")
+    if c.backbone == "base":
+        return f"{c.head} head on the base model's own denoising features"
     return f"{c.backbone} encoder with a {c.head} head"
+
+
+def backbone_words(backbone: str) -> str:
+    """An encoder's backbone as the report names it (`base`: the run's own base, read as an encoder)."""
+    return "the run's own base" if backbone == "base" else backbone
 
 
 # What the run found, in the report's order (augment/report/facts.py adds what it cost and what it was).
