@@ -8,9 +8,9 @@ own hash), run once through the UNet with the null label, and the output of its 
 block is average-pooled to a GRID x GRID map: one row of (noise level x block) candidate features per image and view,
 cached by content like any encoder's (augment/encoders.py).
 
-Which candidate a head reads is chosen per training set, out of fold, on its real rows: the closed-form
-leave-one-out accuracy of ridge regression on each candidate's standardized features (`choose`); the same set gives
-the same choice, whatever the seed. Everything the head sees of the test images is their features.
+Which candidate a head reads is chosen per training set, out of fold, on its real rows (its synthetic ones when
+it has none: the synthetic-only diagnostic): the closed-form leave-one-out accuracy of ridge regression on each
+candidate's standardized features (`choose`); the same set gives the same choice, whatever the seed. Everything the head sees of the test images is their features.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def _unet(info: dict, channels: int, size: int, device: torch.device):
     from augment.backends.pixel_unet import load_base
     from augment.results import BaseModelInfo
 
-    key = (info["path"], info.get("subfolder"), channels, size, str(device))
+    key = (info["path"], info.get("subfolder"), info["fingerprint"], channels, size, str(device))
     if key not in _LOADED:
         _LOADED.clear()
         unet, scheduler = load_base(BaseModelInfo(**info), 1, size, channels)  # rows: [class 0, null]
@@ -126,18 +126,20 @@ def compute(cfg: ClassifierConfig, images: np.ndarray, hashes: list[str], device
 
 
 def choose(feats: np.ndarray, labels: np.ndarray, spans: list[tuple[int, int]], num_classes: int) -> int:
-    """The candidate (an index into `spans`) whose standardized features give ridge regression on one-hot labels the
-    best leave-one-out accuracy (ties: the lowest leave-one-out squared error), the ridge strength chosen with it.
-    Closed form: with K = Z Z^T = U S U^T, the fit is H Y with H = U S/(S + lam) U^T, and a row's leave-one-out
-    prediction is (H Y - h Y) / (1 - h), h the diagonal of H."""
-    key = hashlib.sha1(np.ascontiguousarray(feats).tobytes() + labels.tobytes()).hexdigest()
+    """The candidate (an index into `spans`) whose standardized features give ridge regression on one-hot labels (an
+    unpenalized intercept) the best leave-one-out accuracy (ties: the lowest leave-one-out squared error), the ridge
+    strength chosen with it. Closed form: with the centered K = Z Z^T = U S U^T the fit is S_ Y, S_ = U S/(S + lam)
+    U^T + 1/n, and a row's leave-one-out prediction is (fit - s Y) / (1 - s), s the diagonal of S_."""
+    key = hashlib.sha1(np.ascontiguousarray(feats).tobytes() + np.asarray(labels).tobytes()
+                       + repr((spans, num_classes)).encode()).hexdigest()
     if key in _CHOSEN:
         return _CHOSEN[key]
     if len(feats) > CHOICE_ROWS:
         pick = np.linspace(0, len(feats) - 1, CHOICE_ROWS).round().astype(int)
         feats, labels = feats[pick], labels[pick]
+    n = len(feats)
     y = np.eye(num_classes)[labels]
-    y = y - y.mean(0)
+    mean = y.mean(0)
     best, best_score = 0, (-1.0, 0.0)
     for c, (a, b) in enumerate(spans):
         z = feats[:, a:b].astype(np.float64)
@@ -145,11 +147,11 @@ def choose(feats: np.ndarray, labels: np.ndarray, spans: list[tuple[int, int]], 
         z = (z - z.mean(0)) / np.where(sd < 1e-6, 1.0, sd)
         s, u = np.linalg.eigh(z @ z.T)
         s = np.clip(s, 0, None)
-        uy = u.T @ y
+        uy = u.T @ (y - mean)
         for lam in np.array([1e-2, 1e-1, 1.0, 10.0]) * max(s.mean(), 1e-12):
             shrink = s / (s + lam)
-            fit = u @ (shrink[:, None] * uy)
-            h = np.minimum((u * u) @ shrink, 1 - 1e-9)
+            fit = mean + u @ (shrink[:, None] * uy)
+            h = np.minimum((u * u) @ shrink + 1.0 / n, 1 - 1e-9)
             loo = (fit - h[:, None] * y) / (1 - h)[:, None]
             score = (float(np.mean(loo.argmax(1) == labels)), -float(np.mean((loo - y) ** 2)))
             if score > best_score:

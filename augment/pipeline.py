@@ -81,10 +81,11 @@ def preflight(cfg: RunConfig) -> None:
         if clf.kind == "encoder" and clf.backbone == "base":
             from augment.config import ConfigError
 
-            if kind != "pixel":
-                raise ConfigError(f"{section}.{key}.backbone=base reads the pixel backend's UNet; the {kind} "
-                                  "backend's base is not one: name a transformers vision model (e.g. "
-                                  "facebook/dinov2-small)")
+            if kind != "pixel" or cfg.base.pretrained != "builtin":
+                what = f"the {kind} backend's base" if kind != "pixel" else f"base.pretrained={cfg.base.pretrained}"
+                raise ConfigError(f"{section}.{key}.backbone=base reads the builtin base (base.pretrained: builtin, "
+                                  f"a UNet pretrained on the job's images, cached by its content); {what} is not "
+                                  "one: name a transformers vision model (e.g. facebook/dinov2-small)")
             if clf.image_size not in (None, cfg.data.image_size):
                 raise ConfigError(f"{section}.{key}.image_size={clf.image_size}: backbone base reads images at the "
                                   f"base's size, data.image_size={cfg.data.image_size}; set it to null")

@@ -31,7 +31,7 @@ from bench_data import source_override  # noqa: E402
 DATASETS = {  # (config, overrides)
     "digits": ("configs/digits.yaml", []),
     "mnist": ("configs/digits.yaml", ["data.image_size=8", "data.test_fraction=0.3"]),
-    "colour": ("configs/rgb32.yaml", []),
+    "colour": ("configs/rgb32.yaml", ["data.shots_per_class=10", "data.max_pool_size=300"]),
 }
 
 

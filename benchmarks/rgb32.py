@@ -37,8 +37,9 @@ README_DATA = ["data.image_size=32", "data.channels=3", "data.shots_per_class=10
 def command(tree: Path, job: str, colour: Path, has_rgb32: bool) -> list[str]:
     if job == "8px":
         return ["configs/digits.yaml"]
-    if has_rgb32:
-        return ["configs/rgb32.yaml", "--set", f"data.source={colour}"]
+    if has_rgb32:  # the same size as the README's example before: 10 labeled per class, a pool of 300
+        return ["configs/rgb32.yaml", "--set", f"data.source={colour}", "--set", "data.shots_per_class=10",
+                "--set", "data.max_pool_size=300"]
     return ["configs/digits.yaml", "--set", f"data.source={colour}", *(x for s in README_DATA for x in ("--set", s))]
 
 

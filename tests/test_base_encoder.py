@@ -27,8 +27,10 @@ def test_the_choice_finds_the_candidate_that_separates_the_classes_and_is_the_sa
         x[:, a:b] += means[labels]
         base_encoder._CHOSEN.clear()
         assert base_encoder.choose(x, labels, spans, 3) == informative
+    # unbalanced classes: still the informative candidate (the intercept is fitted, not folded into the labels)
+    keep = np.r_[np.arange(12), np.arange(12, 36, 3)]
     base_encoder._CHOSEN.clear()
-    assert base_encoder.choose(x, labels, spans, 3) == base_encoder.choose(x.copy(), labels.copy(), spans, 3)
+    assert base_encoder.choose(x[keep], labels[keep], spans, 3) == 2
 
 
 @pytest.mark.parametrize("subfolder", [True, False])
@@ -57,6 +59,19 @@ def test_the_features_are_the_layouts_candidates_each_image_its_own_noise(tmp_pa
     assert feats.shape == (5, spans[-1][1]) and np.isfinite(feats).all()
     again = base_encoder.compute(clf, images[[3, 1]], [hashes[3], hashes[1]], torch.device("cpu"))
     assert np.allclose(again, feats[[3, 1]], atol=1e-5)
+    # the columns are where the layout says: the middle block's output at the first noise level, the last decoder
+    # block's at the last, caught by hooks of their own
+    unet, _ = base_encoder._unet(clf._base, 3, 16, torch.device("cpu"))
+    seen = {"mid": [], "last": []}
+    hooks = [unet.mid_block.register_forward_hook(lambda m, i, o: seen["mid"].append(o)),
+             unet.up_blocks[-1].register_forward_hook(lambda m, i, o: seen["last"].append(o))]
+    base_encoder.compute(clf, images[:1], hashes[:1], torch.device("cpu"))
+    for h in hooks:
+        h.remove()
+    pooled = [torch.nn.functional.adaptive_avg_pool2d(o, base_encoder.GRID).flatten(1).numpy()
+              for o in (seen["mid"][0], seen["last"][-1])]
+    assert np.allclose(feats[:1, slice(*spans[0])], pooled[0], atol=1e-5)
+    assert np.allclose(feats[:1, slice(*spans[-1])], pooled[1], atol=1e-5)
 
 
 def _colour_digits(root, classes=3, per_class=40, seed=0):
@@ -78,7 +93,8 @@ TINY = ["base.block_out_channels=[8, 16]", "base.attention_levels=[false, true]"
         "base.pretrain_steps=20", "base.pretrain_batch_size=16", "lora.rank=2", "lora.lora_alpha=2",
         "lora.max_train_steps=10", "lora.train_batch_size=8", "generation.num_per_class=6",
         "generation.num_inference_steps=2", "pseudo.per_class=[5, 10]", "selection.folds=2",
-        "selection.bootstrap=200", "filter.alia_folds=2", "evaluation.seeds=2", "data.max_pool_size=60",
+        "selection.bootstrap=200", "filter.alia_folds=2", "evaluation.seeds=2", "data.shots_per_class=10",
+        "data.max_pool_size=60",
         "filter.memorization_space=features"]
 
 
@@ -112,21 +128,20 @@ def test_the_rgb32_config_runs_at_tiny_size_with_the_base_judging_everywhere(tmp
     assert len(keys) == 1 and next(iter(keys)).startswith("base-")
     assert {p.parts[3] for p in first} >= {"image-cpu-no", "jitter-1-cpu-no"}
     arms = metrics["evaluation"]["arms"]
-    assert all(0 <= a["accuracy"]["mean"] <= 1 for a in arms.values() if "accuracy" in a)
+    assert all(0 <= arms[a]["accuracy"]["mean"] <= 1 for a in ("real", "real+classic", "real+synthetic"))
     second = run("second")
     assert shards() == first  # every feature came from the cache
     assert second["evaluation"]["arms"].keys() == arms.keys()
     # the same folder again with another base: the judging stages do not reuse what the old base judged
     from augment.runfolder import RunFolder, read_json
 
-    def stage_keys():
-        return {s: read_json(RunFolder(tmp_path / "first").stage(s).stage)["key"] for s in ("pseudo", "filter")}
+    def pseudo_key():  # the pseudo stage reads the splits alone: only the base its classifiers read is upstream
+        return read_json(RunFolder(tmp_path / "first").stage("pseudo").stage)["key"]
 
-    before = stage_keys()
+    before = pseudo_key()
     run("first", "base.pretrain_steps=21")
     assert len({p.parts[2] for p in shards()}) == 2
-    after = stage_keys()
-    assert all(after[s] != before[s] for s in before)
+    assert pseudo_key() != before
 
 
 def test_what_the_base_as_an_encoder_refuses(tmp_path, monkeypatch):
@@ -147,10 +162,18 @@ def test_what_the_base_as_an_encoder_refuses(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=r"filter.quality_classifier.image_size=16: backbone base reads images at "
                                           r"the base's size, data.image_size=8"):
         preflight(cfg)
+    with pytest.raises(ConfigError, match="backbone base computes its features in fp32"):
+        parse_config({"pseudo": {"classifier": {"kind": "encoder", "backbone": "base", "mixed_precision": "bf16"}}})
+    cfg = cfg.model_copy(update={"filter": cfg.filter.model_copy(update={
+        "quality_classifier": cfg.filter.quality_classifier.model_copy(update={"image_size": None})})})
     monkeypatch.setattr(backends, "check_base", lambda base: "sdxl")
-    with pytest.raises(ConfigError, match="filter.quality_classifier.backbone=base reads the pixel backend's UNet; "
-                                          "the sdxl backend"):
+    with pytest.raises(ConfigError, match=r"filter.quality_classifier.backbone=base reads the builtin base "
+                                          r"\(base.pretrained: builtin.*; the sdxl backend's base is not one"):
         preflight(cfg)
+    monkeypatch.setattr(backends, "check_base", lambda base: "pixel")
+    unet = cfg.model_copy(update={"base": cfg.base.model_copy(update={"pretrained": str(tmp_path)})})
+    with pytest.raises(ConfigError, match=f"base.pretrained={tmp_path} is not one"):
+        preflight(unet)
     # a classifier that reads the base before any stage handed it one says so
     from augment.classifier import train_classifier
 

@@ -24,8 +24,9 @@ class ClassifierConfig(Section):
         None, min_length=1, description="kind encoder: a transformers vision model, a Hub id or a local folder with "
         "config.json, the weights and its image processor (CLIP or SigLIP, the vision tower of a full checkpoint; "
         "DINOv2, ViT, ConvNeXt, ResNet), e.g. facebook/dinov2-small or openai/clip-vit-base-patch16; or `base`: "
-        "the run's own pixel base (the builtin UNet, pretrained on the job's images), its denoising features at "
-        "the noise level and block chosen out of fold per training set (augment/base_encoder.py).",
+        "the run's own builtin base (base.pretrained: builtin, a UNet pretrained on the job's images), its "
+        "denoising features at the noise level and block chosen out of fold per training set "
+        "(augment/base_encoder.py); a local folder named base: ./base.",
     )
     head: Literal["linear", "lora"] = Field(
         "linear", description="kind encoder: `linear`, a linear probe on the frozen backbone's features, computed "
@@ -84,6 +85,9 @@ class ClassifierConfig(Section):
                              "or `base`")
         if self.backbone == "base" and self.head != "linear":
             raise ValueError(f"backbone base takes head linear (its features are cached), not {self.head}")
+        if self.backbone == "base" and self.mixed_precision != "auto":
+            raise ValueError(f"backbone base computes its features in fp32; mixed_precision {self.mixed_precision} "
+                             "would not be used: leave it auto")
         # Encoder keys away from their defaults (by value, not by being written: a config dumped and read back, as a
         # flow parameter is, writes them all)
         for key, head in (("backbone", None), ("head", None), ("lora_rank", "lora"), ("augment_views", "linear")):

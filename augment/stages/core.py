@@ -211,11 +211,13 @@ def stage(name: str, what: str, unit: str = "", **declared) -> Callable:
     return wrap
 
 
-def reads_base(cfg: RunConfig) -> bool:
-    """Whether a classifier section reads the run's own base (`backbone: base`)."""
+def reads_base(cfg: RunConfig, covers: tuple[str, ...] | None = None) -> bool:
+    """Whether a classifier section reads the run's own base (`backbone: base`): any, or one of the sections a
+    stage's key `covers` (Stage.covers)."""
     from augment.config import CLASSIFIER_SECTIONS
 
-    return any(getattr(getattr(cfg, s), k).backbone == "base" for s, k in CLASSIFIER_SECTIONS)
+    return any(getattr(getattr(cfg, s), k).backbone == "base" and
+               (covers is None or covers == ALL or s in covers or f"{s}.{k}" in covers) for s, k in CLASSIFIER_SECTIONS)
 
 
 def with_base(cfg: RunConfig) -> RunConfig:
@@ -275,8 +277,10 @@ class StageRun:
         self.cfg, self.spec = cfg, SPECS[name]
         self.name = name
         upstream = {u: identity(cfg, u) for u in self.spec.upstream}
-        if name not in ("data", "base") and reads_base(cfg):  # its classifiers read the base's features
-            upstream.setdefault("base", identity(cfg, "base"))
+        if name not in ("data", "base") and reads_base(cfg, self.spec.covers):  # its classifiers read the base's
+            from augment.base_encoder import RECIPE  # features: that base's, computed this way
+
+            upstream.setdefault("base", f"{identity(cfg, 'base')}:features {RECIPE}")
         for u, result in (consumed or {}).items():
             upstream[u] = _identity_of(result, SPECS[u].identity)
         sections = () if self.spec.covers == ALL else self.spec.covers  # fingerprint(): the whole config
