@@ -13,6 +13,7 @@ Not a test; it prints a table.
 
     python benchmarks/judges.py                                   # digits (8 px), mnist (8 px), colour (32 px RGB)
     python benchmarks/judges.py --datasets colour --folds 5 --seeds 2
+    python benchmarks/judges.py --judges "base encoder"          # the base judge alone (its bases are cached)
 """
 
 from __future__ import annotations
@@ -64,6 +65,8 @@ def measure(name: str, args) -> list[dict]:
     train, test, k = splits.train, splits.test, len(splits.class_names)
     rows = []
     for judge, clf in judges(cfg, info).items():
+        if judge not in args.judges:
+            continue
         t0 = time.time()
         if judge != "cnn":  # the features of every image the trainings below read, computed once and cached
             from augment.encoders import warm
@@ -94,6 +97,7 @@ def measure(name: str, args) -> list[dict]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
+    p.add_argument("--judges", nargs="+", default=["cnn", "base encoder"], choices=["cnn", "base encoder"])
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--out", default="outputs/bench-judges")
