@@ -74,7 +74,7 @@ def test_the_features_are_the_layouts_candidates_each_image_its_own_noise(tmp_pa
     assert np.allclose(feats[:1, slice(*spans[-1])], pooled[1], atol=1e-5)
 
 
-def _colour_digits(root, classes=3, per_class=40, seed=0):
+def _colour_digits(root, classes=3, per_class=30, seed=0):
     """32 px RGB class folders from scikit-learn's digits (upscaled, painted in random colours)."""
     from sklearn.datasets import load_digits
 
@@ -100,8 +100,8 @@ TINY = ["base.block_out_channels=[8, 16]", "base.attention_levels=[false, true]"
 
 def test_the_rgb32_config_runs_at_tiny_size_with_the_base_judging_everywhere(tmp_path, prefect_harness):
     """The README's 32 px RGB example (configs/rgb32.yaml) at tiny size: every classifier section reads the base's
-    features, computed once per image; a second run into another folder computes none; another base is a new cache
-    key, and the stages that judge with it run again."""
+    features, computed once per image; a second run into another folder computes none; another base changes the
+    keys of the stages that judge with it, and only theirs."""
     from flows.cli import main
 
     source = _colour_digits(tmp_path / "images")
@@ -132,16 +132,23 @@ def test_the_rgb32_config_runs_at_tiny_size_with_the_base_judging_everywhere(tmp
     second = run("second")
     assert shards() == first  # every feature came from the cache
     assert second["evaluation"]["arms"].keys() == arms.keys()
-    # the same folder again with another base: the judging stages do not reuse what the old base judged
-    from augment.runfolder import RunFolder, read_json
+    # another base: the stages that judge with its features have other keys (the pseudo stage reads the splits
+    # alone: only the base its classifiers read is upstream of it); a job whose classifiers are CNNs keeps its keys
+    from augment.configfile import load_config
+    from augment.runfolder import RunFolder, read_json, write_json
+    from augment.stages.core import StageRun
 
-    def pseudo_key():  # the pseudo stage reads the splits alone: only the base its classifiers read is upstream
-        return read_json(RunFolder(tmp_path / "first").stage("pseudo").stage)["key"]
-
-    before = pseudo_key()
-    run("first", "base.pretrain_steps=21")
-    assert len({p.parts[2] for p in shards()}) == 2
-    assert pseudo_key() != before
+    sets = [f"data.source={source}", f"base.cache_dir={tmp_path / 'cache'}", f"publish.output_dir={tmp_path / 'first'}",
+            *TINY]
+    cfg = load_config(ROOT / "configs" / "rgb32.yaml", [*sets, *(f"{s}.steps=30" for s in SECTIONS)])
+    cnn = load_config(ROOT / "configs" / "rgb32.yaml", [*sets, *(f"{s}={{steps: 30}}" for s in SECTIONS)])
+    assert StageRun(cfg, "pseudo").key == read_json(RunFolder(tmp_path / "first").stage("pseudo").stage)["key"]
+    before = StageRun(cfg, "pseudo").key, StageRun(cnn, "pseudo").key, StageRun(cnn, "filter").key
+    info = read_json(RunFolder(tmp_path / "first").info)
+    info["stages"]["base"]["key"] = "another-base"
+    write_json(RunFolder(tmp_path / "first").info, info)
+    assert StageRun(cfg, "pseudo").key != before[0]
+    assert (StageRun(cnn, "pseudo").key, StageRun(cnn, "filter").key) == before[1:]
 
 
 def test_what_the_base_as_an_encoder_refuses(tmp_path, monkeypatch):

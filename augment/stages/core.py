@@ -223,7 +223,7 @@ def reads_base(cfg: RunConfig, covers: tuple[str, ...] | None = None) -> bool:
 def with_base(cfg: RunConfig) -> RunConfig:
     """The config with the run's base (as run.json records it, once the base stage ran) handed to each classifier
     section that reads its features; the config itself when none does. Each stage and each unit calls it."""
-    if not reads_base(cfg):
+    if not isinstance(cfg, RunConfig) or not reads_base(cfg):  # (a stage probed without a config: nothing to hand)
         return cfg
     info = runfolder.read_json(folder(cfg).info, {})
     base = info.get("base") if isinstance(info, dict) else None
