@@ -15,7 +15,6 @@ candidate's standardized features (`choose`); the same set gives the same choice
 
 from __future__ import annotations
 
-import functools
 import hashlib
 from pathlib import Path
 
@@ -76,19 +75,12 @@ def blocks(unet) -> list[torch.nn.Module]:
 
 def layout(cfg: ClassifierConfig) -> list[tuple[int, int]]:
     """The candidates' column ranges in a feature row, (start, stop), noise level by noise level, block by block."""
-    info = base_info(cfg)
-    return _base_layout(info["path"], info.get("subfolder"), info.get("revision"), info["fingerprint"])
-
-
-@functools.lru_cache(maxsize=8)
-def _base_layout(path: str, subfolder: str | None, revision: str | None, fingerprint: str) -> list[tuple[int, int]]:
-    """The layout of a base, read from its config once per process (every training asks; the fingerprint keys a
-    builtin base's content)."""
     from diffusers import UNet2DModel
 
+    info = base_info(cfg)
     # where load_base finds the UNet: the subfolder named, else unet/ when there is one (the builtin base's layout)
-    sub = subfolder or ("unet" if (Path(path) / "unet").is_dir() else None)
-    return _layout(UNet2DModel.load_config(path, subfolder=sub, revision=revision))
+    sub = info.get("subfolder") or ("unet" if (Path(info["path"]) / "unet").is_dir() else None)
+    return _layout(UNet2DModel.load_config(info["path"], subfolder=sub, revision=info.get("revision")))
 
 
 def _layout(config) -> list[tuple[int, int]]:

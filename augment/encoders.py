@@ -260,9 +260,7 @@ def warm(cfg: ClassifierConfig, plain: list[np.ndarray], jittered: list[np.ndarr
 def precision(cfg: ClassifierConfig, device: torch.device) -> str:
     """`auto`: bf16 on a CUDA GPU, fp32 elsewhere (a probe reads features that a CPU's bf16 would round); the
     run's own base computes its features in fp32 (a small UNet: nothing to gain)."""
-    from augment.base_encoder import uses_base
-
-    if uses_base(cfg):
+    if cfg.backbone == "base":
         return "no"
     return cfg.mixed_precision if cfg.mixed_precision != "auto" else "bf16" if device.type == "cuda" else "no"
 

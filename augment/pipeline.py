@@ -78,9 +78,7 @@ def preflight(cfg: RunConfig) -> None:
         runner_workers(cfg)  # several workers on one GPU, or a GPU runner.devices names that is not there
     for section, key in CLASSIFIER_SECTIONS:
         clf = getattr(getattr(cfg, section), key)
-        from augment.base_encoder import uses_base
-
-        if uses_base(clf):
+        if clf.kind == "encoder" and clf.backbone == "base":
             from augment.config import ConfigError
 
             if kind != "pixel" or cfg.base.pretrained != "builtin":

@@ -214,10 +214,9 @@ def stage(name: str, what: str, unit: str = "", **declared) -> Callable:
 def reads_base(cfg: RunConfig, covers: tuple[str, ...] | None = None) -> bool:
     """Whether a classifier section reads the run's own base (`backbone: base`): any, or one of the sections a
     stage's key `covers` (Stage.covers)."""
-    from augment.base_encoder import uses_base
     from augment.config import CLASSIFIER_SECTIONS
 
-    return any(uses_base(getattr(getattr(cfg, s), k)) and
+    return any(getattr(getattr(cfg, s), k).backbone == "base" and
                (covers is None or covers == ALL or s in covers or f"{s}.{k}" in covers) for s, k in CLASSIFIER_SECTIONS)
 
 
